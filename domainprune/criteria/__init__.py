@@ -1,0 +1,9 @@
+"""Importance criteria, registered by name. Each scores the units of one layer: query heads, KV groups and MLP
+channels (higher = more important). Allocation decides how many of each to keep."""
+
+from __future__ import annotations
+
+from .base import CRITERIA, Criterion, LayerScores, get_criterion, register
+from . import flap, magnitude, wanda_sp  # noqa: F401  (registration)
+
+__all__ = ["CRITERIA", "Criterion", "LayerScores", "get_criterion", "register"]

@@ -1,0 +1,138 @@
+"""Export a pruned model as a standard checkpoint, and load the ones stock transformers cannot.
+
+Uniform widths give a stock config that `AutoModelForCausalLM.from_pretrained` loads. Per-layer widths are written
+as transformers' `per_layer_config` (keys `num_attention_heads`, `num_key_value_heads`, `intermediate_size`, and
+`skip` for a removed `self_attn`/`mlp`); biases the architecture's config cannot express are listed under
+`"domainprune": {"extra_biases": [...]}`. `load_pretrained` loads both kinds in one call.
+Every export is reloaded and its logits compared with the in-memory model before the folder is moved into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import cache
+from .adapters import adapter_class_for, get_adapter
+from .errors import DomainpruneError
+
+log = logging.getLogger(__name__)
+VERIFY_TOKENS = 32
+
+
+def export_config(model: torch.nn.Module) -> dict[str, Any]:
+    adapter = get_adapter(model)
+    adapter.sync_config()
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config["architectures"] = [type(model).__name__]
+    config.pop("per_layer_config", None)
+    if per_layer := adapter.per_layer_config():
+        config["per_layer_config"] = per_layer
+    if extra := adapter.extra_biases():
+        config["domainprune"] = {"extra_biases": extra}
+    return config
+
+
+def needs_domainprune_loader(config: dict[str, Any]) -> bool:
+    return bool(config.get("per_layer_config")) or "domainprune" in config
+
+
+def _state_dict_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise DomainpruneError(f"{path} has no *.safetensors weights")
+    return files
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load any checkpoint written by domainprune (heterogeneous widths and extra biases included)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DomainpruneError(f"{path} has no config.json; is it a model folder?")
+    raw = json.loads((path / "config.json").read_text())
+    if not needs_domainprune_loader(raw):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        return model.to(device).eval()
+    per_layer = raw.pop("per_layer_config", {}) or {}
+    extra = (raw.pop("domainprune", {}) or {}).get("extra_biases", [])
+    adapter_cls = adapter_class_for(raw.get("model_type", "?"))
+    config = AutoConfig.for_model(**raw)
+    torch_dtype = dtype or getattr(torch, str(raw.get("dtype") or "float32"))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    adapter = adapter_cls(model)
+    adapter.reshape_to(per_layer, extra)
+    state: dict[str, torch.Tensor] = {}
+    for f in _state_dict_files(path):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k == "lm_head.weight"}
+    if set(missing) - tied or unexpected:
+        raise DomainpruneError(
+            f"{path}: weights do not match its config (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); the checkpoint is damaged"
+        )
+    if tied:
+        model.tie_weights()
+    return model.to(device=device, dtype=torch_dtype).eval()
+
+
+@torch.inference_mode()
+def _probe_logits(model: torch.nn.Module) -> torch.Tensor:
+    vocab = model.config.vocab_size
+    ids = torch.arange(VERIFY_TOKENS).mul(7919).remainder(vocab)[None].to(next(model.parameters()).device)
+    return model(input_ids=ids).logits.float().cpu()
+
+
+def verify_export(model: torch.nn.Module, folder: Path, atol: float | None = None) -> float:
+    """Reload `folder` the way users will and compare logits with the in-memory model; returns the max difference."""
+    reference = _probe_logits(model)
+    reloaded = load_pretrained(folder, dtype=next(model.parameters()).dtype, device="cpu")
+    got = _probe_logits(reloaded)
+    diff = float((got - reference).abs().max()) if got.shape == reference.shape else float("inf")
+    if atol is None:
+        atol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    scale = max(1.0, float(reference.abs().max()))
+    if diff > atol * scale:
+        raise DomainpruneError(f"export verification failed: reloaded logits differ by {diff:.3g}; nothing was written")
+    return diff
+
+
+def check_output_folder(out: str | Path, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not force:
+        raise DomainpruneError(f"output folder {out} exists; choose another --out or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise DomainpruneError(f"output path {out} is a file; choose a folder for --out")
+    return out
+
+
+def save_pruned(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out: str | Path,
+    *,
+    extra_files: dict[str, str] | None = None,
+    force: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Write safetensors + config + tokenizer (+ e.g. plan.json, recipe.json) to `out`, atomically and verified."""
+    out = check_output_folder(out, force)
+    config = export_config(model)
+    with cache.atomic_dir(out, overwrite=force) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if verify:
+            diff = verify_export(model, tmp)
+            log.info("export verified: max logit difference after reload %.2e", diff)
+    return out

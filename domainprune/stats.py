@@ -1,0 +1,211 @@
+"""Calibration statistics, collected one decoder layer at a time.
+
+One cheap forward pass records, for every layer, the keyword arguments the model hands it (masks, rotary
+embeddings — per layer type for sliding-window models) and the embeddings that enter layer 0. Then each layer runs
+on all calibration batches with hooks on the inputs of o_proj and down_proj, and its outputs become the next
+layer's inputs. Only one layer's activations are live at a time beyond the residual stream itself.
+
+Per layer the statistics are (float64):
+- `attn_in_sum`, `attn_in_sqsum` over tokens of each o_proj input channel (heads × head_dim),
+- `mlp_in_sum`, `mlp_in_sqsum` of each down_proj input channel,
+- `block_cos_sum`, `block_angle_sum`: Σ_tokens (1 − cos(h_in, h_out)) and Σ arccos(cos)/π of the layer,
+- `tokens`.
+They are cached per layer on disk; an interrupted run resumes from the last finished layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import cache
+from .adapters import DecoderAdapter
+
+log = logging.getLogger(__name__)
+STATS_VERSION = 1
+LayerStats = dict[str, torch.Tensor]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Content hash of a model: names, shapes, dtypes and a strided sample of every tensor's values."""
+    h = hashlib.sha1()
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 257)].float().cpu()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def derived(stats: LayerStats) -> LayerStats:
+    """Means, variances and L2 norms of the o_proj / down_proj input channels from the raw sums."""
+    out = dict(stats)
+    n = float(stats["tokens"])
+    for key in ("attn_in", "mlp_in"):
+        if f"{key}_sum" not in stats:
+            continue
+        mean = stats[f"{key}_sum"] / n
+        out[f"{key}_mean"] = mean
+        out[f"{key}_var"] = (stats[f"{key}_sqsum"] / n - mean**2).clamp_min(0)
+        out[f"{key}_norm"] = stats[f"{key}_sqsum"].sqrt()
+    return out
+
+
+class _Recorder:
+    """Replaces each decoder layer's forward with one that records its keyword arguments and passes through."""
+
+    def __init__(self, adapter: DecoderAdapter):
+        self.adapter = adapter
+        self.kwargs: list[list[dict]] = [[] for _ in range(adapter.num_layers)]
+        self.inputs: list[torch.Tensor] = []
+
+    def __enter__(self):
+        for i, layer in enumerate(self.adapter.layers):
+            layer.forward = self._make(i)
+        return self
+
+    def _make(self, i: int):
+        def forward(hidden_states, *args, **kwargs):
+            if args:  # every supported model passes everything but hidden_states by keyword
+                raise RuntimeError("decoder layer called with positional arguments; adapter needs updating")
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+            self.kwargs[i].append(kwargs)
+            if i == 0:
+                self.inputs.append(hidden_states)
+            return hidden_states
+
+        return forward
+
+    def __exit__(self, *exc):
+        for layer in self.adapter.layers:
+            del layer.forward
+
+
+class LayerwiseRunner:
+    """Runs calibration batches through the model layer by layer (see module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, adapter: DecoderAdapter, sequences: torch.Tensor, batch_size: int = 8):
+        self.model, self.adapter = model, adapter
+        self.device = next(model.parameters()).device
+        self.batches = list(sequences.split(batch_size))
+
+    @torch.inference_mode()
+    def capture(self) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        with _Recorder(self.adapter) as rec:
+            for batch in self.batches:
+                self.model(input_ids=batch.to(self.device), use_cache=False)
+        return rec.inputs, rec.kwargs
+
+    @torch.inference_mode()
+    def layer_stats(self, i: int, hidden: list[torch.Tensor], kwargs: list[dict]) -> tuple[LayerStats, list[torch.Tensor]]:
+        """Run layer i over every batch, returning its statistics and its outputs."""
+        a = self.adapter
+        acc: dict[str, torch.Tensor] = {}
+
+        def accumulate(key: str):
+            def hook(_module, args):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                acc[f"{key}_sum"] = acc.get(f"{key}_sum", 0) + x.sum(0)
+                acc[f"{key}_sqsum"] = acc.get(f"{key}_sqsum", 0) + (x * x).sum(0)
+
+            return hook
+
+        handles = []
+        if not a.attention_removed(i):
+            handles.append(a.o_proj(i).register_forward_pre_hook(accumulate("attn_in")))
+        if not a.mlp_removed(i):
+            handles.append(a.down_proj(i).register_forward_pre_hook(accumulate("mlp_in")))
+        outputs, cos_sum, angle_sum, tokens = [], 0.0, 0.0, 0
+        try:
+            for h, kw in zip(hidden, kwargs):
+                out = a.layers[i](h, **kw)
+                cos = torch.nn.functional.cosine_similarity(h.double(), out.double(), dim=-1).clamp(-1, 1)
+                cos_sum += float((1 - cos).sum())
+                angle_sum += float(torch.arccos(cos).sum() / math.pi)
+                tokens += cos.numel()
+                outputs.append(out)
+        finally:
+            for handle in handles:
+                handle.remove()
+        stats = {k: v.cpu() for k, v in acc.items()}
+        stats.update(
+            block_cos_sum=torch.tensor(cos_sum, dtype=torch.float64),
+            block_angle_sum=torch.tensor(angle_sum, dtype=torch.float64),
+            tokens=torch.tensor(tokens),
+        )
+        return stats, outputs
+
+    @torch.inference_mode()
+    def outputs(self, i: int, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+        return [self.adapter.layers[i](h, **kw) for h, kw in zip(hidden, kwargs)]
+
+
+def collect_statistics(
+    model: torch.nn.Module,
+    adapter: DecoderAdapter,
+    sequences: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    after_layer: Callable[[int, LayerStats], bool] | None = None,
+    use_cache: bool = True,
+    checkpoint_seconds: float = 60.0,
+    progress: bool = True,
+) -> list[LayerStats]:
+    """Statistics of every layer on `sequences` (n, seq_len) of token ids.
+
+    `after_layer(i, stats)` is called once layer i's statistics are known; if it returns True it has modified
+    layer i (sequential pruning), and the layer's outputs are recomputed before layer i+1 sees them. Sequential
+    runs depend on the callback, so they are not cached.
+    """
+    sequential = after_layer is not None
+    runner = LayerwiseRunner(model, adapter, sequences, batch_size)
+    n_layers = adapter.num_layers
+    key = cache.fingerprint("stats", STATS_VERSION, model_fingerprint(model), tensor_fingerprint(sequences))
+    folder: Path = cache.entry("stats", key)
+    use_cache = use_cache and not sequential
+
+    def layer_file(i: int) -> Path:
+        return folder / f"layer_{i:03d}.pt"
+
+    done = [torch.load(layer_file(i)) for i in range(n_layers) if use_cache and layer_file(i).is_file()]
+    if use_cache and len(done) == n_layers:
+        log.info("statistics: cached (%s)", folder)
+        return done
+
+    start, stats_all, hidden, kwargs = 0, [], None, None
+    resume = folder / "resume.pt"
+    if use_cache and resume.is_file():
+        state = torch.load(resume, weights_only=False)
+        if all(layer_file(j).is_file() for j in range(state["next_layer"])):
+            start, hidden = state["next_layer"], [h.to(runner.device) for h in state["hidden"]]
+            stats_all = [torch.load(layer_file(j)) for j in range(start)]
+            log.info("statistics: resuming at layer %d", start)
+    first_hidden, kwargs = runner.capture()
+    hidden = hidden if hidden is not None else first_hidden
+    last_checkpoint = time.monotonic()
+    bar = tqdm(range(start, n_layers), desc="statistics", unit="layer", disable=not progress, initial=start, total=n_layers)
+    for i in bar:
+        stats, outputs = runner.layer_stats(i, hidden, kwargs[i])
+        stats_all.append(stats)
+        if sequential and after_layer(i, stats):
+            outputs = runner.outputs(i, hidden, kwargs[i])
+        hidden = outputs
+        if use_cache:
+            cache.atomic_torch_save(stats, layer_file(i))
+            if time.monotonic() - last_checkpoint > checkpoint_seconds and i + 1 < n_layers:
+                cache.atomic_torch_save({"next_layer": i + 1, "hidden": [h.cpu() for h in hidden]}, resume)
+                last_checkpoint = time.monotonic()
+    if use_cache:
+        resume.unlink(missing_ok=True)
+    return stats_all

@@ -6,7 +6,8 @@ layer, so removing units keeps the same number of query heads per group; slices 
 
 Strategies (registered by name):
 - `uniform`: every layer loses the same fraction. Attention units are rounded per layer (at least one kept) and MLP
-  channels absorb the rounding so that the total is met to within one channel.
+  channels absorb the rounding, so each layer meets the budget to within one channel and identical layers keep
+  identical widths (the export is a stock config).
 - `global`: FLAP's single threshold over all units of the model, each weighted by its parameter cost; the
   removed cost is the closest to the budget that the sorted order allows (within one unit).
 """
@@ -101,11 +102,9 @@ def uniform_counts(adapter: DecoderAdapter, sparsity: float, mode: str) -> list[
         unit_cost = adapter.attention_params(s.group_size, 1) if mode == "kv_group" else adapter.attention_params(s.num_kv_heads, 0)
         counts.append(n_remove)
         mlp_targets.append(max(0.0, (sparsity * adapter.layer_params(s) - n_remove * unit_cost) / channel_cost))
-    # Largest-remainder rounding: the total channel count removed is the rounded total target.
-    channels = [int(t) for t in mlp_targets]
-    leftover = round(sum(mlp_targets)) - sum(channels)
-    for j in sorted(range(len(mlp_targets)), key=lambda j: -(mlp_targets[j] - channels[j]))[: max(leftover, 0)]:
-        channels[j] += 1
+    # Rounded per layer, so identical layers keep identical widths (a stock config); the total is then within
+    # half a channel per layer of the budget.
+    channels = [round(t) for t in mlp_targets]
     return [(a, min(c, adapter.shape(i).intermediate_size - 1)) for i, (a, c) in enumerate(zip(counts, channels))]
 
 

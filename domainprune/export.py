@@ -52,6 +52,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, devic
     """Load any checkpoint written by domainprune (heterogeneous widths and extra biases included)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -65,7 +66,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, devic
     adapter_cls = adapter_class_for(raw.get("model_type", "?"))
     config = AutoConfig.for_model(**raw)
     torch_dtype = dtype or getattr(torch, str(raw.get("dtype") or "float32"))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    with no_init_weights():  # every weight is overwritten by the checkpoint; buffers (rotary) are still built
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     adapter = adapter_cls(model)
     adapter.reshape_to(per_layer, extra)
     state: dict[str, torch.Tensor] = {}

@@ -62,6 +62,10 @@ def derived(stats: LayerStats) -> LayerStats:
     return out
 
 
+class _StopForward(Exception):
+    """Raised by the last layer's recorder: the final norm and LM head are not needed for capture."""
+
+
 class _Recorder:
     """Replaces each decoder layer's forward with one that records its keyword arguments and passes through."""
 
@@ -83,6 +87,8 @@ class _Recorder:
             self.kwargs[i].append(kwargs)
             if i == 0:
                 self.inputs.append(hidden_states)
+            if i == self.adapter.num_layers - 1:
+                raise _StopForward
             return hidden_states
 
         return forward
@@ -104,7 +110,10 @@ class LayerwiseRunner:
     def capture(self) -> tuple[list[torch.Tensor], list[list[dict]]]:
         with _Recorder(self.adapter) as rec:
             for batch in self.batches:
-                self.model(input_ids=batch.to(self.device), use_cache=False)
+                try:
+                    self.model(input_ids=batch.to(self.device), use_cache=False)
+                except _StopForward:
+                    pass
         return rec.inputs, rec.kwargs
 
     @torch.inference_mode()

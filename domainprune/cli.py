@@ -1,0 +1,240 @@
+"""`domainprune` command line. Every command is a thin layer over the Python API in `domainprune.pipeline`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .errors import DomainpruneError
+
+app = typer.Typer(
+    help="Turn a general LLM into a smaller, faster specialist for one domain by structured pruning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+# Options shared by several commands.
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m), HF folder, .gguf file or hub id.")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
+MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude.")]
+AllocOpt = Annotated[Optional[str], typer.Option(help="uniform or global [default: global for flap, else uniform].")]
+SparsityOpt = Annotated[Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")]
+TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
+UnitOpt = Annotated[str, typer.Option(help="kv_group (whole KV groups) or query_head (same count per group).")]
+SamplesOpt = Annotated[int, typer.Option(help="Calibration sequences.")]
+SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sequence.")]
+BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
+BiasOpt = Annotated[Optional[bool], typer.Option("--bias-compensation/--no-bias-compensation", help="FLAP bias compensation [default: on for flap].")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet/datasets corpora.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("transformers", "httpx", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def parse_count(text: str | None) -> int | None:
+    """'90M' -> 90_000_000, '1.5B' -> 1_500_000_000, '123456' -> 123456."""
+    if text is None:
+        return None
+    units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
+    t = text.strip().upper()
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t[-1:] in units else int(t)
+    except ValueError:
+        raise DomainpruneError(f"--target-params {text!r} is not a count; write e.g. 90M or 90000000") from None
+
+
+def _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field):
+    return dict(
+        data=data, method=method, allocation=allocation, sparsity=sparsity, target_params=parse_count(target_params),
+        attention_unit=attention_unit, calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size,
+        bias_compensation=bias_compensation, seed=seed, dtype=dtype, device=device, text_field=text_field,
+    )
+
+
+@app.command()
+def prune(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
+    model: ModelOpt = "smollm2-135m",
+    data: DataOpt = "code",
+    method: MethodOpt = "flap",
+    allocation: AllocOpt = None,
+    sparsity: SparsityOpt = None,
+    target_params: TargetOpt = None,
+    attention_unit: UnitOpt = "kv_group",
+    calib_samples: SamplesOpt = 128,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+    bias_compensation: BiasOpt = None,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Score, plan, slice and export: a smaller checkpoint in OUT with plan.json, recipe.json and report.json."""
+    from .pipeline import prune as run
+
+    _setup_logging(quiet)
+    fields = _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field)
+    result = run(model, out=out, force=force, progress=not quiet, **fields)
+    console.print(f"[bold green]pruned[/] {result.plan.summary()}")
+    r = result.report
+    console.print(f"wrote {result.out} in {r['prune_seconds']:.0f} s (peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB)")
+    loader = "AutoModelForCausalLM.from_pretrained" if r["uniform"] else "domainprune.load_pretrained"
+    console.print(f"load it with {loader}({str(result.out)!r})")
+
+
+@app.command()
+def plan(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan JSON.")],
+    model: ModelOpt = "smollm2-135m",
+    data: DataOpt = "code",
+    method: MethodOpt = "flap",
+    allocation: AllocOpt = None,
+    sparsity: SparsityOpt = None,
+    target_params: TargetOpt = None,
+    attention_unit: UnitOpt = "kv_group",
+    calib_samples: SamplesOpt = 128,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+    bias_compensation: BiasOpt = None,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Write the pruning plan (what every layer keeps) without changing any model; edit it, then `apply` it."""
+    from .models import load_model
+    from .pipeline import make_plan, make_recipe
+
+    _setup_logging(quiet)
+    if out.exists() and not force:
+        raise DomainpruneError(f"{out} exists; choose another --out or pass --force to replace it")
+    recipe = make_recipe(model=model, **_recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field))
+    loaded = load_model(model, dtype=dtype, device=device)
+    result, _, _ = make_plan(loaded, recipe, progress=not quiet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.save(out)
+    console.print(f"[bold green]plan[/] {result.summary()}\nwrote {out}")
+
+
+@app.command()
+def apply(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan JSON from `domainprune plan` (edited or not).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to prune [default: the plan's].")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Execute a plan exactly: slice the model it names and export the result."""
+    from .adapters import get_adapter
+    from .evaluate import parameter_count
+    from .export import check_output_folder, save_pruned
+    from .models import load_model
+    from .pipeline import apply as run
+    from .plan import Plan
+
+    _setup_logging(quiet)
+    p = Plan.load(plan_file)
+    check_output_folder(out, force)
+    loaded = load_model(model or p.model.source, dtype=dtype, device=device)
+    p.params = p.count_params(get_adapter(loaded.model), parameter_count(loaded.model))
+    run(loaded, p, progress=not quiet)
+    files = {"plan.json": p.model_dump_json(indent=1) + "\n"}
+    if p.recipe:
+        files["recipe.json"] = json.dumps(p.recipe, indent=1) + "\n"
+    save_pruned(loaded.model, loaded.tokenizer, out, extra_files=files, force=force)
+    console.print(f"[bold green]applied[/] {p.summary()}\nwrote {out}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="Model to evaluate (folder, preset, .gguf, hub id).")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Corpus to measure perplexity on (repeatable).")] = ["code", "general"],  # noqa: B006
+    baseline: Annotated[Optional[str], typer.Option(help="Dense model to measure in the same process; prints ratios.")] = None,
+    samples: Annotated[int, typer.Option(help="Test sequences per corpus.")] = 128,
+    seq_len: SeqLenOpt = 256,
+    tasks: Annotated[str, typer.Option(help="Comma-separated zero-shot tasks, e.g. piqa,hellaswag,arc_easy ('' for none).")] = "",
+    limit: Annotated[Optional[int], typer.Option(help="Items per zero-shot task.")] = None,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure decode/prefill throughput.")] = True,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here.")] = None,
+    quiet: QuietOpt = False,
+):
+    """Perplexity per corpus, parameters, checkpoint size and throughput (and ratios to --baseline)."""
+    from .measure import measure, ratios
+    from .models import load_model
+
+    _setup_logging(quiet)
+    task_list = tuple(t for t in tasks.split(",") if t)
+    results = []
+    for name in ([baseline] if baseline else []) + [model]:
+        loaded = load_model(name, dtype=dtype, device=device)
+        results.append(measure(loaded, name, sources=data, samples=samples, seq_len=seq_len, tasks=task_list, limit=limit, speed=speed, batch_size=batch_size, text_field=text_field, progress=not quiet))
+        del loaded
+    table = Table(title="domainprune eval")
+    table.add_column("figure")
+    for m in results:
+        table.add_column(m.name if len(m.name) < 40 else "…" + m.name[-39:], justify="right")
+    if baseline:
+        table.add_column("ratio", justify="right")
+    dense = results[0] if baseline else None
+    r = ratios(results[-1], dense) if dense else {}
+    rows: list[tuple[str, list[str], str]] = []
+    for s in data:
+        rows.append((f"perplexity {s} ({results[-1].test_sequences[s]}×{seq_len})", [f"{m.perplexity[s]:.3f}" for m in results], f"{r.get(f'ppl_{s}', 0):.3f}×"))
+    for t in task_list:
+        rows.append((f"{t} acc_norm", [f"{m.zero_shot[t]:.3f}" for m in results], f"{results[-1].zero_shot[t] - (dense.zero_shot[t] if dense else 0):+.3f}"))
+    rows.append(("parameters", [f"{m.params:,}" for m in results], f"{r.get('param_ratio', 0):.3f}× fewer"))
+    rows.append(("checkpoint MB", [f"{m.checkpoint_bytes / 1e6:.1f}" if m.checkpoint_bytes else "-" for m in results], ""))
+    if speed:
+        rows.append(("decode tokens/s", [f"{m.decode_tokens_per_s:.1f}" for m in results], f"{r.get('decode_speedup', 0):.3f}×"))
+        rows.append(("prefill tokens/s", [f"{m.prefill_tokens_per_s:.1f}" for m in results], f"{r.get('prefill_speedup', 0):.3f}×"))
+    for label, values, ratio in rows:
+        table.add_row(label, *values, *([ratio] if baseline else []))
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps({"results": [m.to_dict() for m in results], "ratios": r}, indent=1) + "\n")
+
+
+def main() -> None:
+    try:
+        app()
+    except DomainpruneError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

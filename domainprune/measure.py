@@ -1,0 +1,91 @@
+"""The benchmark figures of one model (BENCHMARK.md): perplexity per source on its test split, zero-shot accuracy,
+parameters, checkpoint size, decode/prefill throughput. Used by `domainprune eval` and `bench/quality.py`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import load_corpus
+from .evaluate import checkpoint_bytes, nll, parameter_count, throughput
+from .models import LoadedModel
+
+log = logging.getLogger(__name__)
+BENCH_TASKS = ("piqa", "hellaswag", "arc_easy")
+
+
+@dataclass
+class Measurement:
+    name: str
+    params: int
+    checkpoint_bytes: int | None = None
+    perplexity: dict[str, float] = field(default_factory=dict)
+    test_sequences: dict[str, int] = field(default_factory=dict)
+    zero_shot: dict[str, float] = field(default_factory=dict)  # acc_norm per task
+    decode_tokens_per_s: float | None = None
+    prefill_tokens_per_s: float | None = None
+
+    @property
+    def zero_shot_mean(self) -> float | None:
+        return sum(self.zero_shot.values()) / len(self.zero_shot) if self.zero_shot else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "zero_shot_mean": self.zero_shot_mean}
+
+
+def heldout_sequences(source: str, tokenizer: Any, n: int, seq_len: int, text_field: str = "text"):
+    """Up to `n` evenly spaced test sequences; fewer (with a warning) when the split is smaller."""
+    corpus = load_corpus(source, text_field=text_field)
+    available = len(corpus.token_stream(tokenizer, "test")) // seq_len
+    if available < n:
+        log.warning("%s test split holds %d sequences of %d tokens; evaluating on all of them (asked %d)", source, available, seq_len, n)
+    return corpus.sequences(tokenizer, "test", min(n, available), seq_len, samples_option="--samples")
+
+
+def measure(
+    loaded: LoadedModel,
+    name: str,
+    *,
+    sources: list[str] = ("code", "general"),
+    samples: int = 128,
+    seq_len: int = 256,
+    tasks: tuple[str, ...] = (),
+    limit: int | None = None,
+    speed: bool = True,
+    batch_size: int = 8,
+    text_field: str = "text",
+    progress: bool = True,
+) -> Measurement:
+    model, tok = loaded.model, loaded.tokenizer
+    m = Measurement(name=name, params=parameter_count(model))
+    if loaded.path is not None and any(Path(loaded.path).glob("*.safetensors")):
+        m.checkpoint_bytes = checkpoint_bytes(loaded.path)
+    for source in sources:
+        seqs = heldout_sequences(source, tok, samples, seq_len, text_field)
+        total, count = nll(model, seqs, batch_size=batch_size, progress=progress)
+        m.perplexity[source] = math.exp(total / count)
+        m.test_sequences[source] = len(seqs)
+    if tasks:
+        from .tasks import evaluate_task
+
+        for task in tasks:
+            m.zero_shot[task] = evaluate_task(model, tok, task, limit=limit, progress=progress)["acc_norm"]
+    if speed:
+        t = throughput(model)
+        m.decode_tokens_per_s, m.prefill_tokens_per_s = t["decode_tokens_per_s"], t["prefill_tokens_per_s"]
+    return m
+
+
+def ratios(m: Measurement, dense: Measurement) -> dict[str, float]:
+    """Ratios to the dense model: perplexity (pruned/dense), speed (pruned/dense), parameter bytes (dense/pruned)."""
+    out = {f"ppl_{s}": m.perplexity[s] / dense.perplexity[s] for s in m.perplexity if s in dense.perplexity}
+    if m.decode_tokens_per_s and dense.decode_tokens_per_s:
+        out["decode_speedup"] = m.decode_tokens_per_s / dense.decode_tokens_per_s
+        out["prefill_speedup"] = m.prefill_tokens_per_s / dense.prefill_tokens_per_s
+    out["param_ratio"] = dense.params / m.params
+    if m.zero_shot_mean is not None and dense.zero_shot_mean is not None:
+        out["zero_shot_drop"] = dense.zero_shot_mean - m.zero_shot_mean
+    return out

@@ -1,0 +1,223 @@
+"""The pruning pipeline: recipe -> statistics -> scores -> plan -> surgery -> export.
+
+`prune()` is the Python API of `domainprune prune`; `make_plan()` and `apply()` are the two halves that
+`domainprune plan` and `domainprune apply` run separately, so a plan can be read and edited in between.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+
+from .adapters import DecoderAdapter, get_adapter
+from .allocation import ATTENTION_UNITS, allocate, uniform_counts, uniform_layer
+from .criteria import get_criterion
+from .data import load_corpus
+from .errors import DomainpruneError
+from .evaluate import parameter_count
+from .export import check_output_folder, save_pruned
+from .models import LoadedModel, load_model
+from .plan import Plan, dense_plan
+from .stats import collect_statistics, derived
+from .surgery import apply_plan, finish, prune_layer
+
+log = logging.getLogger(__name__)
+
+
+class Recipe(BaseModel):
+    """Everything that determines a pruned model. Saved beside it as recipe.json."""
+
+    model: str = "smollm2-135m"
+    data: str = "code"
+    text_field: str = "text"
+    method: str = "flap"
+    allocation: str | None = None  # None: the method's default (global for flap, uniform otherwise)
+    sparsity: float | None = None  # fraction of attention+MLP parameters removed
+    target_params: int | None = None  # or: total parameters wanted
+    attention_unit: str = "kv_group"
+    calib_samples: int = Field(128, ge=1)
+    seq_len: int = Field(256, ge=2)
+    batch_size: int = Field(8, ge=1)
+    bias_compensation: bool | None = None  # None: the method's default (on for flap)
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if (self.sparsity is None) == (self.target_params is None):
+            raise ValueError("give exactly one of sparsity and target_params")
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
+            raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.attention_unit not in ATTENTION_UNITS:
+            raise ValueError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}")
+        return self
+
+    def resolved(self) -> "Recipe":
+        """Fill the method-dependent defaults so the saved recipe says exactly what ran."""
+        criterion = get_criterion(self.method)
+        return self.model_copy(
+            update={
+                "allocation": self.allocation or criterion.default_allocation,
+                "bias_compensation": criterion.default_bias_compensation if self.bias_compensation is None else self.bias_compensation,
+            }
+        )
+
+
+def make_recipe(**kwargs: Any) -> Recipe:
+    """Build a Recipe, turning validation errors into one-line DomainpruneErrors."""
+    from pydantic import ValidationError
+
+    try:
+        return Recipe(**kwargs).resolved()
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise DomainpruneError(f"{loc + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}") from None
+
+
+def target_sparsity(recipe: Recipe, adapter: DecoderAdapter, total_params: int) -> float:
+    if recipe.sparsity is not None:
+        return recipe.sparsity
+    attn_mlp = sum(adapter.layer_params(s) for s in adapter.shapes())
+    fixed = total_params - attn_mlp
+    if not fixed < recipe.target_params <= total_params:
+        raise DomainpruneError(
+            f"--target-params {recipe.target_params:,} is out of reach: the model has {total_params:,} parameters, "
+            f"{fixed:,} of them outside attention and MLP"
+        )
+    return (total_params - recipe.target_params) / attn_mlp
+
+
+def calibration_sequences(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
+    corpus = load_corpus(recipe.data, text_field=recipe.text_field)
+    return corpus.sequences(tokenizer, "calibration", recipe.calib_samples, recipe.seq_len)
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module
+    tokenizer: Any
+    plan: Plan
+    recipe: Recipe
+    out: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> tuple[Plan, list[dict] | None, bool]:
+    """Score the model and allocate the budget. Returns (plan, statistics, pruned_in_place).
+
+    A sequential criterion with uniform allocation prunes each layer as soon as it is scored, so that later
+    layers are scored on pruned inputs; then `pruned_in_place` is True and the model already matches the plan.
+    """
+    torch.manual_seed(recipe.seed)
+    model, adapter = loaded.model, get_adapter(loaded.model)
+    criterion = get_criterion(recipe.method)
+    total_before = parameter_count(model)
+    sparsity = target_sparsity(recipe, adapter, total_before)
+    dense = dense_plan(adapter, loaded.source)
+    stats = None
+    need_stats = criterion.needs_statistics or recipe.bias_compensation
+    sequences = calibration_sequences(recipe, loaded.tokenizer) if need_stats else None
+    if criterion.sequential and recipe.allocation == "uniform":
+        counts = uniform_counts(adapter, sparsity, recipe.attention_unit)
+        layers = []
+
+        def after_layer(i: int, layer_stats: dict) -> bool:
+            lp = uniform_layer(adapter, i, criterion.score_layer(adapter, i, layer_stats), counts[i], recipe.attention_unit)
+            layers.append(lp)
+            prune_layer(adapter, lp, derived(layer_stats) if recipe.bias_compensation else None)
+            return True
+
+        stats = collect_statistics(model, adapter, sequences, batch_size=recipe.batch_size, after_layer=after_layer, progress=progress)
+        plan = dense.model_copy(update={"layers": layers})
+        plan.params = plan.count_params(adapter, total_before)  # before `finish` adds zero q/k/v biases
+        finish(adapter, plan, bool(recipe.bias_compensation))
+        pruned = True
+    else:
+        if need_stats:
+            stats = collect_statistics(model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
+        scores = [criterion.score_layer(adapter, i, stats[i] if stats else None) for i in range(adapter.num_layers)]
+        plan = allocate(
+            recipe.allocation, dense, adapter, scores, sparsity,
+            attention_unit=recipe.attention_unit, standardized=criterion.standardized,
+        )
+        plan.params = plan.count_params(adapter, total_before)
+        pruned = False
+    return plan.model_copy(update={"recipe": recipe.model_dump()}), stats, pruned
+
+
+def apply(loaded: LoadedModel, plan: Plan, *, stats: list[dict] | None = None, progress: bool = True) -> DecoderAdapter:
+    """Prune the loaded model to `plan`. If the plan's recipe asks for bias compensation, the calibration means
+    come from `stats` or, failing that, from a (cached) statistics pass over the recipe's data."""
+    recipe = Recipe(**plan.recipe) if plan.recipe else None
+    means = None
+    if recipe is not None and recipe.bias_compensation:
+        if stats is None:
+            adapter = get_adapter(loaded.model)
+            sequences = calibration_sequences(recipe, loaded.tokenizer)
+            stats = collect_statistics(loaded.model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
+        means = [derived(s) for s in stats]
+    return apply_plan(loaded.model, plan, means)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def prune(
+    model: str | LoadedModel = "smollm2-135m",
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    verify: bool = True,
+    progress: bool = True,
+    **recipe_fields: Any,
+) -> PruneResult:
+    """Prune `model` (a preset, folder, .gguf file, hub id, or an already loaded model) for the domain in `data`.
+
+    Recipe fields: data, method, allocation, sparsity | target_params, attention_unit, calib_samples, seq_len,
+    batch_size, bias_compensation, seed, dtype, device, text_field. With `out`, the pruned checkpoint (plus
+    plan.json, recipe.json and report.json) is written there, verified, and moved into place.
+    """
+    source = model.source if isinstance(model, LoadedModel) else str(model)
+    recipe = make_recipe(model=source, **recipe_fields)
+    if out is not None:
+        check_output_folder(out, force)  # fail before the expensive part
+    started = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+    plan, stats, pruned = make_plan(loaded, recipe, progress=progress)
+    if not pruned:
+        apply(loaded, plan, stats=stats, progress=progress)
+    total_after = parameter_count(loaded.model)
+    device = next(loaded.model.parameters()).device
+    report = {
+        "sparsity_target": recipe.sparsity,
+        "sparsity_achieved": plan.params.sparsity,
+        "attention_mlp_params": [plan.params.attention_mlp_before, plan.params.attention_mlp_after],
+        "total_params": [plan.params.total_before, total_after],
+        "prune_seconds": round(time.perf_counter() - started, 2),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "device": str(device),
+        "uniform": get_adapter(loaded.model).is_uniform(),
+    }
+    plan.params.total_after = total_after
+    result = PruneResult(loaded.model, loaded.tokenizer, plan, recipe, report=report)
+    if out is not None:
+        files = {
+            "plan.json": plan.model_dump_json(indent=1) + "\n",
+            "recipe.json": recipe.model_dump_json(indent=1) + "\n",
+            "report.json": json.dumps(report, indent=1) + "\n",
+        }
+        result.out = save_pruned(loaded.model, loaded.tokenizer, out, extra_files=files, force=force, verify=verify)
+    return result

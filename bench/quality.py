@@ -74,7 +74,7 @@ def run(args) -> None:
             done[row["key"]] = row
     tasks = tuple(t for t in args.tasks.split(",") if t)
     dense = load_model(args.model, dtype="float32", device=args.device)
-    settings = dict(samples=args.samples, seq_len=256, tasks=tasks, limit=args.limit, batch_size=8)
+    settings = dict(samples=args.samples, seq_len=256, tasks=tasks, limit=args.limit, batch_size=8, speed_repeats=args.speed_repeats)
     if "dense" not in done:
         m = measure(dense, "dense", **settings)
         with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +129,7 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         f"holds only that many); zero-shot acc_norm on {', '.join(tasks) or 'no tasks'}"
         f"{f' (first {args.limit} items each)' if args.limit else ''}. Every row pruned and measured in one process "
         f"beside the dense model; speed ratios are to the dense model in that same run (batch 1; decode 128 tokens "
-        f"after a 64-token prompt; prefill 256 tokens). Machine: {platform.processor() or platform.machine()}, "
+        f"after a 64-token prompt; prefill 256 tokens; median of {args.speed_repeats} timed runs after a warm-up). Machine: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
         f"Dense: code ppl {dense.perplexity['code']:.3f}, general ppl {dense.perplexity['general']:.3f}, "
@@ -173,6 +173,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128, help="test sequences per source")
     p.add_argument("--tasks", default=",".join(BENCH_TASKS))
     p.add_argument("--limit", type=int, default=500, help="items per zero-shot task")
+    p.add_argument("--speed-repeats", type=int, default=3, help="timed throughput runs (median) after a warm-up")
     p.add_argument("--device", default="auto")
     p.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
     run(p.parse_args())

@@ -59,7 +59,9 @@ def attention_units(adapter: DecoderAdapter, i: int, scores: LayerScores, mode: 
         slices = [[int(k * g + order[k, r]) for k in range(s.num_kv_heads)] for r in range(g)]
         # a rank slice costs its query rows and o columns; the last slice also frees the k/v heads
         cost = adapter.attention_params(s.num_kv_heads, 0)
-        units = [Unit(i, "attention", r, float(per_group.gather(1, order[:, r : r + 1]).sum()), cost) for r in range(g)]
+        # a slice scores the mean of its heads, so standardised scores stay on the per-head scale that global
+        # allocation compares with MLP channels (as a KV group's does); a sum would rank slices K times too far out
+        units = [Unit(i, "attention", r, float(per_group.gather(1, order[:, r : r + 1]).mean()), cost) for r in range(g)]
         units[-1].cost = adapter.attention_params(s.num_heads, s.num_kv_heads) - cost * (g - 1)
         return units, slices
     raise DomainpruneError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}, not {mode!r}")
@@ -144,7 +146,7 @@ def allocate_global(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScor
     total = sum(adapter.layer_params(adapter.shape(i)) for i in range(len(scores)))
     target = sparsity * total
     # Sort weakest first (ties: keep the earlier layer and lower index); in query_head mode a layer's rank slices
-    # must go in rank order, which their scores already guarantee (slice r sums each group's r-th weakest head).
+    # must go in rank order, which their scores already guarantee (slice r averages each group's r-th weakest head).
     units.sort(key=lambda u: (u.score, u.layer, u.kind, u.index))
     removed: set[tuple[int, str, int]] = set()
     cum = 0

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import DomainpruneError
@@ -52,6 +53,10 @@ def _setup_logging(quiet: bool) -> None:
     )
     for noisy in ("transformers", "httpx", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if quiet:  # transformers' own bars ("Loading weights", "Writing model shards") ignore the log level
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def parse_count(text: str | None) -> int | None:
@@ -228,11 +233,63 @@ def eval_(
         json_out.write_text(json.dumps({"results": [m.to_dict() for m in results], "ratios": r}, indent=1) + "\n")
 
 
+@app.command()
+def vocab(
+    model: Annotated[str, typer.Argument(help="Model to trim: preset, HF folder (pruned ones too), .gguf file or hub id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the trimmed checkpoint.")],
+    data: DataOpt = "code",
+    coverage: Annotated[Optional[float], typer.Option(help="Fraction of the domain's calibration tokens to keep, in (0, 1] [default: 0.999].")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Keep exactly this many tokens (--strategy size).")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="coverage, size or optuna [default: size with --size, else coverage].")] = None,
+    alpha: Annotated[float, typer.Option(help="optuna: weight α of coverage against LM-head FLOPs saved, in [0, 1].")] = 0.5,
+    min_coverage: Annotated[float, typer.Option(help="optuna: least calibration coverage a size may have, in [0, 1].")] = 0.0,
+    trials: Annotated[int, typer.Option(help="optuna: TPE trials (seed 42).")] = 30,
+    general: Annotated[str, typer.Option(help="General corpus for the report's coverage and bits/byte ('' to skip).")] = "general",
+    eval_chars: Annotated[int, typer.Option(help="Test characters per corpus for tokens/char and bits/byte (0 to skip).")] = 50_000,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 4,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure LM-head and decode speed against the input model.")] = True,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Keep only the tokens the domain uses: a smaller embedding and LM head, a consistent tokenizer, vocab_report.json."""
+    from .data import load_corpus
+    from .export import check_output_folder
+    from .models import load_model
+    from .vocab import evaluate_trim, report_rows, save, trim_vocabulary
+
+    _setup_logging(quiet)
+    check_output_folder(out, force)
+    loaded = load_model(model, dtype=dtype, device=device)
+    corpus = load_corpus(data, text_field=text_field)
+    trimmed, tokenizer, report = trim_vocabulary(
+        loaded, corpus, coverage=coverage, size=size, strategy=strategy, alpha=alpha, min_coverage=min_coverage,
+        trials=trials, text_field=text_field,
+    )
+    evaluate_trim(
+        loaded, trimmed, tokenizer, report, domain=corpus, general=general or None, chars=eval_chars,
+        seq_len=seq_len, batch_size=batch_size, speed=speed, text_field=text_field,
+    )
+    save(trimmed, tokenizer, report, out, force=force)
+    table = Table(title=f"domainprune vocab ({report.strategy})")
+    for name, justify in (("figure", "left"), ("original", "right"), ("trimmed", "right"), ("change", "right")):
+        table.add_column(name, justify=justify)
+    for row in report_rows(report):
+        table.add_row(*row)
+    Console().print(table)
+    console.print(f"[bold green]trimmed[/] {report.original_vocab:,} → {report.kept_vocab:,} tokens; wrote {out} (vocab_report.json)")
+
+
 def main() -> None:
     try:
         app()
     except DomainpruneError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        # soft_wrap: one line whatever the width (rich would wrap at 80 columns when stderr is not a terminal)
+        # escape: the message may hold brackets (paths, lists) that rich would take for markup
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

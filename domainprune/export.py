@@ -32,6 +32,9 @@ def export_config(model: torch.nn.Module) -> dict[str, Any]:
     config.pop("per_layer_config", None)
     if per_layer := adapter.per_layer_config():
         config["per_layer_config"] = per_layer
+        # Lets stock AutoConfig/AutoTokenizer read the file (transformers' validators read global head counts);
+        # stock AutoModelForCausalLM still refuses the weights with a size-mismatch error rather than misloading.
+        config["allow_global_per_layer_attribute_access"] = True
     if extra := adapter.extra_biases():
         config["domainprune"] = {"extra_biases": extra}
     return config
@@ -62,6 +65,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, devic
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         return model.to(device).eval()
     per_layer = raw.pop("per_layer_config", {}) or {}
+    raw.pop("allow_global_per_layer_attribute_access", None)
     extra = (raw.pop("domainprune", {}) or {}).get("extra_biases", [])
     adapter_cls = adapter_class_for(raw.get("model_type", "?"))
     config = AutoConfig.for_model(**raw)

@@ -55,6 +55,7 @@ def measure(
     tasks: tuple[str, ...] = (),
     limit: int | None = None,
     speed: bool = True,
+    speed_repeats: int = 3,
     batch_size: int = 8,
     text_field: str = "text",
     progress: bool = True,
@@ -74,7 +75,7 @@ def measure(
         for task in tasks:
             m.zero_shot[task] = evaluate_task(model, tok, task, limit=limit, progress=progress)["acc_norm"]
     if speed:
-        t = throughput(model)
+        t = throughput(model, repeats=speed_repeats)
         m.decode_tokens_per_s, m.prefill_tokens_per_s = t["decode_tokens_per_s"], t["prefill_tokens_per_s"]
     return m
 

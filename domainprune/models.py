@@ -140,7 +140,7 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto")
             ) from e
         model.to(dev)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        tokenizer = AutoTokenizer.from_pretrained(resolved, config=model.config)
     except Exception as e:
         raise DomainpruneError(f"could not load the tokenizer of {str(source)!r}: {str(e).splitlines()[0]}") from e
     model.eval()

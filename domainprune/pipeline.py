@@ -25,7 +25,7 @@ from .errors import DomainpruneError
 from .evaluate import parameter_count
 from .export import check_output_folder, save_pruned
 from .models import LoadedModel, load_model
-from .plan import Plan, dense_plan
+from .plan import Plan, dense_plan, validate_plan
 from .stats import collect_statistics, derived
 from .surgery import apply_plan, finish, prune_layer
 
@@ -158,7 +158,8 @@ def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> 
 def apply(loaded: LoadedModel, plan: Plan, *, stats: list[dict] | None = None, progress: bool = True) -> DecoderAdapter:
     """Prune the loaded model to `plan`. If the plan's recipe asks for bias compensation, the calibration means
     come from `stats` or, failing that, from a (cached) statistics pass over the recipe's data."""
-    recipe = Recipe(**plan.recipe) if plan.recipe else None
+    recipe = make_recipe(**plan.recipe) if plan.recipe else None  # a hand-edited recipe fails in one line
+    validate_plan(plan, get_adapter(loaded.model))  # before the statistics pass, not after it
     means = None
     if recipe is not None and recipe.bias_compensation:
         if stats is None:

@@ -20,18 +20,13 @@ PLAN_FORMAT = "domainprune.plan/1"
 
 def format_ranges(indices: list[int]) -> str:
     """[0,1,2,5,7,8] -> "0-2,5,7-8"."""
-    parts: list[str] = []
-    idx = sorted(indices)
-    start = prev = None
-    for i in idx + [None]:
-        if start is None:
-            start = prev = i
-        elif i is not None and i == prev + 1:
-            prev = i
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
         else:
-            parts.append(str(start) if start == prev else f"{start}-{prev}")
-            start = prev = i
-    return ",".join(p for p in parts if p != "None")
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def parse_ranges(text: str) -> list[int]:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from tiny_models import input_ids, logits, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from domainprune import load_pretrained
 from domainprune.adapters import get_adapter
@@ -89,6 +89,11 @@ def test_query_heads_within_groups_and_heterogeneous_export(model, tmp_path):
     }
     reloaded = load_pretrained(out)
     assert torch.equal(logits(reloaded), after)
+    # Stock transformers reads the config (tokenizers need it) but refuses the per-layer weights loudly.
+    stock_config = AutoConfig.from_pretrained(out)
+    assert stock_config.is_heterogeneous and stock_config.per_layer_config[1].num_key_value_heads == 1
+    with pytest.raises(RuntimeError, match="mismatch"):
+        AutoModelForCausalLM.from_pretrained(out)
 
 
 def test_removed_sublayers_and_generation_with_cache(model, tmp_path):

@@ -4,8 +4,10 @@ all measured in one process beside the dense model, written to bench/results/qua
     python bench/quality.py                      # the full grid (resumable: finished rows are kept)
     python bench/quality.py --methods flap --levels 0.35 --limit 100
 
-Raw rows go to bench/results/quality.jsonl as they finish, so an interrupted run continues where it stopped;
-`--fresh` starts over. Speed figures are ratios to the dense model measured in this same run.
+Phase 1 prunes every row and measures perplexity and speed (checkpoints kept in --models-dir); phase 2 adds
+zero-shot accuracy from those checkpoints. Raw rows go to bench/results/quality.jsonl as they finish, so an
+interrupted run continues where it stopped; `--fresh` starts over. Speed figures are ratios to the dense model
+measured in this same run.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class PeakRSS:
         self._thread.join()
 
 
+def save_rows(raw: Path, done: dict) -> None:
+    tmp = raw.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
+    tmp.replace(raw)
+
+
 def row_key(method: str, allocation: str, level: float) -> str:
     return f"{method}|{allocation}|{level:.2f}"
 
@@ -81,8 +89,9 @@ def run(args) -> None:
             dense.model.save_pretrained(tmp)
             m.checkpoint_bytes = checkpoint_bytes(tmp)
         done["dense"] = {"key": "dense", "measurement": m.to_dict()}
-        with raw.open("a") as f:
-            f.write(json.dumps(done["dense"]) + "\n")
+        save_rows(raw, done)
+    models_dir = Path(args.models_dir)
+    # Phase 1: prune, export, perplexity and speed for every row (checkpoints kept for phase 2).
     for method in args.methods.split(","):
         for allocation in args.allocations.split(","):
             for level in (float(x) for x in args.levels.split(",")):
@@ -97,19 +106,36 @@ def run(args) -> None:
                     result = prune(loaded, data="code", method=method, allocation=allocation, sparsity=level,
                                    calib_samples=args.calib_samples, seed=0, progress=False)
                 seconds = time.perf_counter() - started
-                m = measure(loaded, key, **settings)
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_pruned(model, dense.tokenizer, Path(tmp) / "m", verify=True)
-                    m.checkpoint_bytes = checkpoint_bytes(Path(tmp) / "m")
+                m = measure(loaded, key, **{**settings, "tasks": ()})
+                folder = models_dir / key.replace("|", "_")
+                save_pruned(model, dense.tokenizer, folder, force=True, verify=True)
+                m.checkpoint_bytes = checkpoint_bytes(folder)
                 done[key] = {
                     "key": key, "method": method, "allocation": allocation, "level": level,
                     "achieved": result.plan.params.sparsity, "prune_seconds": seconds, "peak_rss_bytes": mem.peak,
-                    "recipe": result.recipe.model_dump(), "uniform": result.report["uniform"], "measurement": m.to_dict(),
+                    "recipe": result.recipe.model_dump(), "uniform": result.report["uniform"], "checkpoint": str(folder),
+                    "measurement": m.to_dict(),
                 }
-                with raw.open("a") as f:
-                    f.write(json.dumps(done[key]) + "\n")
+                save_rows(raw, done)
                 del model, loaded, result
                 gc.collect()
+    # Phase 2: zero-shot accuracy for the rows that lack it, from the saved checkpoints.
+    if tasks:
+        from domainprune.tasks import evaluate_task
+
+        for key, row in done.items():
+            zero_shot = row["measurement"].get("zero_shot") or {}
+            if key == "dense" or all(t in zero_shot for t in tasks) or not Path(row.get("checkpoint", "")).is_dir():
+                continue
+            print(f"== zero-shot {key}", file=sys.stderr, flush=True)
+            loaded = load_model(row["checkpoint"], dtype="float32", device=args.device)
+            for t in tasks:
+                zero_shot[t] = evaluate_task(loaded.model, loaded.tokenizer, t, limit=args.limit)["acc_norm"]
+            row["measurement"]["zero_shot"] = zero_shot
+            row["measurement"]["zero_shot_mean"] = sum(zero_shot.values()) / len(zero_shot)
+            save_rows(raw, done)
+            del loaded
+            gc.collect()
     write_markdown(done, args, tasks)
 
 
@@ -145,7 +171,7 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
     for r in rows:
         m = _measurement(r["measurement"])
         q = ratios(m, dense)
-        zs = f"{m.zero_shot_mean:.4f} ({-q['zero_shot_drop']:+.4f})" if m.zero_shot else "-"
+        zs = f"{m.zero_shot_mean:.4f} ({-q['zero_shot_drop']:+.4f})" if len(m.zero_shot) == len(tasks) else "-"
         lines.append(
             f"| {r['method']} | {r['allocation']} | {r['level']:.0%} | {r['achieved']:.2%} | {m.params / 1e6:.1f}M | "
             f"{m.checkpoint_bytes / 1e6:.1f} | {m.perplexity['code']:.3f} ({q['ppl_code']:.2f}×) | "
@@ -175,6 +201,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=500, help="items per zero-shot task")
     p.add_argument("--speed-repeats", type=int, default=3, help="timed throughput runs (median) after a warm-up")
     p.add_argument("--device", default="auto")
+    p.add_argument("--models-dir", default="runs/bench", help="where the pruned checkpoints are kept for phase 2")
     p.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
     run(p.parse_args())
 

@@ -10,6 +10,9 @@ Strategies (registered by name):
   identical widths (the export is a stock config).
 - `global`: FLAP's single threshold over all units of the model, each weighted by its parameter cost; the
   removed cost is the closest to the budget that the sorted order allows (within one unit).
+
+Mixture-of-experts models: `keep_top_experts` keeps the N highest-scoring routed experts of every MoE layer
+(`--experts-keep N`, or a fraction of each layer's experts); the same N everywhere gives a stock config.
 """
 
 from __future__ import annotations
@@ -166,3 +169,25 @@ def allocate(strategy: str, dense: Plan, adapter: DecoderAdapter, scores: list[L
     if attention_unit not in ATTENTION_UNITS:
         raise DomainpruneError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}, not {attention_unit!r}")
     return ALLOCATIONS[strategy](dense, adapter, scores, sparsity, attention_unit, standardized)
+
+
+def experts_to_keep(keep: float, num_experts: int) -> int:
+    """`--experts-keep`: a count (≥ 1) of experts per MoE layer, or a fraction (< 1) of each layer's experts."""
+    n = int(keep) if keep >= 1 else max(1, round(keep * num_experts))
+    if n > num_experts:
+        raise DomainpruneError(f"--experts-keep {n} is more than the {num_experts} experts of a mixture-of-experts layer")
+    return n
+
+
+def keep_top_experts(plan: Plan, scores: list[torch.Tensor | None], keep: float) -> Plan:
+    """Keep the `keep` highest-scoring routed experts in every MoE layer (ties: the lower index); other units as
+    in `plan`. `scores[i]` is None for layers without experts."""
+    layers = []
+    for lp, sc in zip(plan.layers, scores):
+        if sc is None or lp.experts is None:
+            layers.append(lp)
+            continue
+        n = experts_to_keep(keep, len(sc))
+        order = sorted(range(len(sc)), key=lambda e: (-float(sc[e]), e))
+        layers.append(lp.model_copy(update={"experts": sorted(lp.experts[e] for e in order[:n])}))
+    return plan.model_copy(update={"layers": layers})

@@ -27,10 +27,11 @@ console = Console(stderr=True)
 # Options shared by several commands.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m), HF folder, .gguf file or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
-MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude.")]
+MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude; for MoE experts: expert-frequency, easy-ep, tcess.")]
 AllocOpt = Annotated[Optional[str], typer.Option(help="uniform or global [default: global for flap, else uniform].")]
 SparsityOpt = Annotated[Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")]
 TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
+ExpertsKeepOpt = Annotated[Optional[float], typer.Option(help="MoE models: routed experts kept per layer, a count (4) or a fraction (0.5); with an expert method.")]
 UnitOpt = Annotated[str, typer.Option(help="kv_group (whole KV groups) or query_head (same count per group).")]
 SamplesOpt = Annotated[int, typer.Option(help="Calibration sequences.")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sequence.")]
@@ -71,8 +72,9 @@ def parse_count(text: str | None) -> int | None:
         raise DomainpruneError(f"--target-params {text!r} is not a count; write e.g. 90M or 90000000") from None
 
 
-def _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field):
+def _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep=None):
     return dict(
+        experts_keep=experts_keep,
         data=data, method=method, allocation=allocation, sparsity=sparsity, target_params=parse_count(target_params),
         attention_unit=attention_unit, calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size,
         bias_compensation=bias_compensation, seed=seed, dtype=dtype, device=device, text_field=text_field,
@@ -88,6 +90,7 @@ def prune(
     allocation: AllocOpt = None,
     sparsity: SparsityOpt = None,
     target_params: TargetOpt = None,
+    experts_keep: ExpertsKeepOpt = None,
     attention_unit: UnitOpt = "kv_group",
     calib_samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 256,
@@ -104,12 +107,12 @@ def prune(
     from .pipeline import prune as run
 
     _setup_logging(quiet)
-    fields = _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field)
+    fields = _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep)
     result = run(model, out=out, force=force, progress=not quiet, **fields)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
     r = result.report
     console.print(f"wrote {result.out} in {r['prune_seconds']:.0f} s (peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB)")
-    loader = "AutoModelForCausalLM.from_pretrained" if r["uniform"] else "domainprune.load_pretrained"
+    loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(result.out)!r})")
 
 
@@ -122,6 +125,7 @@ def plan(
     allocation: AllocOpt = None,
     sparsity: SparsityOpt = None,
     target_params: TargetOpt = None,
+    experts_keep: ExpertsKeepOpt = None,
     attention_unit: UnitOpt = "kv_group",
     calib_samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 256,
@@ -141,7 +145,7 @@ def plan(
     _setup_logging(quiet)
     if out.exists() and not force:
         raise DomainpruneError(f"{out} exists; choose another --out or pass --force to replace it")
-    recipe = make_recipe(model=model, **_recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field))
+    recipe = make_recipe(model=model, **_recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep))
     loaded = load_model(model, dtype=dtype, device=device)
     result, _, _ = make_plan(loaded, recipe, progress=not quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,9 +242,9 @@ def vocab(
     model: Annotated[str, typer.Argument(help="Model to trim: preset, HF folder (pruned ones too), .gguf file or hub id.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the trimmed checkpoint.")],
     data: DataOpt = "code",
-    coverage: Annotated[Optional[float], typer.Option(help="Fraction of the domain's calibration tokens to keep, in (0, 1] [default: 0.999].")] = None,
+    coverage: Annotated[Optional[float], typer.Option(help="Fraction of the domain's calibration tokens to keep, in (0, 1] (default 0.999).")] = None,
     size: Annotated[Optional[int], typer.Option(help="Keep exactly this many tokens (--strategy size).")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="coverage, size or optuna [default: size with --size, else coverage].")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="coverage, size or optuna (default: size with --size, else coverage).")] = None,
     alpha: Annotated[float, typer.Option(help="optuna: weight α of coverage against LM-head FLOPs saved, in [0, 1].")] = 0.5,
     min_coverage: Annotated[float, typer.Option(help="optuna: least calibration coverage a size may have, in [0, 1].")] = 0.0,
     trials: Annotated[int, typer.Option(help="optuna: TPE trials (seed 42).")] = 30,
@@ -264,6 +268,8 @@ def vocab(
     _setup_logging(quiet)
     check_output_folder(out, force)
     loaded = load_model(model, dtype=dtype, device=device)
+    if loaded.path is not None and out.resolve() == Path(loaded.path).resolve():
+        raise DomainpruneError(f"--out {out} is the input model's folder; write the trimmed model somewhere else")
     corpus = load_corpus(data, text_field=text_field)
     trimmed, tokenizer, report = trim_vocabulary(
         loaded, corpus, coverage=coverage, size=size, strategy=strategy, alpha=alpha, min_coverage=min_coverage,

@@ -165,7 +165,8 @@ def _tokenize(tokenizer: Any, docs: list[Document], eos: int, desc: str) -> torc
     parts: list[np.ndarray] = []
     eos_part = np.array([eos], dtype=np.int32)
     total_chars = sum(len(d.text) for d in docs)
-    with tqdm(total=total_chars, desc=desc, unit="char", unit_scale=True, leave=False) as bar:
+    quiet = not log.isEnabledFor(logging.INFO)  # the CLI's --quiet raises the level to WARNING
+    with tqdm(total=total_chars, desc=desc, unit="char", unit_scale=True, leave=False, disable=quiet) as bar:
         for batch in _batches(docs):
             ids = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
             for one in ids:

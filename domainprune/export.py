@@ -2,8 +2,9 @@
 
 Uniform widths give a stock config that `AutoModelForCausalLM.from_pretrained` loads. Per-layer widths are written
 as transformers' `per_layer_config` (keys `num_attention_heads`, `num_key_value_heads`, `intermediate_size`, and
-`skip` for a removed `self_attn`/`mlp`); biases the architecture's config cannot express are listed under
-`"domainprune": {"extra_biases": [...]}`. `load_pretrained` loads both kinds in one call.
+`skip` for a removed `self_attn`/`mlp`; for mixture-of-experts layers the architecture's expert-count key,
+`num_local_experts` or `num_experts`, and `num_experts_per_tok`); biases the architecture's config cannot express
+are listed under `"domainprune": {"extra_biases": [...]}`. `load_pretrained` loads both kinds in one call.
 Every export is reloaded and its logits compared with the in-memory model before the folder is moved into place.
 """
 
@@ -77,6 +78,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, devic
     state: dict[str, torch.Tensor] = {}
     for f in _state_dict_files(path):
         state.update(load_file(f))
+    state = adapter.from_checkpoint_layout(state)  # e.g. MoE experts saved one by one -> fused 3-D tensors
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k == "lm_head.weight"}
     if set(missing) - tied or unexpected:
@@ -105,7 +107,7 @@ def verify_export(model: torch.nn.Module, folder: Path, atol: float | None = Non
     if atol is None:
         atol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
     scale = max(1.0, float(reference.abs().max()))
-    if diff > atol * scale:
+    if not diff <= atol * scale:  # also catches NaN
         raise DomainpruneError(f"export verification failed: reloaded logits differ by {diff:.3g}; nothing was written")
     return diff
 

@@ -18,8 +18,8 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from .adapters import DecoderAdapter, get_adapter
-from .allocation import ATTENTION_UNITS, allocate, uniform_counts, uniform_layer
-from .criteria import get_criterion
+from .allocation import ATTENTION_UNITS, allocate, keep_top_experts, uniform_counts, uniform_layer
+from .criteria import CRITERIA, get_criterion
 from .data import load_corpus
 from .errors import DomainpruneError
 from .evaluate import parameter_count
@@ -32,6 +32,12 @@ from .surgery import apply_plan, finish, prune_layer
 log = logging.getLogger(__name__)
 
 
+EXPERTS_KEEP_MISSING = (
+    "method {method!r} prunes mixture-of-experts experts: give --experts-keep (experts kept per layer, e.g. 4, "
+    "or a fraction such as 0.5)"
+)
+
+
 class Recipe(BaseModel):
     """Everything that determines a pruned model. Saved beside it as recipe.json."""
 
@@ -42,6 +48,9 @@ class Recipe(BaseModel):
     allocation: str | None = None  # None: the method's default (global for flap, uniform otherwise)
     sparsity: float | None = None  # fraction of attention+MLP parameters removed
     target_params: int | None = None  # or: total parameters wanted
+    # mixture-of-experts models: routed experts kept per MoE layer, a count (≥ 1) or a fraction (< 1) of each
+    # layer's experts; needs an expert method (expert-frequency, easy-ep, tcess)
+    experts_keep: int | float | None = Field(default=None, exclude_if=lambda v: v is None)
     attention_unit: str = "kv_group"
     calib_samples: int = Field(128, ge=1)
     seq_len: int = Field(256, ge=2)
@@ -53,7 +62,16 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        if (self.sparsity is None) == (self.target_params is None):
+        if self.experts_keep is not None:  # expert pruning alone: sparsity and target_params may be left out
+            if not (0 < self.experts_keep < 1 or float(self.experts_keep).is_integer() and self.experts_keep >= 1):
+                raise ValueError(f"--experts-keep must be a whole count ≥ 1 or a fraction in (0, 1), got {self.experts_keep}")
+            if self.experts_keep >= 1:
+                self.experts_keep = int(self.experts_keep)
+        if (self.sparsity is None) == (self.target_params is None) and not (
+            self.experts_keep is not None and self.sparsity is None
+        ):
+            if self.experts_keep is None and getattr(CRITERIA.get(self.method), "scores_experts", False):
+                raise ValueError(EXPERTS_KEEP_MISSING.format(method=self.method))
             raise ValueError("give exactly one of sparsity and target_params")
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
@@ -64,6 +82,17 @@ class Recipe(BaseModel):
     def resolved(self) -> "Recipe":
         """Fill the method-dependent defaults so the saved recipe says exactly what ran."""
         criterion = get_criterion(self.method)
+        if criterion.scores_experts:
+            if self.experts_keep is None:
+                raise DomainpruneError(EXPERTS_KEEP_MISSING.format(method=self.method))
+            if self.sparsity or self.target_params is not None:
+                raise DomainpruneError(
+                    f"method {self.method!r} scores experts only; leave out --sparsity and --target-params"
+                )
+        elif self.experts_keep is not None:
+            raise DomainpruneError(
+                f"--experts-keep needs an expert method (expert-frequency, easy-ep, tcess), not {self.method!r}"
+            )
         return self.model_copy(
             update={
                 "allocation": self.allocation or criterion.default_allocation,
@@ -87,6 +116,8 @@ def make_recipe(**kwargs: Any) -> Recipe:
 def target_sparsity(recipe: Recipe, adapter: DecoderAdapter, total_params: int) -> float:
     if recipe.sparsity is not None:
         return recipe.sparsity
+    if recipe.target_params is None:  # expert pruning alone (experts_keep)
+        return 0.0
     attn_mlp = sum(adapter.layer_params(s) for s in adapter.shapes())
     fixed = total_params - attn_mlp
     if not fixed < recipe.target_params <= total_params:
@@ -126,8 +157,21 @@ def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> 
     dense = dense_plan(adapter, loaded.source)
     stats = None
     need_stats = criterion.needs_statistics or recipe.bias_compensation
+    if criterion.scores_experts and not adapter.has_experts():
+        raise DomainpruneError(f"method {recipe.method!r} prunes experts, but this {adapter.model_type!r} model has no mixture-of-experts layers")
+    if adapter.has_experts() and not criterion.scores_experts:
+        raise DomainpruneError(
+            f"this {adapter.model_type!r} model is a mixture of experts; method {recipe.method!r} scores dense heads and "
+            "MLP channels, which is not supported on it: use --method expert-frequency, easy-ep or tcess with --experts-keep"
+        )
     sequences = calibration_sequences(recipe, loaded.tokenizer) if need_stats else None
-    if criterion.sequential and recipe.allocation == "uniform":
+    if criterion.scores_experts:
+        stats = collect_statistics(model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
+        scores = [criterion.score_experts(adapter, i, stats[i]) for i in range(adapter.num_layers)]
+        plan = keep_top_experts(dense, scores, recipe.experts_keep)
+        plan.params = plan.count_params(adapter, total_before)
+        pruned = False
+    elif criterion.sequential and recipe.allocation == "uniform":
         counts = uniform_counts(adapter, sparsity, recipe.attention_unit)
         layers = []
 
@@ -187,9 +231,10 @@ def prune(
 ) -> PruneResult:
     """Prune `model` (a preset, folder, .gguf file, hub id, or an already loaded model) for the domain in `data`.
 
-    Recipe fields: data, method, allocation, sparsity | target_params, attention_unit, calib_samples, seq_len,
-    batch_size, bias_compensation, seed, dtype, device, text_field. With `out`, the pruned checkpoint (plus
-    plan.json, recipe.json and report.json) is written there, verified, and moved into place.
+    Recipe fields: data, method, allocation, sparsity | target_params, experts_keep (MoE models, with an expert
+    method), attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field.
+    With `out`, the pruned checkpoint (plus plan.json, recipe.json and report.json) is written there, verified, and
+    moved into place.
     """
     source = model.source if isinstance(model, LoadedModel) else str(model)
     recipe = make_recipe(model=source, **recipe_fields)
@@ -202,6 +247,7 @@ def prune(
         apply(loaded, plan, stats=stats, progress=progress)
     total_after = parameter_count(loaded.model)
     device = next(loaded.model.parameters()).device
+    adapter = get_adapter(loaded.model)
     report = {
         "sparsity_target": recipe.sparsity,
         "sparsity_achieved": plan.params.sparsity,
@@ -210,7 +256,9 @@ def prune(
         "prune_seconds": round(time.perf_counter() - started, 2),
         "peak_memory_bytes": peak_memory_bytes(device),
         "device": str(device),
-        "uniform": get_adapter(loaded.model).is_uniform(),
+        "uniform": adapter.is_uniform(),
+        # stock AutoModelForCausalLM loads it as is: uniform widths and no biases the architecture's config lacks
+        "stock_loadable": adapter.is_uniform() and not adapter.extra_biases(),
     }
     plan.params.total_after = total_after
     result = PruneResult(loaded.model, loaded.tokenizer, plan, recipe, report=report)

@@ -1,7 +1,8 @@
 """The pruning plan: a JSON file a person can read and edit, saying what every layer keeps.
 
 Indices refer to the model the plan was made for (query heads 0..H-1, KV heads 0..K-1, MLP channels 0..I-1 of
-each layer). MLP channels are written as compact ranges ("0-99,120,130-1535") so the file stays readable.
+each layer; routed experts 0..E-1 of a mixture-of-experts layer, under `experts`). MLP channels are written as
+compact ranges ("0-99,120,130-1535") so the file stays readable.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class LayerPlan(BaseModel):
     kv_heads: list[int] = Field(default_factory=list)  # kept KV heads
     query_heads: list[int] = Field(default_factory=list)  # kept query heads (grouped equally under kv_heads)
     mlp_channels: list[int] = Field(default_factory=list)  # kept MLP channels
+    # kept routed experts of a mixture-of-experts layer; None: not an MoE layer, or keep all (left out of the JSON)
+    experts: list[int] | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @field_validator("mlp_channels", mode="before")
     @classmethod
@@ -57,8 +60,10 @@ class LayerPlan(BaseModel):
     def _write_channels(self, v: list[int]) -> str:
         return format_ranges(v)
 
-    def shape(self) -> LayerShape:
-        return LayerShape(len(self.query_heads), len(self.kv_heads), len(self.mlp_channels))
+    def shape(self, num_experts: int = 0) -> LayerShape:
+        """Widths after pruning; `num_experts` is the layer's expert count before, kept when `experts` is None."""
+        kept = num_experts if self.experts is None else len(self.experts)
+        return LayerShape(len(self.query_heads), len(self.kv_heads), len(self.mlp_channels), kept)
 
 
 class ModelRef(BaseModel):
@@ -67,6 +72,11 @@ class ModelRef(BaseModel):
     hidden_size: int
     head_dim: int
     layers: list[tuple[int, int, int]]  # (query heads, KV heads, MLP channels) per layer before pruning
+    # routed experts per layer before pruning (0 for dense layers); None for a model without MoE layers
+    experts: list[int] | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    def experts_before(self) -> list[int]:
+        return self.experts or [0] * len(self.layers)
 
 
 class ParamCounts(BaseModel):
@@ -111,8 +121,11 @@ class Plan(BaseModel):
         return [lp for lp in self.layers if not lp.drop]
 
     def count_params(self, adapter: DecoderAdapter, total_before: int) -> ParamCounts:
-        before = sum(adapter.layer_params(LayerShape(*s)) for s in self.model.layers)
-        after = sum(adapter.layer_params(lp.shape()) for lp in self.kept_layers())
+        """Attention + MLP parameters before and after (a MoE layer's MLP: its routed experts with their router
+        rows, plus its shared expert), and the model totals."""
+        experts = self.model.experts_before()
+        before = sum(adapter.layer_params(LayerShape(*s, e)) for s, e in zip(self.model.layers, experts))
+        after = sum(adapter.layer_params(lp.shape(experts[lp.index])) for lp in self.kept_layers())
         dropped_norms = sum(2 * adapter.hidden_size for lp in self.layers if lp.drop)  # the layer's two RMSNorms
         return ParamCounts(
             attention_mlp_before=before,
@@ -132,6 +145,10 @@ class Plan(BaseModel):
             f"layers {len(kept)}/{len(self.layers)}, query heads {heads}/{heads0}, "
             f"MLP channels {ch}/{ch0}"
         )
+        if self.model.experts:
+            before = self.model.experts_before()
+            ex = sum(before[lp.index] if lp.experts is None else len(lp.experts) for lp in kept)
+            text += f", experts {ex}/{sum(before)}"
         if p:
             text += (
                 f"; attention+MLP params {p.attention_mlp_after:,}/{p.attention_mlp_before:,} "
@@ -150,6 +167,7 @@ def dense_plan(adapter: DecoderAdapter, source: str) -> Plan:
             hidden_size=adapter.hidden_size,
             head_dim=adapter.head_dim,
             layers=[(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes],
+            experts=[s.num_experts for s in shapes] if any(s.num_experts for s in shapes) else None,
         ),
         layers=[
             LayerPlan(
@@ -157,6 +175,7 @@ def dense_plan(adapter: DecoderAdapter, source: str) -> Plan:
                 kv_heads=list(range(s.num_kv_heads)),
                 query_heads=list(range(s.num_heads)),
                 mlp_channels=list(range(s.intermediate_size)),
+                experts=list(range(s.num_experts)) if s.num_experts else None,
             )
             for i, s in enumerate(shapes)
         ],
@@ -173,6 +192,8 @@ def validate_plan(plan: Plan, adapter: DecoderAdapter) -> None:
         raise DomainpruneError(
             "plan does not match this model's shape (layers/heads/channels differ); make the plan from this model"
         )
+    if plan.model.experts_before() != [s.num_experts for s in shapes]:
+        raise DomainpruneError("plan does not match this model's experts per layer; make the plan from this model")
     if sorted(lp.index for lp in plan.layers) != list(range(len(shapes))):
         raise DomainpruneError(f"plan must list every layer 0..{len(shapes) - 1} exactly once")
     if all(lp.drop for lp in plan.layers):
@@ -180,6 +201,9 @@ def validate_plan(plan: Plan, adapter: DecoderAdapter) -> None:
     for lp in plan.layers:
         s = shapes[lp.index]
         where = f"plan layer {lp.index}"
+        _validate_experts(lp, s, where)
+        if not adapter.prunable_heads and (len(lp.query_heads), len(lp.kv_heads)) != (s.num_heads, s.num_kv_heads):
+            raise DomainpruneError(f"{where}: attention heads of {adapter.model_type!r} models cannot be pruned exactly; keep them all")
         for name, kept, n in (
             ("query_heads", lp.query_heads, s.num_heads),
             ("kv_heads", lp.kv_heads, s.num_kv_heads),
@@ -199,3 +223,28 @@ def validate_plan(plan: Plan, adapter: DecoderAdapter) -> None:
                 f"{where}: every kept KV head needs the same number (≥1) of its own query heads "
                 f"(head h belongs to KV head h // {group}); got query_heads={lp.query_heads} kv_heads={lp.kv_heads}"
             )
+
+
+def _validate_experts(lp: LayerPlan, s: LayerShape, where: str) -> None:
+    """Routed experts only: indices 0..E-1 of a mixture-of-experts layer, at least one kept. A MoE layer has no
+    MLP channels to list; its shared experts are not indexable and never pruned."""
+    if not s.num_experts:
+        if lp.experts is not None:
+            raise DomainpruneError(f"{where}: lists experts but the layer is not a mixture-of-experts layer")
+        return
+    if lp.mlp_channels:
+        raise DomainpruneError(
+            f"{where}: a mixture-of-experts layer has no MLP channels to keep or prune (routed experts are pruned "
+            "whole under `experts`; shared experts are never pruned)"
+        )
+    if lp.experts is None:
+        return
+    if len(set(lp.experts)) != len(lp.experts):
+        raise DomainpruneError(f"{where}: experts lists an index twice")
+    if any(not 0 <= e < s.num_experts for e in lp.experts):
+        raise DomainpruneError(
+            f"{where}: experts has an index outside 0..{s.num_experts - 1} (routed experts only; shared experts "
+            "cannot be pruned)"
+        )
+    if not lp.drop and not lp.experts:
+        raise DomainpruneError(f"{where}: keep at least 1 expert (or drop the layer)")

@@ -9,7 +9,9 @@ Per layer the statistics are (float64):
 - `attn_in_sum`, `attn_in_sqsum` over tokens of each o_proj input channel (heads × head_dim),
 - `mlp_in_sum`, `mlp_in_sqsum` of each down_proj input channel,
 - `block_cos_sum`, `block_angle_sum`: Σ_tokens (1 − cos(h_in, h_out)) and Σ arccos(cos)/π of the layer,
-- `tokens`.
+- `tokens`,
+- in mixture-of-experts layers, per routed expert: `expert_selected`, `expert_gate_sum`, `expert_easyep`,
+  `expert_tcess_sum` (collected by the adapter's `expert_hooks`; see `adapters.moe`).
 They are cached per layer on disk; an interrupted run resumes from the last finished layer.
 """
 
@@ -133,8 +135,9 @@ class LayerwiseRunner:
         handles = []
         if not a.attention_removed(i):
             handles.append(a.o_proj(i).register_forward_pre_hook(accumulate("attn_in")))
-        if not a.mlp_removed(i):
+        if a.has_dense_mlp(i):
             handles.append(a.down_proj(i).register_forward_pre_hook(accumulate("mlp_in")))
+        handles += a.expert_hooks(i, acc)
         outputs, cos_sum, angle_sum, tokens = [], 0.0, 0.0, 0
         try:
             for h, kw in zip(hidden, kwargs):
@@ -197,7 +200,9 @@ def collect_statistics(
     if use_cache and resume.is_file():
         state = torch.load(resume, weights_only=False)
         if all(layer_file(j).is_file() for j in range(state["next_layer"])):
-            start, hidden = state["next_layer"], [h.to(runner.device) for h in state["hidden"]]
+            # re-split for this run's batch size (a rerun after running out of memory often uses a smaller one)
+            saved = torch.cat(state["hidden"])
+            start, hidden = state["next_layer"], [h.to(runner.device) for h in saved.split(batch_size)]
             stats_all = [torch.load(layer_file(j)) for j in range(start)]
             log.info("statistics: resuming at layer %d", start)
     first_hidden, kwargs = runner.capture()

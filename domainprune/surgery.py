@@ -37,6 +37,9 @@ def prune_layer(adapter: DecoderAdapter, lp: LayerPlan, means: dict[str, torch.T
             cols = torch.tensor(sorted(lp.mlp_channels), dtype=torch.long)
             bias = removed_mean_output(adapter.down_proj(i).weight, means["mlp_in_mean"], cols)
         adapter.slice_mlp(i, lp.mlp_channels, bias)
+    if lp.experts is not None and len(lp.experts) != s.num_experts:
+        # router rows and expert weights with one index list; top_k capped at the experts left (adapters.moe)
+        adapter.slice_experts(i, lp.experts)
 
 
 def finish(adapter: DecoderAdapter, plan: Plan, compensated: bool) -> None:

@@ -147,6 +147,8 @@ def _config_ids(model: torch.nn.Module) -> set[int]:
 def always_kept(info: BPEInfo, tokenizer: Any, model: torch.nn.Module | None) -> dict[str, set[int]]:
     """The ids every trimmed vocabulary keeps, by reason (a token may appear under several)."""
     special = set(info.added) | {i for i in getattr(tokenizer, "all_special_ids", []) if i in info.token_of}
+    if (unk := info.spec["model"].get("unk_token")) in info.vocab:  # the BPE model's own unknown token
+        special.add(info.vocab[unk])
     config = {i for i in _config_ids(model) if i in info.token_of} if model is not None else set()
     return {"special and added tokens": special, "BPE alphabet": set(info.alphabet), "ids named by the config": config}
 
@@ -325,7 +327,8 @@ def _remap_post_processor(node: Any, new_id: dict[int, int]) -> None:
 def trimmed_spec(info: BPEInfo, kept: list[int]) -> dict[str, Any]:
     """tokenizer.json for the kept ids, renumbered in ascending old-id order."""
     new_id = {old: new for new, old in enumerate(kept)}
-    spec = copy.deepcopy(info.spec)
+    # Copy only what changes: deep-copying the original vocabulary and merges would cost more than the rest.
+    spec = {k: (copy.deepcopy(v) if k != "model" else dict(v)) for k, v in info.spec.items()}
     model = spec["model"]
     vocab = {t: new_id[i] for t, i in info.vocab.items() if i in new_id}
     model["vocab"] = dict(sorted(vocab.items(), key=lambda item: item[1]))

@@ -20,7 +20,7 @@ from tiny_models import tiny_model
 from tiny_pipeline import CALIB, VOCAB, assert_same_state, logits_on, save_folder, smol_tokenizer, tiny_lm
 from transformers import AutoModelForCausalLM
 
-from domainprune import load_pretrained
+from domainprune import cache, load_pretrained
 from domainprune.cli import main
 from domainprune.data import load_corpus
 from domainprune.evaluate import parameter_count
@@ -96,7 +96,8 @@ def leftovers(parent: Path, name: str) -> list[str]:
 def test_prune_writes_a_checkpoint_equal_to_the_python_api(capsys, folder, tokenizer, tmp_path, method):
     out = tmp_path / "pruned"
     err = ok(capsys, "prune", "--model", folder, "--method", method, "--sparsity", "0.35", "--out", out, *SMALL)
-    assert "pruned layers" in err and str(out) in err
+    flat = err.replace("\n", "")  # rich wraps long lines at 80 columns when stderr is not a terminal
+    assert "pruned layers" in flat and f"/{out.name}')" in flat
     assert CHECKPOINT_FILES <= {p.name for p in out.iterdir()}
     assert leftovers(tmp_path, "pruned") == ["pruned"]
     report = json.loads((out / "report.json").read_text())
@@ -107,12 +108,15 @@ def test_prune_writes_a_checkpoint_equal_to_the_python_api(capsys, folder, token
 
     expected = prune(str(folder), method=method, sparsity=0.35, progress=False, **CALIB)  # same recipe, in memory
     config = json.loads((out / "config.json").read_text())
+    assert report["stock_loadable"] == report["uniform"]  # a Llama: compensation biases are stock config flags
     if report["uniform"]:
         assert method == "wanda-sp" and "per_layer_config" not in config and "domainprune" not in config
+        assert "AutoModelForCausalLM.from_pretrained(" in flat
         reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # stock transformers
         assert config["intermediate_size"] == expected.plan.layers[0].shape().intermediate_size
     else:
-        assert method == "flap" and config["per_layer_config"]
+        assert method == "flap" and config["per_layer_config"] and config["attention_bias"] and config["mlp_bias"]
+        assert "domainprune.load_pretrained(" in flat
         reloaded = load_pretrained(out)
     ids = calibration_sequences(make_recipe(method=method, sparsity=0.35, **CALIB), tokenizer)
     torch.testing.assert_close(logits_on(reloaded, ids), logits_on(expected.model, ids), rtol=1e-5, atol=1e-5)
@@ -131,6 +135,26 @@ def test_prune_writes_a_checkpoint_equal_to_the_python_api(capsys, folder, token
         assert Plan.load(plan_file).layers == expected.plan.layers
         ok(capsys, "apply", plan_file, "--out", applied, "--quiet")
         assert_same_state(load_file(applied / "model.safetensors"), load_file(out / "model.safetensors"))
+
+
+def test_uniform_widths_with_extra_biases_need_the_domainprune_loader(capsys, tokenizer, tmp_path):
+    """Mistral's config cannot express o_proj/down_proj biases: a uniform compensated model is not stock-loadable,
+    and the CLI must not tell the user to load it with stock transformers (which would drop the biases)."""
+    # (Mistral rather than Qwen2: transformers swaps a tokenizer saved in a qwen2 folder for Qwen2Tokenizer.)
+    folder = save_folder(tiny_lm("mistral"), tokenizer, tmp_path / "mistral")
+    out = tmp_path / "pruned"
+    args = ["--method", "wanda-sp", "--bias-compensation", "--sparsity", "0.35"]
+    err = ok(capsys, "prune", "--model", folder, *args, "--out", out, *SMALL)
+    report = json.loads((out / "report.json").read_text())
+    assert report["uniform"] and not report["stock_loadable"]
+    assert json.loads((out / "config.json").read_text())["domainprune"]["extra_biases"] == ["self_attn.o_proj", "mlp.down_proj"]
+    flat = err.replace("\n", "")
+    assert "domainprune.load_pretrained(" in flat and "AutoModelForCausalLM" not in flat
+    expected = prune(str(folder), method="wanda-sp", bias_compensation=True, sparsity=0.35, progress=False, **CALIB)
+    ids = calibration_sequences(make_recipe(sparsity=0.35, **CALIB), tokenizer)
+    torch.testing.assert_close(logits_on(load_pretrained(out), ids), logits_on(expected.model, ids), rtol=1e-5, atol=1e-5)
+    stock = AutoModelForCausalLM.from_pretrained(out).eval()  # drops the compensation biases
+    assert not torch.allclose(logits_on(stock, ids), logits_on(expected.model, ids), atol=1e-3)
 
 
 # --- 2. plan -> hand edit -> apply -------------------------------------------------------------------------
@@ -210,6 +234,18 @@ def test_plans_that_do_not_fit_fail_in_one_line(capsys, folder, tokenizer, tmp_p
     bad.write_text("{not json")
     fails(capsys, "apply", bad, "--out", out, "-q", match=f"plan file {bad} is not a valid plan")
     fails(capsys, "apply", tmp_path / "nope.json", "--out", out, "-q", match="does not exist")
+    data = json.loads(plan_file.read_text())
+    data["recipe"]["sparsity"] = 2  # a hand-edited recipe is checked like the command line's
+    bad.write_text(json.dumps(data))
+    fails(capsys, "apply", bad, "--out", out, "-q", match="--sparsity must be in [0, 1), got 2")
+    # a FLAP plan (bias compensation needs statistics) on the wrong model fails before any statistics pass
+    flap_plan = tmp_path / "flap.json"
+    ok(capsys, "plan", "--model", folder, "--sparsity", "0.3", "--out", flap_plan, *SMALL)
+    assert Plan.load(flap_plan).recipe["bias_compensation"] is True
+    stats_dir = cache.cache_dir() / "stats"
+    entries = set(stats_dir.iterdir())
+    fails(capsys, "apply", flap_plan, "--model", other, "--out", out, "-q", match="plan does not match this model's shape")
+    assert set(stats_dir.iterdir()) == entries
     assert leftovers(tmp_path, "out") == []
 
 
@@ -285,9 +321,10 @@ def test_console_script_prints_one_error_line(tmp_path):
     """The installed `domainprune` script: exit status 2 and one line even when the message is long and stderr is
     not a terminal (rich would otherwise wrap it at 80 columns), brackets in paths included."""
     missing = tmp_path / "a-rather-long-folder-name-for-a-model-[v2]" / "that-does-not-exist-anywhere"
-    exe = Path(sys.executable).parent / "domainprune"
+    exe = Path(sys.executable).parent / "domainprune"  # the venv's console script
+    command = [str(exe)] if exe.is_file() else [sys.executable, "-c", "from domainprune.cli import main; main()"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "80"}
-    run = subprocess.run([str(exe), "prune", "--model", str(missing), "--sparsity", "0.3", "--out", str(tmp_path / "out"), "-q"],
+    run = subprocess.run([*command, "prune", "--model", str(missing), "--sparsity", "0.3", "--out", str(tmp_path / "out"), "-q"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines() == [

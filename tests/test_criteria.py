@@ -58,8 +58,9 @@ def score(method, model, layer, stats=None):
 
 
 def test_registry():
-    assert set(CRITERIA) == {"flap", "magnitude", "wanda-sp"}
-    with pytest.raises(DomainpruneError, match="unknown method 'nope'; available: flap, magnitude, wanda-sp"):
+    # expert criteria for mixture-of-experts models are tested in test_moe.py
+    assert set(CRITERIA) == {"flap", "magnitude", "wanda-sp", "expert-frequency", "easy-ep", "tcess"}
+    with pytest.raises(DomainpruneError, match="unknown method 'nope'; available: easy-ep, expert-frequency, flap, magnitude, tcess, wanda-sp"):
         get_criterion("nope")
     with pytest.raises(DomainpruneError, match="unknown method"):
         make_recipe(method="nope", sparsity=0.2)

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
-from tiny_models import ARCHS, input_ids, tiny_model
+from tiny_models import input_ids, tiny_model
 from tiny_pipeline import CALIB, assert_same_state, loaded, logits_on, smol_tokenizer, state, tiny_lm
 
 from domainprune import cache
@@ -308,6 +308,28 @@ def test_statistics_cache_and_resume_after_a_crash(arch, tmp_path, monkeypatch):
         a.down_proj(0).weight[0, 0] += 1
     collect_statistics(model, a, ids, batch_size=2, progress=False)
     assert len(list((tmp_path / "cache" / "stats").iterdir())) == 3
+
+
+@pytest.mark.parametrize("new_batch_size", [1, 4])
+def test_resume_with_another_batch_size(tmp_path, monkeypatch, new_batch_size):
+    """A rerun after running out of memory often lowers --batch-size: the resumed statistics still cover every
+    sequence (the checkpointed hidden states are per batch of the crashed run)."""
+    monkeypatch.setenv("DOMAINPRUNE_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    a = get_adapter(model)
+    ids = input_ids(batch=4, length=16)
+    reference = collect_statistics(model, a, ids, batch_size=2, use_cache=False, progress=False)
+    handle = a.o_proj(2).register_forward_pre_hook(lambda m, args: (_ for _ in ()).throw(_Crash()))
+    with pytest.raises(_Crash):
+        collect_statistics(model, a, ids, batch_size=2, checkpoint_seconds=0, progress=False)
+    handle.remove()
+    (folder,) = (tmp_path / "cache" / "stats").iterdir()
+    assert (folder / "resume.pt").is_file()
+    resumed = collect_statistics(model, a, ids, batch_size=new_batch_size, checkpoint_seconds=0, progress=False)
+    assert [int(s["tokens"]) for s in resumed] == [64] * 4
+    for got, want in zip(resumed, reference):
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-9)
 
 
 def test_a_crash_before_any_checkpoint_starts_over(tmp_path, monkeypatch):

@@ -4,7 +4,8 @@ Units an adapter exposes per layer:
 - query heads (head_dim rows of q_proj and columns of o_proj),
 - KV groups (one k head, one v head and the query heads that share them),
 - MLP channels (a row of gate_proj and up_proj and a column of down_proj),
-- the whole decoder layer.
+- the whole decoder layer,
+- in mixture-of-experts layers, routed experts instead of MLP channels (`adapters.moe`).
 Heads are never split and head_dim is never touched. Under GQA the query heads kept in a layer are ordered by
 KV group with the same count in every group, which is what `repeat_kv` in transformers assumes.
 """
@@ -35,7 +36,8 @@ def register(model_type: str):
 class LayerShape:
     num_heads: int  # query heads
     num_kv_heads: int
-    intermediate_size: int  # MLP channels
+    intermediate_size: int  # MLP channels (0 for a mixture-of-experts layer: its experts are pruned whole)
+    num_experts: int = 0  # routed experts (0: not a mixture-of-experts layer)
 
     @property
     def group_size(self) -> int:
@@ -115,6 +117,7 @@ class DecoderAdapter:
     model_type: ClassVar[str]
     attention_bias_flag: ClassVar[str | None] = None  # config key that adds q/k/v/o biases
     mlp_bias_flag: ClassVar[str | None] = None  # config key that adds gate/up/down biases
+    prunable_heads: ClassVar[bool] = True  # False where heads cannot be removed exactly (validate_plan refuses)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -153,6 +156,19 @@ class DecoderAdapter:
     def mlp_removed(self, i: int) -> bool:
         return isinstance(self.mlp(i), RemovedMLP)
 
+    def has_dense_mlp(self, i: int) -> bool:
+        """Layer i has MLP channels (gate/up/down_proj): not removed, and not a mixture-of-experts block."""
+        return not self.mlp_removed(i)
+
+    def has_experts(self) -> bool:
+        """Whether any layer is a mixture-of-experts block (see `adapters.moe.MoEAdapter`)."""
+        return False
+
+    def expert_hooks(self, i: int, acc: dict[str, torch.Tensor]) -> list:
+        """Register hooks that add layer i's per-expert routing statistics to `acc` during the layer-wise pass;
+        returns their handles. Dense layers have none."""
+        return []
+
     def o_proj(self, i: int) -> nn.Linear:
         return self.attention(i).o_proj
 
@@ -174,7 +190,7 @@ class DecoderAdapter:
         else:
             q, k, _ = self.attention_in_projs(i)
             nq, nkv = q.out_features // self.head_dim, k.out_features // self.head_dim
-        nch = 0 if self.mlp_removed(i) else self.down_proj(i).in_features
+        nch = self.down_proj(i).in_features if self.has_dense_mlp(i) else 0
         return LayerShape(nq, nkv, nch)
 
     def shapes(self) -> list[LayerShape]:
@@ -266,14 +282,14 @@ class DecoderAdapter:
         Called after bias compensation so all layers have the same parameter set, which stock loading needs.
         """
         attn_bias = any(not self.attention_removed(i) and self.o_proj(i).bias is not None for i in range(self.num_layers))
-        mlp_bias = any(not self.mlp_removed(i) and self.down_proj(i).bias is not None for i in range(self.num_layers))
+        mlp_bias = any(self.has_dense_mlp(i) and self.down_proj(i).bias is not None for i in range(self.num_layers))
         for i in range(self.num_layers):
             if attn_bias and not self.attention_removed(i):
                 _add_bias(self.o_proj(i))
                 if self.attention_bias_flag:
                     for proj in self.attention_in_projs(i):
                         _add_bias(proj)
-            if mlp_bias and not self.mlp_removed(i):
+            if mlp_bias and self.has_dense_mlp(i):
                 _add_bias(self.down_proj(i))
                 if self.mlp_bias_flag:
                     for proj in self.mlp_in_projs(i):
@@ -292,7 +308,7 @@ class DecoderAdapter:
         ):
             extra.append("self_attn.o_proj")
         if not self.mlp_bias_flag and any(
-            not self.mlp_removed(i) and self.down_proj(i).bias is not None for i in range(self.num_layers)
+            self.has_dense_mlp(i) and self.down_proj(i).bias is not None for i in range(self.num_layers)
         ):
             extra.append("mlp.down_proj")
         return extra
@@ -316,21 +332,29 @@ class DecoderAdapter:
             return {}
         overrides: dict[str, dict[str, Any]] = {}
         for i, s in enumerate(self.shapes()):
-            o: dict[str, Any] = {}
-            if s.num_heads == 0:
-                o["skip"] = ["self_attn"]
-            else:
-                if s.num_heads != self.config.num_attention_heads:
-                    o["num_attention_heads"] = s.num_heads
-                if s.num_kv_heads != self.config.num_key_value_heads:
-                    o["num_key_value_heads"] = s.num_kv_heads
-            if s.intermediate_size == 0:
-                o["skip"] = [*o.get("skip", []), "mlp"]
-            elif s.intermediate_size != self.config.intermediate_size:
-                o["intermediate_size"] = s.intermediate_size
-            if o:
+            if o := self._layer_overrides(i, s):
                 overrides[str(i)] = o
         return overrides
+
+    def _layer_overrides(self, i: int, s: LayerShape) -> dict[str, Any]:
+        """The `per_layer_config` entry of layer i (empty if it matches the global config)."""
+        o: dict[str, Any] = {}
+        if s.num_heads == 0:
+            o["skip"] = ["self_attn"]
+        else:
+            if s.num_heads != self.config.num_attention_heads:
+                o["num_attention_heads"] = s.num_heads
+            if s.num_kv_heads != self.config.num_key_value_heads:
+                o["num_key_value_heads"] = s.num_kv_heads
+        if s.intermediate_size == 0:
+            o["skip"] = [*o.get("skip", []), "mlp"]
+        elif s.intermediate_size != self.config.intermediate_size:
+            o["intermediate_size"] = s.intermediate_size
+        return o
+
+    def from_checkpoint_layout(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors as `save_pretrained` wrote them -> named as this model's modules (the same for dense models)."""
+        return state
 
     def reshape_to(self, per_layer_config: dict[str, dict[str, Any]], extra_biases: list[str]) -> None:
         """Turn a freshly built full-width model into the shapes a saved checkpoint describes (before loading it)."""
@@ -351,5 +375,5 @@ class DecoderAdapter:
         for i in range(self.num_layers):
             if "self_attn.o_proj" in extra_biases and not self.attention_removed(i):
                 _add_bias(self.o_proj(i))
-            if "mlp.down_proj" in extra_biases and not self.mlp_removed(i):
+            if "mlp.down_proj" in extra_biases and self.has_dense_mlp(i):
                 _add_bias(self.down_proj(i))

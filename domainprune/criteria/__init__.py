@@ -1,9 +1,10 @@
 """Importance criteria, registered by name. Each scores the units of one layer: query heads, KV groups and MLP
-channels (higher = more important). Allocation decides how many of each to keep."""
+channels (higher = more important); expert criteria score the routed experts of mixture-of-experts layers.
+Allocation decides how many of each to keep."""
 
 from __future__ import annotations
 
 from .base import CRITERIA, Criterion, LayerScores, get_criterion, register
-from . import flap, magnitude, wanda_sp  # noqa: F401  (registration)
+from . import experts, flap, magnitude, wanda_sp  # noqa: F401  (registration)
 
 __all__ = ["CRITERIA", "Criterion", "LayerScores", "get_criterion", "register"]

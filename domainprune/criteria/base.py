@@ -43,8 +43,14 @@ class Criterion:
     sequential: ClassVar[bool] = False
     default_allocation: ClassVar[str] = "uniform"
     default_bias_compensation: ClassVar[bool] = False
+    # Scores the routed experts of mixture-of-experts layers (`score_experts`) instead of heads and channels.
+    scores_experts: ClassVar[bool] = False
 
     def score_layer(self, adapter: DecoderAdapter, i: int, stats: LayerStats | None) -> LayerScores:
+        raise NotImplementedError
+
+    def score_experts(self, adapter: DecoderAdapter, i: int, stats: LayerStats) -> torch.Tensor | None:
+        """(num_experts,) scores of layer i's routed experts (higher = keep); None for a layer without experts."""
         raise NotImplementedError
 
 

@@ -4,8 +4,9 @@ all measured in one process beside the dense model, written to bench/results/qua
     python bench/quality.py                      # the full grid (resumable: finished rows are kept)
     python bench/quality.py --methods flap --levels 0.35 --limit 100
 
-Phase 1 prunes every row and measures perplexity and speed (checkpoints kept in --models-dir); phase 2 adds
-zero-shot accuracy from those checkpoints. Raw rows go to bench/results/quality.jsonl as they finish, so an
+Phase 1 prunes every row and measures perplexity (checkpoints kept in --models-dir); phase 2 adds zero-shot
+accuracy from those checkpoints; phase 3 measures decode/prefill throughput of the dense model and every checkpoint
+together (run it on an otherwise idle machine: `--remeasure-speed` redoes it). Raw rows go to bench/results/quality.jsonl as they finish, so an
 interrupted run continues where it stopped; `--fresh` starts over. Speed figures are ratios to the dense model
 measured in this same run.
 """
@@ -84,7 +85,7 @@ def run(args) -> None:
     dense = load_model(args.model, dtype="float32", device=args.device)
     settings = dict(samples=args.samples, seq_len=256, tasks=tasks, limit=args.limit, batch_size=8, speed_repeats=args.speed_repeats)
     if "dense" not in done:
-        m = measure(dense, "dense", **settings)
+        m = measure(dense, "dense", **{**settings, "speed": False})
         with tempfile.TemporaryDirectory() as tmp:
             dense.model.save_pretrained(tmp)
             m.checkpoint_bytes = checkpoint_bytes(tmp)
@@ -106,7 +107,7 @@ def run(args) -> None:
                     result = prune(loaded, data="code", method=method, allocation=allocation, sparsity=level,
                                    calib_samples=args.calib_samples, seed=0, progress=False)
                 seconds = time.perf_counter() - started
-                m = measure(loaded, key, **{**settings, "tasks": ()})
+                m = measure(loaded, key, **{**settings, "tasks": (), "speed": False})
                 folder = models_dir / key.replace("|", "_")
                 save_pruned(model, dense.tokenizer, folder, force=True, verify=True)
                 m.checkpoint_bytes = checkpoint_bytes(folder)
@@ -136,7 +137,25 @@ def run(args) -> None:
             save_rows(raw, done)
             del loaded
             gc.collect()
+    # Phase 3: throughput of the dense model and every checkpoint, measured together (run on a quiet machine).
+    if args.speed:
+        from domainprune.evaluate import throughput
+
+        rows = [k for k in done if k == "dense" or Path(done[k].get("checkpoint", "")).is_dir()]
+        for key in rows:
+            m = done[key]["measurement"]
+            if m.get("decode_tokens_per_s") and not args.remeasure_speed:
+                continue
+            print(f"== speed {key}", file=sys.stderr, flush=True)
+            model = dense.model if key == "dense" else load_model(done[key]["checkpoint"], dtype="float32", device=args.device).model
+            t = throughput(model, repeats=args.speed_repeats)
+            m["decode_tokens_per_s"], m["prefill_tokens_per_s"] = t["decode_tokens_per_s"], t["prefill_tokens_per_s"]
+            save_rows(raw, done)
     write_markdown(done, args, tasks)
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _measurement(d: dict) -> Measurement:
@@ -160,8 +179,8 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         "",
         f"Dense: code ppl {dense.perplexity['code']:.3f}, general ppl {dense.perplexity['general']:.3f}, "
         + (f"zero-shot mean {dense.zero_shot_mean:.4f} ({', '.join(f'{t} {v:.3f}' for t, v in dense.zero_shot.items())}), " if dense.zero_shot else "")
-        + f"{dense.params:,} parameters, {dense.checkpoint_bytes / 1e6:.1f} MB, decode {dense.decode_tokens_per_s:.1f} tok/s, "
-        f"prefill {dense.prefill_tokens_per_s:.1f} tok/s.",
+        + f"{dense.params:,} parameters, {dense.checkpoint_bytes / 1e6:.1f} MB, decode {_fmt(dense.decode_tokens_per_s, 1)} tok/s, "
+        f"prefill {_fmt(dense.prefill_tokens_per_s, 1)} tok/s.",
         "",
         "| method | allocation | target | achieved | params | MB | code ppl (×dense) | general ppl (×dense) | zero-shot (Δ) | decode × | prefill × | bytes dense/pruned | prune s | peak RSS GiB | export |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -175,8 +194,8 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         lines.append(
             f"| {r['method']} | {r['allocation']} | {r['level']:.0%} | {r['achieved']:.2%} | {m.params / 1e6:.1f}M | "
             f"{m.checkpoint_bytes / 1e6:.1f} | {m.perplexity['code']:.3f} ({q['ppl_code']:.2f}×) | "
-            f"{m.perplexity['general']:.3f} ({q['ppl_general']:.2f}×) | {zs} | {q['decode_speedup']:.2f} | "
-            f"{q['prefill_speedup']:.2f} | {q['param_ratio']:.2f} | {r['prune_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+            f"{m.perplexity['general']:.3f} ({q['ppl_general']:.2f}×) | {zs} | {_fmt(q.get('decode_speedup'))} | "
+            f"{_fmt(q.get('prefill_speedup'))} | {q['param_ratio']:.2f} | {r['prune_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
             f"{'stock' if r['uniform'] else 'per_layer_config'} |"
         )
     best = {}
@@ -201,6 +220,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=500, help="items per zero-shot task")
     p.add_argument("--speed-repeats", type=int, default=3, help="timed throughput runs (median) after a warm-up")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-speed", dest="speed", action="store_false", help="skip phase 3 (throughput)")
+    p.add_argument("--remeasure-speed", action="store_true", help="measure phase 3 again for every row")
     p.add_argument("--models-dir", default="runs/bench", help="where the pruned checkpoints are kept for phase 2")
     p.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
     run(p.parse_args())

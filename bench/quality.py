@@ -105,11 +105,12 @@ def run(args) -> None:
                 started = time.perf_counter()
                 with PeakRSS() as mem:
                     result = prune(loaded, data="code", method=method, allocation=allocation, sparsity=level,
-                                   calib_samples=args.calib_samples, seed=0, progress=False)
+                                   calib_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0, progress=False)
                 seconds = time.perf_counter() - started
                 m = measure(loaded, key, **{**settings, "tasks": (), "speed": False})
                 folder = models_dir / key.replace("|", "_")
-                save_pruned(model, dense.tokenizer, folder, force=True, verify=True)
+                plan_files = {"plan.json": result.plan.model_dump_json(indent=1) + "\n", "recipe.json": result.recipe.model_dump_json(indent=1) + "\n"}
+                save_pruned(model, dense.tokenizer, folder, force=True, verify=True, extra_files=plan_files)  # plan.json: report's layer plot
                 m.checkpoint_bytes = checkpoint_bytes(folder)
                 done[key] = {
                     "key": key, "method": method, "allocation": allocation, "level": level,
@@ -124,7 +125,8 @@ def run(args) -> None:
     if tasks:
         from domainprune.tasks import evaluate_task
 
-        for key, row in done.items():
+        order = {m: i for i, m in enumerate(args.zero_shot_order.split(","))}
+        for key, row in sorted(done.items(), key=lambda kv: (order.get(kv[1].get("method"), len(order)), kv[1].get("level", 0))):
             zero_shot = row["measurement"].get("zero_shot") or {}
             if key == "dense" or all(t in zero_shot for t in tasks) or not Path(row.get("checkpoint", "")).is_dir():
                 continue
@@ -152,6 +154,14 @@ def run(args) -> None:
             m["decode_tokens_per_s"], m["prefill_tokens_per_s"] = t["decode_tokens_per_s"], t["prefill_tokens_per_s"]
             save_rows(raw, done)
     write_markdown(done, args, tasks)
+    if args.report:  # the same page `domainprune report --figures bench/results/quality.jsonl` writes
+        from domainprune.compare import add_samples, from_bench_rows
+        from domainprune.report import write_report
+
+        figures = from_bench_rows(list(done.values()), str(raw), relative_to=raw)
+        if args.report_prompts:
+            add_samples(figures, args.report_prompts, dtype="float32", device=args.device)
+        print(f"report: {write_report(figures, RESULTS / 'report', title='domainprune benchmark')['report.html']}", file=sys.stderr)
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -169,7 +179,8 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         "# Quality and speed: criteria × allocation × sparsity",
         "",
         f"Model SmolLM2-135M-Instruct (de-quantised from Q4_1, float32), domain `code`, calibration "
-        f"{args.calib_samples}×256 tokens from the calibration pool; test perplexity on {dense.test_sequences.get('code')}×256 "
+        f"{args.calib_samples}×{args.calib_seq_len} tokens from the calibration pool (FLAP's and Wanda-sp's own sequence length; "
+        f"magnitude uses none); test perplexity on {dense.test_sequences.get('code')}×256 "
         f"code and {dense.test_sequences.get('general')}×256 general (Wikipedia) test sequences (the general test split "
         f"holds only that many); zero-shot acc_norm on {', '.join(tasks) or 'no tasks'}"
         f"{f' (first {args.limit} items each)' if args.limit else ''}. Every row pruned and measured in one process "
@@ -211,19 +222,27 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
+    # Gradient criteria (issue 3) are opt-in, not in the default grid: e.g.
+    #   --methods taylor,fisher,dpruner,gaprune,nirvana --allocations uniform,global
+    # (nirvana's own allocation: --methods nirvana --allocations nirvana-ratio). dpruner/gaprune read the bundled
+    # `general` corpus as their second stream; all of them run forward+backward (micro-batch 1) on calibration data.
     p.add_argument("--methods", default="magnitude,wanda-sp,flap")
     p.add_argument("--allocations", default="uniform,global")
     p.add_argument("--levels", default="0.2,0.35,0.5")
     p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, default=128, help="FLAP and Wanda-sp both calibrate on 128-token sequences")
     p.add_argument("--samples", type=int, default=128, help="test sequences per source")
     p.add_argument("--tasks", default=",".join(BENCH_TASKS))
     p.add_argument("--limit", type=int, default=500, help="items per zero-shot task")
     p.add_argument("--speed-repeats", type=int, default=3, help="timed throughput runs (median) after a warm-up")
     p.add_argument("--device", default="auto")
+    p.add_argument("--zero-shot-order", default="flap,wanda-sp,magnitude", help="phase 2 runs methods in this order")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip phase 3 (throughput)")
     p.add_argument("--remeasure-speed", action="store_true", help="measure phase 3 again for every row")
     p.add_argument("--models-dir", default="runs/bench", help="where the pruned checkpoints are kept for phase 2")
     p.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip bench/results/report/ (report.html, report.md)")
+    p.add_argument("--report-prompts", type=int, default=3, help="generation samples in the report per model (0: none)")
     run(p.parse_args())
 
 

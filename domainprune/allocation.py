@@ -10,6 +10,8 @@ Strategies (registered by name):
   identical widths (the export is a stock config).
 - `global`: FLAP's single threshold over all units of the model, each weighted by its parameter cost; the
   removed cost is the closest to the budget that the sorted order allows (within one unit).
+- `nirvana-ratio`: NIRVANA's two global thresholds (attention units, MLP channels) on raw scores with attention
+  fraction = MLP fraction / γ (γ = 3.0), kept MLP widths rounded up to a multiple of 8, ≥ 1 attention unit per layer.
 
 Mixture-of-experts models: `keep_top_experts` keeps the N highest-scoring routed experts of every MoE layer
 (`--experts-keep N`, or a fraction of each layer's experts); the same N everywhere gives a stock config.
@@ -158,6 +160,75 @@ def allocate_global(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScor
             break
         removed.add((u.layer, u.kind, u.index))
         cum += u.cost
+    return _build_plan(dense, adapter, removed, unit_heads, mode)
+
+
+NIRVANA_GAMMA = 3.0  # Llama-3.2-3B's γ (3.36 for Llama-3.1-8B)
+NIRVANA_MLP_MULTIPLE = 8
+
+
+def nirvana_fractions(attn_total: int, mlp_total: int, sparsity: float, gamma: float) -> tuple[float, float]:
+    """(attention fraction a, MLP fraction m) with a = m/γ and a·A + m·M = sparsity·(A + M), m capped below 1."""
+    m = sparsity * (attn_total + mlp_total) / (attn_total / gamma + mlp_total) if attn_total + mlp_total else 0.0
+    m = min(m, 1.0)
+    return m / gamma, m
+
+
+@register("nirvana-ratio")
+def allocate_nirvana(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, gamma: float = NIRVANA_GAMMA) -> Plan:
+    """NIRVANA: one global threshold over all attention units and another over all MLP channels (raw scores),
+    with attention pruning fraction = MLP fraction / γ. At least one attention unit survives per layer; each
+    layer's kept MLP width is rounded up to a multiple of 8 (and the threshold moved so the total stays closest to
+    the budget). The attention units take their share first; MLP channels absorb the rest of the budget."""
+    units: list[Unit] = []
+    unit_heads: dict[int, list[list[int]]] = {}
+    channels: list[tuple[float, int, int]] = []
+    for i, sc in enumerate(scores):
+        attn, unit_heads[i] = attention_units(adapter, i, sc, mode)
+        units += attn
+        channels += [(float(v), i, c) for c, v in enumerate(sc.channels.tolist())]
+    shapes = [adapter.shape(i) for i in range(len(scores))]
+    attn_total = sum(adapter.attention_params(s.num_heads, s.num_kv_heads) for s in shapes)
+    mlp_total = sum(adapter.mlp_params(s.intermediate_size) for s in shapes)
+    target = sparsity * (attn_total + mlp_total)
+    a_frac, _ = nirvana_fractions(attn_total, mlp_total, sparsity, gamma)
+    removed: set[tuple[int, str, int]] = set()
+    left = {i: len(unit_heads[i]) for i in range(len(scores))}
+    cum = 0
+    for u in sorted(units, key=lambda u: (u.score, u.layer, u.index)):
+        if left[u.layer] <= 1:
+            continue
+        if abs(cum + u.cost - a_frac * attn_total) > abs(cum - a_frac * attn_total) and cum + u.cost > a_frac * attn_total:
+            break
+        removed.add((u.layer, "attention", u.index))
+        left[u.layer] -= 1
+        cum += u.cost
+    # MLP: walk the global channel order; a layer removing r channels really removes I − ceil8(I − r)
+    mlp_target = max(0.0, target - cum) / adapter.mlp_params(1)
+    channels.sort()
+    widths = [s.intermediate_size for s in shapes]
+
+    def actual(i: int, r: int) -> int:
+        kept = widths[i] - r
+        rounded = min(widths[i], -(-kept // NIRVANA_MLP_MULTIPLE) * NIRVANA_MLP_MULTIPLE) if kept > 0 else 0
+        return widths[i] - max(rounded, min(NIRVANA_MLP_MULTIPLE, widths[i]))
+
+    counts = [0] * len(scores)
+    total, best_k, best_err = 0, 0, abs(mlp_target)
+    for k, (_, i, _) in enumerate(channels, 1):
+        total += actual(i, counts[i] + 1) - actual(i, counts[i])
+        counts[i] += 1
+        if abs(total - mlp_target) < best_err:
+            best_k, best_err = k, abs(total - mlp_target)
+    counts = [0] * len(scores)
+    for _, i, _ in channels[:best_k]:
+        counts[i] += 1
+    by_layer: dict[int, list[tuple[float, int]]] = {}
+    for v, i, c in channels:
+        by_layer.setdefault(i, []).append((v, c))
+    for i, lst in by_layer.items():
+        for _, c in sorted(lst)[: actual(i, counts[i])]:
+            removed.add((i, "mlp", c))
     return _build_plan(dense, adapter, removed, unit_heads, mode)
 
 

@@ -27,8 +27,8 @@ console = Console(stderr=True)
 # Options shared by several commands.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m), HF folder, .gguf file or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
-MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude; for MoE experts: expert-frequency, easy-ep, tcess.")]
-AllocOpt = Annotated[Optional[str], typer.Option(help="uniform or global [default: global for flap, else uniform].")]
+MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude, taylor, fisher, dpruner, gaprune, nirvana; for MoE experts: expert-frequency, easy-ep, tcess.")]
+AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global or nirvana-ratio [default: global for flap, nirvana-ratio for nirvana, else uniform].")]
 SparsityOpt = Annotated[Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")]
 TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
 ExpertsKeepOpt = Annotated[Optional[float], typer.Option(help="MoE models: routed experts kept per layer, a count (4) or a fraction (0.5); with an expert method.")]
@@ -43,6 +43,13 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet/datasets corpora.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+GeneralDataOpt = Annotated[Optional[str], typer.Option(help="General corpus (preset, file or folder): dpruner/gaprune's second stream [default: the `general` preset], and the source of --general-ratio.")]
+GeneralRatioOpt = Annotated[float, typer.Option(help="Fraction of the calibration sequences taken from general data (one-stream criteria), in [0, 1].")]
+CandidatesOpt = Annotated[int, typer.Option(help="NIRVANA-style selection: prune with K calibration subsets, keep the lowest KL(dense‖pruned) on held-out validation data.")]
+MicroBatchOpt = Annotated[Optional[int], typer.Option(help="Gradient criteria: sequences per forward+backward [default: 1, per-sample Fisher].")]
+CheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Gradient criteria: recompute activations in backward to save memory.")]
+TaylorModeOpt = Annotated[Optional[str], typer.Option(help="taylor: vector |Σ W·g| (default), element Σ|W·g| or param_mix.")]
+LmEvalOpt = Annotated[bool, typer.Option("--lm-eval", help="Zero-shot through lm-evaluation-harness (its prompts and datasets) instead of the built-in scorer.")]
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -72,8 +79,10 @@ def parse_count(text: str | None) -> int | None:
         raise DomainpruneError(f"--target-params {text!r} is not a count; write e.g. 90M or 90000000") from None
 
 
-def _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep=None):
+def _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep=None, **extra):
+    # extra: general_data, general_ratio, calib_candidates, micro_batch, gradient_checkpointing, taylor_mode
     return dict(
+        **extra,
         experts_keep=experts_keep,
         data=data, method=method, allocation=allocation, sparsity=sparsity, target_params=parse_count(target_params),
         attention_unit=attention_unit, calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size,
@@ -100,6 +109,13 @@ def prune(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     text_field: TextFieldOpt = "text",
+    general_data: GeneralDataOpt = None,
+    general_ratio: GeneralRatioOpt = 0.0,
+    calib_candidates: CandidatesOpt = 1,
+    micro_batch: MicroBatchOpt = None,
+    gradient_checkpointing: CheckpointingOpt = False,
+    taylor_mode: TaylorModeOpt = None,
+    recover: Annotated[bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -107,13 +123,19 @@ def prune(
     from .pipeline import prune as run
 
     _setup_logging(quiet)
-    fields = _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep)
+    fields = _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep, general_data=general_data, general_ratio=general_ratio, calib_candidates=calib_candidates, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, taylor_mode=taylor_mode)
     result = run(model, out=out, force=force, progress=not quiet, **fields)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
     r = result.report
     console.print(f"wrote {result.out} in {r['prune_seconds']:.0f} s (peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB)")
+    if recover:
+        from .recover import recover as run_recovery
+
+        del result  # the pruned model is reloaded from OUT
+        rec = run_recovery(out, out=out, force=True, progress=not quiet, data=data, text_field=text_field, seed=seed, device=device)
+        console.print(f"[bold green]recovered[/] {rec.report['steps']} steps in {rec.report['train_seconds']:.0f} s; wrote {out}")
     loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
-    console.print(f"load it with {loader}({str(result.out)!r})")
+    console.print(f"load it with {loader}({str(out)!r})")
 
 
 @app.command()
@@ -135,6 +157,12 @@ def plan(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     text_field: TextFieldOpt = "text",
+    general_data: GeneralDataOpt = None,
+    general_ratio: GeneralRatioOpt = 0.0,
+    calib_candidates: CandidatesOpt = 1,
+    micro_batch: MicroBatchOpt = None,
+    gradient_checkpointing: CheckpointingOpt = False,
+    taylor_mode: TaylorModeOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -145,7 +173,7 @@ def plan(
     _setup_logging(quiet)
     if out.exists() and not force:
         raise DomainpruneError(f"{out} exists; choose another --out or pass --force to replace it")
-    recipe = make_recipe(model=model, **_recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep))
+    recipe = make_recipe(model=model, **_recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep, general_data=general_data, general_ratio=general_ratio, calib_candidates=calib_candidates, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, taylor_mode=taylor_mode))
     loaded = load_model(model, dtype=dtype, device=device)
     result, _, _ = make_plan(loaded, recipe, progress=not quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +227,7 @@ def eval_(
     device: DeviceOpt = "auto",
     text_field: TextFieldOpt = "text",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here.")] = None,
+    lm_eval: LmEvalOpt = False,
     quiet: QuietOpt = False,
 ):
     """Perplexity per corpus, parameters, checkpoint size and throughput (and ratios to --baseline)."""
@@ -207,10 +236,11 @@ def eval_(
 
     _setup_logging(quiet)
     task_list = tuple(t for t in tasks.split(",") if t)
+    _check_lm_eval(lm_eval, task_list)
     results = []
     for name in ([baseline] if baseline else []) + [model]:
         loaded = load_model(name, dtype=dtype, device=device)
-        results.append(measure(loaded, name, sources=data, samples=samples, seq_len=seq_len, tasks=task_list, limit=limit, speed=speed, batch_size=batch_size, text_field=text_field, progress=not quiet))
+        results.append(measure(loaded, name, sources=data, samples=samples, seq_len=seq_len, tasks=task_list, limit=limit, speed=speed, batch_size=batch_size, text_field=text_field, progress=not quiet, lm_eval=lm_eval))
         del loaded
     table = Table(title="domainprune eval")
     table.add_column("figure")
@@ -235,6 +265,123 @@ def eval_(
     Console().print(table)
     if json_out:
         json_out.write_text(json.dumps({"results": [m.to_dict() for m in results], "ratios": r}, indent=1) + "\n")
+
+
+def _check_lm_eval(lm_eval: bool, tasks: tuple[str, ...]) -> None:
+    if lm_eval:
+        from .measure import require_lm_eval
+
+        if not tasks:
+            raise DomainpruneError("--lm-eval runs zero-shot tasks; give them with --tasks")
+        require_lm_eval()
+
+
+RunsArg = Annotated[list[Path], typer.Argument(metavar="RUN...", help="Pruned run folders (the --out of `domainprune prune`).", show_default=False)]
+CompareBaselineOpt = Annotated[Optional[str], typer.Option(help="Dense model (default: the model named in the runs' recipe.json).")]
+CompareDataOpt = Annotated[list[str], typer.Option("--data", "-d", help="Corpus for perplexity (repeatable); the first is the domain, also used for the generation prompts.")]
+CompareTasksOpt = Annotated[str, typer.Option(help="Comma-separated zero-shot tasks, e.g. piqa,hellaswag,arc_easy ('' for none).")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Items per zero-shot task.")]
+TestSamplesOpt = Annotated[int, typer.Option(help="Test sequences per corpus.")]
+PromptsOpt = Annotated[int, typer.Option(help="Held-out domain prompts for the generation samples (0: none).")]
+NewTokensOpt = Annotated[int, typer.Option(help="Greedy new tokens per generation sample.")]
+SpeedOpt = Annotated[bool, typer.Option("--speed/--no-speed", help="Measure decode/prefill throughput.")]
+
+
+def _measure_runs(runs, baseline, data, samples, seq_len, tasks, limit, speed, prompts, new_tokens, batch_size, dtype, device, text_field, lm_eval, quiet):
+    from .compare import compare as run
+
+    task_list = tuple(t for t in tasks.split(",") if t)
+    _check_lm_eval(lm_eval, task_list)
+    return run(
+        [str(r) for r in runs], baseline, sources=data, samples=samples, seq_len=seq_len, tasks=task_list, limit=limit,
+        speed=speed, batch_size=batch_size, dtype=dtype, device=device, text_field=text_field, prompts=prompts,
+        new_tokens=new_tokens, lm_eval=lm_eval, progress=not quiet,
+    )
+
+
+@app.command()
+def compare(
+    runs: RunsArg,
+    baseline: CompareBaselineOpt = None,
+    data: CompareDataOpt = ["code", "general"],  # noqa: B006
+    samples: TestSamplesOpt = 128,
+    seq_len: SeqLenOpt = 256,
+    tasks: CompareTasksOpt = "",
+    limit: LimitOpt = None,
+    speed: SpeedOpt = True,
+    prompts: PromptsOpt = 3,
+    new_tokens: NewTokensOpt = 48,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    lm_eval: LmEvalOpt = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for compare.json and compare.md.")] = Path("compare"),
+    quiet: QuietOpt = False,
+):
+    """Several pruned models beside the dense one, measured in this process: perplexity, zero-shot, speed, size, samples."""
+    _setup_logging(quiet)
+    c = _measure_runs(runs, baseline, data, samples, seq_len, tasks, limit, speed, prompts, new_tokens, batch_size, dtype, device, text_field, lm_eval, quiet)
+    header, rows = c.table()
+    table = Table(title="domainprune compare")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < 2 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 240).print(table)  # a pipe gets every column, not 80 characters
+    files = c.save(out)
+    console.print("wrote " + ", ".join(str(f) for f in files))
+
+
+@app.command()
+def report(
+    runs: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN_DIR]...", help="Pruned run folders [default: every run in --figures].", show_default=False)] = None,
+    figures: Annotated[Optional[Path], typer.Option("--figures", "--compare", help="Take the figures from a compare.json or bench/results/quality.jsonl instead of measuring.")] = None,
+    baseline: CompareBaselineOpt = None,
+    data: CompareDataOpt = ["code", "general"],  # noqa: B006
+    samples: TestSamplesOpt = 128,
+    seq_len: SeqLenOpt = 256,
+    tasks: CompareTasksOpt = "",
+    limit: LimitOpt = None,
+    speed: SpeedOpt = True,
+    prompts: PromptsOpt = 3,
+    new_tokens: NewTokensOpt = 48,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    lm_eval: LmEvalOpt = False,
+    measure_speed: Annotated[bool, typer.Option("--measure-speed", help="With --figures that hold no throughput: measure it here, every model in this process.")] = False,
+    title: Annotated[str, typer.Option(help="Page title.")] = "domainprune report",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html, report.md and the plots.")] = Path("report"),
+    quiet: QuietOpt = False,
+):
+    """A self-contained HTML page (and Markdown) with the figures, ratios, plots, recipes and generation samples.
+
+    Without --figures the runs are measured here, as `compare` does; measurement options then apply.
+    """
+    from .compare import add_samples, add_speed, check_runs, load_figures, select
+    from .report import write_report
+
+    _setup_logging(quiet)
+    runs = runs or []
+    if figures is None:
+        c = _measure_runs(runs, baseline, data, samples, seq_len, tasks, limit, speed, prompts, new_tokens, batch_size, dtype, device, text_field, lm_eval, quiet)
+    else:
+        c = load_figures(figures)
+        if runs:
+            check_runs([str(r) for r in runs])
+            c = select(c, runs)
+        if baseline:
+            c.dense.source, c.dense.path = baseline, None
+        if not c.runs:
+            raise DomainpruneError(f"{figures} holds no pruned runs; give run folders or a fuller figures file")
+        if c.samples is None and prompts:
+            add_samples(c, prompts, new_tokens, dtype=dtype, device=device, text_field=text_field)
+        if measure_speed and not any(e.measurement.decode_tokens_per_s for e in c.entries):
+            add_speed(c, dtype=dtype, device=device)
+    files = write_report(c, out, title=title)
+    console.print(f"[bold green]report[/] {len(c.runs)} run(s) beside the dense model; wrote {files['report.html']} and {files['report.md']}")
 
 
 @app.command()
@@ -287,6 +434,59 @@ def vocab(
         table.add_row(*row)
     Console().print(table)
     console.print(f"[bold green]trimmed[/] {report.original_vocab:,} → {report.kept_vocab:,} tokens; wrote {out} (vocab_report.json)")
+
+
+@app.command()
+def recover(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Pruned run folder (the --out of `domainprune prune`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the recovered checkpoint (may be RUN_DIR with --force).")],
+    data: DataOpt = "code",
+    teacher: Annotated[Optional[str], typer.Option(help="Dense model for KD / self-distillation / selection [default: the run's recipe.json model].")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
+    kd_weight: Annotated[float, typer.Option(help="Weight w of the KD loss: (1-w)·CE + w·KD, in [0, 1].")] = 0.0,
+    kd_temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 2.0,
+    kd_top_k: Annotated[Optional[int], typer.Option(help="KD over the teacher's top-k logits only (renormalised over them).")] = None,
+    self_distill: Annotated[bool, typer.Option("--self-distill", help="The teacher regenerates the second half of each training sequence first.")] = False,
+    select: Annotated[bool, typer.Option("--select", help="PASER-style selection of the worst-hit sequences from a larger pool.")] = False,
+    pool_factor: Annotated[int, typer.Option(help="--select: candidates scored = pool-factor × samples.")] = 4,
+    clusters: Annotated[int, typer.Option(help="--select: k-means clusters.")] = 8,
+    samples: Annotated[int, typer.Option(help="Training sequences (from the corpus's calibration split).")] = 256,
+    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 128,
+    batch_size: BatchOpt = 4,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate [default: 2e-4 LoRA, 2e-5 --full].")] = None,
+    epochs: Annotated[float, typer.Option(help="Epochs over the training sequences (when --max-steps does not stop first).")] = 1.0,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimiser steps at most (0: epochs decide).")] = 60,
+    time_budget: Annotated[Optional[float], typer.Option(help="Seconds of training at most, over resumed runs too (0: none).")] = 600.0,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps; an interrupted recovery resumes from the last one.")] = 20,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep the staging folder with Trainer checkpoints.")] = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Repair a pruned model on domain data: LoRA (or --full) with optional distillation from the dense model, merged back into a plain checkpoint in OUT."""
+    from .recover import recover as run
+
+    _setup_logging(quiet)
+    result = run(
+        run_dir, out=out, teacher=teacher, force=force, keep_checkpoints=keep_checkpoints, progress=not quiet,
+        data=data, text_field=text_field, full=full, kd_weight=kd_weight, kd_temperature=kd_temperature, kd_top_k=kd_top_k,
+        self_distill=self_distill, select=select, pool_factor=pool_factor, clusters=clusters, samples=samples,
+        seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, epochs=epochs,
+        max_steps=max_steps or None, time_budget=time_budget or None, save_steps=save_steps, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, seed=seed, device=device,
+    )
+    r = result.report
+    first, last = r.get("first_loss"), r.get("last_loss")
+    curve = f"loss {first:.3f} → {last:.3f}, " if first is not None and last is not None else ""
+    console.print(f"[bold green]recovered[/] {r['steps']} steps, {curve}{r['train_seconds']:.0f} s training"
+                  + (" (time budget reached)" if r["stopped_by_time_budget"] else ""))
+    console.print(f"wrote {result.out} (recovery.json, recovery_log.json)")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ parameters, checkpoint size, decode/prefill throughput. Used by `domainprune eva
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import load_corpus
+from .errors import DomainpruneError
 from .evaluate import checkpoint_bytes, nll, parameter_count, throughput
 from .models import LoadedModel
 
@@ -35,6 +37,16 @@ class Measurement:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "zero_shot_mean": self.zero_shot_mean}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Measurement":
+        """Inverse of `to_dict` (derived and unknown keys are ignored)."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def require_lm_eval() -> None:
+    if importlib.util.find_spec("lm_eval") is None:
+        raise DomainpruneError("--lm-eval needs lm-evaluation-harness, which is not installed; install it with `pip install lm-eval` or leave out --lm-eval")
+
 
 def heldout_sequences(source: str, tokenizer: Any, n: int, seq_len: int, text_field: str = "text"):
     """Up to `n` evenly spaced test sequences; fewer (with a warning) when the split is smaller."""
@@ -59,7 +71,10 @@ def measure(
     batch_size: int = 8,
     text_field: str = "text",
     progress: bool = True,
+    lm_eval: bool = False,
 ) -> Measurement:
+    """With `lm_eval`, zero-shot accuracy comes from lm-evaluation-harness (its prompts and datasets) instead of
+    `tasks.evaluate_task`; the figure kept per task is acc_norm, or acc where the harness reports no acc_norm."""
     model, tok = loaded.model, loaded.tokenizer
     m = Measurement(name=name, params=parameter_count(model))
     if loaded.path is not None and any(Path(loaded.path).glob("*.safetensors")):
@@ -69,7 +84,16 @@ def measure(
         total, count = nll(model, seqs, batch_size=batch_size, progress=progress)
         m.perplexity[source] = math.exp(total / count)
         m.test_sequences[source] = len(seqs)
-    if tasks:
+    if tasks and lm_eval:
+        from .tasks import run_lm_eval
+
+        require_lm_eval()
+        results = run_lm_eval(model, tok, list(tasks), limit=limit)
+        for task in tasks:
+            if task not in results or not results[task]:
+                raise DomainpruneError(f"lm-eval reported no acc/acc_norm for task {task!r}; give lm-eval task names")
+            m.zero_shot[task] = results[task].get("acc_norm", results[task].get("acc"))
+    elif tasks:
         from .tasks import evaluate_task
 
         for task in tasks:

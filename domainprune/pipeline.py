@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, model_validator
 from .adapters import DecoderAdapter, get_adapter
 from .allocation import ATTENTION_UNITS, allocate, keep_top_experts, uniform_counts, uniform_layer
 from .criteria import CRITERIA, get_criterion
+from .criteria.gradient import TAYLOR_MODES, GradientContext
 from .data import load_corpus
 from .errors import DomainpruneError
 from .evaluate import parameter_count
@@ -59,6 +60,18 @@ class Recipe(BaseModel):
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    # general calibration data: the second stream of dpruner/gaprune (None: the bundled `general` preset, with a
+    # warning), and the fraction of the single calibration stream taken from it for the other criteria
+    general_data: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    general_ratio: float = Field(0.0, ge=0, le=1, exclude_if=lambda v: v == 0)
+    # gradient criteria: sequences per forward+backward (None: 1 for gradient criteria, i.e. per-sample Fisher)
+    micro_batch: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
+    gradient_checkpointing: bool = Field(False, exclude_if=lambda v: not v)
+    taylor_mode: str | None = Field(default=None, exclude_if=lambda v: v is None)  # taylor: vector, element, param_mix
+    # NIRVANA-style selection: prune with K candidate calibration subsets, keep the lowest KL(dense‖pruned)
+    calib_candidates: int = Field(1, ge=1, exclude_if=lambda v: v == 1)
+    calib_candidate: int = Field(0, ge=0, exclude_if=lambda v: v == 0)  # which subset this recipe uses
+    calib_kl: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)  # KL of each candidate
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -77,6 +90,10 @@ class Recipe(BaseModel):
             raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.attention_unit not in ATTENTION_UNITS:
             raise ValueError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}")
+        if self.taylor_mode is not None and self.taylor_mode not in TAYLOR_MODES:
+            raise ValueError(f"--taylor-mode must be one of {', '.join(TAYLOR_MODES)}, not {self.taylor_mode!r}")
+        if self.calib_candidate >= self.calib_candidates:
+            raise ValueError(f"calib_candidate {self.calib_candidate} is not below calib_candidates {self.calib_candidates}")
         return self
 
     def resolved(self) -> "Recipe":
@@ -93,8 +110,11 @@ class Recipe(BaseModel):
             raise DomainpruneError(
                 f"--experts-keep needs an expert method (expert-frequency, easy-ep, tcess), not {self.method!r}"
             )
+        gradient = getattr(criterion, "needs_gradients", False)
         return self.model_copy(
             update={
+                "micro_batch": self.micro_batch or (1 if gradient else None),
+                "taylor_mode": self.taylor_mode or ("vector" if self.method == "taylor" else None),
                 "allocation": self.allocation or criterion.default_allocation,
                 "bias_compensation": criterion.default_bias_compensation if self.bias_compensation is None else self.bias_compensation,
             }
@@ -128,9 +148,42 @@ def target_sparsity(recipe: Recipe, adapter: DecoderAdapter, total_params: int) 
     return (total_params - recipe.target_params) / attn_mlp
 
 
-def calibration_sequences(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
-    corpus = load_corpus(recipe.data, text_field=recipe.text_field)
-    return corpus.sequences(tokenizer, "calibration", recipe.calib_samples, recipe.seq_len)
+def _sequences(source: str, recipe: Recipe, tokenizer: Any, n: int) -> torch.Tensor:
+    """`n` calibration sequences of `source`; candidate c of K shifts the evenly spaced picks by c/K of a stride."""
+    corpus = load_corpus(source, text_field=recipe.text_field)
+    if recipe.calib_candidate == 0:
+        return corpus.sequences(tokenizer, "calibration", n, recipe.seq_len)
+    full = corpus.sequences(tokenizer, "calibration", n, recipe.seq_len)  # the usual checks and messages
+    stream = corpus.token_stream(tokenizer, "calibration")
+    total = len(stream) // recipe.seq_len
+    chunks = stream[: total * recipe.seq_len].view(total, recipe.seq_len)
+    shift = recipe.calib_candidate / recipe.calib_candidates
+    idx = [min(total - 1, int((i + shift) * total / n)) for i in range(n)]
+    return chunks[idx] if len(set(idx)) == n else full
+
+
+def general_source(recipe: Recipe) -> str:
+    """The general corpus: `general_data`, else the bundled `general` preset (with a warning)."""
+    if recipe.general_data is None:
+        log.warning("method %r uses general calibration data; no --general-data given, so the bundled 'general' preset is used", recipe.method)
+        return "general"
+    return recipe.general_data
+
+
+def calibration_sequences(recipe: Recipe, tokenizer: Any, *, mix: bool = True) -> torch.Tensor:
+    """The single calibration stream: domain data, with a fraction `general_ratio` of general data when `mix`."""
+    n_general = round(recipe.general_ratio * recipe.calib_samples) if mix else 0
+    parts = []
+    if n_general < recipe.calib_samples:
+        parts.append(_sequences(recipe.data, recipe, tokenizer, recipe.calib_samples - n_general))
+    if n_general:
+        parts.append(_sequences(recipe.general_data or "general", recipe, tokenizer, n_general))
+    return torch.cat(parts)
+
+
+def general_sequences(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
+    """The general stream of two-stream criteria (dpruner, gaprune): calib_samples sequences."""
+    return _sequences(general_source(recipe), recipe, tokenizer, recipe.calib_samples)
 
 
 @dataclass
@@ -148,7 +201,55 @@ def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> 
 
     A sequential criterion with uniform allocation prunes each layer as soon as it is scored, so that later
     layers are scored on pruned inputs; then `pruned_in_place` is True and the model already matches the plan.
+
+    With `calib_candidates` K > 1 (NIRVANA-style selection), each of K calibration subsets (evenly spaced picks
+    shifted by c/K of a stride) plans a copy of the model, which is pruned and compared with the dense model by
+    KL(dense‖pruned) on held-out validation sequences of the domain; the lowest wins. Its index and every
+    candidate's KL are recorded in the plan's recipe (`calib_candidate`, `calib_kl`). If the winner was pruned in
+    place, `loaded.model` is replaced by its pruned copy.
     """
+    if recipe.calib_candidates == 1:
+        return _make_plan_once(loaded, recipe, progress=progress)
+    import copy
+
+    held_out = load_corpus(recipe.data, text_field=recipe.text_field).sequences(
+        loaded.tokenizer, "validation", min(recipe.calib_samples, 16), recipe.seq_len, samples_option="--calib-samples"
+    )
+    results, kls = [], []
+    for c in range(recipe.calib_candidates):
+        cand = recipe.model_copy(update={"calib_candidate": c})
+        work = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.path, loaded.source)
+        plan, stats, pruned = _make_plan_once(work, cand, progress=progress)
+        pruned_model = work.model if pruned else copy.deepcopy(work.model)
+        if not pruned:
+            apply(LoadedModel(pruned_model, loaded.tokenizer, loaded.path, loaded.source), plan, stats=stats, progress=progress)
+        kls.append(kl_divergence(loaded.model, pruned_model, held_out, batch_size=recipe.batch_size))
+        log.info("calibration candidate %d/%d: KL(dense‖pruned) = %.6f", c + 1, recipe.calib_candidates, kls[-1])
+        results.append((plan, stats, pruned, work.model if pruned else None))
+        del pruned_model
+    best = min(range(len(kls)), key=lambda c: (kls[c], c))
+    plan, stats, pruned, model = results[best]
+    if pruned:
+        loaded.model = model
+    chosen = recipe.model_copy(update={"calib_candidate": best, "calib_kl": [round(k, 8) for k in kls]})
+    return plan.model_copy(update={"recipe": chosen.model_dump()}), stats, pruned
+
+
+@torch.no_grad()
+def kl_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean per-token KL(P_dense ‖ Q_pruned) of the next-token distributions on `sequences` (float64 sums)."""
+    device = next(dense.parameters()).device
+    total, count = 0.0, 0
+    for batch in sequences.split(batch_size):
+        batch = batch.to(device)
+        logp = torch.log_softmax(dense(input_ids=batch, use_cache=False).logits.double(), -1)
+        logq = torch.log_softmax(pruned(input_ids=batch, use_cache=False).logits.double(), -1)
+        total += float((logp.exp() * (logp - logq)).sum())
+        count += batch.numel()
+    return total / count
+
+
+def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> tuple[Plan, list[dict] | None, bool]:
     torch.manual_seed(recipe.seed)
     model, adapter = loaded.model, get_adapter(loaded.model)
     criterion = get_criterion(recipe.method)
@@ -164,7 +265,15 @@ def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> 
             f"this {adapter.model_type!r} model is a mixture of experts; method {recipe.method!r} scores dense heads and "
             "MLP channels, which is not supported on it: use --method expert-frequency, easy-ep or tcess with --experts-keep"
         )
-    sequences = calibration_sequences(recipe, loaded.tokenizer) if need_stats else None
+    gradient = getattr(criterion, "needs_gradients", False)
+    two_streams = getattr(criterion, "two_streams", False)
+    sequences = calibration_sequences(recipe, loaded.tokenizer, mix=not two_streams) if need_stats or gradient else None
+    if gradient:
+        criterion.prepare(GradientContext(
+            model, adapter, sequences, lambda: general_sequences(recipe, loaded.tokenizer),
+            micro_batch=recipe.micro_batch or 1, gradient_checkpointing=recipe.gradient_checkpointing,
+            batch_size=recipe.batch_size, taylor_mode=recipe.taylor_mode, progress=progress,
+        ))
     if criterion.scores_experts:
         stats = collect_statistics(model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
         scores = [criterion.score_experts(adapter, i, stats[i]) for i in range(adapter.num_layers)]
@@ -232,7 +341,8 @@ def prune(
     """Prune `model` (a preset, folder, .gguf file, hub id, or an already loaded model) for the domain in `data`.
 
     Recipe fields: data, method, allocation, sparsity | target_params, experts_keep (MoE models, with an expert
-    method), attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field.
+    method), attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field,
+    general_data, general_ratio, calib_candidates, micro_batch, gradient_checkpointing, taylor_mode (docs/criteria.md).
     With `out`, the pruned checkpoint (plus plan.json, recipe.json and report.json) is written there, verified, and
     moved into place.
     """

@@ -1,0 +1,598 @@
+"""Recovery: repair a pruned model on domain data (LoRA or full fine-tuning, optional distillation from the dense model).
+
+`recover()` is the Python API of `domainprune recover` (and of `domainprune prune --recover`). See docs/recovery.md.
+
+Pipeline: load the pruned run -> recovery sequences from the domain corpus (calibration split) -> optional PASER-style
+selection (score by loss rise pruned vs dense, k-means on dense hidden states, spend the budget on the worst-hit
+clusters) -> optional self-data distillation (the dense teacher regenerates each sequence's second half) -> training
+with `transformers.Trainer` (cross-entropy, plus KL to the teacher's logits with `kd_weight`) -> LoRA merged into the
+weights -> `export.save_pruned` (atomic, verified) with the same shapes as the pruned model.
+
+Interrupted runs resume: Trainer checkpoints (every `save_steps`) and the prepared training data live in a staging
+folder beside the output, `.<out name>.recovery/`, which is removed once the output is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from . import cache
+from .errors import DomainpruneError
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RUN_FILES = ("plan.json", "recipe.json", "report.json", "vocab_report.json")
+LOG_FILE = "recovery_log.json"
+DATA_FILE = "recovery_data.pt"
+
+
+class RecoveryConfig(BaseModel):
+    """Everything that determines a recovery. Saved beside the recovered model as recovery.json."""
+
+    data: str = "code"
+    text_field: str = "text"
+    teacher: str | None = None  # dense model; None: the run's recipe.json "model" (only loaded when needed)
+    full: bool = False  # full fine-tuning instead of LoRA
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    kd_weight: float = Field(0.0, ge=0, le=1)  # loss = (1 - w) * CE + w * KD
+    kd_temperature: float = Field(2.0, gt=0)
+    kd_top_k: int | None = Field(None, ge=1)  # KD over the teacher's top-k logits only (renormalised)
+    self_distill: bool = False  # the teacher regenerates the second half of every training sequence
+    select: bool = False  # PASER-style selection from a pool of pool_factor × samples candidates
+    pool_factor: int = Field(4, ge=1)
+    clusters: int = Field(8, ge=1)
+    samples: int = Field(256, ge=1)  # training sequences (the data budget)
+    seq_len: int = Field(128, ge=4)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float | None = Field(None, gt=0)  # None: 2e-4 for LoRA, 2e-5 for full fine-tuning
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(60, ge=1)  # None: epochs decide
+    time_budget: float | None = Field(600.0, gt=0)  # seconds of training (summed over resumed runs); None: no limit
+    warmup_steps: int = Field(5, ge=0)
+    save_steps: int = Field(20, ge=1)
+    seed: int = 0
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "RecoveryConfig":
+        if self.kd_top_k is not None and self.kd_weight == 0:
+            raise ValueError("--kd-top-k needs --kd-weight > 0")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-5 if self.full else 2e-4)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd_weight > 0 or self.self_distill or self.select
+
+
+def make_config(**kwargs: Any) -> RecoveryConfig:
+    try:
+        return RecoveryConfig(**kwargs)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise DomainpruneError(f"{loc + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}") from None
+
+
+@dataclass
+class RecoveryResult:
+    model: torch.nn.Module  # the merged (plain) model
+    tokenizer: Any
+    config: RecoveryConfig
+    out: Path | None = None
+    log: list[dict[str, float]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# --- losses --------------------------------------------------------------------------------------------------
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 2.0,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """Mean over (masked) positions of T² · KL(p_teacher^T ‖ p_student^T), the temperature-softened distributions.
+
+    With `top_k`, only the teacher's k largest logits take part: both the teacher's and the student's logits are
+    restricted to that set and renormalised over it (a softmax over the k logits), so the KL is between two
+    distributions on the same k tokens; the teacher logits can then be kept as (values, indices) of size k.
+    """
+    t = teacher_logits.float() / temperature
+    s = student_logits.float() / temperature
+    if top_k is not None and top_k < t.shape[-1]:
+        t, idx = t.topk(top_k, dim=-1)
+        s = s.gather(-1, idx)
+    log_p = F.log_softmax(t, dim=-1)
+    log_q = F.log_softmax(s, dim=-1)
+    per_pos = (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+    if mask is None:
+        return per_pos.mean()
+    mask = mask.to(per_pos.dtype)
+    return (per_pos * mask).sum() / mask.sum().clamp_min(1)
+
+
+def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; labels -100 are ignored (labels are the input ids, shifted here)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        self.input_ids, self.labels = input_ids, labels
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+
+
+@torch.no_grad()
+def sequence_losses(model: torch.nn.Module, seqs: torch.Tensor, batch_size: int = 8, hidden: bool = False):
+    """Per-sequence mean next-token loss (and, with `hidden`, the mean-pooled last hidden state)."""
+    device = next(model.parameters()).device
+    losses, pooled = [], []
+    for start in range(0, len(seqs), batch_size):
+        batch = seqs[start : start + batch_size].to(device)
+        out = model(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+        ce = F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none").mean(1)
+        losses.append(ce.cpu())
+        if hidden:
+            pooled.append(out.hidden_states[-1].float().mean(1).cpu())
+    return torch.cat(losses), (torch.cat(pooled) if hidden else None)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means on the rows of `x` (k-means++ initialisation, seeded); returns a cluster index per row."""
+    n = len(x)
+    k = min(k, n)
+    g = torch.Generator().manual_seed(seed)
+    centers = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(centers)).min(1).values.pow(2)
+        if float(d2.sum()) <= 0:
+            break
+        centers.append(x[torch.multinomial(d2 / d2.sum(), 1, generator=g)].squeeze(0))
+    c = torch.stack(centers)
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)
+        for j in range(len(c)):
+            members = x[assign == j]
+            if len(members):
+                c[j] = members.mean(0)
+    return assign
+
+
+def allocate_budget(degradation: torch.Tensor, assign: torch.Tensor, budget: int) -> list[int]:
+    """PASER, simplified: each cluster gets a share of `budget` proportional to its mean degradation (clamped at a
+    small positive floor), capped at its size (the rest goes to the next worst clusters); within a cluster the
+    most degraded sequences are taken first. Returns the chosen indices, worst cluster first."""
+    clusters = sorted(assign.unique().tolist(), key=lambda c: -float(degradation[assign == c].mean()))
+    members = {c: (assign == c).nonzero().flatten() for c in clusters}
+    weight = {c: max(float(degradation[members[c]].mean()), 1e-6) for c in clusters}
+    quota = {c: 0 for c in clusters}
+    left = min(budget, len(degradation))
+    while left > 0:
+        open_ = [c for c in clusters if quota[c] < len(members[c])]
+        total = sum(weight[c] for c in open_)
+        shares = {c: left * weight[c] / total for c in open_}
+        given = 0
+        for c in open_:  # floors first, then the remainders to the worst clusters
+            add = min(int(shares[c]), len(members[c]) - quota[c])
+            quota[c] += add
+            given += add
+        for c in sorted(open_, key=lambda c: -(shares[c] - int(shares[c]))):
+            if given >= left:
+                break
+            if quota[c] < len(members[c]):
+                quota[c] += 1
+                given += 1
+        left -= given
+    chosen = []
+    for c in clusters:
+        idx = members[c]
+        chosen.extend(idx[degradation[idx].argsort(descending=True)[: quota[c]]].tolist())
+    return chosen
+
+
+def select_sequences(student, teacher, candidates: torch.Tensor, budget: int, clusters: int, batch_size: int, seed: int = 0):
+    """Indices of `budget` candidates chosen PASER-style, and a summary for recovery.json."""
+    loss_s, _ = sequence_losses(student, candidates, batch_size)
+    loss_t, pooled = sequence_losses(teacher, candidates, batch_size, hidden=True)
+    degradation = loss_s - loss_t
+    pooled = F.normalize(pooled, dim=-1)
+    assign = kmeans(pooled, clusters, seed=seed)
+    chosen = allocate_budget(degradation, assign, budget)
+    summary = {
+        "candidates": len(candidates),
+        "selected": len(chosen),
+        "mean_degradation_all": round(float(degradation.mean()), 4),
+        "mean_degradation_selected": round(float(degradation[chosen].mean()), 4),
+        "clusters": {
+            int(c): {"size": int((assign == c).sum()), "mean_degradation": round(float(degradation[assign == c].mean()), 4),
+                     "selected": int(sum(1 for i in chosen if assign[i] == c))}
+            for c in assign.unique().tolist()
+        },
+    }
+    return chosen, summary
+
+
+@torch.no_grad()
+def self_distill(teacher: torch.nn.Module, seqs: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-data distillation for plain text: keep each sequence's first half as the prompt and let the teacher
+    regenerate the second half greedily (exactly as many tokens, EOS suppressed). Labels cover the regenerated
+    half only (-100 on the prompt), as in supervised fine-tuning on responses."""
+    device = next(teacher.parameters()).device
+    half = seqs.shape[1] // 2
+    new = seqs.shape[1] - half
+    eos = getattr(teacher.generation_config, "eos_token_id", None)
+    pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        prompt = seqs[start : start + batch_size, :half].to(device)
+        gen = teacher.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+            do_sample=False, pad_token_id=pad,
+        )
+        out.append(gen[:, : seqs.shape[1]].cpu())
+    ids = torch.cat(out)
+    labels = ids.clone()
+    labels[:, :half] = -100
+    return ids, labels
+
+
+# --- training ------------------------------------------------------------------------------------------------
+
+
+def _trainer_classes():
+    from transformers import Trainer, TrainerCallback
+
+    class RecoveryTrainer(Trainer):
+        """Trainer with CE + temperature-softened KL to a frozen teacher (not part of the saved model)."""
+
+        def __init__(self, *args, teacher=None, config: RecoveryConfig, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher, self.rconfig = teacher, config
+            self._parts = {"ce": 0.0, "kd": 0.0, "n": 0}
+            self.time_offset, self.started = 0.0, time.perf_counter()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            outputs = model(input_ids=inputs["input_ids"], use_cache=False)
+            ce = causal_ce(outputs.logits, labels)
+            loss = ce
+            w = self.rconfig.kd_weight
+            kd = torch.zeros(())
+            if w > 0 and self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = self.teacher(input_ids=inputs["input_ids"], use_cache=False).logits
+                mask = labels[:, 1:] != -100
+                kd = kd_loss(outputs.logits[:, :-1], t_logits[:, :-1], mask,
+                             temperature=self.rconfig.kd_temperature, top_k=self.rconfig.kd_top_k)
+                loss = (1 - w) * ce + w * kd
+            if model.training:
+                self._parts["ce"] += float(ce.detach())
+                self._parts["kd"] += float(kd.detach())
+                self._parts["n"] += 1
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs:
+                n = max(self._parts["n"], 1)
+                logs["ce"] = round(self._parts["ce"] / n, 6)
+                logs["kd"] = round(self._parts["kd"] / n, 6)
+                logs["elapsed"] = round(self.time_offset + time.perf_counter() - self.started, 3)
+                self._parts = {"ce": 0.0, "kd": 0.0, "n": 0}
+            super().log(logs, start_time)
+
+    class Progress(TrainerCallback):
+        """Writes recovery_log.json (step, loss, lr, elapsed, ce, kd) on every log and stops at the time budget.
+
+        The log is rebuilt from Trainer's log_history, which a resumed run restores from its checkpoint, so after
+        a resume the curve continues from the checkpoint's step. Elapsed time adds up over resumed runs."""
+
+        def __init__(self, trainer, path: Path, budget: float | None):
+            self.trainer, self.path, self.budget = trainer, path, budget
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            previous = [e["elapsed"] for e in state.log_history if "elapsed" in e]
+            self.trainer.time_offset = previous[-1] if previous else 0.0
+            self.trainer.started = time.perf_counter()
+
+        def elapsed(self) -> float:
+            return self.trainer.time_offset + time.perf_counter() - self.trainer.started
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.budget is not None and self.elapsed() >= self.budget:
+                log.info("time budget of %.0f s spent at step %d; stopping", self.budget, state.global_step)
+                control.should_training_stop = True
+                self.trainer.stopped_by_budget = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            write_log(self.path, training_log(state.log_history))
+
+    return RecoveryTrainer, Progress
+
+
+def training_log(history: list[dict]) -> list[dict]:
+    return [
+        {"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate"), "elapsed": e.get("elapsed"),
+         "ce": e.get("ce"), "kd": e.get("kd")}
+        for e in history if "loss" in e and "step" in e
+    ]
+
+
+def write_log(path: Path, entries: list[dict]) -> None:
+    cache.atomic_write_bytes(path, (json.dumps(entries, indent=1) + "\n").encode())
+
+
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """Full names of the q/k/v/o/gate/up/down Linear modules that exist and have non-zero width."""
+    names = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in LORA_TARGETS and isinstance(module, torch.nn.Linear):
+            if module.in_features > 0 and module.out_features > 0:
+                names.append(name)
+    return names
+
+
+def _vocab(model: torch.nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_teacher(student, student_tok, teacher, teacher_tok, name: str) -> None:
+    sv, tv = _vocab(student), _vocab(teacher)
+    if sv != tv:
+        raise DomainpruneError(
+            f"teacher {name!r} has a vocabulary of {tv:,} tokens but the pruned model has {sv:,}; "
+            "distillation needs the model the run was pruned from (same tokenizer)"
+        )
+    if student_tok is not None and teacher_tok is not None:
+        # the token -> id maps, not the tokenizer classes: a saved run may reload under another tokenizer class
+        if student_tok.get_vocab() != teacher_tok.get_vocab():
+            raise DomainpruneError(
+                f"teacher {name!r} uses a different tokenizer from the pruned model; give the dense model it was pruned from"
+            )
+
+
+def _load_run(run_dir: Path, device: str):
+    from .models import LoadedModel, load_model
+
+    if isinstance(run_dir, LoadedModel):
+        return run_dir
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DomainpruneError(f"run folder {run_dir} not found; give the --out folder of `domainprune prune`")
+    if not (run_dir / "config.json").is_file():
+        raise DomainpruneError(f"{run_dir} has no config.json; give the --out folder of `domainprune prune`")
+    return load_model(run_dir, dtype="float32", device=device)
+
+
+def recover(
+    run: str | Path | Any,
+    *,
+    out: str | Path,
+    teacher: str | Path | Any | None = None,
+    force: bool = False,
+    verify: bool = True,
+    keep_checkpoints: bool = False,
+    progress: bool = True,
+    callbacks: list | None = None,
+    **config_fields: Any,
+) -> RecoveryResult:
+    """Recover the pruned model in `run` (a run folder or a LoadedModel) on `data`; write a plain checkpoint to `out`.
+
+    `teacher` is the dense model (a path/preset, or a LoadedModel / module); by default the run's recipe.json
+    `model`, loaded only when KD, self-distillation or selection needs it. `out` may equal the run folder (with
+    `force`): the run's plan/recipe/report files are carried over in any case. Config fields: see RecoveryConfig.
+    """
+    from .export import check_output_folder, save_pruned
+    from .models import LoadedModel, load_model, resolve_device
+
+    if isinstance(teacher, (str, Path)):
+        config_fields["teacher"] = str(teacher)
+    config = make_config(**config_fields)
+    out = Path(out)
+    run_dir = None if isinstance(run, LoadedModel) else Path(run)
+    same_folder = run_dir is not None and out.resolve() == run_dir.resolve()
+    if not same_folder:
+        check_output_folder(out, force)
+    loaded = _load_run(run, config.device)
+    student, tokenizer = loaded.model, loaded.tokenizer
+    device = resolve_device(config.device)
+    student.to(device)
+    extra = {}
+    if run_dir is not None:
+        extra = {n: (run_dir / n).read_text() for n in RUN_FILES if (run_dir / n).is_file()}
+
+    # The dense teacher: only loaded when something needs it.
+    t_model = t_tok = None
+    t_name = None
+    t_home = None  # a caller's teacher goes back to its own device afterwards; one loaded here is dropped
+    if config.needs_teacher:
+        if teacher is None or isinstance(teacher, (str, Path)):
+            t_name = config.teacher
+            if t_name is None and "recipe.json" in extra:
+                t_name = json.loads(extra["recipe.json"]).get("model")
+            if not t_name:
+                raise DomainpruneError("distillation and selection need the dense model: give --teacher")
+            t = load_model(t_name, dtype="float32", device=str(device))
+            t_model, t_tok = t.model, t.tokenizer
+        elif isinstance(teacher, LoadedModel):
+            t_model, t_tok, t_name = teacher.model, teacher.tokenizer, teacher.source
+        else:
+            t_model, t_name = teacher, "teacher"
+        check_teacher(student, tokenizer, t_model, t_tok, t_name)
+        if teacher is not None and not isinstance(teacher, (str, Path)):
+            t_home = next(t_model.parameters()).device
+        t_model.to(device).eval().requires_grad_(False)
+
+    staging = out.parent / f".{out.name}.recovery"
+    staging.mkdir(parents=True, exist_ok=True)
+    fingerprint = cache.fingerprint(config.model_dump(exclude={"max_steps", "time_budget", "save_steps", "device"}))
+    started = time.perf_counter()
+    report: dict[str, Any] = {}
+    data_path = staging / DATA_FILE
+    saved = torch.load(data_path, weights_only=False) if data_path.is_file() else None
+    if saved is not None and saved.get("fingerprint") == fingerprint:
+        input_ids, labels, report = saved["input_ids"], saved["labels"], saved["report"]
+        log.info("resuming: reusing the prepared recovery data in %s", staging)
+    else:
+        # A staging folder from a different recovery holds checkpoints that do not apply: start clean.
+        for ckpt in staging.glob("checkpoint-*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+        (staging / LOG_FILE).unlink(missing_ok=True)
+        try:
+            input_ids, labels, report = prepare_data(config, student, tokenizer, t_model)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming yet
+            raise
+        torch.save({"fingerprint": fingerprint, "input_ids": input_ids, "labels": labels, "report": report}, data_path)
+    report["data_seconds"] = round(time.perf_counter() - started, 2)
+
+    model = student
+    if not config.full:
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_targets(student)
+        if not targets:
+            raise DomainpruneError("the pruned model has no q/k/v/o/gate/up/down projections for LoRA; use --full")
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(student, lora)
+    else:
+        student.requires_grad_(True)
+    model.train()
+
+    from transformers import TrainingArguments
+
+    RecoveryTrainer, Progress = _trainer_classes()
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=str(staging),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+        bf16=use_bf16,
+        use_cpu=device.type == "cpu",
+    )
+    trainer = RecoveryTrainer(
+        model=model, args=args, train_dataset=SequenceDataset(input_ids, labels), teacher=t_model, config=config,
+    )
+    trainer.stopped_by_budget = False
+    if t_model is not None:
+        t_model.to(args.device)  # under `accelerate launch` / torchrun: this process's device
+    trainer.add_callback(Progress(trainer, staging / LOG_FILE, config.time_budget))
+    if not progress:  # Trainer prints every log dict to stdout when its bars are off
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
+    has_checkpoint = any(staging.glob("checkpoint-*/trainer_state.json"))
+    if has_checkpoint:
+        log.info("resuming recovery from the last checkpoint in %s", staging)
+    trained = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    train_seconds = time.perf_counter() - trained
+    entries = training_log(trainer.state.log_history)
+    write_log(staging / LOG_FILE, entries)
+
+    merged = model.merge_and_unload() if not config.full else model
+    merged.eval()
+    if t_model is not None and t_home is not None:
+        t_model.to(t_home)
+    trainer.teacher = t_model = None
+    report.update({
+        "steps": trainer.state.global_step,
+        "resumed": has_checkpoint,
+        "stopped_by_time_budget": trainer.stopped_by_budget,
+        "train_seconds": round(train_seconds, 2),
+        "train_loss": round(float(output.training_loss), 6) if output.training_loss is not None else None,
+        "first_loss": entries[0]["loss"] if entries else None,
+        "last_loss": entries[-1]["loss"] if entries else None,
+        "teacher": t_name,
+        "trainable": "full" if config.full else f"lora r={config.lora_r} alpha={config.lora_alpha}",
+        "seconds": round(time.perf_counter() - started, 2),
+    })
+    files = {
+        **extra,
+        "recovery.json": json.dumps({"config": config.model_dump(), "report": report}, indent=1) + "\n",
+        LOG_FILE: json.dumps(entries, indent=1) + "\n",
+    }
+    result = RecoveryResult(merged, tokenizer, config, log=entries, report=report)
+    result.out = save_pruned(merged, tokenizer, out, extra_files=files, force=force or same_folder, verify=verify)
+    if not keep_checkpoints:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def prepare_data(config: RecoveryConfig, student, tokenizer, teacher) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Recovery sequences from the corpus's calibration split: selected (PASER-style) and/or self-distilled."""
+    from .data import load_corpus
+
+    corpus = load_corpus(config.data, text_field=config.text_field)
+    report: dict[str, Any] = {}
+    if config.select:
+        stream = corpus.token_stream(tokenizer, "calibration")
+        pool = min(config.samples * config.pool_factor, len(stream) // config.seq_len)
+        candidates = corpus.sequences(tokenizer, "calibration", max(pool, 1), config.seq_len, samples_option="--samples")
+        was_training = student.training
+        student.eval()
+        chosen, report["selection"] = select_sequences(
+            student, teacher, candidates, config.samples, config.clusters, config.batch_size, config.seed
+        )
+        student.train(was_training)
+        seqs = candidates[chosen]
+    else:
+        seqs = corpus.sequences(tokenizer, "calibration", config.samples, config.seq_len, samples_option="--samples")
+    if config.self_distill:
+        t0 = time.perf_counter()
+        input_ids, labels = self_distill(teacher, seqs, config.batch_size)
+        report["self_distill_seconds"] = round(time.perf_counter() - t0, 2)
+    else:
+        input_ids, labels = seqs.clone(), seqs.clone()
+    report["sequences"] = len(input_ids)
+    report["tokens"] = int(input_ids.numel())
+    return input_ids, labels, report

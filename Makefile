@@ -25,3 +25,4 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/vocab.py --threads 1

@@ -330,7 +330,7 @@ def compare(
         table.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 240).print(table)  # a pipe gets every column, not 80 characters
     files = c.save(out)
-    console.print("wrote " + ", ".join(str(f) for f in files))
+    console.print("wrote " + ", ".join(str(f) for f in files), soft_wrap=True)
 
 
 @app.command()
@@ -381,7 +381,7 @@ def report(
         if measure_speed and not any(e.measurement.decode_tokens_per_s for e in c.entries):
             add_speed(c, dtype=dtype, device=device)
     files = write_report(c, out, title=title)
-    console.print(f"[bold green]report[/] {len(c.runs)} run(s) beside the dense model; wrote {files['report.html']} and {files['report.md']}")
+    console.print(f"[bold green]report[/] {len(c.runs)} run(s) beside the dense model; wrote {files['report.html']} and {files['report.md']}", soft_wrap=True)
 
 
 @app.command()

@@ -144,6 +144,9 @@ def run(args) -> None:
         from domainprune.evaluate import throughput
 
         rows = [k for k in done if k == "dense" or Path(done[k].get("checkpoint", "")).is_dir()]
+        if args.speed_rows:
+            wanted = args.speed_rows.split(",")
+            rows = [k for k in rows if k == "dense" or any(w in k for w in wanted)]
         for key in rows:
             m = done[key]["measurement"]
             if m.get("decode_tokens_per_s") and not args.remeasure_speed:
@@ -238,6 +241,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--zero-shot-order", default="flap,wanda-sp,magnitude", help="phase 2 runs methods in this order")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip phase 3 (throughput)")
+    p.add_argument("--speed-rows", default="", help="phase 3 only for rows whose key contains one of these (comma-separated)")
     p.add_argument("--remeasure-speed", action="store_true", help="measure phase 3 again for every row")
     p.add_argument("--models-dir", default="runs/bench", help="where the pruned checkpoints are kept for phase 2")
     p.add_argument("--fresh", action="store_true", help="discard finished rows and start over")

@@ -178,6 +178,7 @@ def _measurement(d: dict) -> Measurement:
 
 def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
     dense = _measurement(done["dense"]["measurement"])
+    tasks = tasks or tuple(dense.zero_shot)  # a speed-only pass reports the tasks measured earlier
     lines = [
         "# Quality and speed: criteria × allocation × sparsity",
         "",
@@ -204,7 +205,7 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
     for r in rows:
         m = _measurement(r["measurement"])
         q = ratios(m, dense)
-        zs = f"{m.zero_shot_mean:.4f} ({-q['zero_shot_drop']:+.4f})" if len(m.zero_shot) == len(tasks) else "-"
+        zs = f"{m.zero_shot_mean:.4f} ({-q['zero_shot_drop']:+.4f})" if tasks and all(t in m.zero_shot for t in tasks) else "-"
         lines.append(
             f"| {r['method']} | {r['allocation']} | {r['level']:.0%} | {r['achieved']:.2%} | {m.params / 1e6:.1f}M | "
             f"{m.checkpoint_bytes / 1e6:.1f} | {m.perplexity['code']:.3f} ({q['ppl_code']:.2f}×) | "
@@ -217,6 +218,16 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         m = _measurement(r["measurement"])
         if r["level"] not in best or m.perplexity["code"] < best[r["level"]][1]:
             best[r["level"]] = (r["key"], m.perplexity["code"])
+    lines += [
+        "",
+        "Reading the table: `prune s` is the wall time of `prune()` in this process; the calibration statistics are "
+        "cached by model and data, so rows after the first data-driven non-sequential row reuse them (FLAP and global "
+        "Wanda-sp show seconds), while sequential Wanda-sp (uniform) recomputes per row, and its times vary with the "
+        "load other jobs put on the shared 2-core machine. `-` in the zero-shot column: not measured in this run "
+        "(magnitude at 35/50 % is already far beyond chance-level perplexity); `-` in the speed columns: not measured "
+        "(phase 3 was run for the dense model, every FLAP row and every 35 % row). `export`: `stock` loads with "
+        "`AutoModelForCausalLM`, `per_layer_config` with `domainprune.load_pretrained`.",
+    ]
     lines += ["", "Lowest code perplexity per level: " + "; ".join(f"{lvl:.0%}: {k} ({p:.3f})" for lvl, (k, p) in sorted(best.items())), ""]
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

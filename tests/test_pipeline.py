@@ -401,3 +401,12 @@ def test_compensation_bias_cancels_the_mean_of_removed_heads():
     gap_plain = (dense_out - o_out(plain)).mean(0)
     assert gap_plain.abs().max() > 1e-2
     torch.testing.assert_close(gap_comp, torch.zeros(48, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_public_api_names():
+    """README's Python API: `domainprune.prune(...)` and `domainprune.load_pretrained(path)`."""
+    import domainprune
+    from domainprune.pipeline import prune as pipeline_prune
+
+    assert domainprune.prune is pipeline_prune
+    assert callable(domainprune.load_pretrained) and domainprune.Plan.__name__ == "Plan"

@@ -33,14 +33,6 @@ SMALL = ["--calib-samples", "4", "--seq-len", "32", "--batch-size", "2", "--quie
 CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "plan.json", "recipe.json", "report.json"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return smol_tokenizer()

@@ -7,21 +7,12 @@ import importlib.util
 import json
 
 import pytest
-import torch
 from tiny_pipeline import smol_tokenizer
 from tiny_runs import build_runs, cli, compared
 
 from domainprune.compare import from_bench_rows, load_figures, select
 from domainprune.errors import DomainpruneError
 from domainprune.generation import domain_prompts, fence
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

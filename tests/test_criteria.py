@@ -20,14 +20,6 @@ from domainprune.surgery import finish, prune_layer
 HD, H, K, G, I = 8, 6, 2, 3, 40  # the tiny models: 6 query heads in 2 KV groups of 3, 40 MLP channels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cols(heads):
     return [c for h in heads for c in range(h * HD, (h + 1) * HD)]
 

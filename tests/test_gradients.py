@@ -25,14 +25,6 @@ HD, H, K, G, I = 8, 6, 2, 3, 40
 GRADIENT_METHODS = ("taylor", "fisher", "dpruner", "gaprune", "nirvana")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_registry():
     assert set(GRADIENT_METHODS) <= set(CRITERIA)
     for name in GRADIENT_METHODS:

@@ -57,14 +57,6 @@ EXTRA = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_moe(arch: str, seed: int = 0, skew: bool = True, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = AutoConfig.for_model(arch, **{**COMMON, **EXTRA[arch], **overrides})

@@ -27,15 +27,6 @@ SPARSITIES = (0.2, 0.35, 0.5)
 UNITS = ("kv_group", "query_head")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared machine busy cores make them much slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- independent parameter accounting ------------------------------------------------------------------------
 
 

@@ -30,7 +30,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer):
     """A heterogeneous (global allocation) FLAP run of a tiny llama, written like `domainprune prune --out`."""
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("runs") / "pruned"
     prune(loaded(tiny_lm("llama"), tokenizer), out=out, method="flap", sparsity=0.35, data="code",
           calib_samples=2, seq_len=16, batch_size=2, progress=False)

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 from tiny_pipeline import smol_tokenizer
 from tiny_runs import build_runs, cli, compared
 
@@ -24,14 +23,6 @@ from domainprune.report import dense_shapes, kept_fractions, pareto_front
 
 PNG = b"\x89PNG\r\n\x1a\n"
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_model
+from tiny_pipeline import smol_tokenizer
 
-from domainprune import cache, load_pretrained
+from domainprune import load_pretrained
 from domainprune.adapters import get_adapter
 from domainprune.data import Corpus, Document, split_of
 from domainprune.errors import DomainpruneError
 from domainprune.export import save_pruned
-from domainprune.models import LoadedModel, load_model, preset_gguf
+from domainprune.models import LoadedModel, load_model
 from domainprune.vocab import (
     BPEInfo,
     always_kept,
@@ -61,35 +62,9 @@ TRICKY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared machine busy cores make them far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@lru_cache(maxsize=None)
-def _tokenizer():
-    from transformers import AutoTokenizer
-
-    try:
-        gguf = preset_gguf("smollm2-135m")
-    except DomainpruneError as e:
-        return e
-    converted = cache.entry("models", f"{gguf.stem}-{cache.file_fingerprint(gguf)}")
-    if (converted / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(converted)
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-
-
 @pytest.fixture(scope="module")
 def tok():
-    t = _tokenizer()
-    if isinstance(t, Exception):
-        pytest.skip(f"SmolLM2 is not available: {t}")
-    return t
+    return smol_tokenizer()  # skips when SmolLM2 is not available
 
 
 def keyed(prefix: str, split: str) -> str:

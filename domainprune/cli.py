@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -49,6 +52,8 @@ CandidatesOpt = Annotated[int, typer.Option(help="NIRVANA-style selection: prune
 MicroBatchOpt = Annotated[Optional[int], typer.Option(help="Gradient criteria: sequences per forward+backward [default: 1, per-sample Fisher].")]
 CheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Gradient criteria: recompute activations in backward to save memory.")]
 TaylorModeOpt = Annotated[Optional[str], typer.Option(help="taylor: vector |Σ W·g| (default), element Σ|W·g| or param_mix.")]
+VocabCoverageOpt = Annotated[Optional[float], typer.Option(help="Then trim the vocabulary to the tokens covering this fraction of the domain's calibration tokens, e.g. 0.999 (as `domainprune vocab`).")]
+VocabSizeOpt = Annotated[Optional[int], typer.Option(help="Then trim the vocabulary to exactly this many tokens (as `domainprune vocab --size`).")]
 LmEvalOpt = Annotated[bool, typer.Option("--lm-eval", help="Zero-shot through lm-evaluation-harness (its prompts and datasets) instead of the built-in scorer.")]
 
 
@@ -79,20 +84,7 @@ def parse_count(text: str | None) -> int | None:
         raise DomainpruneError(f"--target-params {text!r} is not a count; write e.g. 90M or 90000000") from None
 
 
-def _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep=None, **extra):
-    # extra: general_data, general_ratio, calib_candidates, micro_batch, gradient_checkpointing, taylor_mode
-    return dict(
-        **extra,
-        experts_keep=experts_keep,
-        data=data, method=method, allocation=allocation, sparsity=sparsity, target_params=parse_count(target_params),
-        attention_unit=attention_unit, calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size,
-        bias_compensation=bias_compensation, seed=seed, dtype=dtype, device=device, text_field=text_field,
-    )
-
-
-@app.command()
-def prune(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
+def _recipe_options(
     model: ModelOpt = "smollm2-135m",
     data: DataOpt = "code",
     method: MethodOpt = "flap",
@@ -115,6 +107,43 @@ def prune(
     micro_batch: MicroBatchOpt = None,
     gradient_checkpointing: CheckpointingOpt = False,
     taylor_mode: TaylorModeOpt = None,
+    vocab_coverage: VocabCoverageOpt = None,
+    vocab_size: VocabSizeOpt = None,
+):
+    """The Recipe fields as command-line options, declared once (see `recipe_command`)."""
+
+
+def _parameters(fn) -> list[inspect.Parameter]:
+    """fn's parameters with their annotations evaluated (this module uses `from __future__ import annotations`)."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    return [p.replace(annotation=hints.get(p.name, p.annotation)) for p in inspect.signature(fn).parameters.values()]
+
+
+RECIPE_PARAMETERS = _parameters(_recipe_options)
+
+
+def recipe_command(fn):
+    """Give `fn` every recipe option after its first; it receives them as one dict, `recipe`, of Recipe fields."""
+    own = [p for p in _parameters(fn) if p.name != "recipe"]
+    names = {p.name for p in RECIPE_PARAMETERS}
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        recipe = {k: kwargs.pop(k) for k in names}
+        recipe["target_params"] = parse_count(recipe["target_params"])
+        return fn(recipe=recipe, **kwargs)
+
+    del command.__wrapped__  # typer must read the signature below, not fn's
+    command.__signature__ = inspect.Signature(own[:1] + RECIPE_PARAMETERS + own[1:])
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+    return command
+
+
+@app.command()
+@recipe_command
+def prune(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
+    recipe: dict,
     recover: Annotated[bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -123,46 +152,29 @@ def prune(
     from .pipeline import prune as run
 
     _setup_logging(quiet)
-    fields = _recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep, general_data=general_data, general_ratio=general_ratio, calib_candidates=calib_candidates, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, taylor_mode=taylor_mode)
-    result = run(model, out=out, force=force, progress=not quiet, **fields)
+    model = recipe.pop("model")
+    result = run(model, out=out, force=force, progress=not quiet, **recipe)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
     r = result.report
+    if "vocab" in r:
+        v = r["vocab"]
+        console.print(f"vocabulary {v['original_vocab']:,} → {v['kept_vocab']:,} tokens ({100 * v['calibration_coverage']:.2f}% of the domain's calibration tokens)")
     console.print(f"wrote {result.out} in {r['prune_seconds']:.0f} s (peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB)")
     if recover:
         from .recover import recover as run_recovery
 
         del result  # the pruned model is reloaded from OUT
-        rec = run_recovery(out, out=out, force=True, progress=not quiet, data=data, text_field=text_field, seed=seed, device=device)
+        rec = run_recovery(out, out=out, force=True, progress=not quiet, data=recipe["data"], text_field=recipe["text_field"], seed=recipe["seed"], device=recipe["device"])
         console.print(f"[bold green]recovered[/] {rec.report['steps']} steps in {rec.report['train_seconds']:.0f} s; wrote {out}")
     loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(out)!r})")
 
 
 @app.command()
+@recipe_command
 def plan(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan JSON.")],
-    model: ModelOpt = "smollm2-135m",
-    data: DataOpt = "code",
-    method: MethodOpt = "flap",
-    allocation: AllocOpt = None,
-    sparsity: SparsityOpt = None,
-    target_params: TargetOpt = None,
-    experts_keep: ExpertsKeepOpt = None,
-    attention_unit: UnitOpt = "kv_group",
-    calib_samples: SamplesOpt = 128,
-    seq_len: SeqLenOpt = 256,
-    batch_size: BatchOpt = 8,
-    bias_compensation: BiasOpt = None,
-    seed: SeedOpt = 0,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
-    text_field: TextFieldOpt = "text",
-    general_data: GeneralDataOpt = None,
-    general_ratio: GeneralRatioOpt = 0.0,
-    calib_candidates: CandidatesOpt = 1,
-    micro_batch: MicroBatchOpt = None,
-    gradient_checkpointing: CheckpointingOpt = False,
-    taylor_mode: TaylorModeOpt = None,
+    recipe: dict,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -173,9 +185,9 @@ def plan(
     _setup_logging(quiet)
     if out.exists() and not force:
         raise DomainpruneError(f"{out} exists; choose another --out or pass --force to replace it")
-    recipe = make_recipe(model=model, **_recipe_fields(data, method, allocation, sparsity, target_params, attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field, experts_keep, general_data=general_data, general_ratio=general_ratio, calib_candidates=calib_candidates, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, taylor_mode=taylor_mode))
-    loaded = load_model(model, dtype=dtype, device=device)
-    result, _, _ = make_plan(loaded, recipe, progress=not quiet)
+    resolved = make_recipe(**recipe)
+    loaded = load_model(resolved.model, dtype=resolved.dtype, device=resolved.device)
+    result, _, _ = make_plan(loaded, resolved, progress=not quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     console.print(f"[bold green]plan[/] {result.summary()}\nwrote {out}")

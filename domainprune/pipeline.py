@@ -72,6 +72,10 @@ class Recipe(BaseModel):
     calib_candidates: int = Field(1, ge=1, exclude_if=lambda v: v == 1)
     calib_candidate: int = Field(0, ge=0, exclude_if=lambda v: v == 0)  # which subset this recipe uses
     calib_kl: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)  # KL of each candidate
+    # vocabulary trimming after pruning (domainprune.vocab): keep the tokens covering this fraction of the domain's
+    # calibration tokens, or exactly this many; special tokens, byte alphabet and merge closure always kept
+    vocab_coverage: float | None = Field(default=None, gt=0, le=1, exclude_if=lambda v: v is None)
+    vocab_size: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -92,6 +96,8 @@ class Recipe(BaseModel):
             raise ValueError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}")
         if self.taylor_mode is not None and self.taylor_mode not in TAYLOR_MODES:
             raise ValueError(f"--taylor-mode must be one of {', '.join(TAYLOR_MODES)}, not {self.taylor_mode!r}")
+        if self.vocab_coverage is not None and self.vocab_size is not None:
+            raise ValueError("give at most one of --vocab-coverage and --vocab-size")
         if self.calib_candidate >= self.calib_candidates:
             raise ValueError(f"calib_candidate {self.calib_candidate} is not below calib_candidates {self.calib_candidates}")
         return self
@@ -323,6 +329,18 @@ def apply(loaded: LoadedModel, plan: Plan, *, stats: list[dict] | None = None, p
     return apply_plan(loaded.model, plan, means)
 
 
+def trim_vocab_stage(loaded: LoadedModel, recipe: Recipe):
+    """Trim the (pruned) model's vocabulary in place to what the domain uses; returns the VocabReport."""
+    from .vocab import trim_vocabulary
+
+    corpus = load_corpus(recipe.data, recipe.text_field)
+    model, tokenizer, report = trim_vocabulary(
+        loaded, corpus, coverage=recipe.vocab_coverage, size=recipe.vocab_size, text_field=recipe.text_field, inplace=True
+    )
+    loaded.model, loaded.tokenizer = model, tokenizer
+    return report
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -355,6 +373,7 @@ def prune(
     plan, stats, pruned = make_plan(loaded, recipe, progress=progress)
     if not pruned:
         apply(loaded, plan, stats=stats, progress=progress)
+    vocab = trim_vocab_stage(loaded, recipe) if recipe.vocab_coverage or recipe.vocab_size else None
     total_after = parameter_count(loaded.model)
     device = next(loaded.model.parameters()).device
     adapter = get_adapter(loaded.model)
@@ -370,6 +389,8 @@ def prune(
         # stock AutoModelForCausalLM loads it as is: uniform widths and no biases the architecture's config lacks
         "stock_loadable": adapter.is_uniform() and not adapter.extra_biases(),
     }
+    if vocab is not None:
+        report["vocab"] = vocab.to_dict()
     plan.params.total_after = total_after
     result = PruneResult(loaded.model, loaded.tokenizer, plan, recipe, report=report)
     if out is not None:
@@ -378,5 +399,8 @@ def prune(
             "recipe.json": recipe.model_dump_json(indent=1) + "\n",
             "report.json": json.dumps(report, indent=1) + "\n",
         }
+        if vocab is not None:  # the same side files `domainprune vocab` writes
+            files["vocab_report.json"] = json.dumps(vocab.to_dict(), indent=1) + "\n"
+            files["vocab_map.json"] = json.dumps({"kept_old_ids": vocab.kept_ids}) + "\n"
         result.out = save_pruned(loaded.model, loaded.tokenizer, out, extra_files=files, force=force, verify=verify)
     return result

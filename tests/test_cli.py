@@ -129,6 +129,30 @@ def test_prune_writes_a_checkpoint_equal_to_the_python_api(capsys, folder, token
         assert_same_state(load_file(applied / "model.safetensors"), load_file(out / "model.safetensors"))
 
 
+def test_prune_with_vocabulary_trimming(capsys, folder, tokenizer, tmp_path):
+    """`prune --vocab-coverage` = prune, then `domainprune vocab` on the result: one checkpoint with both."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "pruned-vocab"
+    err = ok(capsys, "prune", "--model", folder, "--method", "wanda-sp", "--sparsity", "0.35", "--vocab-coverage", "0.99", "--out", out, *SMALL)
+    assert "vocabulary 49,152 →" in err.replace("\n", "")
+    assert {"vocab_report.json", "vocab_map.json"} <= {p.name for p in out.iterdir()}
+    report, vocab = json.loads((out / "report.json").read_text()), json.loads((out / "vocab_report.json").read_text())
+    kept = json.loads((out / "vocab_map.json").read_text())["kept_old_ids"]
+    assert report["vocab"]["kept_vocab"] == vocab["kept_vocab"] == len(kept) < VOCAB // 2
+    assert vocab["calibration_coverage"] >= 0.99 and json.loads((out / "recipe.json").read_text())["vocab_coverage"] == 0.99
+    assert report["total_params"][1] == parameter_count(load_pretrained(out))
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # uniform wanda-sp: a stock checkpoint
+    assert reloaded.config.vocab_size == len(kept) and len(AutoTokenizer.from_pretrained(out)) == len(kept)
+    # the trimmed model's logits over kept tokens are the pruned (untrimmed) model's restricted to them
+    pruned = prune(str(folder), method="wanda-sp", sparsity=0.35, progress=False, **CALIB).model
+    new_ids = torch.arange(3, len(kept), 41)[None, :24]
+    want = logits_on(pruned, torch.tensor(kept)[new_ids])[..., kept]
+    torch.testing.assert_close(logits_on(reloaded, new_ids), want, rtol=1e-5, atol=1e-5)
+    fails(capsys, "prune", "--model", folder, "--sparsity", "0.35", "--vocab-coverage", "0.99", "--vocab-size", "900", "--out", tmp_path / "x", *SMALL, match="at most one of --vocab-coverage and --vocab-size")
+    fails(capsys, "prune", "--model", folder, "--sparsity", "0.35", "--vocab-coverage", "1.5", "--out", tmp_path / "x", *SMALL, match="vocab_coverage")
+
+
 def test_uniform_widths_with_extra_biases_need_the_domainprune_loader(capsys, tokenizer, tmp_path):
     """Mistral's config cannot express o_proj/down_proj biases: a uniform compensated model is not stock-loadable,
     and the CLI must not tell the user to load it with stock transformers (which would drop the biases)."""

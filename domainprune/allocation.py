@@ -13,12 +13,19 @@ Strategies (registered by name):
 - `nirvana-ratio`: NIRVANA's two global thresholds (attention units, MLP channels) on raw scores with attention
   fraction = MLP fraction / γ (γ = 3.0), kept MLP widths rounded up to a multiple of 8, ≥ 1 attention unit per layer.
 
+- `owl`: OWL's outlier-weighted layer sparsity (METHODS.md §12): layers whose Wanda scores |W|·‖X‖ hold more
+  outliers (> M·mean, M = 5) are pruned less, within S ± λ (λ = 0.08); then `uniform` inside each layer.
+- `cfsp`: CFSP's coarse step (METHODS.md §8): per-layer MLP keep ratios from the angular importance of each block
+  (sigmoid-squashed, renormalised to the budget); attention is not pruned, so the MLP carries the whole budget.
+
 Mixture-of-experts models: `keep_top_experts` keeps the N highest-scoring routed experts of every MoE layer
 (`--experts-keep N`, or a fraction of each layer's experts); the same N everywhere gives a stock config.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,12 +36,16 @@ from .criteria import LayerScores
 from .errors import DomainpruneError
 from .plan import LayerPlan, Plan
 
+log = logging.getLogger(__name__)
 ATTENTION_UNITS = ("kv_group", "query_head")
 ALLOCATIONS: dict[str, Callable] = {}
 
 
-def register(name: str):
+def register(name: str, needs_statistics: bool = False):
+    """Register an allocation. One that `needs_statistics` is also given the per-layer calibration statistics."""
+
     def wrap(fn):
+        fn.needs_statistics = needs_statistics
         ALLOCATIONS[name] = fn
         return fn
 
@@ -96,19 +107,20 @@ def _build_plan(dense: Plan, adapter: DecoderAdapter, removed: set[tuple[int, st
     return dense.model_copy(update={"layers": layers})
 
 
-def uniform_counts(adapter: DecoderAdapter, sparsity: float, mode: str) -> list[tuple[int, int]]:
-    """(attention units, MLP channels) to remove in each layer. Depends on shapes only, not on scores, so a
-    sequential run can prune layer by layer."""
+def uniform_counts(adapter: DecoderAdapter, sparsity: float | list[float], mode: str) -> list[tuple[int, int]]:
+    """(attention units, MLP channels) to remove in each layer, at one sparsity or one per layer. Depends on
+    shapes only, not on scores, so a sequential run can prune layer by layer."""
     counts = []
     mlp_targets: list[float] = []
     channel_cost = adapter.mlp_params(1)
-    for i in range(adapter.num_layers):
+    per_layer = sparsity if isinstance(sparsity, list) else [sparsity] * adapter.num_layers
+    for i, sp in enumerate(per_layer):
         s = adapter.shape(i)
         n_units = s.num_kv_heads if mode == "kv_group" else s.group_size
-        n_remove = min(round(sparsity * n_units), n_units - 1)
+        n_remove = min(round(sp * n_units), n_units - 1)
         unit_cost = adapter.attention_params(s.group_size, 1) if mode == "kv_group" else adapter.attention_params(s.num_kv_heads, 0)
         counts.append(n_remove)
-        mlp_targets.append(max(0.0, (sparsity * adapter.layer_params(s) - n_remove * unit_cost) / channel_cost))
+        mlp_targets.append(max(0.0, (sp * adapter.layer_params(s) - n_remove * unit_cost) / channel_cost))
     # Rounded per layer, so identical layers keep identical widths (a stock config); the total is then within
     # half a channel per layer of the budget.
     channels = [round(t) for t in mlp_targets]
@@ -232,14 +244,106 @@ def allocate_nirvana(dense: Plan, adapter: DecoderAdapter, scores: list[LayerSco
     return _build_plan(dense, adapter, removed, unit_heads, mode)
 
 
-def allocate(strategy: str, dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, *, attention_unit: str = "kv_group", standardized: bool = False) -> Plan:
+def allocate(strategy: str, dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, *, attention_unit: str = "kv_group", standardized: bool = False, stats: list | None = None) -> Plan:
     if strategy not in ALLOCATIONS:
         raise DomainpruneError(f"unknown allocation {strategy!r}; available: {', '.join(sorted(ALLOCATIONS))}")
     if not 0 <= sparsity < 1:
         raise DomainpruneError(f"--sparsity must be in [0, 1), got {sparsity}")
     if attention_unit not in ATTENTION_UNITS:
         raise DomainpruneError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}, not {attention_unit!r}")
-    return ALLOCATIONS[strategy](dense, adapter, scores, sparsity, attention_unit, standardized)
+    fn = ALLOCATIONS[strategy]
+    if fn.needs_statistics:
+        if stats is None:
+            raise DomainpruneError(f"allocation {strategy!r} needs calibration statistics; give --data")
+        return fn(dense, adapter, scores, sparsity, attention_unit, standardized, stats=stats)
+    return fn(dense, adapter, scores, sparsity, attention_unit, standardized)
+
+
+def allocation_needs_statistics(strategy: str | None) -> bool:
+    return bool(strategy) and getattr(ALLOCATIONS.get(strategy), "needs_statistics", False)
+
+
+def _layerwise(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsities: list[float], mode: str) -> Plan:
+    counts = uniform_counts(adapter, sparsities, mode)
+    layers = [uniform_layer(adapter, i, sc, counts[i], mode) for i, sc in enumerate(scores)]
+    return dense.model_copy(update={"layers": layers})
+
+
+OWL_LAMBDA = 0.08  # λ: layer sparsities lie in [S − λ, S + λ]
+OWL_M = 5.0  # M: an outlier exceeds M × the block's mean score (5 in the paper and README; the code's default is 3)
+
+
+def outlier_ratio(adapter: DecoderAdapter, i: int, stats: dict) -> float:
+    """OWL's layerwise outlier distribution LOD_i: % of the block's Wanda scores |W_jk|·‖X_k‖ above M × their mean."""
+    pairs = []
+    if "qkv_in_sqsum" in stats:
+        pairs += [(proj, stats["qkv_in_sqsum"]) for proj in adapter.attention_in_projs(i)]
+        pairs.append((adapter.o_proj(i), stats["attn_in_sqsum"]))
+    if "up_in_sqsum" in stats:
+        pairs += [(proj, stats["up_in_sqsum"]) for proj in adapter.mlp_in_projs(i)]
+        pairs.append((adapter.down_proj(i), stats["mlp_in_sqsum"]))
+    if not pairs:
+        raise DomainpruneError("allocation 'owl' needs statistics with q/k/v and gate/up input norms; clear the statistics cache and rerun")
+    metrics = [(p.weight.detach().abs().float().cpu() * x.sqrt().float()).reshape(-1) for p, x in pairs]
+    total = sum(m.numel() for m in metrics)
+    mean = sum(float(m.double().sum()) for m in metrics) / total
+    return 100.0 * sum(int((m > OWL_M * mean).sum()) for m in metrics) / total
+
+
+def _spread(importance: list[float], weights: list[float], sparsity: float, lam: float) -> list[float]:
+    """Layer sparsities S − (D_i − mean_w D) with D min-max scaled to [0, 2λ]: the weighted mean is exactly S."""
+    lo, hi = min(importance), max(importance)
+    d = [(v - lo) / (hi - lo) * 2 * lam if hi > lo else 0.0 for v in importance]
+    mean = sum(di * w for di, w in zip(d, weights)) / sum(weights)
+    return [min(max(sparsity - (di - mean), 0.0), 0.99) for di in d]
+
+
+@register("owl", needs_statistics=True)
+def allocate_owl(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, *, stats: list, lam: float = OWL_LAMBDA) -> Plan:
+    lod = [outlier_ratio(adapter, i, stats[i]) for i in range(adapter.num_layers)]
+    weights = [adapter.layer_params(adapter.shape(i)) for i in range(adapter.num_layers)]
+    per_layer = _spread(lod, weights, sparsity, lam)
+    log.info("owl: outlier ratios %s; layer sparsities %s", [round(v, 2) for v in lod], [round(v, 3) for v in per_layer])
+    return _layerwise(dense, adapter, scores, per_layer, mode)
+
+
+CFSP_A = 1.0  # the sigmoid's slope a
+CFSP_REFERENCE_TOKENS = 128 * 1024  # the reference's calibration (128 × 1024 tokens), which its 1e4 scale assumes
+
+
+def cfsp_keep_ratios(angles: list[float], mlp_fraction: float, a: float = CFSP_A) -> list[float]:
+    """CFSP's coarse step: keep_l = u_l / mean(u) · (1 − p), u_l = sigmoid(a·(I_l − mean I)/1e4), deviations shrunk
+    (by the reference's rule, ÷1.05) when a layer would keep more than everything. `angles` are I_l per token scaled
+    to the reference's token count, so the 1e4 temperature means what it means there."""
+    mean_i = sum(angles) / len(angles)
+    u = [1 / (1 + math.exp(-a * (v - mean_i) / 1e4)) for v in angles]
+    mean_u = sum(u) / len(u)
+    keep = [x / mean_u * (1 - mlp_fraction) for x in u]
+    mean_k = sum(keep) / len(keep)
+    if max(keep) >= 1:
+        shrink = (mean_k * (1 / (1 - mlp_fraction) - 1) / (max(keep) - mean_k)) / 1.05
+        keep = [mean_k + (k - mean_k) * shrink for k in keep]
+    return keep
+
+
+@register("cfsp", needs_statistics=True)
+def allocate_cfsp(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, *, stats: list) -> Plan:
+    """MLP channels only: the whole budget comes out of the MLPs, each layer keeping its CFSP coarse ratio."""
+    shapes = [adapter.shape(i) for i in range(adapter.num_layers)]
+    total = sum(adapter.layer_params(s) for s in shapes)
+    mlp_total = sum(adapter.mlp_params(s.intermediate_size) for s in shapes)
+    p = sparsity * total / mlp_total
+    if p >= 1:
+        raise DomainpruneError(f"--allocation cfsp prunes MLP channels only, which cannot remove {sparsity:.0%} of attention+MLP; lower --sparsity")
+    angles = [float(st["block_angle_sum"]) / float(st["tokens"]) * CFSP_REFERENCE_TOKENS for st in stats]
+    keep = cfsp_keep_ratios(angles, p)
+    layers = []
+    for i, (lp, sc, k) in enumerate(zip(dense.layers, scores, keep)):
+        n = shapes[i].intermediate_size
+        remove = min(n - 1, max(0, round((1 - k) * n)))
+        gone = set(sc.channels.argsort(stable=True)[:remove].tolist())
+        layers.append(lp.model_copy(update={"mlp_channels": [c for c in lp.mlp_channels if c not in gone]}))
+    return dense.model_copy(update={"layers": layers})
 
 
 def experts_to_keep(keep: float, num_experts: int) -> int:

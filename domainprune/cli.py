@@ -30,8 +30,8 @@ console = Console(stderr=True)
 # Options shared by several commands.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m), HF folder, .gguf file or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
-MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude, taylor, fisher, dpruner, gaprune, nirvana; for MoE experts: expert-frequency, easy-ep, tcess.")]
-AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global or nirvana-ratio [default: global for flap, nirvana-ratio for nirvana, else uniform].")]
+MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude, cfsp, taylor, fisher, dpruner, gaprune, nirvana; for MoE experts: expert-frequency, easy-ep, tcess.")]
+AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl or cfsp [default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform].")]
 SparsityOpt = Annotated[Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")]
 TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
 ExpertsKeepOpt = Annotated[Optional[float], typer.Option(help="MoE models: routed experts kept per layer, a count (4) or a fraction (0.5); with an expert method.")]

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from .adapters import DecoderAdapter, get_adapter
-from .allocation import ATTENTION_UNITS, allocate, keep_top_experts, uniform_counts, uniform_layer
+from .allocation import ALLOCATIONS, ATTENTION_UNITS, allocate, allocation_needs_statistics, keep_top_experts, uniform_counts, uniform_layer
 from .criteria import CRITERIA, get_criterion
 from .criteria.gradient import TAYLOR_MODES, GradientContext
 from .data import load_corpus
@@ -92,6 +92,8 @@ class Recipe(BaseModel):
             raise ValueError("give exactly one of sparsity and target_params")
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; available: {', '.join(sorted(ALLOCATIONS))}")
         if self.attention_unit not in ATTENTION_UNITS:
             raise ValueError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}")
         if self.taylor_mode is not None and self.taylor_mode not in TAYLOR_MODES:
@@ -263,7 +265,7 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
     sparsity = target_sparsity(recipe, adapter, total_before)
     dense = dense_plan(adapter, loaded.source)
     stats = None
-    need_stats = criterion.needs_statistics or recipe.bias_compensation
+    need_stats = criterion.needs_statistics or recipe.bias_compensation or allocation_needs_statistics(recipe.allocation)
     if criterion.scores_experts and not adapter.has_experts():
         raise DomainpruneError(f"method {recipe.method!r} prunes experts, but this {adapter.model_type!r} model has no mixture-of-experts layers")
     if adapter.has_experts() and not criterion.scores_experts:
@@ -307,7 +309,7 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
         scores = [criterion.score_layer(adapter, i, stats[i] if stats else None) for i in range(adapter.num_layers)]
         plan = allocate(
             recipe.allocation, dense, adapter, scores, sparsity,
-            attention_unit=recipe.attention_unit, standardized=criterion.standardized,
+            attention_unit=recipe.attention_unit, standardized=criterion.standardized, stats=stats,
         )
         plan.params = plan.count_params(adapter, total_before)
         pruned = False

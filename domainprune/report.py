@@ -282,8 +282,8 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24p
 h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 p.note{color:#555}
 .scroll{overflow-x:auto}
-table{border-collapse:collapse;font-size:12.5px;margin:.6em 0}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
+table{border-collapse:collapse;font-size:12px;margin:.6em 0}
+th,td{border:1px solid #ccc;padding:3px 5px;text-align:right;white-space:nowrap}
 th{background:#f3f3f3;white-space:normal;vertical-align:bottom} td:first-child,th:first-child,td.l{text-align:left}
 code{background:#f3f3f3;padding:0 3px;border-radius:3px;font-size:.95em}
 tr.dense td{background:#fafafa;font-weight:600}

@@ -8,6 +8,8 @@ layer's inputs. Only one layer's activations are live at a time beyond the resid
 Per layer the statistics are (float64):
 - `attn_in_sum`, `attn_in_sqsum` over tokens of each o_proj input channel (heads × head_dim),
 - `mlp_in_sum`, `mlp_in_sqsum` of each down_proj input channel,
+- `qkv_in_sqsum`, `up_in_sqsum` of each q/k/v and gate/up input channel (the normed residual stream; OWL's
+  outlier ratios score every linear of the block),
 - `block_cos_sum`, `block_angle_sum`: Σ_tokens (1 − cos(h_in, h_out)) and Σ arccos(cos)/π of the layer,
 - `tokens`,
 - in mixture-of-experts layers, per routed expert: `expert_selected`, `expert_gate_sum`, `expert_easyep`,
@@ -31,7 +33,7 @@ from . import cache
 from .adapters import DecoderAdapter
 
 log = logging.getLogger(__name__)
-STATS_VERSION = 1
+STATS_VERSION = 2
 LayerStats = dict[str, torch.Tensor]
 
 
@@ -124,10 +126,11 @@ class LayerwiseRunner:
         a = self.adapter
         acc: dict[str, torch.Tensor] = {}
 
-        def accumulate(key: str):
+        def accumulate(key: str, sums: bool = True):
             def hook(_module, args):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                acc[f"{key}_sum"] = acc.get(f"{key}_sum", 0) + x.sum(0)
+                if sums:
+                    acc[f"{key}_sum"] = acc.get(f"{key}_sum", 0) + x.sum(0)
                 acc[f"{key}_sqsum"] = acc.get(f"{key}_sqsum", 0) + (x * x).sum(0)
 
             return hook
@@ -135,8 +138,10 @@ class LayerwiseRunner:
         handles = []
         if not a.attention_removed(i):
             handles.append(a.o_proj(i).register_forward_pre_hook(accumulate("attn_in")))
+            handles.append(a.attention_in_projs(i)[0].register_forward_pre_hook(accumulate("qkv_in", sums=False)))
         if a.has_dense_mlp(i):
             handles.append(a.down_proj(i).register_forward_pre_hook(accumulate("mlp_in")))
+            handles.append(a.mlp_in_projs(i)[0].register_forward_pre_hook(accumulate("up_in", sums=False)))
         handles += a.expert_hooks(i, acc)
         outputs, cos_sum, angle_sum, tokens = [], 0.0, 0.0, 0
         try:

@@ -1,0 +1,132 @@
+"""Layerwise allocations that read calibration statistics: OWL (outlier-weighted layer sparsity) and CFSP's coarse
+step with its fine-step criterion. Constructed cases where the answer is known, then the real pipeline on a tiny
+Llama with the real tokenizer and code corpus."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import input_ids, tiny_model
+from tiny_pipeline import CALIB, loaded, logits_on, smol_tokenizer, tiny_lm
+
+from domainprune import load_pretrained
+from domainprune.adapters import get_adapter
+from domainprune.allocation import OWL_LAMBDA, _spread, allocate, cfsp_keep_ratios, outlier_ratio
+from domainprune.criteria import get_criterion
+from domainprune.errors import DomainpruneError
+from domainprune.pipeline import make_plan, make_recipe, prune
+from domainprune.plan import dense_plan
+from domainprune.stats import collect_statistics
+
+
+def stats_of(model, length: int = 16):
+    return collect_statistics(model, get_adapter(model), input_ids(batch=4, length=length), batch_size=2, use_cache=False, progress=False)
+
+
+def test_statistics_hold_the_inputs_of_every_linear():
+    model = tiny_model("llama")
+    a = get_adapter(model)
+    seen = {}
+
+    def hook(key):
+        def fn(_m, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            seen[key] = seen.get(key, 0) + (x * x).sum(0)
+
+        return fn
+
+    handles = [a.attention_in_projs(0)[0].register_forward_pre_hook(hook("qkv")), a.mlp_in_projs(0)[1].register_forward_pre_hook(hook("up"))]
+    with torch.inference_mode():
+        for batch in input_ids(batch=4, length=16).split(2):
+            model(input_ids=batch)
+    for h in handles:
+        h.remove()
+    s = stats_of(model)[0]
+    torch.testing.assert_close(s["qkv_in_sqsum"], seen["qkv"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s["up_in_sqsum"], seen["up"], rtol=1e-5, atol=1e-5)
+
+
+# --- OWL -----------------------------------------------------------------------------------------------------------
+
+
+def test_owl_spread_keeps_the_budget_and_the_band():
+    lod = [1.0, 4.0, 2.5, 9.0]
+    for weights in ([1, 1, 1, 1], [3, 1, 2, 5]):
+        sp = _spread(lod, weights, 0.4, OWL_LAMBDA)
+        assert sum(s * w for s, w in zip(sp, weights)) / sum(weights) == pytest.approx(0.4)
+        assert max(sp) - min(sp) == pytest.approx(2 * OWL_LAMBDA)
+        assert sp.index(min(sp)) == 3 and sp.index(max(sp)) == 0  # most outliers, least pruned
+    assert _spread([2.0, 2.0], [1, 1], 0.3, OWL_LAMBDA) == [0.3, 0.3]
+
+
+def test_owl_prunes_the_layer_with_outliers_least():
+    model = tiny_model("llama", num_hidden_layers=4)
+    a = get_adapter(model)
+    with torch.no_grad():  # a few huge weights in layer 2's down_proj: outliers of |W|·‖X‖
+        a.down_proj(2).weight[:, :6] *= 40
+    stats = stats_of(model)
+    ratios = [outlier_ratio(a, i, stats[i]) for i in range(4)]
+    assert max(ratios) == ratios[2] > 0
+    scores = [get_criterion("wanda-sp").score_layer(a, i, stats[i]) for i in range(4)]
+    plan = allocate("owl", dense_plan(a, "tiny"), a, scores, 0.4, stats=stats)
+    removed = [1 - len(lp.mlp_channels) / a.shape(i).intermediate_size for i, lp in enumerate(plan.layers)]
+    assert removed[2] == min(removed) and max(removed) - min(removed) > 0.1
+    before = sum(a.layer_params(s) for s in a.shapes())
+    after = sum(a.layer_params(lp.shape()) for lp in plan.layers)
+    assert abs((before - after) / before - 0.4) < 0.02
+    with pytest.raises(DomainpruneError, match="needs calibration statistics"):
+        allocate("owl", dense_plan(a, "tiny"), a, scores, 0.4)
+
+
+# --- CFSP ----------------------------------------------------------------------------------------------------------
+
+
+def test_cfsp_coarse_ratios():
+    angles = [30000.0, 10000.0, 20000.0, 60000.0]
+    keep = cfsp_keep_ratios(angles, 0.5)
+    assert sum(keep) / 4 == pytest.approx(0.5) and max(keep) < 1
+    assert sorted(range(4), key=keep.__getitem__) == sorted(range(4), key=angles.__getitem__)  # more change, more kept
+    steep = cfsp_keep_ratios(angles, 0.5, a=40.0)  # would exceed 1: deviations shrunk, budget kept
+    assert max(steep) < 1 and sum(steep) / 4 == pytest.approx(0.5)
+
+
+def test_cfsp_scores_depend_on_weights_not_only_on_activations():
+    """The reference bug made s_j = (3/d)·‖X_j‖; with row-wise shares, a channel whose weights are zero scores 0
+    and one with larger weights outranks an equally active channel."""
+    model = tiny_model("llama")
+    a = get_adapter(model)
+    with torch.no_grad():
+        for p in (*a.mlp_in_projs(0), a.down_proj(0)):
+            w = p.weight
+            (w[3] if w.shape[0] == a.shape(0).intermediate_size else w[:, 3]).zero_()
+    stats = stats_of(model)
+    s = stats[0]
+    s = {**s, "mlp_in_sqsum": torch.ones_like(s["mlp_in_sqsum"])}  # equal activations: only weights can differ
+    with torch.no_grad():
+        a.down_proj(0).weight[:, 5] *= 4
+    ch = get_criterion("cfsp").score_layer(a, 0, s).channels
+    assert ch[3] == 0 and ch.argmin() == 3
+    assert ch[5] > ch[[c for c in range(len(ch)) if c not in (3, 5)]].max()
+
+
+@pytest.mark.parametrize("allocation", ["owl", "cfsp"])
+def test_prune_with_layerwise_allocation_exports_and_meets_the_budget(allocation, tmp_path):
+    tok = smol_tokenizer()
+    method = "cfsp" if allocation == "cfsp" else "wanda-sp"
+    result = prune(loaded(tiny_lm(), tok), method=method, allocation=allocation, sparsity=0.3, out=tmp_path / "out", progress=False, **CALIB)
+    assert result.recipe.allocation == allocation
+    assert abs(result.plan.params.sparsity - 0.3) < 0.02
+    widths = [lp.shape() for lp in result.plan.layers]
+    if allocation == "cfsp":  # MLP channels only, a different width per layer
+        assert all(w.num_heads == result.plan.model.layers[0][0] for w in widths)
+    assert len({w.intermediate_size for w in widths}) > 1
+    ids = torch.arange(5, 500, 37)[None]
+    torch.testing.assert_close(logits_on(load_pretrained(tmp_path / "out"), ids), logits_on(result.model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_cfsp_is_the_default_allocation_of_cfsp_and_unknown_allocations_fail():
+    assert make_recipe(method="cfsp", sparsity=0.2).allocation == "cfsp"
+    with pytest.raises(DomainpruneError, match="unknown allocation 'bogus'"):
+        make_recipe(method="flap", allocation="bogus", sparsity=0.2)
+    with pytest.raises(DomainpruneError, match="cannot remove"):
+        plan, _, _ = make_plan(loaded(tiny_lm(), smol_tokenizer()), make_recipe(method="cfsp", sparsity=0.9, **CALIB), progress=False)

@@ -15,11 +15,15 @@ Strategies (registered by name):
 
 - `owl`: OWL's outlier-weighted layer sparsity (METHODS.md §12): layers whose Wanda scores |W|·‖X‖ hold more
   outliers (> M·mean, M = 5) are pruned less, within S ± λ (λ = 0.08); then `uniform` inside each layer.
+- `search`: evolutionary search over per-layer sparsity, fitness KL to the dense model on held-out domain
+  sequences (Týr-the-Pruner / DarwinLM-lite; see `domainprune.search`); then `uniform` inside each layer.
 - `cfsp`: CFSP's coarse step (METHODS.md §8): per-layer MLP keep ratios from the angular importance of each block
   (sigmoid-squashed, renormalised to the budget); attention is not pruned, so the MLP carries the whole budget.
 
 Mixture-of-experts models: `keep_top_experts` keeps the N highest-scoring routed experts of every MoE layer
-(`--experts-keep N`, or a fraction of each layer's experts); the same N everywhere gives a stock config.
+(`--experts-keep N`, or a fraction of each layer's experts); the same N everywhere gives a stock config. Channel
+criteria allocate a MoE layer's MLP share (`uniform`, `global` only) inside its experts (`moe_units`): rank slices of
+the routed experts, so every expert of a layer keeps the same number of its own channels, and shared-expert channels.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .adapters import DecoderAdapter
+from .adapters.base import LayerShape
+from .adapters.moe import expert_removals
 from .criteria import LayerScores
 from .errors import DomainpruneError
 from .plan import LayerPlan, Plan
@@ -55,7 +61,7 @@ def register(name: str, needs_statistics: bool = False):
 @dataclass
 class Unit:
     layer: int
-    kind: str  # "attention" | "mlp"
+    kind: str  # "attention" | "mlp" | "expert" (a rank slice of the routed experts) | "shared" (shared-expert channel)
     index: int  # KV group, rank slice, or channel
     score: float
     cost: int
@@ -63,6 +69,8 @@ class Unit:
 
 def attention_units(adapter: DecoderAdapter, i: int, scores: LayerScores, mode: str) -> tuple[list[Unit], list[list[int]]]:
     """The attention units of layer i and, for each, the query heads it holds."""
+    if not adapter.prunable_heads:  # heads cannot be removed exactly (OLMoE; the adapter says why): no units
+        return [], []
     s = adapter.shape(i)
     g = s.group_size
     if mode == "kv_group":
@@ -107,24 +115,61 @@ def _build_plan(dense: Plan, adapter: DecoderAdapter, removed: set[tuple[int, st
     return dense.model_copy(update={"layers": layers})
 
 
-def uniform_counts(adapter: DecoderAdapter, sparsity: float | list[float], mode: str) -> list[tuple[int, int]]:
+def uniform_counts(adapter: DecoderAdapter, sparsity: float | list[float], mode: str, frozen: set[tuple[int, str]] = frozenset()) -> list[tuple[int, int]]:
     """(attention units, MLP channels) to remove in each layer, at one sparsity or one per layer. Depends on
-    shapes only, not on scores, so a sequential run can prune layer by layer."""
+    shapes only, not on scores, so a sequential run can prune layer by layer.
+
+    `frozen`: (layer, "attention"|"mlp") sublayers a depth method already removed. They lose every unit, their
+    parameters count as spent, and one overall `sparsity` becomes the same fraction of every remaining sublayer
+    that brings the total to the budget."""
     counts = []
     mlp_targets: list[float] = []
     channel_cost = adapter.mlp_params(1)
+    shapes = adapter.shapes()
+    if frozen and not isinstance(sparsity, list):
+        sparsity = _sparsity_around(adapter, shapes, sparsity, mode, frozen)
     per_layer = sparsity if isinstance(sparsity, list) else [sparsity] * adapter.num_layers
     for i, sp in enumerate(per_layer):
-        s = adapter.shape(i)
+        s = shapes[i]
         n_units = s.num_kv_heads if mode == "kv_group" else s.group_size
-        n_remove = min(round(sp * n_units), n_units - 1)
+        attn_gone, mlp_gone = (i, "attention") in frozen, (i, "mlp") in frozen
+        n_remove = n_units if attn_gone else min(round(sp * n_units), n_units - 1) if adapter.prunable_heads else 0
         unit_cost = adapter.attention_params(s.group_size, 1) if mode == "kv_group" else adapter.attention_params(s.num_kv_heads, 0)
+        live = (0 if attn_gone else adapter.attention_params(s.num_heads, s.num_kv_heads)) + (0 if mlp_gone else adapter.mlp_params(s.intermediate_size))
+        if s.num_experts and not mlp_gone:  # a mixture-of-experts block: its experts' channels take the MLP share
+            live += adapter.layer_params(s) - adapter.attention_params(s.num_heads, s.num_kv_heads)
         counts.append(n_remove)
-        mlp_targets.append(max(0.0, (sp * adapter.layer_params(s) - n_remove * unit_cost) / channel_cost))
+        mlp_targets.append(max(0.0, (sp * live - (0 if attn_gone else n_remove * unit_cost)) / channel_cost))
     # Rounded per layer, so identical layers keep identical widths (a stock config); the total is then within
     # half a channel per layer of the budget.
     channels = [round(t) for t in mlp_targets]
-    return [(a, min(c, adapter.shape(i).intermediate_size - 1)) for i, (a, c) in enumerate(zip(counts, channels))]
+    return [
+        (a, shapes[i].intermediate_size if (i, "mlp") in frozen else min(c, _mlp_capacity(shapes[i])))
+        for i, (a, c) in enumerate(zip(counts, channels))
+    ]
+
+
+def _sparsity_around(adapter: DecoderAdapter, shapes: list, sparsity: float, mode: str, frozen: set[tuple[int, str]]) -> list[float]:
+    """Per-layer fractions of the remaining (not frozen) parameters that bring the total removed to `sparsity`.
+    A layer whose MLP is gone cannot absorb its attention's rounding, so its removal is fixed first and the layers
+    with an MLP share the rest (identical layers still get identical fractions)."""
+    def attn(s):
+        return adapter.attention_params(s.num_heads, s.num_kv_heads)
+
+    gone = sum(attn(shapes[i]) if k == "attention" else adapter.mlp_params(shapes[i].intermediate_size) for i, k in frozen)
+    total = sum(adapter.layer_params(s) for s in shapes)
+    rest = sparsity * total - gone
+    f0 = max(0.0, rest / (total - gone)) if total > gone else 0.0
+    fixed, live_with_mlp = 0, 0
+    for i, s in enumerate(shapes):
+        if (i, "mlp") not in frozen:
+            live_with_mlp += adapter.layer_params(s) - (attn(s) if (i, "attention") in frozen else 0)
+        elif (i, "attention") not in frozen:
+            n_units = s.num_kv_heads if mode == "kv_group" else s.group_size
+            unit_cost = adapter.attention_params(s.group_size, 1) if mode == "kv_group" else adapter.attention_params(s.num_kv_heads, 0)
+            fixed += min(round(f0 * n_units), n_units - 1) * unit_cost
+    f1 = max(0.0, (rest - fixed) / live_with_mlp) if live_with_mlp else 0.0
+    return [f1 if (i, "mlp") not in frozen else f0 for i in range(len(shapes))]
 
 
 def uniform_layer(adapter: DecoderAdapter, i: int, scores: LayerScores, counts: tuple[int, int], mode: str) -> LayerPlan:
@@ -135,44 +180,119 @@ def uniform_layer(adapter: DecoderAdapter, i: int, scores: LayerScores, counts: 
     gone_heads = {h for u in gone for h in heads_of[u.index]}
     query_heads = [h for h in range(s.num_heads) if h not in gone_heads]
     kv_heads = [k for k in range(s.num_kv_heads) if mode != "kv_group" or k not in {u.index for u in gone}]
+    kv_heads = kv_heads if query_heads else []  # every rank slice gone (a sublayer removed by depth pruning)
     gone_channels = set(scores.channels.argsort(stable=True)[: counts[1]].tolist())
     channels = [c for c in range(s.intermediate_size) if c not in gone_channels]
-    return LayerPlan(index=i, kv_heads=kv_heads, query_heads=query_heads, mlp_channels=channels)
+    lp = LayerPlan(index=i, kv_heads=kv_heads, query_heads=query_heads, mlp_channels=channels)
+    if s.num_experts and scores.expert_channels is not None:
+        # counts[1] channels' worth from the routed experts and the shared expert, the same fraction of each
+        # (each expert keeps a multiple of `expert_width_multiple`; the shared expert absorbs that rounding)
+        total = s.num_experts * s.expert_width + s.shared_width
+        r_shared = round(counts[1] * s.shared_width / total)
+        want = (counts[1] - r_shared) / s.num_experts
+        r_expert = min(expert_removals(s.expert_width, adapter.expert_width_multiple), key=lambda r: (abs(r - want), r))
+        r_shared = min(max(counts[1] - r_expert * s.num_experts, 0), max(s.shared_width - 1, 0))
+        lp = lp.model_copy(update=moe_channel_plan(s, scores, r_expert, r_shared))
+    return lp
+
+
+def _mlp_capacity(s: LayerShape) -> int:
+    """MLP channels (of 3·hidden parameters each) layer i can lose: all but one of the dense MLP's, or of each
+    routed expert's and of the shared expert's in a mixture-of-experts layer."""
+    if s.num_experts:
+        return s.num_experts * (s.expert_width - 1) + max(s.shared_width - 1, 0)
+    return s.intermediate_size - 1
+
+
+def moe_channel_plan(s: LayerShape, scores: LayerScores, expert_slices: int, shared_removed: int | set[int]) -> dict:
+    """`expert_channels` / `shared_channels` of a mixture-of-experts layer: every routed expert loses its
+    `expert_slices` weakest channels (the same count for all: one fused tensor), the shared expert its
+    `shared_removed` weakest (or exactly these channels, given a set)."""
+    order = scores.expert_channels.argsort(dim=1, stable=True)
+    out: dict = {
+        "experts": list(range(s.num_experts)),  # all kept: channel criteria never remove experts
+        "expert_channels": {e: sorted(order[e, expert_slices:].tolist()) for e in range(s.num_experts)},
+    }
+    if s.shared_width and scores.shared_channels is not None:
+        gone = shared_removed if isinstance(shared_removed, set) else set(scores.shared_channels.argsort(stable=True)[:shared_removed].tolist())
+        out["shared_channels"] = [c for c in range(s.shared_width) if c not in gone]
+    return out
+
+
+def moe_units(adapter: DecoderAdapter, i: int, scores: LayerScores) -> tuple[list[Unit], list[Unit]]:
+    """Layer i's channel units in a mixture-of-experts layer (none elsewhere): blocks of rank slices of the routed
+    experts (slice r = the r-th weakest channel of every expert, so that every expert keeps the same count, like
+    query-head rank slices; a block spans the slices between two widths `expert_removals` allows and scores their
+    mean) and the shared expert's channels. The strongest shared channel is not a unit: the shared expert, like
+    every routed expert, keeps at least one channel. Unit.index of a block is its position b."""
+    s = adapter.shape(i)
+    if not s.num_experts or scores.expert_channels is None:
+        return [], []
+    full = adapter.layer_params(s)
+    slice_cost = full - adapter.layer_params(replace(s, expert_width=s.expert_width - 1))
+    ranked = scores.expert_channels.sort(dim=1, stable=True).values
+    bounds = expert_removals(s.expert_width, adapter.expert_width_multiple)
+    slices = [
+        Unit(i, "expert", b, float(ranked[:, lo:hi].mean()), (hi - lo) * slice_cost)
+        for b, (lo, hi) in enumerate(zip(bounds, bounds[1:]))
+    ]
+    shared: list[Unit] = []
+    if s.shared_width > 1 and scores.shared_channels is not None:
+        cost = full - adapter.layer_params(replace(s, shared_width=s.shared_width - 1))
+        strongest = int(scores.shared_channels.argsort(stable=True)[-1])
+        shared = [Unit(i, "shared", c, float(v), cost) for c, v in enumerate(scores.shared_channels.tolist()) if c != strongest]
+    return slices, shared
 
 
 @register("uniform")
-def allocate_uniform(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool) -> Plan:
-    counts = uniform_counts(adapter, sparsity, mode)
+def allocate_uniform(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, frozen: set[tuple[int, str]] = frozenset()) -> Plan:
+    counts = uniform_counts(adapter, sparsity, mode, frozen)
     layers = [uniform_layer(adapter, i, sc, counts[i], mode) for i, sc in enumerate(scores)]
     return dense.model_copy(update={"layers": layers})
 
 
 @register("global")
-def allocate_global(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool) -> Plan:
+def allocate_global(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, frozen: set[tuple[int, str]] = frozenset()) -> Plan:
     units: list[Unit] = []
     unit_heads: dict[int, list[list[int]]] = {}
     channel_cost = adapter.mlp_params(1)
     for i, sc in enumerate(scores):
         attn, unit_heads[i] = attention_units(adapter, i, sc, mode)
         mlp = [Unit(i, "mlp", c, float(v), channel_cost) for c, v in enumerate(sc.channels.tolist())]
+        expert_slices, shared = moe_units(adapter, i, sc)
         if not standardized:  # FLAP's standardisation, per layer and module, for criteria that do not do it
-            for group in (attn, mlp):
+            for group in (attn, mlp, expert_slices, shared):
                 for u, z in zip(group, _zscore([u.score for u in group])):
                     u.score = z
-        units += attn + mlp
+        units += attn + mlp + expert_slices + shared
     total = sum(adapter.layer_params(adapter.shape(i)) for i in range(len(scores)))
     target = sparsity * total
     # Sort weakest first (ties: keep the earlier layer and lower index); in query_head mode a layer's rank slices
     # must go in rank order, which their scores already guarantee (slice r averages each group's r-th weakest head).
     units.sort(key=lambda u: (u.score, u.layer, u.kind, u.index))
-    removed: set[tuple[int, str, int]] = set()
-    cum = 0
+    # sublayers removed by depth pruning (`frozen`): every unit gone, its cost already spent from the budget
+    removed = {(u.layer, u.kind, u.index) for u in units if (u.layer, u.kind) in frozen}
+    cum = sum(u.cost for u in units if (u.layer, u.kind) in frozen)
     for u in units:
+        if (u.layer, u.kind) in frozen:
+            continue
         if abs(cum + u.cost - target) > abs(cum - target) and cum + u.cost > target:
             break
         removed.add((u.layer, u.kind, u.index))
         cum += u.cost
-    return _build_plan(dense, adapter, removed, unit_heads, mode)
+    plan = _build_plan(dense, adapter, removed, unit_heads, mode)
+    if not adapter.has_experts():
+        return plan
+    layers = []
+    for lp, sc in zip(plan.layers, scores):
+        s = adapter.shape(lp.index)
+        if s.num_experts and sc.expert_channels is not None:  # blocks go weakest first, so b < their count
+            blocks = sum(1 for layer, kind, _ in removed if layer == lp.index and kind == "expert")
+            slices = expert_removals(s.expert_width, adapter.expert_width_multiple)[blocks]
+            gone = {c for layer, kind, c in removed if layer == lp.index and kind == "shared"}
+            lp = lp.model_copy(update=moe_channel_plan(s, sc, slices, gone))
+        layers.append(lp)
+    return plan.model_copy(update={"layers": layers})
 
 
 NIRVANA_GAMMA = 3.0  # Llama-3.2-3B's γ (3.36 for Llama-3.1-8B)
@@ -244,19 +364,30 @@ def allocate_nirvana(dense: Plan, adapter: DecoderAdapter, scores: list[LayerSco
     return _build_plan(dense, adapter, removed, unit_heads, mode)
 
 
-def allocate(strategy: str, dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, *, attention_unit: str = "kv_group", standardized: bool = False, stats: list | None = None) -> Plan:
+def allocate(strategy: str, dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, *, attention_unit: str = "kv_group", standardized: bool = False, stats: list | None = None, context=None, frozen: set[tuple[int, str]] = frozenset()) -> Plan:
+    """Plan `sparsity` of the attention+MLP parameters with `strategy`; `context` is the search's (see search.py)."""
     if strategy not in ALLOCATIONS:
         raise DomainpruneError(f"unknown allocation {strategy!r}; available: {', '.join(sorted(ALLOCATIONS))}")
     if not 0 <= sparsity < 1:
         raise DomainpruneError(f"--sparsity must be in [0, 1), got {sparsity}")
     if attention_unit not in ATTENTION_UNITS:
         raise DomainpruneError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}, not {attention_unit!r}")
+    if adapter.has_experts() and (strategy not in ("global", "uniform") or frozen):
+        raise DomainpruneError(
+            f"--allocation {strategy}{' after depth pruning' if frozen else ''} does not handle mixture-of-experts "
+            "layers; use --allocation uniform or global"
+        )
+    if frozen:  # after depth pruning: these two spend the rest of one budget around the removed sublayers
+        if strategy not in ("global", "uniform"):
+            raise DomainpruneError(f"--allocation {strategy} cannot follow depth pruning (--depth); use global or uniform")
+        return ALLOCATIONS[strategy](dense, adapter, scores, sparsity, attention_unit, standardized, frozen=frozen)
     fn = ALLOCATIONS[strategy]
+    extra = {"context": context} if context is not None else {}
     if fn.needs_statistics:
         if stats is None:
             raise DomainpruneError(f"allocation {strategy!r} needs calibration statistics; give --data")
-        return fn(dense, adapter, scores, sparsity, attention_unit, standardized, stats=stats)
-    return fn(dense, adapter, scores, sparsity, attention_unit, standardized)
+        return fn(dense, adapter, scores, sparsity, attention_unit, standardized, stats=stats, **extra)
+    return fn(dense, adapter, scores, sparsity, attention_unit, standardized, **extra)
 
 
 def allocation_needs_statistics(strategy: str | None) -> bool:
@@ -365,4 +496,58 @@ def keep_top_experts(plan: Plan, scores: list[torch.Tensor | None], keep: float)
         n = experts_to_keep(keep, len(sc))
         order = sorted(range(len(sc)), key=lambda e: (-float(sc[e]), e))
         layers.append(lp.model_copy(update={"experts": sorted(lp.experts[e] for e in order[:n])}))
+    return plan.model_copy(update={"layers": layers})
+
+
+@register("search", needs_statistics=True)
+def allocate_search(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, *, stats: list, context=None) -> Plan:
+    from .search import search
+
+    if context is None:
+        raise DomainpruneError("allocation 'search' needs the model and held-out data: run it through prune or plan")
+
+    def make(per_layer: list[float]) -> Plan:
+        return _layerwise(dense, adapter, scores, per_layer, mode)
+
+    per_layer, context.summary = search(adapter, sparsity, make, context)
+    return make(per_layer)
+
+
+def aligned(kept: int, total: int, multiple: int) -> int:
+    """`kept` rounded to the nearest multiple of `multiple` (at least one multiple, at most `total`)."""
+    if multiple <= 1 or kept in (0, total):
+        return kept
+    return min(total, max(multiple, multiple * round(kept / multiple)))
+
+
+def align_counts(adapter: DecoderAdapter, counts: list[tuple[int, int]], multiple: int) -> list[tuple[int, int]]:
+    """`uniform_counts` with every dense layer's kept MLP width rounded to a multiple (`--round-to`)."""
+    out = []
+    for i, (a, c) in enumerate(counts):
+        width = adapter.shape(i).intermediate_size
+        out.append((a, c if adapter.shape(i).num_experts else width - aligned(width - c, width, multiple)))
+    return out
+
+
+def align_widths(plan: Plan, scores: list[LayerScores], multiple: int) -> Plan:
+    """Round every dense layer's kept MLP width to the nearest multiple of `multiple` (`--round-to`): GPU matrix
+    kernels run fastest on widths that are multiples of 64 or 128, and an odd width can make a pruned model slower
+    than the dense one. Channels are added back (strongest removed first) or removed (weakest kept first) by the
+    criterion's scores; nearest rounding moves the total by less than half a multiple per layer, in both directions."""
+    if multiple <= 1:
+        return plan
+    layers = []
+    for lp, sc in zip(plan.layers, scores):
+        total = len(sc.channels)
+        if lp.drop or not lp.mlp_channels or lp.experts is not None:
+            layers.append(lp)
+            continue
+        want = aligned(len(lp.mlp_channels), total, multiple)
+        order = sorted(range(total), key=lambda c: (-float(sc.channels[c]), c))  # strongest first
+        kept = set(lp.mlp_channels)
+        if want > len(kept):
+            kept |= set([c for c in order if c not in kept][: want - len(kept)])
+        else:
+            kept -= set([c for c in reversed(order) if c in kept][: len(kept) - want])
+        layers.append(lp.model_copy(update={"mlp_channels": sorted(kept)}))
     return plan.model_copy(update={"layers": layers})

@@ -30,8 +30,8 @@ console = Console(stderr=True)
 # Options shared by several commands.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m), HF folder, .gguf file or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
-MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude, cfsp, taylor, fisher, dpruner, gaprune, nirvana; for MoE experts: expert-frequency, easy-ep, tcess.")]
-AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl or cfsp [default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform].")]
+MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess.")]
+AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl, cfsp or search [default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform].")]
 SparsityOpt = Annotated[Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")]
 TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
 ExpertsKeepOpt = Annotated[Optional[float], typer.Option(help="MoE models: routed experts kept per layer, a count (4) or a fraction (0.5); with an expert method.")]
@@ -40,6 +40,7 @@ SamplesOpt = Annotated[int, typer.Option(help="Calibration sequences.")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sequence.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
 BiasOpt = Annotated[Optional[bool], typer.Option("--bias-compensation/--no-bias-compensation", help="FLAP bias compensation [default: on for flap].")]
+ReconstructOpt = Annotated[Optional[str], typer.Option(help="obs: refit the kept o_proj/down_proj columns by least squares on the calibration data, layer by layer (structured OBS); none: off [default: obs for method obs, else none].")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
@@ -91,12 +92,15 @@ def _recipe_options(
     allocation: AllocOpt = None,
     sparsity: SparsityOpt = None,
     target_params: TargetOpt = None,
+    depth: Annotated[Optional[str], typer.Option(help="Depth pruning before the width --method: shortgpt (whole layers) or finercut (attention/MLP sublayers); with --depth-sparsity.")] = None,
+    depth_sparsity: Annotated[Optional[float], typer.Option(help="With --depth: the part of the budget (fraction of attention+MLP parameters) removed by depth; the width method removes the rest.")] = None,
     experts_keep: ExpertsKeepOpt = None,
     attention_unit: UnitOpt = "kv_group",
     calib_samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
     bias_compensation: BiasOpt = None,
+    reconstruct: ReconstructOpt = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
@@ -107,8 +111,13 @@ def _recipe_options(
     micro_batch: MicroBatchOpt = None,
     gradient_checkpointing: CheckpointingOpt = False,
     taylor_mode: TaylorModeOpt = None,
+    round_to: Annotated[Optional[int], typer.Option(help="Round every layer's kept MLP width to a multiple of this (64 or 128 for fast GPU kernels); the budget is then met to within half a multiple per layer.")] = None,
     vocab_coverage: VocabCoverageOpt = None,
     vocab_size: VocabSizeOpt = None,
+    search_generations: Annotated[Optional[int], typer.Option(help="--allocation search: generations per round [default: 8].")] = None,
+    search_offspring: Annotated[Optional[int], typer.Option(help="--allocation search: offspring per generation [default: 16].")] = None,
+    search_rounds: Annotated[Optional[int], typer.Option(help="--allocation search: coarse-to-fine rounds, step halved each [default: 3].")] = None,
+    search_samples: Annotated[Optional[int], typer.Option(help="--allocation search: held-out validation sequences for the KL fitness [default: 32].")] = None,
 ):
     """The Recipe fields as command-line options, declared once (see `recipe_command`)."""
 

@@ -98,10 +98,21 @@ def _probe_logits(model: torch.nn.Module) -> torch.Tensor:
     return model(input_ids=ids).logits.float().cpu()
 
 
+def _verify_device(model: torch.nn.Module) -> torch.device:
+    """Where to reload for verification: the model's own device when a second copy fits there, because bf16/fp16
+    kernels differ between devices by more than any useful tolerance over a deep model; otherwise the CPU."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return torch.device("cpu")
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if free > 1.2 * need else torch.device("cpu")
+
+
 def verify_export(model: torch.nn.Module, folder: Path, atol: float | None = None) -> float:
     """Reload `folder` the way users will and compare logits with the in-memory model; returns the max difference."""
     reference = _probe_logits(model)
-    reloaded = load_pretrained(folder, dtype=next(model.parameters()).dtype, device="cpu")
+    reloaded = load_pretrained(folder, dtype=next(model.parameters()).dtype, device=_verify_device(model))
     got = _probe_logits(reloaded)
     diff = float((got - reference).abs().max()) if got.shape == reference.shape else float("inf")
     if atol is None:

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from .adapters import DecoderAdapter, get_adapter
-from .allocation import ALLOCATIONS, ATTENTION_UNITS, allocate, allocation_needs_statistics, keep_top_experts, uniform_counts, uniform_layer
+from .allocation import ALLOCATIONS, ATTENTION_UNITS, align_counts, align_widths, allocate, allocation_needs_statistics, keep_top_experts, uniform_counts, uniform_layer
 from .criteria import CRITERIA, get_criterion
 from .criteria.gradient import TAYLOR_MODES, GradientContext
 from .data import load_corpus
@@ -26,6 +26,7 @@ from .errors import DomainpruneError
 from .evaluate import parameter_count
 from .export import check_output_folder, save_pruned
 from .models import LoadedModel, load_model
+from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
 from .plan import Plan, dense_plan, validate_plan
 from .stats import collect_statistics, derived
 from .surgery import apply_plan, finish, prune_layer
@@ -49,14 +50,23 @@ class Recipe(BaseModel):
     allocation: str | None = None  # None: the method's default (global for flap, uniform otherwise)
     sparsity: float | None = None  # fraction of attention+MLP parameters removed
     target_params: int | None = None  # or: total parameters wanted
+    # depth pruning before the width method (domainprune.depth): `depth` (shortgpt, finercut) removes layers or
+    # sublayers worth `depth_sparsity` of the attention+MLP parameters; the width method removes the rest of the budget
+    depth: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    depth_sparsity: float | None = Field(default=None, ge=0, lt=1, exclude_if=lambda v: v is None)
     # mixture-of-experts models: routed experts kept per MoE layer, a count (≥ 1) or a fraction (< 1) of each
     # layer's experts; needs an expert method (expert-frequency, easy-ep, tcess)
     experts_keep: int | float | None = Field(default=None, exclude_if=lambda v: v is None)
     attention_unit: str = "kv_group"
+    # kept MLP widths rounded to a multiple of this (64 or 128 for GPU kernels; None: exact budget)
+    round_to: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
     calib_samples: int = Field(128, ge=1)
     seq_len: int = Field(256, ge=2)
     batch_size: int = Field(8, ge=1)
     bias_compensation: bool | None = None  # None: the method's default (on for flap)
+    # structured OBS reconstruction (domainprune.obs, METHODS §11): "obs" refits the kept o_proj/down_proj columns by
+    # least squares, layer-sequentially; "none" or None: off (None: the method's default, "obs" for method obs)
+    reconstruct: str | None = Field(default=None, exclude_if=lambda v: v is None)
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
@@ -72,6 +82,13 @@ class Recipe(BaseModel):
     calib_candidates: int = Field(1, ge=1, exclude_if=lambda v: v == 1)
     calib_candidate: int = Field(0, ge=0, exclude_if=lambda v: v == 0)  # which subset this recipe uses
     calib_kl: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)  # KL of each candidate
+    # --allocation search (domainprune.search): generations per round, offspring per generation, coarse-to-fine
+    # rounds, held-out validation sequences for the fitness; None: the defaults, filled in when the search runs
+    search_generations: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
+    search_offspring: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
+    search_rounds: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
+    search_samples: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
+    search_kl: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)  # KL: uniform start, result
     # vocabulary trimming after pruning (domainprune.vocab): keep the tokens covering this fraction of the domain's
     # calibration tokens, or exactly this many; special tokens, byte alphabet and merge closure always kept
     vocab_coverage: float | None = Field(default=None, gt=0, le=1, exclude_if=lambda v: v is None)
@@ -92,10 +109,16 @@ class Recipe(BaseModel):
             raise ValueError("give exactly one of sparsity and target_params")
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if (self.depth is None) != (self.depth_sparsity is None):
+            raise ValueError("give --depth and --depth-sparsity together, e.g. --depth shortgpt --depth-sparsity 0.1")
+        if self.depth_sparsity is not None and self.sparsity is not None and self.depth_sparsity > self.sparsity:
+            raise ValueError(f"--depth-sparsity {self.depth_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; available: {', '.join(sorted(ALLOCATIONS))}")
         if self.attention_unit not in ATTENTION_UNITS:
             raise ValueError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}")
+        if self.reconstruct not in (None, "none", "obs"):
+            raise ValueError(f"--reconstruct must be obs or none, not {self.reconstruct!r}")
         if self.taylor_mode is not None and self.taylor_mode not in TAYLOR_MODES:
             raise ValueError(f"--taylor-mode must be one of {', '.join(TAYLOR_MODES)}, not {self.taylor_mode!r}")
         if self.vocab_coverage is not None and self.vocab_size is not None:
@@ -103,6 +126,17 @@ class Recipe(BaseModel):
         if self.calib_candidate >= self.calib_candidates:
             raise ValueError(f"calib_candidate {self.calib_candidate} is not below calib_candidates {self.calib_candidates}")
         return self
+
+    def search_defaults(self) -> dict[str, int]:
+        from .search import SearchSettings
+
+        d = SearchSettings()
+        return {
+            "search_generations": self.search_generations or d.generations,
+            "search_offspring": self.search_offspring or d.offspring,
+            "search_rounds": self.search_rounds or d.rounds,
+            "search_samples": self.search_samples or d.samples,
+        }
 
     def resolved(self) -> "Recipe":
         """Fill the method-dependent defaults so the saved recipe says exactly what ran."""
@@ -116,17 +150,52 @@ class Recipe(BaseModel):
                 )
         elif self.experts_keep is not None:
             raise DomainpruneError(
-                f"--experts-keep needs an expert method (expert-frequency, easy-ep, tcess), not {self.method!r}"
+                f"--experts-keep needs an expert method (expert-frequency, easy-ep, tcess), not {self.method!r}; to "
+                "prune experts and channels, run prune twice: experts first (docs/moe.md)"
             )
         gradient = getattr(criterion, "needs_gradients", False)
+        reconstruct = self.reconstruct or getattr(criterion, "default_reconstruct", None)
+        if getattr(criterion, "chooses_units", False):
+            if reconstruct != "obs":
+                raise DomainpruneError(f"method {self.method!r} always reconstructs; leave out --reconstruct none")
+            if (self.allocation or criterion.default_allocation) != "uniform":
+                raise DomainpruneError(
+                    f"method {self.method!r} fills each layer's uniform budget greedily; use --allocation uniform "
+                    "(or another method with --reconstruct obs)"
+                )
+        check_depth_recipe(self, criterion)
+        if reconstruct == "obs" and criterion.scores_experts:
+            raise DomainpruneError("--reconstruct obs refits dense heads and MLP channels, not experts; leave it out with an expert method")
         return self.model_copy(
             update={
+                "reconstruct": None if reconstruct == "none" else reconstruct,
                 "micro_batch": self.micro_batch or (1 if gradient else None),
                 "taylor_mode": self.taylor_mode or ("vector" if self.method == "taylor" else None),
                 "allocation": self.allocation or criterion.default_allocation,
+                **(self.search_defaults() if (self.allocation or criterion.default_allocation) == "search" else {}),
                 "bias_compensation": criterion.default_bias_compensation if self.bias_compensation is None else self.bias_compensation,
             }
         )
+
+
+def search_context(loaded: LoadedModel, recipe: Recipe, sequences: torch.Tensor, stats: list[dict], progress: bool):
+    """The dense model, held-out validation sequences of the domain and the settings `--allocation search` uses."""
+    from . import cache
+    from .search import SEARCH_VERSION, SearchContext, SearchSettings
+    from .stats import model_fingerprint, tensor_fingerprint
+
+    held_out = load_corpus(recipe.data, text_field=recipe.text_field).sequences(
+        loaded.tokenizer, "validation", recipe.search_samples, recipe.seq_len, samples_option="--search-samples"
+    )
+    settings = SearchSettings(generations=recipe.search_generations, offspring=recipe.search_offspring,
+                              rounds=recipe.search_rounds, batch_size=recipe.batch_size)
+    key = cache.fingerprint(
+        "search", SEARCH_VERSION, model_fingerprint(loaded.model), tensor_fingerprint(sequences), tensor_fingerprint(held_out),
+        recipe.method, recipe.sparsity, recipe.target_params, recipe.attention_unit, recipe.bias_compensation, recipe.seed,
+        recipe.taylor_mode, recipe.general_ratio, repr(settings),
+    )
+    means = [derived(s) for s in stats] if recipe.bias_compensation else None
+    return SearchContext(loaded.model, held_out, settings, means, key, seed=recipe.seed, progress=progress)
 
 
 def make_recipe(**kwargs: Any) -> Recipe:
@@ -268,11 +337,20 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
     need_stats = criterion.needs_statistics or recipe.bias_compensation or allocation_needs_statistics(recipe.allocation)
     if criterion.scores_experts and not adapter.has_experts():
         raise DomainpruneError(f"method {recipe.method!r} prunes experts, but this {adapter.model_type!r} model has no mixture-of-experts layers")
-    if adapter.has_experts() and not criterion.scores_experts:
+    if adapter.has_experts() and not (criterion.scores_experts or criterion.scores_moe_channels):
         raise DomainpruneError(
-            f"this {adapter.model_type!r} model is a mixture of experts; method {recipe.method!r} scores dense heads and "
-            "MLP channels, which is not supported on it: use --method expert-frequency, easy-ep or tcess with --experts-keep"
+            f"this {adapter.model_type!r} model is a mixture of experts; method {recipe.method!r} cannot score its "
+            "experts' channels: use --method magnitude, wanda-sp or flap (heads and channels inside experts), or "
+            "expert-frequency, easy-ep or tcess with --experts-keep (whole experts)"
         )
+    if adapter.has_experts() and getattr(recipe, "reconstruct", False):
+        raise DomainpruneError("--reconstruct does not handle mixture-of-experts layers; leave it out on this model")
+    depth = depth_stage(loaded, recipe, criterion, adapter, sparsity, progress)  # None without depth pruning
+    if depth is not None and depth.method == recipe.method:  # a depth method alone: its removal is the plan
+        plan = depth.mark(dense, dense)
+        plan.params = plan.count_params(adapter, total_before)
+        return plan.model_copy(update={"recipe": recipe.model_dump()}), None, False
+    frozen = depth.frozen() if depth is not None else frozenset()  # zeroed: width below sees the depth-pruned model
     gradient = getattr(criterion, "needs_gradients", False)
     two_streams = getattr(criterion, "two_streams", False)
     sequences = calibration_sequences(recipe, loaded.tokenizer, mix=not two_streams) if need_stats or gradient else None
@@ -288,13 +366,31 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
         plan = keep_top_experts(dense, scores, recipe.experts_keep)
         plan.params = plan.count_params(adapter, total_before)
         pruned = False
+    elif recipe.reconstruct and criterion.sequential and recipe.allocation == "uniform":
+        # choose each layer's units on its current inputs and refit it, in one layer-sequential pass (domainprune.obs)
+        from .obs import GreedyOBS, ScoredUniform, reconstruct_layers
+
+        counts = align_counts(adapter, uniform_counts(adapter, sparsity, recipe.attention_unit), recipe.round_to or 1)
+        bias = bool(recipe.bias_compensation)
+        if getattr(criterion, "chooses_units", False):
+            chooser = GreedyOBS(adapter, counts, recipe.attention_unit, bias=bias)
+        else:
+            chooser = ScoredUniform(criterion, adapter, counts, recipe.attention_unit)
+        layers, stats = reconstruct_layers(model, adapter, sequences, chooser, batch_size=recipe.batch_size, bias=bias, progress=progress)
+        plan = dense.model_copy(update={"layers": layers})
+        plan.params = plan.count_params(adapter, total_before)  # before `finish` adds zero q/k/v biases
+        finish(adapter, plan, bias)
+        pruned = True
     elif criterion.sequential and recipe.allocation == "uniform":
-        counts = uniform_counts(adapter, sparsity, recipe.attention_unit)
+        counts = align_counts(adapter, uniform_counts(adapter, sparsity, recipe.attention_unit, frozen), recipe.round_to or 1)
         layers = []
 
         def after_layer(i: int, layer_stats: dict) -> bool:
             lp = uniform_layer(adapter, i, criterion.score_layer(adapter, i, layer_stats), counts[i], recipe.attention_unit)
+            lp = depth.mark_layer(lp, dense.layers[i]) if depth is not None else lp
             layers.append(lp)
+            if lp.drop:  # zeroed: already the identity, dropped by `finish`
+                return False
             prune_layer(adapter, lp, derived(layer_stats) if recipe.bias_compensation else None)
             return True
 
@@ -307,10 +403,16 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
         if need_stats:
             stats = collect_statistics(model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
         scores = [criterion.score_layer(adapter, i, stats[i] if stats else None) for i in range(adapter.num_layers)]
+        context = search_context(loaded, recipe, sequences, stats, progress) if recipe.allocation == "search" else None
         plan = allocate(
             recipe.allocation, dense, adapter, scores, sparsity,
-            attention_unit=recipe.attention_unit, standardized=criterion.standardized, stats=stats,
+            attention_unit=recipe.attention_unit, standardized=criterion.standardized, stats=stats, context=context,
+            frozen=frozen,
         )
+        plan = align_widths(plan, scores, recipe.round_to or 1)
+        plan = depth.mark(plan, dense) if depth is not None else plan
+        if context is not None:
+            recipe = recipe.model_copy(update={"search_kl": [round(context.summary["start_kl"], 8), round(context.summary["kl"], 8)]})
         plan.params = plan.count_params(adapter, total_before)
         pruned = False
     return plan.model_copy(update={"recipe": recipe.model_dump()}), stats, pruned
@@ -318,13 +420,25 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
 
 def apply(loaded: LoadedModel, plan: Plan, *, stats: list[dict] | None = None, progress: bool = True) -> DecoderAdapter:
     """Prune the loaded model to `plan`. If the plan's recipe asks for bias compensation, the calibration means
-    come from `stats` or, failing that, from a (cached) statistics pass over the recipe's data."""
+    come from `stats` or, failing that, from a (cached) statistics pass over the recipe's data. If it asks for
+    `reconstruct="obs"`, the plan is applied layer by layer with the least-squares refit on the recipe's calibration
+    data instead (domainprune.obs; the compensation bias is then fitted with it)."""
     recipe = make_recipe(**plan.recipe) if plan.recipe else None  # a hand-edited recipe fails in one line
     validate_plan(plan, get_adapter(loaded.model))  # before the statistics pass, not after it
+    if recipe is not None and recipe.reconstruct:
+        from .obs import FixedPlan, reconstruct_layers
+
+        adapter = get_adapter(loaded.model)
+        bias = bool(recipe.bias_compensation)
+        sequences = calibration_sequences(recipe, loaded.tokenizer)
+        reconstruct_layers(loaded.model, adapter, sequences, FixedPlan(plan), batch_size=recipe.batch_size, bias=bias, progress=progress)
+        finish(adapter, plan, bias)
+        return adapter
     means = None
     if recipe is not None and recipe.bias_compensation:
         if stats is None:
             adapter = get_adapter(loaded.model)
+            zero_removed(adapter, plan_frozen(plan))  # statistics of the depth-pruned model, as make_plan saw it
             sequences = calibration_sequences(recipe, loaded.tokenizer)
             stats = collect_statistics(loaded.model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
         means = [derived(s) for s in stats]
@@ -361,7 +475,8 @@ def prune(
     """Prune `model` (a preset, folder, .gguf file, hub id, or an already loaded model) for the domain in `data`.
 
     Recipe fields: data, method, allocation, sparsity | target_params, experts_keep (MoE models, with an expert
-    method), attention_unit, calib_samples, seq_len, batch_size, bias_compensation, seed, dtype, device, text_field,
+    method), attention_unit, calib_samples, seq_len, batch_size, bias_compensation, reconstruct ("obs": structured
+    OBS least-squares refit, domainprune.obs), seed, dtype, device, text_field,
     general_data, general_ratio, calib_candidates, micro_batch, gradient_checkpointing, taylor_mode (docs/criteria.md).
     With `out`, the pruned checkpoint (plus plan.json, recipe.json and report.json) is written there, verified, and
     moved into place.
@@ -373,6 +488,7 @@ def prune(
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
     plan, stats, pruned = make_plan(loaded, recipe, progress=progress)
+    recipe = Recipe.model_validate(plan.recipe)  # with what planning recorded (calib_kl, search_kl)
     if not pruned:
         apply(loaded, plan, stats=stats, progress=progress)
     vocab = trim_vocab_stage(loaded, recipe) if recipe.vocab_coverage or recipe.vocab_size else None

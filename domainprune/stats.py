@@ -13,7 +13,8 @@ Per layer the statistics are (float64):
 - `block_cos_sum`, `block_angle_sum`: Σ_tokens (1 − cos(h_in, h_out)) and Σ arccos(cos)/π of the layer,
 - `tokens`,
 - in mixture-of-experts layers, per routed expert: `expert_selected`, `expert_gate_sum`, `expert_easyep`,
-  `expert_tcess_sum` (collected by the adapter's `expert_hooks`; see `adapters.moe`).
+  `expert_tcess_sum`, and per channel of each routed expert and of the shared expert `expert_in_sum`/`_sqsum`,
+  `shared_in_sum`/`_sqsum` (collected by the adapter's `expert_hooks`; see `adapters.moe`).
 They are cached per layer on disk; an interrupted run resumes from the last finished layer.
 """
 
@@ -33,7 +34,7 @@ from . import cache
 from .adapters import DecoderAdapter
 
 log = logging.getLogger(__name__)
-STATS_VERSION = 2
+STATS_VERSION = 3  # 3: per-expert channel statistics (expert_in_*, shared_in_*)
 LayerStats = dict[str, torch.Tensor]
 
 

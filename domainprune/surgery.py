@@ -23,23 +23,33 @@ def _head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
 
 def prune_layer(adapter: DecoderAdapter, lp: LayerPlan, means: dict[str, torch.Tensor] | None = None) -> None:
     """Slice one (still unpruned) layer to `lp`. With `means` (calibration means of the o_proj/down_proj inputs,
-    keys "attn_in_mean"/"mlp_in_mean"), removed units are replaced by their mean output as a bias (FLAP)."""
+    keys "attn_in_mean"/"mlp_in_mean"), removed units are replaced by their mean output as a bias (FLAP); sublayers
+    a depth method removed (`lp.skip`) are never compensated."""
     i, s = lp.index, adapter.shape(lp.index)
     if (len(lp.query_heads), len(lp.kv_heads)) != (s.num_heads, s.num_kv_heads):
         bias = None
-        if means is not None:
+        if means is not None and "self_attn" not in lp.skip:
             cols = _head_columns(lp.query_heads, adapter.head_dim)
             bias = removed_mean_output(adapter.o_proj(i).weight, means["attn_in_mean"], cols)
         adapter.slice_attention(i, lp.query_heads, lp.kv_heads, bias)
     if len(lp.mlp_channels) != s.intermediate_size:
         bias = None
-        if means is not None:
+        if means is not None and "mlp" not in lp.skip:
             cols = torch.tensor(sorted(lp.mlp_channels), dtype=torch.long)
             bias = removed_mean_output(adapter.down_proj(i).weight, means["mlp_in_mean"], cols)
         adapter.slice_mlp(i, lp.mlp_channels, bias)
     if lp.experts is not None and len(lp.experts) != s.num_experts:
         # router rows and expert weights with one index list; top_k capped at the experts left (adapters.moe)
         adapter.slice_experts(i, lp.experts)
+    if lp.expert_channels is not None:
+        # keyed by the original expert index; the kept experts are now renumbered 0..n-1 in that order. No bias
+        # compensation: the fused experts and the MoE block have no output bias to carry it (docs/moe.md)
+        kept = sorted(lp.experts) if lp.experts is not None else list(range(s.num_experts))
+        per_expert = [lp.expert_channels[e] for e in kept]
+        if any(len(c) != s.expert_width for c in per_expert):
+            adapter.slice_expert_channels(i, per_expert)
+    if lp.shared_channels is not None and len(lp.shared_channels) != s.shared_width:
+        adapter.slice_shared_expert(i, lp.shared_channels)
 
 
 def finish(adapter: DecoderAdapter, plan: Plan, compensated: bool) -> None:

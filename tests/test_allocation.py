@@ -130,3 +130,112 @@ def test_cfsp_is_the_default_allocation_of_cfsp_and_unknown_allocations_fail():
         make_recipe(method="flap", allocation="bogus", sparsity=0.2)
     with pytest.raises(DomainpruneError, match="cannot remove"):
         plan, _, _ = make_plan(loaded(tiny_lm(), smol_tokenizer()), make_recipe(method="cfsp", sparsity=0.9, **CALIB), progress=False)
+
+
+# --- evolutionary search -------------------------------------------------------------------------------------------
+
+
+def test_mutations_conserve_the_budget_and_respect_the_levels():
+    import random
+
+    from domainprune.search import MAX_LAYER_SPARSITY, mutate, sparsities
+
+    rng = random.Random(0)
+    for weights in ([100] * 6, [100, 250, 80, 400, 120, 90]):
+        centre = [0.4] * 6
+        offsets = [0] * 6
+        budget = sum(w * c for w, c in zip(weights, centre))
+        for _ in range(300):
+            child = mutate(offsets, centre, 0.1, weights, 4, rng)
+            assert child is not None and sum(child) == sum(offsets) == 0 and max(map(abs, child)) <= 4
+            s = sparsities(child, centre, 0.1, weights)
+            assert sum(w * x for w, x in zip(weights, s)) == pytest.approx(budget)
+            assert all(0 <= x <= MAX_LAYER_SPARSITY for x in s)
+            offsets = child
+
+
+def _search_prune(tmp_path, **extra):
+    tok = smol_tokenizer()
+    fields = dict(method="wanda-sp", allocation="search", sparsity=0.3, search_generations=2, search_offspring=4,
+                  search_rounds=2, search_samples=4, **CALIB)
+    return prune(loaded(tiny_lm(), tok), progress=False, **fields, **extra)
+
+
+def test_search_meets_the_budget_improves_kl_and_resumes_identically(tmp_path, monkeypatch):
+    """Also: a finished search is read back from its state file, not run again."""
+    from domainprune import cache, search
+
+    import shutil
+
+    searches = cache.cache_dir() / "search"  # search states only: tokens and statistics stay cached
+    shutil.rmtree(searches, ignore_errors=True)
+    full = _search_prune(tmp_path)
+    start_kl, kl = full.recipe.search_kl
+    assert kl <= start_kl and full.recipe.search_generations == 2
+    assert abs(full.plan.params.sparsity - 0.3) < 0.02
+    widths = {lp.shape().intermediate_size for lp in full.plan.layers}
+    assert len(widths) > 1  # the search moved sparsity between layers
+
+    # interrupted after the second generation's state is saved, then resumed: the same plan and weights
+    shutil.rmtree(searches)
+    saved = cache.atomic_torch_save
+    calls = {"n": 0}
+
+    def crash_after_two(obj, path):
+        saved(obj, path)
+        if "search" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(search.cache, "atomic_torch_save", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        _search_prune(tmp_path)
+    monkeypatch.setattr(search.cache, "atomic_torch_save", saved)
+    resumed = _search_prune(tmp_path)
+    assert resumed.plan.layers == full.plan.layers and resumed.recipe.search_kl == full.recipe.search_kl
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    monkeypatch.setattr(search, "Fitness", None)  # a finished search needs no evaluation at all
+    assert _search_prune(tmp_path).plan.layers == full.plan.layers
+
+
+def test_masked_candidate_equals_the_sliced_model():
+    """The search scores a candidate by masking o_proj/down_proj inputs; that must be what slicing computes."""
+    from domainprune.pipeline import apply
+    from domainprune.search import Masks
+    from domainprune.stats import derived
+
+    tok = smol_tokenizer()
+    model = tiny_lm()
+    recipe = make_recipe(method="flap", allocation="owl", sparsity=0.4, **CALIB)
+    plan, stats, _ = make_plan(loaded(model, tok), recipe, progress=False)
+    ids = torch.arange(5, 600, 23)[None]
+    a = get_adapter(model)
+    with Masks(a, [derived(s) for s in stats]) as masks:
+        masks.set(plan)
+        masked = logits_on(model, ids)
+    apply(loaded(model, tok), plan, stats=stats)
+    torch.testing.assert_close(masked, logits_on(model, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp"])
+def test_round_to_gives_aligned_widths_near_the_budget(method, tmp_path):
+    """`round_to`: every kept MLP width a multiple (GPU kernels), the budget met to within half a multiple per layer."""
+    from domainprune.allocation import aligned
+
+    assert [aligned(k, 64, 16) for k in (0, 5, 8, 9, 24, 57, 64)] == [0, 16, 16, 16, 32, 64, 64]
+    tok = smol_tokenizer()
+    plain = prune(loaded(tiny_lm(), tok), method=method, sparsity=0.3, progress=False, **CALIB)
+    result = prune(loaded(tiny_lm(), tok), method=method, sparsity=0.3, round_to=8, out=tmp_path / "out", progress=False, **CALIB)
+    widths = [lp.shape().intermediate_size for lp in result.plan.layers]
+    assert all(w % 8 == 0 for w in widths) and any(lp.shape().intermediate_size % 8 for lp in plain.plan.layers)
+    a = get_adapter(tiny_lm())
+    half = 4 * a.mlp_params(1) * a.num_layers
+    assert abs(result.plan.params.attention_mlp_after - plain.plan.params.attention_mlp_after) <= half
+    # the rounding keeps the strongest channels: a superset or subset of the exact plan's, layer by layer
+    for exact, rounded in zip(plain.plan.layers, result.plan.layers):
+        e, r = set(exact.mlp_channels), set(rounded.mlp_channels)
+        assert e <= r or r <= e
+    ids = torch.arange(5, 500, 37)[None]
+    torch.testing.assert_close(logits_on(load_pretrained(tmp_path / "out"), ids), logits_on(result.model, ids), rtol=1e-5, atol=1e-5)

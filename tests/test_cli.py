@@ -17,11 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_model
-from tiny_pipeline import CALIB, VOCAB, assert_same_state, logits_on, save_folder, smol_tokenizer, tiny_lm
+from tiny_pipeline import CALIB, VOCAB, assert_same_state, cli, logits_on, save_folder, smol_tokenizer, tiny_lm
 from transformers import AutoModelForCausalLM
 
 from domainprune import cache, load_pretrained
-from domainprune.cli import main
 from domainprune.data import load_corpus
 from domainprune.evaluate import parameter_count
 from domainprune.models import load_model
@@ -42,20 +41,6 @@ def tokenizer():
 def folder(tokenizer, tmp_path_factory) -> Path:
     """A tiny Llama saved as an ordinary Hugging Face folder with the SmolLM2 tokenizer."""
     return save_folder(tiny_lm(), tokenizer, tmp_path_factory.mktemp("tiny") / "model")
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run `domainprune ARGS` in this process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()  # drop what the test itself printed before
-    argv = sys.argv
-    sys.argv = ["domainprune", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main()
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def ok(capsys, *args) -> str:

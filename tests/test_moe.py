@@ -306,7 +306,7 @@ def test_olmoe_refuses_head_pruning():
     a = get_adapter(model)
     plan = dense_plan(a, "tiny")
     lp = plan.layers[0].model_copy(update={"kv_heads": [0], "query_heads": [0, 1]})
-    with pytest.raises(DomainpruneError, match="cannot be pruned exactly"):
+    with pytest.raises(DomainpruneError, match="cannot be pruned exactly .q_norm/k_norm normalise all heads together"):
         validate_plan(plan.model_copy(update={"layers": [lp, *plan.layers[1:]]}), a)
 
 
@@ -427,12 +427,14 @@ def test_routing_counts_and_scores(arch):
         keep_top_experts(dense_plan(a, "tiny"), freq, 9)
 
 
-def test_dense_methods_refuse_moe_models_and_expert_methods_dense_models():
+def test_gradient_methods_refuse_moe_models_and_expert_methods_dense_models():
     from tiny_models import tiny_model
 
     loaded = LoadedModel(tiny_moe("olmoe"), None, None, "tiny")
-    with pytest.raises(DomainpruneError, match="mixture of experts; method 'magnitude'"):
-        make_plan(loaded, make_recipe(model="tiny", method="magnitude", sparsity=0.2), progress=False)
+    with pytest.raises(DomainpruneError, match="mixture of experts; method 'taylor' cannot score its experts' channels"):
+        make_plan(loaded, make_recipe(model="tiny", method="taylor", sparsity=0.2), progress=False)
+    with pytest.raises(DomainpruneError, match="allocation nirvana-ratio does not handle mixture-of-experts"):
+        make_plan(loaded, make_recipe(model="tiny", method="magnitude", sparsity=0.2, allocation="nirvana-ratio"), progress=False)
     loaded = LoadedModel(tiny_model("llama"), None, None, "tiny")
     with pytest.raises(DomainpruneError, match="has no mixture-of-experts layers"):
         make_plan(loaded, make_recipe(model="tiny", method="easy-ep", experts_keep=2), progress=False)
@@ -490,3 +492,210 @@ def test_cli_prunes_experts(tmp_path, capsys):
     assert exit_.value.code == 0, err
     assert "experts 12/24" in err.replace("\n", "")
     assert json.loads((out / "config.json").read_text())["num_experts"] == 4
+
+
+# --- MLP channels inside experts --------------------------------------------------------------------------------
+
+WIDTH_KEY = {"mixtral": "intermediate_size", "qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size", "olmoe": "intermediate_size"}
+
+
+def zero_channels(model, drop: dict[int, int], shared_drop: int = 0) -> dict[int, dict]:
+    """Zero, in MoE layer i, `drop[i]` down_proj columns of every routed expert (different ones per expert) and
+    `shared_drop` of the shared expert's: those channels contribute exactly nothing. Returns the kept channels as
+    plan fields."""
+    a = get_adapter(model)
+    fields = {}
+    with torch.no_grad():
+        for i, n in drop.items():
+            w = a.expert_width(i)
+            kept = {}
+            for e in range(a.num_experts(i)):
+                gone = [(e * 3 + j * 5) % w for j in range(n)]
+                assert len(set(gone)) == n
+                a.experts(i).down_proj[e][:, gone] = 0
+                kept[e] = [c for c in range(w) if c not in gone]
+            fields[i] = {"expert_channels": kept}
+            if a.shared_expert(i) is not None:
+                sw = a.shared_width(i)
+                a.shared_expert(i).down_proj.weight[:, sw - shared_drop :] = 0
+                fields[i]["shared_channels"] = list(range(sw - shared_drop))
+    return fields
+
+
+def with_fields(plan: Plan, fields: dict[int, dict]) -> Plan:
+    return plan.model_copy(update={"layers": [lp.model_copy(update=fields.get(lp.index, {})) for lp in plan.layers]})
+
+
+def test_zero_expert_channels_removed_leave_logits_unchanged_and_reload(arch, tmp_path):
+    """Equal widths everywhere: stock config (expert width key updated) that AutoModelForCausalLM loads; widths per
+    layer, together with removed experts: per_layer_config and load_pretrained."""
+    model = tiny_moe(arch)
+    a = get_adapter(model)
+    w, sw = a.expert_width(0), a.shared_width(0)
+    before = logits(model)
+    plan = with_fields(dense_plan(a, "tiny"), zero_channels(model, {0: 8, 1: 8, 2: 8}, shared_drop=4))
+    before = logits(model)
+    plan.params = plan.count_params(a, sum(p.numel() for p in model.parameters()))
+    apply_plan(model, plan)
+    after = logits(model)
+    assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
+    assert [(s.expert_width, s.shared_width) for s in a.shapes()] == [(w - 8, sw - 4 if sw else 0)] * 3
+    assert plan.params.total_after == sum(p.numel() for p in model.parameters())
+    out = save_pruned(model, None, tmp_path / "stock")
+    config = json.loads((out / "config.json").read_text())
+    assert "per_layer_config" not in config and config[WIDTH_KEY[arch]] == w - 8
+    if arch == "qwen2_moe":
+        assert config["shared_expert_intermediate_size"] == sw - 4
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(out).eval()), after, atol=1e-6)
+
+    # per-layer widths, and channels of the kept experts only (keyed by their original index)
+    model = tiny_moe(arch)
+    a = get_adapter(model)
+    drop2 = 16 if w == 24 else 0
+    fields = zero_channels(model, {0: 8, 2: drop2}, shared_drop=2)
+    before = logits(model)
+    fields[0]["experts"] = LIVE
+    fields[0]["expert_channels"] = {e: c for e, c in fields[0]["expert_channels"].items() if e in LIVE}
+    apply_plan(model, with_fields(dense_plan(a, "tiny"), fields))
+    after = logits(model)
+    assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
+    assert [(s.num_experts, s.expert_width) for s in a.shapes()] == [(6, w - 8), (E, w), (E, w - drop2)]
+    out = save_pruned(model, None, tmp_path / "hetero")
+    config = json.loads((out / "config.json").read_text())
+    key = WIDTH_KEY[arch]
+    assert config["per_layer_config"]["0"][key] == w - 8 and config["per_layer_config"].get("2", {}).get(key, w) == w - drop2
+    assert "1" not in config["per_layer_config"] and config[key] == w
+    reloaded = load_pretrained(out)
+    assert [(s.num_experts, s.expert_width, s.shared_width) for s in get_adapter(reloaded).shapes()] == [
+        (s.num_experts, s.expert_width, s.shared_width) for s in a.shapes()
+    ]
+    assert torch.allclose(logits(reloaded), after, atol=1e-6)
+
+
+def test_expert_channel_plans_round_trip_and_bad_plans_fail_in_one_line(tmp_path):
+    model = tiny_moe("qwen2_moe", mlp_only_layers=[1])
+    a = get_adapter(model)
+    plan = dense_plan(a, "tiny")
+    assert plan.model.expert_widths == [16, 0, 16] and plan.model.shared_widths == [20, 0, 20]
+    eight = [0, 1, 2, 3, 4, 5, 6, 9]
+    good = {0: {"experts": [0, 3], "expert_channels": {0: eight, 3: list(range(4, 12))}, "shared_channels": [0, 1, 2, 3, 19]}}
+    plan = with_fields(plan, good)
+    validate_plan(plan, a)
+    plan.save(tmp_path / "plan.json")
+    raw = json.loads((tmp_path / "plan.json").read_text())["layers"][0]
+    assert raw["expert_channels"] == {"0": "0-6,9", "3": "4-11"} and raw["shared_channels"] == "0-3,19"
+    assert "expert_channels" not in json.loads((tmp_path / "plan.json").read_text())["layers"][1]
+    assert Plan.load(tmp_path / "plan.json") == plan
+    # layer 0 keeps 2 experts × 8 + 5 shared channels; layer 2 keeps all 8 × 16 + 20 (of 2 × (8 × 16 + 20) before)
+    assert f"expert channels {2 * 8 + 5 + 8 * 16 + 20}/{2 * (8 * 16 + 20)}" in plan.summary()
+
+    def bad(update: dict, match: str, layer: int = 0) -> None:
+        broken = plan.model_copy(update={"layers": [lp.model_copy(update=update) if lp.index == layer else lp for lp in plan.layers]})
+        with pytest.raises(DomainpruneError, match=match) as err:
+            validate_plan(broken, a)
+        assert "\n" not in str(err.value)
+
+    bad({"expert_channels": {0: eight, 3: [4, 5, 6]}}, "same number of channels")
+    bad({"expert_channels": {0: eight, 2: eight}}, "exactly the kept experts 0,3")
+    bad({"expert_channels": {0: [*eight[:7], 16], 3: eight}}, "expert 0 has an index outside 0..15")
+    bad({"expert_channels": {0: [1, *eight[1:]], 3: [1, *eight[1:]]}}, "lists an index twice")
+    bad({"expert_channels": {0: [0, 1], 3: [4, 5]}}, "keep a multiple of 8 .or all 16.: transformers' grouped_mm")
+    bad({"expert_channels": {0: [], 3: []}}, "keeps at least 1 channel")
+    bad({"shared_channels": []}, "shared expert keeps at least 1 channel")
+    bad({"shared_channels": [20]}, "shared_channels has an index outside 0..19")
+    bad({"expert_channels": {0: [0]}}, "not a mixture-of-experts layer", layer=1)
+    bad({"shared_channels": [0]}, "not a mixture-of-experts layer", layer=1)
+    with pytest.raises(DomainpruneError, match="has no shared expert"):
+        q3 = get_adapter(tiny_moe("qwen3_moe"))
+        validate_plan(with_fields(dense_plan(q3, "tiny"), {0: {"shared_channels": [0]}}), q3)
+    wrong = plan.model_copy(update={"model": plan.model.model_copy(update={"expert_widths": [12, 0, 16]})})
+    with pytest.raises(DomainpruneError, match="expert widths per layer"):
+        validate_plan(wrong, a)
+    # the plan applies: shared expert kept (5 channels), experts 0 and 3 with 8 channels each
+    apply_plan(model, plan)
+    assert (a.num_experts(0), a.expert_width(0), a.shared_width(0), a.shape(1).intermediate_size) == (2, 8, 5, 24)
+    assert torch.isfinite(logits(model)).all()
+
+
+@torch.inference_mode()
+def test_channel_statistics_match_an_independent_computation():
+    """Layer 0 of a Qwen2-MoE: per routed expert Σ g·a and Σ (g·a)² over the tokens routed to it, and the shared
+    expert's Σ σ·a, (σ·a)², recomputed by hand from the weights, equal what the hooks collect."""
+    model = tiny_moe("qwen2_moe", skew=False)
+    a = get_adapter(model)
+    x_ids = ids(batch=2, length=6)
+    stats = collect_statistics(model, a, x_ids, batch_size=2, use_cache=False, progress=False)
+    seen = {}
+    hook = a.mlp(0).register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+    model(input_ids=x_ids)
+    hook.remove()
+    x = seen["x"].reshape(-1, 32).double()
+    probs = (x @ a.router(0).weight.double().T).softmax(-1)
+    g, top = probs.topk(TOP_K, dim=-1)
+    g = g / g.sum(-1, keepdim=True)
+    experts, silu = a.experts(0), torch.nn.functional.silu
+    total, squares = torch.zeros(E, 16, dtype=torch.float64), torch.zeros(E, 16, dtype=torch.float64)
+    for t in range(len(x)):
+        for j in range(TOP_K):
+            gate, up = (experts.gate_up_proj[top[t, j]].double() @ x[t]).chunk(2)
+            ga = g[t, j] * silu(gate) * up
+            total[top[t, j]] += ga
+            squares[top[t, j]] += ga * ga
+    assert torch.allclose(stats[0]["expert_in_sum"], total, atol=1e-6)
+    assert torch.allclose(stats[0]["expert_in_sqsum"], squares, atol=1e-6)
+    sh = a.shared_expert(0)
+    act = silu(x @ sh.gate_proj.weight.double().T) * (x @ sh.up_proj.weight.double().T)
+    sigma = torch.sigmoid(x @ a.mlp(0).shared_expert_gate.weight.double().T)
+    assert torch.allclose(stats[0]["shared_in_sum"], (sigma * act).sum(0), atol=1e-6)
+    assert torch.allclose(stats[0]["shared_in_sqsum"], (sigma * act).pow(2).sum(0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "arch,method,allocation,sparsity",
+    [("qwen2_moe", "flap", "global", 0.3), ("mixtral", "wanda-sp", "uniform", 0.3), ("olmoe", "magnitude", "uniform", 0.3), ("qwen3_moe", "wanda-sp", "global", 0.4)],
+)
+def test_dense_criteria_prune_heads_and_expert_channels_end_to_end(arch, method, allocation, sparsity, tmp_path):
+    tokenizer = smol_tokenizer()
+    model = tiny_moe(arch, vocab_size=VOCAB)
+    a0 = get_adapter(model)
+    w, sw = a0.expert_width(0), a0.shared_width(0)
+    result = prune(
+        LoadedModel(model, tokenizer, None, "tiny"), data="code", method=method, sparsity=sparsity, allocation=allocation,
+        calib_samples=2, seq_len=16, batch_size=2, out=tmp_path / "out", progress=False,
+    )
+    a = get_adapter(result.model)
+    shapes = a.shapes()
+    assert all(s.num_experts == E for s in shapes)  # channel criteria never remove experts (a separate run does)
+    assert any(s.expert_width < w for s in shapes) and all(s.expert_width >= 1 for s in shapes)
+    if sw:
+        assert all(1 <= s.shared_width <= sw for s in shapes) and a.shared_expert(0) is not None
+    if arch == "olmoe":
+        assert all((s.num_heads, s.num_kv_heads) == (4, 2) for s in shapes)  # heads are never pruned there
+    for lp in result.plan.layers:  # every expert of a layer keeps the same number of its own channels
+        assert sorted(lp.expert_channels) == list(range(E)) and len({len(c) for c in lp.expert_channels.values()}) == 1
+    # tiny experts can only lose 8 channels at a time (a multiple of 8 is kept), so the budget is met coarsely
+    assert abs(result.plan.params.sparsity - sparsity) < 0.1, result.plan.params.sparsity
+    assert result.plan.params.total_after == sum(p.numel() for p in result.model.parameters())
+    assert result.plan.summary().count("expert channels") == 1
+    out = result.out  # save_pruned already reloaded it and compared logits; reload once more the user's way
+    x = ids(batch=1, length=8, vocab=VOCAB)
+    config = json.loads((out / "config.json").read_text())
+    if result.report["uniform"]:
+        assert "per_layer_config" not in config and config[WIDTH_KEY[arch]] == shapes[0].expert_width
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    else:
+        reloaded = load_pretrained(out)
+    assert torch.allclose(logits(reloaded, x), logits(result.model, x), atol=1e-5)
+
+
+def test_experts_then_channels_in_two_runs(tmp_path):
+    """The documented flow: prune experts, then prune channels (and heads) of the result loaded from disk."""
+    tokenizer = smol_tokenizer()
+    common = dict(data="code", calib_samples=2, seq_len=16, batch_size=2, progress=False)
+    first = prune(LoadedModel(tiny_moe("qwen2_moe", vocab_size=VOCAB), tokenizer, None, "tiny"), method="easy-ep", experts_keep=4, out=tmp_path / "experts", **common)
+    second = prune(str(first.out), method="flap", sparsity=0.25, out=tmp_path / "channels", **common)
+    a = get_adapter(second.model)
+    assert [s.num_experts for s in a.shapes()] == [4] * 3 and a.expert_width(0) * 3 > 0
+    assert second.plan.model.experts == [4] * 3 and second.plan.params.attention_mlp_before == first.plan.params.attention_mlp_after
+    assert any(s.expert_width < 16 or s.shared_width < 20 for s in a.shapes())
+    assert torch.allclose(logits(load_pretrained(second.out), ids(vocab=VOCAB)), logits(second.model, ids(vocab=VOCAB)), atol=1e-5)

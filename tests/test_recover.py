@@ -5,12 +5,11 @@ one-line errors. Tiny models with SmolLM2's tokenizer; a few optimiser steps eac
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from tiny_models import tiny_model
-from tiny_pipeline import logits_on, loaded, save_folder, smol_tokenizer, tiny_lm
+from tiny_pipeline import cli, logits_on, loaded, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune.errors import DomainpruneError
 from domainprune.export import load_pretrained
@@ -183,23 +182,8 @@ def test_teacher_with_other_vocabulary(run_dir, tmp_path):
         recover(run_dir, out=tmp_path / "rec", teacher=other, kd_weight=0.5, **FAST)
 
 
-def cli(capsys, *args) -> tuple[int, str]:
-    """Run `domainprune ARGS` in this process; returns (exit code, stderr)."""
-    from domainprune.cli import main
-
-    capsys.readouterr()
-    argv = sys.argv
-    sys.argv = ["domainprune", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main()
-    finally:
-        sys.argv = argv
-    return exit_.value.code, capsys.readouterr().err
-
-
 def test_cli_recover(run_dir, tmp_path, capsys):
-    code, err = cli(capsys, "recover", run_dir, "--out", tmp_path / "rec", "--samples", 4, "--seq-len", 16,
+    code, _, err = cli(capsys, "recover", run_dir, "--out", tmp_path / "rec", "--samples", 4, "--seq-len", 16,
                     "--batch-size", 2, "--max-steps", 2, "--time-budget", 0, "-q")
     assert code in (0, None), err
     assert "recovered" in err and (tmp_path / "rec" / "recovery_log.json").is_file()
@@ -214,7 +198,7 @@ def test_cli_prune_then_recover_in_place(tokenizer, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(rec, "recover", functools.partial(rec.recover, samples=4, seq_len=16, batch_size=2, max_steps=1, time_budget=None))
     folder = save_folder(tiny_lm("llama"), tokenizer, tmp_path / "dense")
     out = tmp_path / "run"
-    code, err = cli(capsys, "prune", "--model", folder, "--sparsity", 0.35, "--calib-samples", 2, "--seq-len", 16,
+    code, _, err = cli(capsys, "prune", "--model", folder, "--sparsity", 0.35, "--calib-samples", 2, "--seq-len", 16,
                     "--batch-size", 2, "--out", out, "--recover", "-q")
     assert code in (0, None), err
     assert "recovered" in err
@@ -225,12 +209,12 @@ def test_cli_prune_then_recover_in_place(tokenizer, tmp_path, capsys, monkeypatc
 
 
 def test_cli_errors_are_one_line(run_dir, tokenizer, tmp_path, capsys):
-    code, err = cli(capsys, "recover", tmp_path / "missing", "--out", tmp_path / "o", "-q")
+    code, _, err = cli(capsys, "recover", tmp_path / "missing", "--out", tmp_path / "o", "-q")
     assert code == 2 and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1, err
     other = tmp_path / "small_vocab"
     tiny_model("llama").save_pretrained(other)
     tokenizer.save_pretrained(other)
-    code, err = cli(capsys, "recover", run_dir, "--out", tmp_path / "o", "--teacher", other, "--kd-weight", 0.5, "-q")
+    code, _, err = cli(capsys, "recover", run_dir, "--out", tmp_path / "o", "--teacher", other, "--kd-weight", 0.5, "-q")
     assert code == 2 and err.strip().startswith("error:") and "vocabulary" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()

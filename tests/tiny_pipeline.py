@@ -78,3 +78,21 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 @torch.inference_mode()
 def logits_on(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `domainprune ARGS` in this process (what the console script calls); returns (exit code, stdout, stderr)."""
+    import sys
+
+    from domainprune.cli import main
+
+    capsys.readouterr()  # drop what the test itself printed before
+    argv = sys.argv
+    sys.argv = ["domainprune", *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err

@@ -8,15 +8,12 @@ perplexity and the generation prompts cost no tokenisation of the whole `code` p
 from __future__ import annotations
 
 import json
-import sys
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
-from tiny_pipeline import loaded, save_folder, smol_tokenizer, tiny_lm
+from tiny_pipeline import cli, loaded, save_folder, smol_tokenizer, tiny_lm
 
-from domainprune.cli import main
 from domainprune.data import split_of
 from domainprune.pipeline import prune
 
@@ -30,20 +27,6 @@ TASK = [
 ]
 # What the compare run measures (beside --data CORPUS): tiny settings, no throughput (seconds per model).
 SMALL = ["--samples", "2", "--seq-len", "16", "--batch-size", "2", "--prompts", "2", "--new-tokens", "6", "--no-speed", "--quiet"]
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run `domainprune ARGS` in this process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    argv = sys.argv
-    sys.argv = ["domainprune", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main()
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def small_corpus(folder: Path, files: int = 24, test_files: int = 3, chars: int = 3000) -> Path:

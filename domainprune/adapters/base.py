@@ -5,7 +5,8 @@ Units an adapter exposes per layer:
 - KV groups (one k head, one v head and the query heads that share them),
 - MLP channels (a row of gate_proj and up_proj and a column of down_proj),
 - the whole decoder layer,
-- in mixture-of-experts layers, routed experts instead of MLP channels (`adapters.moe`).
+- in mixture-of-experts layers, routed experts, and MLP channels inside the routed experts and the shared expert
+  instead of dense MLP channels (`adapters.moe`).
 Heads are never split and head_dim is never touched. Under GQA the query heads kept in a layer are ordered by
 KV group with the same count in every group, which is what `repeat_kv` in transformers assumes.
 """
@@ -36,8 +37,10 @@ def register(model_type: str):
 class LayerShape:
     num_heads: int  # query heads
     num_kv_heads: int
-    intermediate_size: int  # MLP channels (0 for a mixture-of-experts layer: its experts are pruned whole)
+    intermediate_size: int  # dense MLP channels (0 for a mixture-of-experts layer: see the fields below)
     num_experts: int = 0  # routed experts (0: not a mixture-of-experts layer)
+    expert_width: int = 0  # MLP channels of each routed expert (one fused tensor: the same for all of a layer's)
+    shared_width: int = 0  # MLP channels of the layer's shared expert (0: none)
 
     @property
     def group_size(self) -> int:
@@ -74,6 +77,16 @@ class RemovedMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.bias.to(hidden_states.dtype).expand_as(hidden_states).clone()
+
+
+def slice_gated_mlp(mlp: nn.Module, keep: list[int]) -> None:
+    """Keep channels `keep` of a gate/up/down MLP (a dense layer's, or a shared expert's)."""
+    idx = torch.tensor(sorted(keep), dtype=torch.long)
+    mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=idx)
+    mlp.up_proj = _sliced_linear(mlp.up_proj, rows=idx)
+    mlp.down_proj = _sliced_linear(mlp.down_proj, cols=idx)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(idx)
 
 
 def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -118,6 +131,7 @@ class DecoderAdapter:
     attention_bias_flag: ClassVar[str | None] = None  # config key that adds q/k/v/o biases
     mlp_bias_flag: ClassVar[str | None] = None  # config key that adds gate/up/down biases
     prunable_heads: ClassVar[bool] = True  # False where heads cannot be removed exactly (validate_plan refuses)
+    heads_not_prunable_reason: ClassVar[str] = ""  # why, for the error message
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -253,12 +267,7 @@ class DecoderAdapter:
         if not keep_channels:
             self.layers[i].mlp = RemovedMLP(self.hidden_size, bias)
             return
-        idx = torch.tensor(sorted(keep_channels), dtype=torch.long)
-        mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=idx)
-        mlp.up_proj = _sliced_linear(mlp.up_proj, rows=idx)
-        mlp.down_proj = _sliced_linear(mlp.down_proj, cols=idx)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(idx)
+        slice_gated_mlp(mlp, keep_channels)
         if bias is not None:
             _add_bias(mlp.down_proj, bias)
 

@@ -12,3 +12,4 @@ class MixtralAdapter(MoEAdapter):
     # on disk (transformers' conversion mapping): `block_sparse_moe.experts.<j>.w1/w3/w2` = gate/up/down
     checkpoint_block = "block_sparse_moe"
     checkpoint_projs = ("w1", "w3", "w2")
+    expert_width_key = "intermediate_size"

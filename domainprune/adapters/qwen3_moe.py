@@ -11,3 +11,4 @@ class Qwen3MoeAdapter(MoEAdapter):
     mlp_bias_flag = None
     experts_config_key = "num_local_experts"
     dense_layers_key = "mlp_only_layers"
+    expert_width_key = "moe_intermediate_size"

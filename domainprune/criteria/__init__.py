@@ -5,6 +5,6 @@ Allocation decides how many of each to keep."""
 from __future__ import annotations
 
 from .base import CRITERIA, Criterion, LayerScores, get_criterion, register
-from . import cfsp, experts, flap, gradient, magnitude, wanda_sp  # noqa: F401  (registration)
+from . import cfsp, depth, experts, flap, gradient, magnitude, obs, wanda_sp  # noqa: F401  (registration)
 
 __all__ = ["CRITERIA", "Criterion", "LayerScores", "get_criterion", "register"]

@@ -130,6 +130,8 @@ def run(args) -> None:
             zero_shot = row["measurement"].get("zero_shot") or {}
             if key == "dense" or all(t in zero_shot for t in tasks) or not Path(row.get("checkpoint", "")).is_dir():
                 continue
+            if args.zero_shot_rows and not any(w in key for w in args.zero_shot_rows.split(",")):
+                continue
             print(f"== zero-shot {key}", file=sys.stderr, flush=True)
             loaded = load_model(row["checkpoint"], dtype="float32", device=args.device)
             for t in tasks:
@@ -251,6 +253,7 @@ def main() -> None:
     p.add_argument("--speed-repeats", type=int, default=3, help="timed throughput runs (median) after a warm-up")
     p.add_argument("--device", default="auto")
     p.add_argument("--zero-shot-order", default="flap,wanda-sp,magnitude", help="phase 2 runs methods in this order")
+    p.add_argument("--zero-shot-rows", default="", help="phase 2 only for rows whose key contains one of these (comma-separated)")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip phase 3 (throughput)")
     p.add_argument("--speed-rows", default="", help="phase 3 only for rows whose key contains one of these (comma-separated)")
     p.add_argument("--remeasure-speed", action="store_true", help="measure phase 3 again for every row")

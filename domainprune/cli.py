@@ -128,24 +128,33 @@ def _parameters(fn) -> list[inspect.Parameter]:
     return [p.replace(annotation=hints.get(p.name, p.annotation)) for p in inspect.signature(fn).parameters.values()]
 
 
-RECIPE_PARAMETERS = _parameters(_recipe_options)
+def with_options(template, into: str, after: int = 1, prepare=None):
+    """Give a command `template`'s options (declared once there) after its own first `after` parameters; it receives
+    them as one dict under the name `into` (passed through `prepare` first)."""
+    shared = _parameters(template)
+    names = {p.name for p in shared}
+
+    def wrap(fn):
+        own = [p for p in _parameters(fn) if p.name != into]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            group = {k: kwargs.pop(k) for k in names}
+            return fn(**{into: prepare(group) if prepare else group}, **kwargs)
+
+        del command.__wrapped__  # typer must read the signature below, not fn's
+        command.__signature__ = inspect.Signature(own[:after] + shared + own[after:])
+        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+        return command
+
+    return wrap
 
 
-def recipe_command(fn):
-    """Give `fn` every recipe option after its first; it receives them as one dict, `recipe`, of Recipe fields."""
-    own = [p for p in _parameters(fn) if p.name != "recipe"]
-    names = {p.name for p in RECIPE_PARAMETERS}
+def _recipe_fields(options: dict) -> dict:
+    return {**options, "target_params": parse_count(options["target_params"])}
 
-    @functools.wraps(fn)
-    def command(**kwargs):
-        recipe = {k: kwargs.pop(k) for k in names}
-        recipe["target_params"] = parse_count(recipe["target_params"])
-        return fn(recipe=recipe, **kwargs)
 
-    del command.__wrapped__  # typer must read the signature below, not fn's
-    command.__signature__ = inspect.Signature(own[:1] + RECIPE_PARAMETERS + own[1:])
-    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
-    return command
+recipe_command = with_options(_recipe_options, "recipe", prepare=_recipe_fields)
 
 
 @app.command()
@@ -308,7 +317,29 @@ NewTokensOpt = Annotated[int, typer.Option(help="Greedy new tokens per generatio
 SpeedOpt = Annotated[bool, typer.Option("--speed/--no-speed", help="Measure decode/prefill throughput.")]
 
 
-def _measure_runs(runs, baseline, data, samples, seq_len, tasks, limit, speed, prompts, new_tokens, batch_size, dtype, device, text_field, lm_eval, quiet):
+def _measure_options(
+    baseline: CompareBaselineOpt = None,
+    data: CompareDataOpt = ["code", "general"],  # noqa: B006
+    samples: TestSamplesOpt = 128,
+    seq_len: SeqLenOpt = 256,
+    tasks: CompareTasksOpt = "",
+    limit: LimitOpt = None,
+    speed: SpeedOpt = True,
+    prompts: PromptsOpt = 3,
+    new_tokens: NewTokensOpt = 48,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    lm_eval: LmEvalOpt = False,
+):
+    """What `compare` measures (and `report` without --figures), declared once."""
+
+
+measure_command = with_options(_measure_options, "measure")
+
+
+def _measure_runs(runs, *, baseline, data, samples, seq_len, tasks, limit, speed, prompts, new_tokens, batch_size, dtype, device, text_field, lm_eval, quiet):
     from .compare import compare as run
 
     task_list = tuple(t for t in tasks.split(",") if t)
@@ -321,28 +352,16 @@ def _measure_runs(runs, baseline, data, samples, seq_len, tasks, limit, speed, p
 
 
 @app.command()
+@measure_command
 def compare(
     runs: RunsArg,
-    baseline: CompareBaselineOpt = None,
-    data: CompareDataOpt = ["code", "general"],  # noqa: B006
-    samples: TestSamplesOpt = 128,
-    seq_len: SeqLenOpt = 256,
-    tasks: CompareTasksOpt = "",
-    limit: LimitOpt = None,
-    speed: SpeedOpt = True,
-    prompts: PromptsOpt = 3,
-    new_tokens: NewTokensOpt = 48,
-    batch_size: BatchOpt = 8,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
-    text_field: TextFieldOpt = "text",
-    lm_eval: LmEvalOpt = False,
+    measure: dict,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for compare.json and compare.md.")] = Path("compare"),
     quiet: QuietOpt = False,
 ):
     """Several pruned models beside the dense one, measured in this process: perplexity, zero-shot, speed, size, samples."""
     _setup_logging(quiet)
-    c = _measure_runs(runs, baseline, data, samples, seq_len, tasks, limit, speed, prompts, new_tokens, batch_size, dtype, device, text_field, lm_eval, quiet)
+    c = _measure_runs(runs, quiet=quiet, **measure)
     header, rows = c.table()
     table = Table(title="domainprune compare")
     for i, h in enumerate(header):
@@ -355,23 +374,11 @@ def compare(
 
 
 @app.command()
+@with_options(_measure_options, "measure", after=2)
 def report(
-    runs: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN_DIR]...", help="Pruned run folders [default: every run in --figures].", show_default=False)] = None,
+    runs: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN_DIR]...", help="Pruned run folders (default: every run in --figures).", show_default=False)] = None,
     figures: Annotated[Optional[Path], typer.Option("--figures", "--compare", help="Take the figures from a compare.json or bench/results/quality.jsonl instead of measuring.")] = None,
-    baseline: CompareBaselineOpt = None,
-    data: CompareDataOpt = ["code", "general"],  # noqa: B006
-    samples: TestSamplesOpt = 128,
-    seq_len: SeqLenOpt = 256,
-    tasks: CompareTasksOpt = "",
-    limit: LimitOpt = None,
-    speed: SpeedOpt = True,
-    prompts: PromptsOpt = 3,
-    new_tokens: NewTokensOpt = 48,
-    batch_size: BatchOpt = 8,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
-    text_field: TextFieldOpt = "text",
-    lm_eval: LmEvalOpt = False,
+    measure: dict = None,
     measure_speed: Annotated[bool, typer.Option("--measure-speed", help="With --figures that hold no throughput: measure it here, every model in this process.")] = False,
     title: Annotated[str, typer.Option(help="Page title.")] = "domainprune report",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html, report.md and the plots.")] = Path("report"),
@@ -386,21 +393,22 @@ def report(
 
     _setup_logging(quiet)
     runs = runs or []
+    m = measure
     if figures is None:
-        c = _measure_runs(runs, baseline, data, samples, seq_len, tasks, limit, speed, prompts, new_tokens, batch_size, dtype, device, text_field, lm_eval, quiet)
+        c = _measure_runs(runs, quiet=quiet, **m)
     else:
         c = load_figures(figures)
         if runs:
             check_runs([str(r) for r in runs])
             c = select(c, runs)
-        if baseline:
-            c.dense.source, c.dense.path = baseline, None
+        if m["baseline"]:
+            c.dense.source, c.dense.path = m["baseline"], None
         if not c.runs:
             raise DomainpruneError(f"{figures} holds no pruned runs; give run folders or a fuller figures file")
-        if c.samples is None and prompts:
-            add_samples(c, prompts, new_tokens, dtype=dtype, device=device, text_field=text_field)
+        if c.samples is None and m["prompts"]:
+            add_samples(c, m["prompts"], m["new_tokens"], dtype=m["dtype"], device=m["device"], text_field=m["text_field"])
         if measure_speed and not any(e.measurement.decode_tokens_per_s for e in c.entries):
-            add_speed(c, dtype=dtype, device=device)
+            add_speed(c, dtype=m["dtype"], device=m["device"])
     files = write_report(c, out, title=title)
     console.print(f"[bold green]report[/] {len(c.runs)} run(s) beside the dense model; wrote {files['report.html']} and {files['report.md']}", soft_wrap=True)
 

@@ -7,23 +7,11 @@ import importlib.util
 import json
 
 import pytest
-from tiny_pipeline import smol_tokenizer
-from tiny_runs import build_runs, cli, compared
+from tiny_runs import cli, compared, root, runs  # noqa: F401  (root, runs: shared fixtures)
 
 from domainprune.compare import from_bench_rows, load_figures, select
 from domainprune.errors import DomainpruneError
 from domainprune.generation import domain_prompts, fence
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    smol_tokenizer()  # skips when SmolLM2 is not available
-    return tmp_path_factory.getbasetemp() / "tiny-runs"
-
-
-@pytest.fixture(scope="module")
-def runs(root):
-    return build_runs(root)
 
 
 def fails(capsys, *args) -> str:

@@ -14,8 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tiny_pipeline import smol_tokenizer
-from tiny_runs import build_runs, cli, compared
+from tiny_runs import cli, compared, root, runs  # noqa: F401  (root, runs: shared fixtures)
 
 from domainprune.compare import Comparison, Entry, load_figures
 from domainprune.measure import Measurement
@@ -23,17 +22,6 @@ from domainprune.report import dense_shapes, kept_fractions, pareto_front
 
 PNG = b"\x89PNG\r\n\x1a\n"
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    smol_tokenizer()  # skips when SmolLM2 is not available
-    return tmp_path_factory.getbasetemp() / "tiny-runs"
-
-
-@pytest.fixture(scope="module")
-def runs(root):
-    return build_runs(root)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
+import pytest
 from tiny_pipeline import cli, loaded, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune.data import split_of
@@ -71,3 +72,14 @@ def compared(capsys, root: Path) -> Path:
                            "--data", runs["corpus"], "--tasks", runs["task"], *SMALL, "--out", out)
         assert code == 0, err
     return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    smol_tokenizer()  # skips when SmolLM2 is not available
+    return tmp_path_factory.getbasetemp() / "tiny-runs"
+
+
+@pytest.fixture(scope="module")
+def runs(root):
+    return build_runs(root)

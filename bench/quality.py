@@ -231,8 +231,43 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         "`AutoModelForCausalLM`, `per_layer_config` with `domainprune.load_pretrained`.",
     ]
     lines += ["", "Lowest code perplexity per level: " + "; ".join(f"{lvl:.0%}: {k} ({p:.3f})" for lvl, (k, p) in sorted(best.items())), ""]
+    lines += domain_claim(done, dense, tasks)
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def domain_claim(done: dict, dense: Measurement, tasks: tuple[str, ...], tolerance: float = 0.05) -> list[str]:
+    """Issue 3's claim, checked row by row: at equal sparsity and allocation, dpruner/gaprune keep general perplexity
+    and zero-shot accuracy closer to dense than domain-only taylor, with code perplexity within `tolerance` of it."""
+    taylor = {(r["allocation"], r["level"]): r for r in done.values() if r.get("method") == "taylor"}
+    out = []
+    for r in sorted(done.values(), key=lambda r: (r.get("method", ""), r.get("allocation", ""), r.get("level", 0))):
+        base = taylor.get((r.get("allocation"), r.get("level")))
+        if r.get("method") not in ("dpruner", "gaprune") or base is None:
+            continue
+        m, t = _measurement(r["measurement"]), _measurement(base["measurement"])
+        code = m.perplexity["code"] / t.perplexity["code"]
+        general = m.perplexity["general"] / t.perplexity["general"]
+        zs_known = tasks and all(k in m.zero_shot for k in tasks) and all(k in t.zero_shot for k in tasks)
+        zs = m.zero_shot_mean - t.zero_shot_mean if zs_known else None
+        holds = code <= 1 + tolerance and general < 1 and (zs is None or zs >= 0)
+        out.append(
+            f"| {r['method']} | {r['allocation']} | {r['level']:.0%} | {code:.3f} | {general:.3f} | "
+            f"{'-' if zs is None else f'{zs:+.4f}'} | {'holds' if holds else 'fails'}{'' if zs_known else ' (no zero-shot)'} |"
+        )
+    if not out:
+        return []
+    return [
+        "## Domain-aware criteria against domain-only Taylor (issue 3's claim)",
+        "",
+        f"Ratios to `taylor` at the same allocation and level (below 1 is better); the claim holds when code perplexity "
+        f"is within {tolerance:.0%} of taylor's while general perplexity is lower and zero-shot accuracy no lower.",
+        "",
+        "| method | allocation | level | code ppl / taylor's | general ppl / taylor's | zero-shot − taylor's | claim |",
+        "|---|---|---|---|---|---|---|",
+        *out,
+        "",
+    ]
 
 
 def main() -> None:

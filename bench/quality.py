@@ -67,8 +67,26 @@ def save_rows(raw: Path, done: dict) -> None:
     tmp.replace(raw)
 
 
-def row_key(method: str, allocation: str, level: float) -> str:
-    return f"{method}|{allocation}|{level:.2f}"
+# recipe additions of issue 4 (`--variants`): a row's allocation column reads "<allocation>+<variant>"
+VARIANTS = {
+    "": {},
+    "obs": dict(reconstruct="obs"),
+    "hidden10": dict(hidden_sparsity=0.10),
+    "hidden20": dict(hidden_sparsity=0.20),
+    "finercut10": dict(depth="finercut", depth_sparsity=0.10),
+    "shortgpt10": dict(depth="shortgpt", depth_sparsity=0.10),
+}
+ISSUE4_METHODS = {"obs", "shortgpt", "finercut"}
+ISSUE4_ALLOCATIONS = {"owl", "cfsp", "search"}
+
+
+def row_key(method: str, allocation: str, level: float, variant: str = "") -> str:
+    return f"{method}|{allocation}{'+' + variant if variant else ''}|{level:.2f}"
+
+
+def is_issue4(row: dict) -> bool:
+    """Rows made with what issue 4 adds (reconstruction, allocations, depth, hidden) rather than a baseline."""
+    return row.get("method") in ISSUE4_METHODS or row.get("allocation", "").split("+")[0] in ISSUE4_ALLOCATIONS or "+" in row.get("allocation", "")
 
 
 def run(args) -> None:
@@ -93,34 +111,35 @@ def run(args) -> None:
         save_rows(raw, done)
     models_dir = Path(args.models_dir)
     # Phase 1: prune, export, perplexity and speed for every row (checkpoints kept for phase 2).
-    for method in args.methods.split(","):
-        for allocation in args.allocations.split(","):
-            for level in (float(x) for x in args.levels.split(",")):
-                key = row_key(method, allocation, level)
-                if key in done:
-                    continue
-                print(f"== {key}", file=sys.stderr, flush=True)
-                model = copy.deepcopy(dense.model)
-                loaded = LoadedModel(model, dense.tokenizer, None, args.model)
-                started = time.perf_counter()
-                with PeakRSS() as mem:
-                    result = prune(loaded, data="code", method=method, allocation=allocation, sparsity=level,
-                                   calib_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0, progress=False)
-                seconds = time.perf_counter() - started
-                m = measure(loaded, key, **{**settings, "tasks": (), "speed": False})
-                folder = models_dir / key.replace("|", "_")
-                plan_files = {"plan.json": result.plan.model_dump_json(indent=1) + "\n", "recipe.json": result.recipe.model_dump_json(indent=1) + "\n"}
-                save_pruned(model, dense.tokenizer, folder, force=True, verify=True, extra_files=plan_files)  # plan.json: report's layer plot
-                m.checkpoint_bytes = checkpoint_bytes(folder)
-                done[key] = {
-                    "key": key, "method": method, "allocation": allocation, "level": level,
-                    "achieved": result.plan.params.sparsity, "prune_seconds": seconds, "peak_rss_bytes": mem.peak,
-                    "recipe": result.recipe.model_dump(), "uniform": result.report["uniform"], "checkpoint": str(folder),
-                    "measurement": m.to_dict(),
-                }
-                save_rows(raw, done)
-                del model, loaded, result
-                gc.collect()
+    combos = [(m, a, v) for m in args.methods.split(",") for a in args.allocations.split(",") for v in args.variants.split(",")]
+    for method, allocation, variant in combos:
+        for level in (float(x) for x in args.levels.split(",")):
+            key = row_key(method, allocation, level, variant)
+            if key in done:
+                continue
+            print(f"== {key}", file=sys.stderr, flush=True)
+            model = copy.deepcopy(dense.model)
+            loaded = LoadedModel(model, dense.tokenizer, None, args.model)
+            started = time.perf_counter()
+            with PeakRSS() as mem:
+                result = prune(loaded, data="code", method=method, allocation=allocation, sparsity=level,
+                               calib_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0, progress=False,
+                               **VARIANTS[variant])
+            seconds = time.perf_counter() - started
+            m = measure(loaded, key, **{**settings, "tasks": (), "speed": False})
+            folder = models_dir / key.replace("|", "_")
+            plan_files = {"plan.json": result.plan.model_dump_json(indent=1) + "\n", "recipe.json": result.recipe.model_dump_json(indent=1) + "\n"}
+            save_pruned(model, dense.tokenizer, folder, force=True, verify=True, extra_files=plan_files)  # plan.json: report's layer plot
+            m.checkpoint_bytes = checkpoint_bytes(folder)
+            done[key] = {
+                "key": key, "method": method, "allocation": allocation + ("+" + variant if variant else ""), "level": level,
+                "achieved": result.plan.params.sparsity, "prune_seconds": seconds, "peak_rss_bytes": mem.peak,
+                "recipe": result.recipe.model_dump(), "uniform": result.report["uniform"], "checkpoint": str(folder),
+                "measurement": m.to_dict(),
+            }
+            save_rows(raw, done)
+            del model, loaded, result
+            gc.collect()
     # Phase 2: zero-shot accuracy for the rows that lack it, from the saved checkpoints.
     if tasks:
         from domainprune.tasks import evaluate_task
@@ -232,8 +251,39 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
     ]
     lines += ["", "Lowest code perplexity per level: " + "; ".join(f"{lvl:.0%}: {k} ({p:.3f})" for lvl, (k, p) in sorted(best.items())), ""]
     lines += domain_claim(done, dense, tasks)
+    lines += issue4_targets(done, dense)
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def issue4_targets(done: dict, dense: Measurement) -> list[str]:
+    """Issue 4: per level, the best of its recipes against the best baseline, and the retraining-free targets."""
+    rows = [r for k, r in done.items() if k != "dense"]
+    mine = [r for r in rows if is_issue4(r)]
+    if not mine:
+        return []
+    limits = {0.35: 1.4, 0.5: 2.0}
+    lines = [
+        "", "## Reconstruction, allocation, depth and hidden pruning against the baselines (issue 4)", "",
+        "Per level, the lowest code perplexity among issue 4's recipes (OBS reconstruction, owl/cfsp/search allocation, "
+        "depth, hidden channels) and among the baselines (every other row); target without training: within 1.4× dense "
+        "at 35 % and 2.0× at 50 %.", "",
+        "| level | best issue-4 recipe | code ppl (×dense) | best baseline | code ppl (×dense) | beats baselines | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ppl = lambda r: r["measurement"]["perplexity"]["code"]  # noqa: E731
+    for level in sorted({r["level"] for r in mine}):
+        best = min((r for r in mine if r["level"] == level), key=ppl)
+        base = [r for r in rows if r["level"] == level and not is_issue4(r)]
+        ref = min(base, key=ppl) if base else None
+        ratio = ppl(best) / dense.perplexity["code"]
+        target = f"{'met' if ratio <= limits[level] else 'missed'} (≤{limits[level]}×)" if level in limits else "-"
+        base_ppl = f"{ppl(ref):.3f} ({ppl(ref) / dense.perplexity['code']:.2f}×)" if ref else "-"
+        beats = ("yes" if ppl(best) < ppl(ref) else "no") if ref else "-"
+        lines.append(
+            f"| {level:.0%} | {best['key']} | {ppl(best):.3f} ({ratio:.2f}×) | {ref['key'] if ref else '-'} | {base_ppl} | {beats} | {target} |"
+        )
+    return lines
 
 
 def domain_claim(done: dict, dense: Measurement, tasks: tuple[str, ...], tolerance: float = 0.05) -> list[str]:
@@ -280,6 +330,7 @@ def main() -> None:
     p.add_argument("--methods", default="magnitude,wanda-sp,flap")
     p.add_argument("--allocations", default="uniform,global")
     p.add_argument("--levels", default="0.2,0.35,0.5")
+    p.add_argument("--variants", default="", help=f"comma-separated recipe additions per row ('' = none): {', '.join(v for v in VARIANTS if v)}")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=128, help="FLAP and Wanda-sp both calibrate on 128-token sequences")
     p.add_argument("--samples", type=int, default=128, help="test sequences per source")

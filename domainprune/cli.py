@@ -94,6 +94,7 @@ def _recipe_options(
     target_params: TargetOpt = None,
     depth: Annotated[Optional[str], typer.Option(help="Depth pruning before the width --method: shortgpt (whole layers) or finercut (attention/MLP sublayers); with --depth-sparsity.")] = None,
     depth_sparsity: Annotated[Optional[float], typer.Option(help="With --depth: the part of the budget (fraction of attention+MLP parameters) removed by depth; the width method removes the rest.")] = None,
+    hidden_sparsity: Annotated[Optional[float], typer.Option(help="Also remove this fraction of the residual-stream (hidden) channels in every layer, e.g. 0.1 (part of --sparsity: it removes that fraction of every attention/MLP weight, the width method the rest). Exports a stock config.")] = None,
     experts_keep: ExpertsKeepOpt = None,
     attention_unit: UnitOpt = "kv_group",
     calib_samples: SamplesOpt = 128,
@@ -112,6 +113,9 @@ def _recipe_options(
     gradient_checkpointing: CheckpointingOpt = False,
     taylor_mode: TaylorModeOpt = None,
     round_to: Annotated[Optional[int], typer.Option(help="Round every layer's kept MLP width to a multiple of this (64 or 128 for fast GPU kernels); the budget is then met to within half a multiple per layer.")] = None,
+    target_speedup: Annotated[Optional[float], typer.Option(help="Latency budget instead of --sparsity/--target-params: e.g. 1.5 prunes the least that a latency table measured on this machine (cached) predicts to run 1.5× faster than the dense model; the pruned and dense models are then measured and compared (report.json).")] = None,
+    speedup_phase: Annotated[str, typer.Option(help="--target-speedup: decode (batch 1, one token at a time) or prefill (batch 1, --prefill-tokens tokens).")] = "decode",
+    prefill_tokens: Annotated[int, typer.Option(help="--target-speedup: prompt length the prefill phase is timed at.")] = 256,
     vocab_coverage: VocabCoverageOpt = None,
     vocab_size: VocabSizeOpt = None,
     search_generations: Annotated[Optional[int], typer.Option(help="--allocation search: generations per round [default: 8].")] = None,
@@ -177,6 +181,9 @@ def prune(
     if "vocab" in r:
         v = r["vocab"]
         console.print(f"vocabulary {v['original_vocab']:,} → {v['kept_vocab']:,} tokens ({100 * v['calibration_coverage']:.2f}% of the domain's calibration tokens)")
+    if "speedup" in r:
+        s = r["speedup"]
+        console.print(f"{s['phase']} speedup: target {s['target']:g}×, predicted {s['predicted']:.3f}×, measured {s['measured']:.3f}× here (sparsity {s['sparsity']:.1%})")
     console.print(f"wrote {result.out} in {r['prune_seconds']:.0f} s (peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB)")
     if recover:
         from .recover import recover as run_recovery

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from .surgery import apply_plan, finish, prune_layer
 log = logging.getLogger(__name__)
 
 
+SPEEDUP_PHASES = ("decode", "prefill")  # what --target-speedup times (domainprune.latency)
 EXPERTS_KEEP_MISSING = (
     "method {method!r} prunes mixture-of-experts experts: give --experts-keep (experts kept per layer, e.g. 4, "
     "or a fraction such as 0.5)"
@@ -54,12 +56,23 @@ class Recipe(BaseModel):
     # sublayers worth `depth_sparsity` of the attention+MLP parameters; the width method removes the rest of the budget
     depth: str | None = Field(default=None, exclude_if=lambda v: v is None)
     depth_sparsity: float | None = Field(default=None, ge=0, lt=1, exclude_if=lambda v: v is None)
+    # hidden-dimension pruning (domainprune.hidden): this fraction of the residual-stream channels is removed in every
+    # layer, which removes the same fraction of every attention/MLP weight; the other stages remove the rest
+    hidden_sparsity: float | None = Field(default=None, gt=0, lt=1, exclude_if=lambda v: v is None)
     # mixture-of-experts models: routed experts kept per MoE layer, a count (≥ 1) or a fraction (< 1) of each
     # layer's experts; needs an expert method (expert-frequency, easy-ep, tcess)
     experts_keep: int | float | None = Field(default=None, exclude_if=lambda v: v is None)
     attention_unit: str = "kv_group"
     # kept MLP widths rounded to a multiple of this (64 or 128 for GPU kernels; None: exact budget)
     round_to: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
+    # latency budget instead of sparsity/target_params (domainprune.latency, ZipLM-style): the smallest sparsity whose
+    # allocation a latency table measured on this machine predicts to run this many times faster (> 1) in
+    # `speedup_phase` (batch-1 "decode", or "prefill" of `prefill_tokens` tokens). Planning fills in `sparsity` and
+    # `predicted_speedup`; a recipe carrying both is replayed at that sparsity (same weights on any machine)
+    target_speedup: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    speedup_phase: str = Field("decode", exclude_if=lambda v: v == "decode")
+    prefill_tokens: int = Field(256, ge=1, exclude_if=lambda v: v == 256)
+    predicted_speedup: float | None = Field(default=None, exclude_if=lambda v: v is None)
     calib_samples: int = Field(128, ge=1)
     seq_len: int = Field(256, ge=2)
     batch_size: int = Field(8, ge=1)
@@ -101,18 +114,27 @@ class Recipe(BaseModel):
                 raise ValueError(f"--experts-keep must be a whole count ≥ 1 or a fraction in (0, 1), got {self.experts_keep}")
             if self.experts_keep >= 1:
                 self.experts_keep = int(self.experts_keep)
-        if (self.sparsity is None) == (self.target_params is None) and not (
-            self.experts_keep is not None and self.sparsity is None
-        ):
-            if self.experts_keep is None and getattr(CRITERIA.get(self.method), "scores_experts", False):
+        # a planned --target-speedup recipe records the sparsity it solved for beside the target (predicted_speedup)
+        solved = self.target_speedup is not None and self.predicted_speedup is not None
+        budgets = [n for n, v in (("sparsity", None if solved else self.sparsity), ("target_params", self.target_params),
+                                  ("target_speedup", self.target_speedup)) if v is not None]
+        if len(budgets) != 1 and not (self.experts_keep is not None and self.sparsity is None):
+            if not budgets and self.experts_keep is None and getattr(CRITERIA.get(self.method), "scores_experts", False):
                 raise ValueError(EXPERTS_KEEP_MISSING.format(method=self.method))
-            raise ValueError("give exactly one of sparsity and target_params")
+            given = f" (got {' and '.join(budgets)})" if budgets else ""
+            raise ValueError(f"give exactly one of sparsity, target_params and target_speedup{given}")
+        if self.target_speedup is not None and not self.target_speedup > 1:
+            raise ValueError(f"--target-speedup must be above 1 (e.g. 1.5 for 1.5× the dense model's speed), got {self.target_speedup}")
+        if self.speedup_phase not in SPEEDUP_PHASES:
+            raise ValueError(f"--speedup-phase must be one of {', '.join(SPEEDUP_PHASES)}, not {self.speedup_phase!r}")
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if (self.depth is None) != (self.depth_sparsity is None):
             raise ValueError("give --depth and --depth-sparsity together, e.g. --depth shortgpt --depth-sparsity 0.1")
         if self.depth_sparsity is not None and self.sparsity is not None and self.depth_sparsity > self.sparsity:
             raise ValueError(f"--depth-sparsity {self.depth_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger")
+        if self.hidden_sparsity is not None and self.sparsity is not None and self.hidden_sparsity > self.sparsity:
+            raise ValueError(f"--hidden-sparsity {self.hidden_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; available: {', '.join(sorted(ALLOCATIONS))}")
         if self.attention_unit not in ATTENTION_UNITS:
@@ -141,6 +163,10 @@ class Recipe(BaseModel):
     def resolved(self) -> "Recipe":
         """Fill the method-dependent defaults so the saved recipe says exactly what ran."""
         criterion = get_criterion(self.method)
+        if self.target_speedup is not None:
+            from .latency import check_speedup_recipe
+
+            check_speedup_recipe(self, criterion)
         if criterion.scores_experts:
             if self.experts_keep is None:
                 raise DomainpruneError(EXPERTS_KEEP_MISSING.format(method=self.method))
@@ -148,6 +174,8 @@ class Recipe(BaseModel):
                 raise DomainpruneError(
                     f"method {self.method!r} scores experts only; leave out --sparsity and --target-params"
                 )
+            if self.hidden_sparsity:
+                raise DomainpruneError(f"method {self.method!r} scores experts only; prune hidden channels in a second run")
         elif self.experts_keep is not None:
             raise DomainpruneError(
                 f"--experts-keep needs an expert method (expert-frequency, easy-ep, tcess), not {self.method!r}; to "
@@ -213,16 +241,28 @@ def make_recipe(**kwargs: Any) -> Recipe:
 def target_sparsity(recipe: Recipe, adapter: DecoderAdapter, total_params: int) -> float:
     if recipe.sparsity is not None:
         return recipe.sparsity
+    if recipe.target_speedup is not None:  # solved in _make_plan_once (domainprune.latency); depth's part meanwhile
+        return recipe.depth_sparsity or 0.0
     if recipe.target_params is None:  # expert pruning alone (experts_keep)
         return 0.0
     attn_mlp = sum(adapter.layer_params(s) for s in adapter.shapes())
-    fixed = total_params - attn_mlp
+    kept = hidden_kept_fraction(recipe, adapter)
+    fixed = round((total_params - attn_mlp) * kept)  # embeddings, LM head, norms: they shrink with the hidden size
     if not fixed < recipe.target_params <= total_params:
         raise DomainpruneError(
             f"--target-params {recipe.target_params:,} is out of reach: the model has {total_params:,} parameters, "
-            f"{fixed:,} of them outside attention and MLP"
+            f"{fixed:,} of them outside attention and MLP" + (" after hidden pruning" if kept < 1 else "")
         )
-    return (total_params - recipe.target_params) / attn_mlp
+    return 1 - (recipe.target_params - fixed) / attn_mlp
+
+
+def hidden_kept_fraction(recipe: Recipe, adapter: DecoderAdapter) -> float:
+    from .hidden import kept_width
+
+    if not recipe.hidden_sparsity:
+        return 1.0
+    multiple = math.lcm(recipe.round_to or 1, adapter.hidden_width_multiple)
+    return kept_width(adapter.hidden_size, recipe.hidden_sparsity, multiple) / adapter.hidden_size
 
 
 def _sequences(source: str, recipe: Recipe, tokenizer: Any, n: int) -> torch.Tensor:
@@ -308,7 +348,8 @@ def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> 
     plan, stats, pruned, model = results[best]
     if pruned:
         loaded.model = model
-    chosen = recipe.model_copy(update={"calib_candidate": best, "calib_kl": [round(k, 8) for k in kls]})
+    # the winner's own recipe: what its planning recorded (search_kl; the sparsity a --target-speedup solved for)
+    chosen = Recipe.model_validate(plan.recipe).model_copy(update={"calib_candidate": best, "calib_kl": [round(k, 8) for k in kls]})
     return plan.model_copy(update={"recipe": chosen.model_dump()}), stats, pruned
 
 
@@ -333,6 +374,8 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
     total_before = parameter_count(model)
     sparsity = target_sparsity(recipe, adapter, total_before)
     dense = dense_plan(adapter, loaded.source)
+    if recipe.hidden_sparsity:  # scored on the dense model; the stages below prune the rest of the budget
+        dense, sparsity = _hidden_stage(loaded, recipe, adapter, dense, sparsity, progress)
     stats = None
     need_stats = criterion.needs_statistics or recipe.bias_compensation or allocation_needs_statistics(recipe.allocation)
     if criterion.scores_experts and not adapter.has_experts():
@@ -351,6 +394,15 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
         plan.params = plan.count_params(adapter, total_before)
         return plan.model_copy(update={"recipe": recipe.model_dump()}), None, False
     frozen = depth.frozen() if depth is not None else frozenset()  # zeroed: width below sees the depth-pruned model
+    solve = recipe.target_speedup is not None and recipe.sparsity is None  # --target-speedup: sparsity to be found
+    if solve and recipe.allocation == "uniform":  # widths depend on shapes only: solved before any scoring
+        from .latency import counts_shapes
+
+        def uniform_shapes(s: float):
+            counts = uniform_counts(adapter, s, recipe.attention_unit, frozen)
+            return counts_shapes(adapter, align_counts(adapter, counts, recipe.round_to or 1), recipe.attention_unit)
+
+        sparsity, recipe = _solve_speedup(loaded, recipe, sparsity, uniform_shapes, progress)
     gradient = getattr(criterion, "needs_gradients", False)
     two_streams = getattr(criterion, "two_streams", False)
     sequences = calibration_sequences(recipe, loaded.tokenizer, mix=not two_streams) if need_stats or gradient else None
@@ -404,6 +456,15 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
             stats = collect_statistics(model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
         scores = [criterion.score_layer(adapter, i, stats[i] if stats else None) for i in range(adapter.num_layers)]
         context = search_context(loaded, recipe, sequences, stats, progress) if recipe.allocation == "search" else None
+        if solve and recipe.allocation != "uniform":  # on the scores computed once above
+            from .latency import plan_shapes
+
+            def allocated_shapes(s: float):
+                p = allocate(recipe.allocation, dense, adapter, scores, s, attention_unit=recipe.attention_unit,
+                             standardized=criterion.standardized, stats=stats, frozen=frozen)
+                return plan_shapes(align_widths(p, scores, recipe.round_to or 1))
+
+            sparsity, recipe = _solve_speedup(loaded, recipe, sparsity, allocated_shapes, progress)
         plan = allocate(
             recipe.allocation, dense, adapter, scores, sparsity,
             attention_unit=recipe.attention_unit, standardized=criterion.standardized, stats=stats, context=context,
@@ -416,6 +477,45 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
         plan.params = plan.count_params(adapter, total_before)
         pruned = False
     return plan.model_copy(update={"recipe": recipe.model_dump()}), stats, pruned
+
+
+def _solve_speedup(loaded: LoadedModel, recipe: Recipe, lo: float, shapes_at, progress: bool) -> tuple[float, Recipe]:
+    """`--target-speedup`: the smallest sparsity (≥ `lo`, the depth part) whose allocation `shapes_at(sparsity)` the
+    latency table of this machine predicts to meet the target (domainprune.latency); the recipe records both."""
+    from .latency import latency_table, solve_sparsity
+
+    table = latency_table(loaded.model, prefill_tokens=recipe.prefill_tokens, progress=progress)
+    more = "raise --depth-sparsity" if recipe.depth else "add depth pruning (e.g. --depth shortgpt --depth-sparsity 0.2)"
+    quiet = logging.getLogger("domainprune.allocation")  # allocations that log (owl) would log every bisection step
+    level = quiet.level
+    quiet.setLevel(max(level, logging.WARNING))
+    try:
+        sparsity, predicted = solve_sparsity(shapes_at, table, recipe.target_speedup, recipe.speedup_phase, lo=lo,
+                                             hint=f"lower --target-speedup or {more}")
+    finally:
+        quiet.setLevel(level)
+    log.info("--target-speedup %g (%s): sparsity %.2f%%, predicted %.3f× on %s", recipe.target_speedup,
+             recipe.speedup_phase, 100 * sparsity, predicted, table.device)
+    recorded = round(predicted, 4) if round(predicted, 4) >= recipe.target_speedup else predicted
+    return sparsity, recipe.model_copy(update={"sparsity": sparsity, "predicted_speedup": recorded})
+
+
+def _hidden_stage(loaded: LoadedModel, recipe: Recipe, adapter: DecoderAdapter, dense: Plan, sparsity: float, progress: bool) -> tuple[Plan, float]:
+    """Choose the kept residual channels (domainprune.hidden); returns the dense plan carrying them and the
+    attention+MLP sparsity left for the width and depth stages."""
+    from .hidden import choose_hidden, width_sparsity
+
+    if not adapter.prunable_hidden:
+        raise DomainpruneError(
+            f"hidden channels of {adapter.model_type!r} models cannot be pruned exactly "
+            f"({adapter.hidden_not_prunable_reason}); leave out --hidden-sparsity"
+        )
+    sequences = calibration_sequences(recipe, loaded.tokenizer)
+    stats = collect_statistics(loaded.model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
+    keep = choose_hidden(adapter, stats, recipe.hidden_sparsity, recipe.round_to or 1)
+    rest = width_sparsity(sparsity, len(keep) / adapter.hidden_size)
+    log.info("hidden: keeping %d/%d residual channels; width and depth remove %.1f%% of the rest", len(keep), adapter.hidden_size, 100 * rest)
+    return dense.model_copy(update={"hidden_channels": keep}), rest
 
 
 def apply(loaded: LoadedModel, plan: Plan, *, stats: list[dict] | None = None, progress: bool = True) -> DecoderAdapter:
@@ -477,7 +577,9 @@ def prune(
     Recipe fields: data, method, allocation, sparsity | target_params, experts_keep (MoE models, with an expert
     method), attention_unit, calib_samples, seq_len, batch_size, bias_compensation, reconstruct ("obs": structured
     OBS least-squares refit, domainprune.obs), seed, dtype, device, text_field,
-    general_data, general_ratio, calib_candidates, micro_batch, gradient_checkpointing, taylor_mode (docs/criteria.md).
+    general_data, general_ratio, calib_candidates, micro_batch, gradient_checkpointing, taylor_mode (docs/criteria.md),
+    target_speedup (instead of sparsity | target_params), speedup_phase, prefill_tokens (docs/allocation.md): then the
+    dense model's and the pruned model's throughput are measured here and compared in `report["speedup"]`.
     With `out`, the pruned checkpoint (plus plan.json, recipe.json and report.json) is written there, verified, and
     moved into place.
     """
@@ -487,6 +589,13 @@ def prune(
         check_output_folder(out, force)  # fail before the expensive part
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+    if recipe.target_speedup is not None:  # the dense model's speed, measured before it is pruned in place
+        from .latency import check_speedup_model, phase_speed
+
+        check_speedup_model(loaded.model)
+        measuring = time.perf_counter()
+        dense_speed = phase_speed(loaded.model, recipe.speedup_phase, recipe.prefill_tokens)
+        started += time.perf_counter() - measuring
     plan, stats, pruned = make_plan(loaded, recipe, progress=progress)
     recipe = Recipe.model_validate(plan.recipe)  # with what planning recorded (calib_kl, search_kl)
     if not pruned:
@@ -509,6 +618,10 @@ def prune(
     }
     if vocab is not None:
         report["vocab"] = vocab.to_dict()
+    if recipe.target_speedup is not None:
+        from .latency import confirm_speedup
+
+        report["speedup"] = confirm_speedup(loaded.model, recipe, dense_speed)
     plan.params.total_after = total_after
     result = PruneResult(loaded.model, loaded.tokenizer, plan, recipe, report=report)
     if out is not None:

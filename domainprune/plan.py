@@ -3,7 +3,8 @@
 Indices refer to the model the plan was made for (query heads 0..H-1, KV heads 0..K-1, MLP channels 0..I-1 of
 each layer; in a mixture-of-experts layer, routed experts 0..E-1 under `experts`, the channels each kept routed
 expert keeps under `expert_channels` (keyed by expert index) and the shared expert's under `shared_channels`). MLP
-channels are written as compact ranges ("0-99,120,130-1535") so the file stays readable.
+channels are written as compact ranges ("0-99,120,130-1535") so the file stays readable. `hidden_channels` (top level)
+lists the residual-stream channels 0..hidden_size-1 kept in every layer; absent: all.
 """
 
 from __future__ import annotations
@@ -136,8 +137,19 @@ class Plan(BaseModel):
     format: str = PLAN_FORMAT
     model: ModelRef
     recipe: dict[str, Any] = Field(default_factory=dict)
+    # kept residual-stream channels, the same in every layer (domainprune.hidden); None: all
+    hidden_channels: list[int] | None = Field(default=None, exclude_if=lambda v: v is None)
     layers: list[LayerPlan]
     params: ParamCounts | None = None
+
+    @field_validator("hidden_channels", mode="before")
+    @classmethod
+    def _parse_hidden(cls, v: Any) -> Any:
+        return parse_ranges(v) if isinstance(v, str) else v
+
+    @field_serializer("hidden_channels")
+    def _write_hidden(self, v: list[int] | None) -> str | None:
+        return None if v is None else format_ranges(v)
 
     # ----- I/O ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -162,18 +174,26 @@ class Plan(BaseModel):
     def kept_layers(self) -> list[LayerPlan]:
         return [lp for lp in self.layers if not lp.drop]
 
+    def hidden_fraction(self) -> float:
+        """Kept fraction of the residual stream (1.0 without hidden pruning)."""
+        return 1.0 if self.hidden_channels is None else len(self.hidden_channels) / self.model.hidden_size
+
     def count_params(self, adapter: DecoderAdapter, total_before: int) -> ParamCounts:
         """Attention + MLP parameters before and after (a MoE layer's MLP: its routed experts with their router
-        rows, plus its shared expert), and the model totals."""
+        rows, plus its shared expert), and the model totals. Hidden pruning scales every weight outside the
+        attention/MLP inner widths by the kept fraction of the residual stream (biases of q/k/v, which do not
+        scale, are under 0.1 % of a layer)."""
         shapes = self.model.shapes_before(adapter)
         before = sum(adapter.layer_params(s) for s in shapes)
+        kept = self.hidden_fraction()
         after = sum(adapter.layer_params(lp.shape(*_moe_widths(shapes[lp.index]))) for lp in self.kept_layers())
         dropped_norms = sum(2 * adapter.hidden_size for lp in self.layers if lp.drop)  # the layer's two RMSNorms
+        outside = total_before - before - dropped_norms  # embeddings, LM head, norms
         return ParamCounts(
             attention_mlp_before=before,
-            attention_mlp_after=after,
+            attention_mlp_after=round(after * kept),
             total_before=total_before,
-            total_after=total_before - (before - after) - dropped_norms,
+            total_after=round((after + outside) * kept),
         )
 
     def summary(self) -> str:
@@ -199,6 +219,8 @@ class Plan(BaseModel):
             after = [lp.shape(counts[lp.index], widths[lp.index], shared[lp.index]) for lp in kept]
             ch = sum(s.num_experts * s.expert_width + s.shared_width for s in after)
             text += f", expert channels {ch}/{ch0}"
+        if self.hidden_channels is not None:
+            text += f", hidden channels {len(self.hidden_channels)}/{self.model.hidden_size}"
         if gone := sum(not lp.kv_heads for lp in kept) + sum(not lp.mlp_channels and lp.experts is None for lp in kept):
             text += f", sublayers removed {gone}"
         if p:
@@ -262,6 +284,15 @@ def validate_plan(plan: Plan, adapter: DecoderAdapter) -> None:
         raise DomainpruneError(f"plan must list every layer 0..{len(shapes) - 1} exactly once")
     if all(lp.drop for lp in plan.layers):
         raise DomainpruneError("plan drops every layer; keep at least one")
+    if plan.hidden_channels is not None:
+        if not adapter.prunable_hidden:
+            raise DomainpruneError(
+                f"plan lists hidden_channels but hidden channels of {adapter.model_type!r} models cannot be pruned "
+                f"exactly ({adapter.hidden_not_prunable_reason}); remove hidden_channels"
+            )
+        _check_indices(plan.hidden_channels, adapter.hidden_size, "plan hidden_channels")
+        if not plan.hidden_channels:
+            raise DomainpruneError("plan hidden_channels keeps no channel; keep at least 1 (or remove the key)")
     for lp in plan.layers:
         s = shapes[lp.index]
         where = f"plan layer {lp.index}"

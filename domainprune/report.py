@@ -265,6 +265,9 @@ def recipe_rows(e: Entry) -> list[tuple[str, str]]:
         rows.append(("pruning wall time", f"{p['prune_seconds']:.0f} s"))
     if p.get("peak_memory_bytes") is not None:
         rows.append(("peak memory", f"{p['peak_memory_bytes'] / 2**30:.2f} GiB"))
+    if (s := p.get("speedup")) and s.get("measured") is not None:  # --target-speedup: prune()'s own confirmation
+        predicted = f", predicted {s['predicted']:.3f}×" if s.get("predicted") is not None else ""
+        rows.append(("speedup measured at pruning", f"{s['measured']:.3f}× {s['phase']} (target {s['target']:g}×{predicted})"))
     return rows
 
 

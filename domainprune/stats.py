@@ -9,7 +9,8 @@ Per layer the statistics are (float64):
 - `attn_in_sum`, `attn_in_sqsum` over tokens of each o_proj input channel (heads × head_dim),
 - `mlp_in_sum`, `mlp_in_sqsum` of each down_proj input channel,
 - `qkv_in_sqsum`, `up_in_sqsum` of each q/k/v and gate/up input channel (the normed residual stream; OWL's
-  outlier ratios score every linear of the block),
+  outlier ratios score every linear of the block; hidden-channel pruning scores residual channels by them), and
+  `moe_in_sqsum` of a mixture-of-experts block's input,
 - `block_cos_sum`, `block_angle_sum`: Σ_tokens (1 − cos(h_in, h_out)) and Σ arccos(cos)/π of the layer,
 - `tokens`,
 - in mixture-of-experts layers, per routed expert: `expert_selected`, `expert_gate_sum`, `expert_easyep`,
@@ -34,7 +35,7 @@ from . import cache
 from .adapters import DecoderAdapter
 
 log = logging.getLogger(__name__)
-STATS_VERSION = 3  # 3: per-expert channel statistics (expert_in_*, shared_in_*)
+STATS_VERSION = 4  # 3: per-expert channel statistics (expert_in_*, shared_in_*); 4: moe_in_sqsum
 LayerStats = dict[str, torch.Tensor]
 
 
@@ -143,6 +144,8 @@ class LayerwiseRunner:
         if a.has_dense_mlp(i):
             handles.append(a.down_proj(i).register_forward_pre_hook(accumulate("mlp_in")))
             handles.append(a.mlp_in_projs(i)[0].register_forward_pre_hook(accumulate("up_in", sums=False)))
+        elif not a.mlp_removed(i):  # a mixture-of-experts block: its input, the normed residual stream
+            handles.append(a.mlp(i).register_forward_pre_hook(accumulate("moe_in", sums=False)))
         handles += a.expert_hooks(i, acc)
         outputs, cos_sum, angle_sum, tokens = [], 0.0, 0.0, 0
         try:

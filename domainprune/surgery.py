@@ -53,10 +53,12 @@ def prune_layer(adapter: DecoderAdapter, lp: LayerPlan, means: dict[str, torch.T
 
 
 def finish(adapter: DecoderAdapter, plan: Plan, compensated: bool) -> None:
-    """After every layer is sliced: uniform bias sets, dropped layers, config."""
+    """After every layer is sliced: uniform bias sets, dropped layers, hidden channels, config."""
     if compensated:
         adapter.ensure_output_biases()
     adapter.keep_layers([lp.index for lp in plan.layers if not lp.drop])
+    if plan.hidden_channels is not None:
+        adapter.slice_hidden(plan.hidden_channels)  # last: compensation biases were computed at full width
     adapter.sync_config()
 
 

@@ -290,7 +290,7 @@ def test_bad_budgets(capsys, folder, tmp_path):
     fails(capsys, "prune", "--sparsity", "1.0", "--out", out, match="--sparsity must be in [0, 1), got 1.0")
     fails(capsys, "prune", "--sparsity", "-0.1", "--out", out, match="--sparsity must be in [0, 1), got -0.1")
     fails(capsys, "plan", "--sparsity", "1.5", "--out", out, match="--sparsity must be in [0, 1)")
-    fails(capsys, "prune", "--out", out, match="give exactly one of sparsity and target_params")
+    fails(capsys, "prune", "--out", out, match="give exactly one of sparsity, target_params and target_speedup")
     fails(capsys, "prune", "--target-params", "lots", "--out", out, match="--target-params 'lots' is not a count")
     fails(capsys, "prune", "--model", folder, "--target-params", "10", "--out", out, *SMALL, match="--target-params 10 is out of reach")
     fails(capsys, "prune", "--sparsity", "0.3", "--attention-unit", "head", "--out", out, match="--attention-unit must be one of kv_group, query_head")

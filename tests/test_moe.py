@@ -391,7 +391,7 @@ def test_criteria_registered_and_checked():
         make_recipe(method="tcess", sparsity=0.2, experts_keep=4)
     with pytest.raises(DomainpruneError, match="whole count"):
         make_recipe(method="tcess", experts_keep=2.5)
-    with pytest.raises(DomainpruneError, match="exactly one of sparsity and target_params"):
+    with pytest.raises(DomainpruneError, match="exactly one of sparsity, target_params and target_speedup"):
         make_recipe(method="flap")
     recipe = make_recipe(method="tcess", experts_keep=4.0)
     assert recipe.experts_keep == 4 and isinstance(recipe.experts_keep, int) and recipe.sparsity is None

@@ -159,7 +159,7 @@ def test_target_params_out_of_reach():
         with pytest.raises(DomainpruneError, match="out of reach") as e:
             make_plan(loaded(model), recipe, progress=False)
         assert f"{total:,}" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(DomainpruneError, match="exactly one of sparsity and target_params"):
+    with pytest.raises(DomainpruneError, match="exactly one of sparsity, target_params and target_speedup"):
         make_recipe(model="tiny", sparsity=0.3, target_params=total - 1000)
     with pytest.raises(DomainpruneError, match="exactly one"):
         make_recipe(model="tiny")

@@ -6,13 +6,15 @@ Units an adapter exposes per layer:
 - MLP channels (a row of gate_proj and up_proj and a column of down_proj),
 - the whole decoder layer,
 - in mixture-of-experts layers, routed experts, and MLP channels inside the routed experts and the shared expert
-  instead of dense MLP channels (`adapters.moe`).
+  instead of dense MLP channels (`adapters.moe`),
+- residual-stream (hidden) channels, the same ones in every layer (`slice_hidden`).
 Heads are never split and head_dim is never touched. Under GQA the query heads kept in a layer are ordered by
 KV group with the same count in every group, which is what `repeat_kv` in transformers assumes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -89,6 +91,21 @@ def slice_gated_mlp(mlp: nn.Module, keep: list[int]) -> None:
         mlp.intermediate_size = len(idx)
 
 
+def _slice_removed(block: RemovedAttention | RemovedMLP, idx: torch.Tensor) -> None:
+    """Residual channels of a removed sublayer: its compensation bias."""
+    block.bias = nn.Parameter(block.bias.detach()[idx.to(block.bias.device)].clone())
+    block.hidden_size = len(idx)
+
+
+def slice_gated_mlp_hidden(mlp: nn.Module, idx: torch.Tensor) -> None:
+    """Keep residual channels `idx` of a gate/up/down MLP: gate/up input columns, down output rows."""
+    mlp.gate_proj = _sliced_linear(mlp.gate_proj, cols=idx)
+    mlp.up_proj = _sliced_linear(mlp.up_proj, cols=idx)
+    mlp.down_proj = _sliced_linear(mlp.down_proj, rows=idx)
+    if hasattr(mlp, "hidden_size"):
+        mlp.hidden_size = len(idx)
+
+
 def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
@@ -132,6 +149,11 @@ class DecoderAdapter:
     mlp_bias_flag: ClassVar[str | None] = None  # config key that adds gate/up/down biases
     prunable_heads: ClassVar[bool] = True  # False where heads cannot be removed exactly (validate_plan refuses)
     heads_not_prunable_reason: ClassVar[str] = ""  # why, for the error message
+    prunable_hidden: ClassVar[bool] = True  # False where residual channels cannot be removed exactly
+    hidden_not_prunable_reason: ClassVar[str] = ""
+    norm_eps_key: ClassVar[str] = "rms_norm_eps"  # config key of the RMSNorm epsilon
+    hidden_width_multiple: ClassVar[int] = 1  # a pruned hidden size must be a multiple of this
+    hidden_width_reason: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -270,6 +292,71 @@ class DecoderAdapter:
         slice_gated_mlp(mlp, keep_channels)
         if bias is not None:
             _add_bias(mlp.down_proj, bias)
+
+    def residual_norms(self) -> list[nn.Module]:
+        """The RMSNorms over the residual stream: each layer's two and the final one."""
+        return [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [self.decoder.norm]
+
+    def slice_hidden(self, keep: list[int]) -> None:
+        """Keep residual-stream channels `keep` (of hidden_size d) everywhere: embedding columns, LM head input
+        columns, every residual RMSNorm, q/k/v and gate/up input columns, o_proj/down_proj output rows (and biases).
+
+        An RMSNorm over d′ < d channels divides by the mean square over d′ channels; scaling its weight by √(d/d′)
+        and its epsilon by d/d′ makes it compute exactly what it did over d channels when the removed channels are
+        zero, so removing channels the residual stream never carries leaves the model's function unchanged.
+        """
+        d = self.hidden_size
+        if not self.prunable_hidden:
+            raise DomainpruneError(f"hidden channels of {self.model_type!r} models cannot be pruned exactly ({self.hidden_not_prunable_reason})")
+        keep = sorted(set(keep))
+        if not keep or not all(0 <= c < d for c in keep):
+            raise DomainpruneError(f"hidden channels to keep must be ≥1 distinct indices in 0..{d - 1}")
+        if len(keep) == d:
+            return
+        if len(keep) % self.hidden_width_multiple:
+            raise DomainpruneError(
+                f"keep a multiple of {self.hidden_width_multiple} hidden channels on {self.model_type!r} models, not "
+                f"{len(keep)}: {self.hidden_width_reason}"
+            )
+        idx = torch.tensor(keep, dtype=torch.long)
+        embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        tied = head is not None and head.weight is embed.weight
+        embed.weight = nn.Parameter(embed.weight.detach()[:, idx.to(embed.weight.device)].clone())
+        embed.embedding_dim = len(keep)
+        if tied:
+            head.weight, head.in_features = embed.weight, len(keep)
+        elif head is not None:
+            self.model.set_output_embeddings(_sliced_linear(head, cols=idx))
+        scale = math.sqrt(d / len(keep))
+        for norm in self.residual_norms():
+            w = norm.weight.detach()
+            norm.weight = nn.Parameter((w[idx.to(w.device)].double() * scale).to(w.dtype))
+        for i in range(self.num_layers):
+            self.slice_hidden_attention(i, idx)
+            self.slice_hidden_mlp(i, idx)
+        old_eps = getattr(self.config, self.norm_eps_key)
+        new_eps = old_eps * d / len(keep)
+        setattr(self.config, self.norm_eps_key, new_eps)
+        for module in self.model.modules():  # every norm reading the config's epsilon, as a reload will build them
+            for attr in ("variance_epsilon", "eps"):
+                if isinstance(getattr(module, attr, None), float) and getattr(module, attr) == old_eps:
+                    setattr(module, attr, new_eps)
+        self.config.hidden_size = len(keep)
+
+    def slice_hidden_attention(self, i: int, idx: torch.Tensor) -> None:
+        attn = self.attention(i)
+        if isinstance(attn, RemovedAttention):
+            return _slice_removed(attn, idx)
+        attn.q_proj = _sliced_linear(attn.q_proj, cols=idx)
+        attn.k_proj = _sliced_linear(attn.k_proj, cols=idx)
+        attn.v_proj = _sliced_linear(attn.v_proj, cols=idx)
+        attn.o_proj = _sliced_linear(attn.o_proj, rows=idx)
+
+    def slice_hidden_mlp(self, i: int, idx: torch.Tensor) -> None:
+        mlp = self.mlp(i)
+        if isinstance(mlp, RemovedMLP):
+            return _slice_removed(mlp, idx)
+        slice_gated_mlp_hidden(mlp, idx)
 
     def keep_layers(self, keep: list[int]) -> None:
         """Drop every decoder layer not in `keep`, renumbering the kept ones for the KV cache."""

@@ -8,3 +8,7 @@ class Gemma3Adapter(DecoderAdapter):
     # (sqrt(hidden_size)) is a buffer and unaffected by head/channel/layer pruning.
     attention_bias_flag = "attention_bias"
     mlp_bias_flag = None
+    prunable_hidden = False
+    hidden_not_prunable_reason = (
+        "Gemma scales embeddings by √hidden_size and normalises every sublayer's output before the residual add"
+    )

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import DomainpruneError
-from .base import DecoderAdapter, LayerShape, slice_gated_mlp
+from .base import DecoderAdapter, LayerShape, _sliced_linear, slice_gated_mlp, slice_gated_mlp_hidden
 
 TCESS_TOP_K = 1
 TCESS_MIN_PROB: float | None = None  # r; None = disabled (PreMoe's -1)
@@ -109,6 +109,8 @@ class MoEAdapter(DecoderAdapter):
     # (`grouped_mm`) needs 16-byte aligned rows, i.e. widths divisible by 8 in bf16/fp16 (4 in float32); other
     # widths fail at the first forward with "strides should be multiple of 16 bytes".
     expert_width_multiple: ClassVar[int] = 8
+    hidden_width_multiple: ClassVar[int] = 8  # the experts' hidden dimension is a row of the same fused tensors
+    hidden_width_reason: ClassVar[str] = "transformers' grouped_mm expert kernel needs 16-byte aligned rows"
     # the shared expert (a dense MLP every token uses, scaled by `shared_gate_weight` of its gate's output): module
     # names in the MoE block and the config key of its width; None where the architecture has none
     shared_expert_name: ClassVar[str | None] = None
@@ -300,6 +302,25 @@ class MoEAdapter(DecoderAdapter):
         if not keep or len(set(keep)) != len(keep) or not all(0 <= c < w for c in keep):
             raise DomainpruneError(f"layer {i}: the shared expert keeps ≥1 distinct channels in 0..{w - 1}")
         slice_gated_mlp(shared, keep)
+
+    def slice_hidden_mlp(self, i: int, idx: torch.Tensor) -> None:
+        """Residual channels of a MoE block: router columns, routed experts' input columns and output rows, the
+        shared expert like a dense MLP and its gate's input columns."""
+        if not self.is_moe(i):
+            return super().slice_hidden_mlp(i, idx)
+        router, experts = self.router(i), self._check_fused_layout(i)
+        dev = router.weight.device
+        router.weight = nn.Parameter(router.weight.detach()[:, idx.to(dev)].clone())
+        if hasattr(router, "hidden_dim"):
+            router.hidden_dim = len(idx)
+        experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[:, :, idx.to(dev)].clone())
+        experts.down_proj = nn.Parameter(experts.down_proj.detach()[:, idx.to(dev), :].clone())
+        if hasattr(experts, "hidden_dim"):
+            experts.hidden_dim = len(idx)
+        if (shared := self.shared_expert(i)) is not None:
+            slice_gated_mlp_hidden(shared, idx)
+            block = self.mlp(i)
+            setattr(block, self.shared_gate_name, _sliced_linear(getattr(block, self.shared_gate_name), cols=idx))
 
     def set_top_k(self, i: int, k: int) -> None:
         for module in (self.mlp(i), self.router(i)):

@@ -62,6 +62,6 @@ def choose_hidden(adapter: DecoderAdapter, stats: list[dict], hidden_sparsity: f
             f"({adapter.hidden_not_prunable_reason}); leave out --hidden-sparsity"
         )
     score = hidden_scores(adapter, stats)
-    n = kept_width(adapter.hidden_size, hidden_sparsity, math.lcm(multiple, adapter.hidden_width_multiple))
+    n = kept_width(adapter.hidden_size, hidden_sparsity, math.lcm(multiple, adapter.hidden_multiple()))
     order = sorted(range(len(score)), key=lambda c: (-float(score[c]), c))
     return sorted(order[:n])

@@ -261,7 +261,7 @@ def hidden_kept_fraction(recipe: Recipe, adapter: DecoderAdapter) -> float:
 
     if not recipe.hidden_sparsity:
         return 1.0
-    multiple = math.lcm(recipe.round_to or 1, adapter.hidden_width_multiple)
+    multiple = math.lcm(recipe.round_to or 1, adapter.hidden_multiple())
     return kept_width(adapter.hidden_size, recipe.hidden_sparsity, multiple) / adapter.hidden_size
 
 

@@ -123,7 +123,7 @@ def test_scores_follow_norm_output_activations():
     """A channel whose norm weights are zero everywhere carries nothing into any block: it scores 0 and goes first;
     a channel the norms amplify is kept."""
     tok = smol_tokenizer()
-    model = tiny_lm("llama")
+    model = tiny_lm("mistral")  # any hidden size is valid (a Llama config wants a multiple of its head count)
     a = get_adapter(model)
     with torch.no_grad():
         for norm in a.residual_norms():
@@ -174,6 +174,15 @@ def test_refusals_are_one_line():
     olmoe = tiny_moe("olmoe")
     with pytest.raises(DomainpruneError, match="q_norm"):
         get_adapter(olmoe).slice_hidden(list(range(30)))
+    model = tiny_model("llama")  # a uniform plan of 3 heads per layer cannot have 40 hidden channels in a LlamaConfig
+    plan = dense_plan(get_adapter(model), "tiny")
+    plan = plan.model_copy(update={"hidden_channels": list(range(40)), "layers": [
+        lp.model_copy(update={"kv_heads": [0], "query_heads": [0, 1, 2]}) for lp in plan.layers]})
+    with pytest.raises(DomainpruneError, match="divisible by the attention-head count"):
+        apply_plan(model, plan)
+    assert get_adapter(tiny_model("llama")).hidden_multiple() == 6  # lcm of {2,3,4,6} = 12 > 48/8: the head count
+    assert get_adapter(tiny_model("llama", hidden_size=96, head_dim=16)).hidden_multiple() == 12
+    assert get_adapter(tiny_model("mistral")).hidden_multiple() == 1
     model = tiny_model("llama")
     with pytest.raises(DomainpruneError, match="outside 0..47"):
         apply_plan(model, with_hidden(dense_plan(get_adapter(model), "tiny"), [0, 48]))

@@ -154,6 +154,8 @@ class DecoderAdapter:
     norm_eps_key: ClassVar[str] = "rms_norm_eps"  # config key of the RMSNorm epsilon
     hidden_width_multiple: ClassVar[int] = 1  # a pruned hidden size must be a multiple of this
     hidden_width_reason: ClassVar[str] = ""
+    # the config class refuses a hidden size its global attention-head count does not divide (LlamaConfig)
+    heads_divide_hidden: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -297,6 +299,19 @@ class DecoderAdapter:
         """The RMSNorms over the residual stream: each layer's two and the final one."""
         return [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [self.decoder.norm]
 
+    def hidden_multiple(self) -> int:
+        """What a pruned hidden size of this (unpruned) model must be a multiple of: the experts kernel's alignment,
+        and where the config demands it, every attention-head count a uniform head plan can leave (K KV groups of G
+        query heads: g·G or K·q heads), or the original head count alone when that least common multiple is over
+        hidden_size/8 (then a uniform head plan whose count does not divide is refused at surgery)."""
+        multiple = self.hidden_width_multiple
+        if self.heads_divide_hidden:
+            s = self.shape(0)
+            groups, size = s.num_kv_heads, s.group_size
+            heads = math.lcm(*{g * size for g in range(1, groups + 1)}, *{groups * q for q in range(1, size + 1)})
+            multiple = math.lcm(multiple, heads if heads <= self.hidden_size // 8 else s.num_heads)
+        return multiple
+
     def slice_hidden(self, keep: list[int]) -> None:
         """Keep residual-stream channels `keep` (of hidden_size d) everywhere: embedding columns, LM head input
         columns, every residual RMSNorm, q/k/v and gate/up input columns, o_proj/down_proj output rows (and biases).
@@ -317,6 +332,12 @@ class DecoderAdapter:
             raise DomainpruneError(
                 f"keep a multiple of {self.hidden_width_multiple} hidden channels on {self.model_type!r} models, not "
                 f"{len(keep)}: {self.hidden_width_reason}"
+            )
+        heads = self.shape(0).num_heads if self.is_uniform() else self.config.num_attention_heads
+        if self.heads_divide_hidden and len(keep) % heads:
+            raise DomainpruneError(
+                f"{self.model_type!r} configs need the hidden size divisible by the attention-head count: {len(keep)} "
+                f"hidden channels with {heads} heads per layer; choose another --hidden-sparsity or --allocation global"
             )
         idx = torch.tensor(keep, dtype=torch.long)
         embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()

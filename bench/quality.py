@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import platform
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from domainprune.export import save_pruned
 from domainprune.measure import BENCH_TASKS, Measurement, measure, ratios
 from domainprune.models import LoadedModel, load_model
 from domainprune.pipeline import prune
+from rows import load_rows, save_rows
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -61,12 +61,6 @@ class PeakRSS:
         self._thread.join()
 
 
-def save_rows(raw: Path, done: dict) -> None:
-    tmp = raw.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
-    tmp.replace(raw)
-
-
 # recipe additions of issue 4 (`--variants`): a row's allocation column reads "<allocation>+<variant>"
 VARIANTS = {
     "": {},
@@ -90,15 +84,8 @@ def is_issue4(row: dict) -> bool:
 
 
 def run(args) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     raw = RESULTS / "quality.jsonl"
-    if args.fresh:
-        raw.unlink(missing_ok=True)
-    done = {}
-    if raw.is_file():
-        for line in raw.read_text().splitlines():
-            row = json.loads(line)
-            done[row["key"]] = row
+    done = load_rows(raw, args.fresh)
     tasks = tuple(t for t in args.tasks.split(",") if t)
     dense = load_model(args.model, dtype="float32", device=args.device)
     settings = dict(samples=args.samples, seq_len=256, tasks=tasks, limit=args.limit, batch_size=8, speed_repeats=args.speed_repeats)

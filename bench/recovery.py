@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import platform
 import sys
 import time
@@ -30,6 +29,7 @@ from domainprune.measure import BENCH_TASKS, Measurement, measure, ratios
 from domainprune.models import LoadedModel, load_model
 from domainprune.pipeline import prune
 from domainprune.recover import recover
+from rows import load_rows, save_rows
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
@@ -40,22 +40,9 @@ VARIANTS = {
 }
 
 
-def save_rows(raw: Path, done: dict) -> None:
-    tmp = raw.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
-    tmp.replace(raw)
-
-
 def run(args) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     raw = RESULTS / "recovery.jsonl"
-    if args.fresh:
-        raw.unlink(missing_ok=True)
-    done: dict[str, dict] = {}
-    if raw.is_file():
-        for line in raw.read_text().splitlines():
-            row = json.loads(line)
-            done[row["key"]] = row
+    done = load_rows(raw, args.fresh)
     tasks = tuple(t for t in args.tasks.split(",") if t)
     settings = dict(samples=args.samples, seq_len=256, tasks=tasks, limit=args.limit, batch_size=8, speed=False)
     dense = load_model(args.model, dtype="float32", device=args.device)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -35,15 +34,10 @@ from domainprune.latency import latency_table
 from domainprune.measure import Measurement, measure
 from domainprune.models import LoadedModel, load_model
 from domainprune.pipeline import prune
+from rows import load_rows, save_rows
 
 RESULTS = Path(__file__).parent / "results"
 TOLERANCE = 0.05
-
-
-def save_rows(raw: Path, done: dict) -> None:
-    tmp = raw.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
-    tmp.replace(raw)
 
 
 def row_key(args, target: float) -> str:
@@ -62,15 +56,8 @@ def machine() -> str:
 
 
 def run(args) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     raw = RESULTS / "speedup.jsonl"
-    if args.fresh:
-        raw.unlink(missing_ok=True)
-    done: dict[str, dict] = {}
-    if raw.is_file():
-        for line in raw.read_text().splitlines():
-            row = json.loads(line)
-            done[row["key"]] = row
+    done = load_rows(raw, args.fresh)
     dense = load_model(args.model, dtype="float32", device=args.device)
     settings = dict(sources=("code",), samples=args.samples, seq_len=256, speed=False, progress=False)
     if "dense" not in done:

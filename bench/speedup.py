@@ -41,7 +41,7 @@ TOLERANCE = 0.05
 
 
 def row_key(args, target: float) -> str:
-    return f"{args.method}|{args.allocation}|x{target:.2f}|{args.phase}"
+    return f"{args.method}|{args.allocation}|x{target:.2f}|{args.phase}" + (f"|round{args.round_to}" if args.round_to else "")
 
 
 def speeds(model: torch.nn.Module, args) -> dict[str, float]:
@@ -74,7 +74,7 @@ def run(args) -> None:
         started = time.perf_counter()
         try:
             result = prune(loaded, data="code", method=args.method, allocation=args.allocation, target_speedup=target,
-                           speedup_phase=args.phase, prefill_tokens=args.prefill_tokens, calib_samples=args.calib_samples,
+                           speedup_phase=args.phase, prefill_tokens=args.prefill_tokens, calib_samples=args.calib_samples, round_to=args.round_to,
                            seed=0, progress=False)
         except DomainpruneError as e:  # predicted out of reach: the tool refuses, and the table says so
             done[key] = {"key": key, "method": args.method, "allocation": args.allocation, "target": target,
@@ -107,6 +107,11 @@ def run(args) -> None:
     write_markdown(done, args, table)
 
 
+def rounded(row: dict) -> str:
+    multiple = (row.get("recipe") or {}).get("round_to")
+    return f", --round-to {multiple}" if multiple else ""
+
+
 def write_markdown(done: dict, args, table) -> None:
     dense = Measurement.from_dict(done["dense"]["measurement"])
     rows = sorted((r for k, r in done.items() if k != "dense"), key=lambda r: (r["phase"], r["method"], r["allocation"], r["target"]))
@@ -137,7 +142,7 @@ def write_markdown(done: dict, args, table) -> None:
             continue
         m = Measurement.from_dict(r["measurement"])
         lines.append(
-            f"| {r['method']} | {r['allocation']} | {r['phase']} | {r['target']:.2f}× | {r['sparsity']:.2%} | "
+            f"| {r['method']} | {r['allocation']}{rounded(r)} | {r['phase']} | {r['target']:.2f}× | {r['sparsity']:.2%} | "
             f"{r['achieved']:.2%} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['prune_measured']:.3f} | "
             f"{'yes' if r['within'] else 'no'} ({100 * (r['measured'] / r['target'] - 1):+.1f} %) | "
             f"{r['measured_decode']:.3f} | {r['measured_prefill']:.3f} | {m.perplexity['code']:.3f} "
@@ -166,6 +171,7 @@ def main() -> None:
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--method", default="flap")
     p.add_argument("--allocation", default="global")
+    p.add_argument("--round-to", type=int, default=None, help="kept MLP widths rounded to a multiple of this (48: the latency table's grid)")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--samples", type=int, default=128, help="code test sequences for perplexity")
     p.add_argument("--rounds", type=int, default=3, help="dense/pruned speed rounds per target (median taken)")

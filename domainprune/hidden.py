@@ -31,6 +31,12 @@ def kept_width(hidden_size: int, hidden_sparsity: float, multiple: int = 1) -> i
     return aligned(max(1, round(hidden_size * (1 - hidden_sparsity))), hidden_size, multiple)
 
 
+def hidden_width(adapter: DecoderAdapter, hidden_sparsity: float, round_to: int | None = None) -> int:
+    """Residual channels this model keeps at `hidden_sparsity`: rounded to `round_to` and to what the architecture
+    needs (`DecoderAdapter.hidden_multiple`)."""
+    return kept_width(adapter.hidden_size, hidden_sparsity, math.lcm(round_to or 1, adapter.hidden_multiple()))
+
+
 def width_sparsity(sparsity: float, kept_fraction: float) -> float:
     """The attention+MLP sparsity the other stages must reach so the total is `sparsity` after hidden pruning."""
     rest = 1 - (1 - sparsity) / kept_fraction
@@ -54,14 +60,14 @@ def hidden_scores(adapter: DecoderAdapter, stats: list[dict]) -> torch.Tensor:
     return score
 
 
-def choose_hidden(adapter: DecoderAdapter, stats: list[dict], hidden_sparsity: float, multiple: int = 1) -> list[int]:
-    """The kept residual channels: the highest-scoring `kept_width` ones (ties to the lower index), sorted."""
+def choose_hidden(adapter: DecoderAdapter, stats: list[dict], hidden_sparsity: float, round_to: int | None = None) -> list[int]:
+    """The kept residual channels: the highest-scoring `hidden_width` ones (ties to the lower index), sorted."""
     if not adapter.prunable_hidden:
         raise DomainpruneError(
             f"hidden channels of {adapter.model_type!r} models cannot be pruned exactly "
             f"({adapter.hidden_not_prunable_reason}); leave out --hidden-sparsity"
         )
     score = hidden_scores(adapter, stats)
-    n = kept_width(adapter.hidden_size, hidden_sparsity, math.lcm(multiple, adapter.hidden_multiple()))
+    n = hidden_width(adapter, hidden_sparsity, round_to)
     order = sorted(range(len(score)), key=lambda c: (-float(score[c]), c))
     return sorted(order[:n])

@@ -430,7 +430,7 @@ def measure_table(model: nn.Module, *, context: int = 128, prefill_tokens: int =
 
 def plan_shapes(plan) -> list[LayerShape | None]:
     """Per-layer widths a plan keeps (None: a dropped layer); sublayers removed by depth have width 0."""
-    return [None if lp.drop else LayerShape(len(lp.query_heads), len(lp.kv_heads), len(lp.mlp_channels)) for lp in plan.layers]
+    return [None if lp.drop else lp.shape() for lp in plan.layers]
 
 
 def counts_shapes(adapter: DecoderAdapter, counts: list[tuple[int, int]], mode: str) -> list[LayerShape]:

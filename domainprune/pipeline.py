@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from .criteria.gradient import TAYLOR_MODES, GradientContext
 from .data import load_corpus
 from .errors import DomainpruneError
 from .evaluate import parameter_count
+from .latency import PHASES as SPEEDUP_PHASES
 from .export import check_output_folder, save_pruned
 from .models import LoadedModel, load_model
 from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
@@ -35,7 +35,6 @@ from .surgery import apply_plan, finish, prune_layer
 log = logging.getLogger(__name__)
 
 
-SPEEDUP_PHASES = ("decode", "prefill")  # what --target-speedup times (domainprune.latency)
 EXPERTS_KEEP_MISSING = (
     "method {method!r} prunes mixture-of-experts experts: give --experts-keep (experts kept per layer, e.g. 4, "
     "or a fraction such as 0.5)"
@@ -125,7 +124,7 @@ class Recipe(BaseModel):
             raise ValueError(f"give exactly one of sparsity, target_params and target_speedup{given}")
         if self.target_speedup is not None and not self.target_speedup > 1:
             raise ValueError(f"--target-speedup must be above 1 (e.g. 1.5 for 1.5× the dense model's speed), got {self.target_speedup}")
-        if self.speedup_phase not in SPEEDUP_PHASES:
+        if self.speedup_phase not in SPEEDUP_PHASES:  # what the latency table times
             raise ValueError(f"--speedup-phase must be one of {', '.join(SPEEDUP_PHASES)}, not {self.speedup_phase!r}")
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
@@ -257,12 +256,11 @@ def target_sparsity(recipe: Recipe, adapter: DecoderAdapter, total_params: int) 
 
 
 def hidden_kept_fraction(recipe: Recipe, adapter: DecoderAdapter) -> float:
-    from .hidden import kept_width
+    from .hidden import hidden_width
 
     if not recipe.hidden_sparsity:
         return 1.0
-    multiple = math.lcm(recipe.round_to or 1, adapter.hidden_multiple())
-    return kept_width(adapter.hidden_size, recipe.hidden_sparsity, multiple) / adapter.hidden_size
+    return hidden_width(adapter, recipe.hidden_sparsity, recipe.round_to) / adapter.hidden_size
 
 
 def _sequences(source: str, recipe: Recipe, tokenizer: Any, n: int) -> torch.Tensor:
@@ -505,14 +503,9 @@ def _hidden_stage(loaded: LoadedModel, recipe: Recipe, adapter: DecoderAdapter, 
     attention+MLP sparsity left for the width and depth stages."""
     from .hidden import choose_hidden, width_sparsity
 
-    if not adapter.prunable_hidden:
-        raise DomainpruneError(
-            f"hidden channels of {adapter.model_type!r} models cannot be pruned exactly "
-            f"({adapter.hidden_not_prunable_reason}); leave out --hidden-sparsity"
-        )
     sequences = calibration_sequences(recipe, loaded.tokenizer)
     stats = collect_statistics(loaded.model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
-    keep = choose_hidden(adapter, stats, recipe.hidden_sparsity, recipe.round_to or 1)
+    keep = choose_hidden(adapter, stats, recipe.hidden_sparsity, recipe.round_to)  # refuses unsupported architectures
     rest = width_sparsity(sparsity, len(keep) / adapter.hidden_size)
     log.info("hidden: keeping %d/%d residual channels; width and depth remove %.1f%% of the rest", len(keep), adapter.hidden_size, 100 * rest)
     return dense.model_copy(update={"hidden_channels": keep}), rest

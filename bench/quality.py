@@ -196,8 +196,10 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         f"code and {dense.test_sequences.get('general')}×256 general (Wikipedia) test sequences (the general test split "
         f"holds only that many); zero-shot acc_norm on {', '.join(tasks) or 'no tasks'}"
         f"{f' (first {args.limit} items each)' if args.limit else ''}. Every row pruned and measured in one process "
-        f"beside the dense model; speed ratios are to the dense model in that same run (batch 1; decode 128 tokens "
-        f"after a 64-token prompt; prefill 256 tokens; median of {args.speed_repeats} timed runs after a warm-up). Machine: {platform.processor() or platform.machine()}, "
+        f"beside the dense model; speed ratios are to the dense model in that same run (batch 1; decode: 128 tokens "
+        f"after a 64-token prompt, the rows here timed as the wall time of the whole `generate` call, from before "
+        f"`evaluate.throughput` switched to the median gap between new tokens (bench/results/speedup.md); prefill 256 "
+        f"tokens; median of {args.speed_repeats} timed runs after a warm-up). Machine: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
         f"Dense: code ppl {dense.perplexity['code']:.3f}, general ppl {dense.perplexity['general']:.3f}, "

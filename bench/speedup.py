@@ -8,9 +8,10 @@ Written to bench/results/speedup.md (raw rows in speedup.jsonl).
 
 The claim checked (issue text): `--target-speedup` meets its target within 5 % in measured decode throughput on this
 machine. Measured speedup = median over --rounds rounds of (pruned tokens/s ÷ dense tokens/s), the dense model and the
-pruned one measured back to back in each round, in this process, each as `domainprune eval` measures it (batch 1;
-decode: 128 new tokens after a 64-token prompt; prefill: --prefill-tokens tokens; median of --speed-repeats timed
-runs after a warm-up). `prune()`'s own confirmation (report.json's `speedup.measured`, one round) is listed beside
+pruned one measured back to back in each round (alternating which goes first), in this process, each as `domainprune
+eval` measures it (batch 1; decode: 1 / the median gap between new tokens of `generate`, 128 new tokens after a
+64-token prompt; prefill: --prefill-tokens tokens; --speed-repeats timed runs; both models warmed up once before the
+first round). `prune()`'s own confirmation (report.json's `speedup.measured`, one round) is listed beside
 it. Run it on an otherwise idle machine: the latency table (cached after the first target) and every speed figure
 are wall-clock timings.
 """
@@ -44,8 +45,8 @@ def row_key(args, target: float) -> str:
     return f"{args.method}|{args.allocation}|x{target:.2f}|{args.phase}" + (f"|round{args.round_to}" if args.round_to else "")
 
 
-def speeds(model: torch.nn.Module, args) -> dict[str, float]:
-    t = throughput(model, prefill_len=args.prefill_tokens, repeats=args.speed_repeats)
+def speeds(model: torch.nn.Module, args, warmup: bool = False) -> dict[str, float]:
+    t = throughput(model, prefill_len=args.prefill_tokens, repeats=args.speed_repeats, warmup=warmup)
     return {"decode": t["decode_tokens_per_s"], "prefill": t["prefill_tokens_per_s"]}
 
 
@@ -82,6 +83,7 @@ def run(args) -> None:
             save_rows(raw, done)
             continue
         seconds = time.perf_counter() - started
+        speeds(dense.model, args, warmup=True), speeds(model, args, warmup=True)  # warm both once
         rounds = []
         for r in range(args.rounds):  # back to back, alternating which goes first, so drift hits both alike
             first, second = (dense.model, model) if r % 2 == 0 else (model, dense.model)
@@ -123,8 +125,9 @@ def write_markdown(done: dict, args, table) -> None:
         f"pruned with `--target-speedup T` (method and allocation as listed), which measures a latency table on this "
         f"machine (cached) and solves for the smallest sparsity whose plan it predicts to run T× faster "
         f"(docs/allocation.md). Measured: median over {args.rounds} rounds of pruned ÷ dense tokens/s, both models in this "
-        f"process, back to back (batch 1; decode 128 tokens after a 64-token prompt; prefill {args.prefill_tokens} "
-        f"tokens; median of {args.speed_repeats} timed runs after a warm-up); `prune` column: prune()'s own confirmation "
+        f"process, back to back, alternating which goes first (batch 1; decode: 1 / the median gap between new tokens of "
+        f"`generate`, 128 tokens after a 64-token prompt; prefill {args.prefill_tokens} tokens; {args.speed_repeats} timed "
+        f"run(s) per model and round, both warmed up once before the first round); `prune` column: prune()'s own confirmation "
         f"(report.json, one round). Code perplexity on {dense.test_sequences.get('code')}×256 held-out code sequences, no "
         f"retraining. Machine: {done['dense'].get('machine', machine())}.",
         "",
@@ -171,11 +174,11 @@ def main() -> None:
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--method", default="flap")
     p.add_argument("--allocation", default="global")
-    p.add_argument("--round-to", type=int, default=None, help="kept MLP widths rounded to a multiple of this (48: the latency table's grid)")
+    p.add_argument("--round-to", type=int, default=None, help="kept MLP widths rounded to a multiple of this (96: the latency table's grid on SmolLM2)")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--samples", type=int, default=128, help="code test sequences for perplexity")
-    p.add_argument("--rounds", type=int, default=3, help="dense/pruned speed rounds per target (median taken)")
-    p.add_argument("--speed-repeats", type=int, default=3, help="timed runs per throughput measurement")
+    p.add_argument("--rounds", type=int, default=12, help="dense/pruned speed rounds per target, alternating which goes first (median of the ratios)")
+    p.add_argument("--speed-repeats", type=int, default=1, help="timed runs per model and round")
     p.add_argument("--device", default="auto")
     p.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
     args = p.parse_args()

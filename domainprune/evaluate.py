@@ -76,9 +76,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn: Callable[[], T], device: torch.device, repeats: int) -> tuple[float, T]:
-    """One untimed warm-up call, then the median wall time of `repeats` calls (and the last call's result)."""
-    result = fn()
+def _median_seconds(fn: Callable[[], T], device: torch.device, repeats: int, warmup: bool = True) -> tuple[float, T]:
+    """One untimed warm-up call (unless `warmup` is False), then the median wall time of `repeats` calls (and the last
+    call's result)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         _synchronize(device)
@@ -87,6 +89,20 @@ def _median_seconds(fn: Callable[[], T], device: torch.device, repeats: int) -> 
         _synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+class _TokenClock:
+    """A `generate` streamer that only timestamps what it is handed: the prompt first, then each new token (after
+    the host has the token, so the step's device work is done)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def throughput(
@@ -98,16 +114,22 @@ def throughput(
     prefill_len: int = 256,
     repeats: int = 3,
     seed: int = 0,
+    warmup: bool = True,
 ) -> dict[str, float]:
     """Batch-1 speed on random tokens: greedy decode (`new_tokens` after a `prompt_len` prompt) and prefill.
 
-    `decode_tokens_per_s` is new_tokens / wall time of the whole `generate` call (its short prompt prefill
-    included); `prefill_tokens_per_s` is prefill_len / wall time of one cached forward pass that, like the
-    prefill inside `generate`, computes logits for the last position only.
+    `decode_tokens_per_s` is 1 / the median inter-token time of `generate` (every gap between two consecutive new
+    tokens of every timed run, `generate`'s own per-step work included; the first token, which carries the prompt's
+    prefill, is left out), so a stall of the machine during a few steps does not move it; `decode_s` is the median
+    wall time of a whole `generate` call. `prefill_tokens_per_s` is prefill_len / the median wall time of one cached
+    forward pass that, like the prefill inside `generate`, computes logits for the last position only. One untimed
+    warm-up run of each precedes the `repeats` timed ones, unless `warmup` is False (a model just timed needs none).
     """
     for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("prefill_len", prefill_len), ("repeats", repeats)):
         if value < 1:
             raise DomainpruneError(f"throughput: {name} must be at least 1, got {value}")
+    if new_tokens < 2:
+        raise DomainpruneError("throughput: new_tokens must be at least 2 (decode speed is timed between new tokens)")
     device = model_device(model)
     if vocab_size is None:
         vocab_size = model.get_input_embeddings().num_embeddings
@@ -131,14 +153,22 @@ def throughput(
     prefill_kwargs: dict[str, object] = {"use_cache": True}
     if accepts_logits_to_keep(model):
         prefill_kwargs["logits_to_keep"] = 1
+    clocks: list[_TokenClock] = []
+
+    def generate() -> torch.Tensor:
+        clocks.append(_TokenClock())
+        return model.generate(prompt, streamer=clocks[-1], **generate_kwargs)
+
     with torch.inference_mode():
-        decode_s, output = _median_seconds(lambda: model.generate(prompt, **generate_kwargs), device, repeats)
-        prefill_s, _ = _median_seconds(lambda: model(input_ids=prefill, **prefill_kwargs), device, repeats)
-    if output.shape[1] - prompt_len != new_tokens:
+        decode_s, output = _median_seconds(generate, device, repeats, warmup)
+        prefill_s, _ = _median_seconds(lambda: model(input_ids=prefill, **prefill_kwargs), device, repeats, warmup)
+    if output.shape[1] - prompt_len != new_tokens or any(len(c.times) != new_tokens + 1 for c in clocks):
         raise DomainpruneError(f"throughput: generate produced {output.shape[1] - prompt_len} tokens, not {new_tokens}")
+    gaps = [b - a for c in clocks[1 if warmup else 0 :] for a, b in zip(c.times[1:], c.times[2:])]
     return {
-        "decode_tokens_per_s": new_tokens / decode_s,
+        "decode_tokens_per_s": 1 / statistics.median(gaps),
         "prefill_tokens_per_s": prefill_len / prefill_s,
+        "decode_step_s": statistics.median(gaps),
         "decode_s": decode_s,
         "prefill_s": prefill_s,
     }

@@ -4,29 +4,31 @@ end-to-end time it predicts for any per-layer widths, and the sparsity whose all
 The table is measured once per model *shape* (never its weights), dtype, device, torch/transformers version and
 phase settings, and cached on disk (`latency/<key>/table.json` under the cache), so a second run is instant.
 
-What is measured, with the model's own device and dtype, under `torch.inference_mode` (median of a few repeats after
-a warm-up, synchronised on CUDA):
+What is measured, with the model's own device and dtype, as `evaluate.throughput` measures a model (decode: the
+median time between two new tokens of batch-1 `generate` around a KV cache of about `context` tokens, so `generate`'s
+own per-step work is in it; prefill: one forward of `prefill_tokens` tokens that keeps the last logits):
 
-- **blocks**: one attention block at every count of kept KV groups (whole groups, query heads per group unchanged)
-  and one MLP block at a grid of widths (every multiple of max(1, I // 32) channels, plus the full width). Each is a
-  copy of a real layer's block cut by the adapter's own surgery (`slice_attention` / `slice_mlp` on a one-layer
-  shell), called with the inputs that block received in a real forward pass of the model (captured by a hook), so no
-  architecture knowledge lives here. A removed block (0 groups, 0 channels) costs 0 by definition.
-- **phases**: `decode` is batch 1, one new token attending to a KV cache of `context` tokens (each timing replays
-  a few consecutive decode steps on a cache the block itself filled); `prefill` is batch 1, `prefill_tokens`
-  tokens in one forward.
-- **the model around the blocks**: the dense model, and a *skeleton* of it (every attention and MLP block replaced
-  by the adapter's removed block, weights shared, nothing copied) are timed exactly as `evaluate.throughput`
-  measures a model: decode time per token is the difference of two `generate` runs of different lengths (so
-  `generate`'s own per-token bookkeeping is included), prefill time is one cached forward that keeps only the last
-  logits. The skeleton's time is `fixed` (embedding, norms, residual adds, LM head, decoding overhead); the blocks'
-  isolated times are scaled by one factor per phase so that fixed + Σ blocks equals the measured dense time (a block
-  timed alone runs with its weights hot in cache, faster than inside the model).
+- **variants of the whole model**: the model with every layer's attention cut to k of its KV groups (whole groups,
+  query heads per group unchanged), for every k below the full count; with every MLP cut to c channels, for every
+  multiple of max(1, I // 16) below the full width, and 0; and with every attention and MLP block removed (its
+  *skeleton*: embedding, norms, residual adds, LM head, decoding overhead). Each variant is a copy cut by the
+  adapter's own surgery whose other weights are shared with the model, so no architecture knowledge lives here and
+  the model is untouched.
+- **paired with the dense model**: the dense model is timed right before and after every variant, and a variant's
+  time is the median over `repeats` passes of its ratio to the mean of those two, times the dense model's median
+  time. A shared machine's speed drifts on a scale of seconds (other tenants' memory traffic; decode is bound by
+  memory bandwidth), and a pair sees the same drift.
+- **per-layer block times** follow by difference: one attention block at k groups costs (T(attention at k) −
+  T(attention removed)) / layers, one MLP block likewise, fitted non-decreasing in width (least squares). Blocks are
+  thus timed *inside the model*, with every other layer's weights streaming through the same caches and memory as
+  in real use; timed alone, a block's weights stay hot in the processor's cache and its time curve bends where they
+  stop fitting, which no real model sees.
 
-`predict` adds up fixed + Σ scaled block times, interpolating linearly between measured widths (a layer with fewer
-query heads per group than the table's, from `--attention-unit query_head`, is read at its query-head count);
-`solve_sparsity` bisects for the smallest attention+MLP sparsity whose allocation is predicted to be `target` times
-faster than the dense model.
+`predict` adds up the skeleton's time and each layer's block times (one factor per phase scales the blocks so that
+the table predicts the dense model's measured time exactly; it is close to 1), interpolating linearly between
+measured widths (a layer with fewer query heads per group than the table's, from `--attention-unit query_head`, is
+read at its query-head count); `solve_sparsity` bisects for the smallest attention+MLP sparsity whose allocation is
+predicted to be `target` times faster than the dense model.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import logging
 import math
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -53,11 +54,10 @@ from .errors import DomainpruneError
 
 log = logging.getLogger(__name__)
 
-LATENCY_VERSION = 1
+LATENCY_VERSION = 4
 PHASES = ("decode", "prefill")
-MLP_GRID = 32  # MLP widths measured: every multiple of max(1, I // MLP_GRID) channels, plus the full width
-DECODE_STEPS = 8  # consecutive decode steps replayed per decode timing of a block
-DECODE_SHORT, DECODE_LONG = 8, 40  # generate lengths whose difference gives the model's per-token decode time
+MLP_GRID = 16  # MLP widths measured: every multiple of max(1, I // MLP_GRID) channels, plus the full width
+DECODE_TOKENS = 24  # new tokens per timed `generate` of a table variant (the median gap between them is timed)
 SOLVE_STEPS = 20
 
 
@@ -218,7 +218,7 @@ def table_key(model: nn.Module, context: int, prefill_tokens: int, repeats: int)
     )
 
 
-def latency_table(model: nn.Module, *, context: int = 128, prefill_tokens: int = 256, repeats: int = 5, progress: bool = True, use_cache: bool = True) -> LatencyTable:
+def latency_table(model: nn.Module, *, context: int = 128, prefill_tokens: int = 256, repeats: int = 3, progress: bool = True, use_cache: bool = True) -> LatencyTable:
     """The model's latency table on its device and dtype, from the cache when it was measured before."""
     for name, value in (("context", context), ("prefill_tokens", prefill_tokens), ("repeats", repeats)):
         if value < 1:
@@ -233,135 +233,50 @@ def latency_table(model: nn.Module, *, context: int = 128, prefill_tokens: int =
     return table
 
 
-class _Shell(nn.Module):
-    """A one-layer stand-in for the model, so the adapter's own surgery can cut a copied layer."""
-
-    def __init__(self, config: Any, layer: nn.Module):
-        super().__init__()
-        self.config = config
-        self.model = nn.Module()
-        self.model.layers = nn.ModuleList([layer])
-
-
 def _shared_memo(module: nn.Module) -> dict[int, Any]:
     """A deepcopy memo under which the module's parameters and buffers are shared, not copied (its module objects
     are copied, so the copy's structure can be changed without touching the original)."""
     return {id(t): t for t in [*module.parameters(), *module.buffers()]}
 
 
-def _cut_block(adapter: DecoderAdapter, i: int, kind: str, width: int) -> nn.Module:
-    """Layer i's attention block keeping its first `width` KV groups (all their query heads), or its MLP block keeping
-    its first `width` channels: a copy of that block, cut by the adapter's surgery; the model is untouched."""
-    other = adapter.mlp(i) if kind == "attention" else adapter.attention(i)
-    layer = copy.deepcopy(adapter.layers[i], _shared_memo(other))  # only the block to cut is copied
-    shell = type(adapter)(_Shell(adapter.config, layer))
-    s = shell.shape(0)
-    if kind == "attention":
-        groups = list(range(width))
-        heads = [g * s.group_size + h for g in groups for h in range(s.group_size)]
-        if width != s.num_kv_heads:
-            shell.slice_attention(0, heads, groups)
-        return shell.attention(0)
-    if width != s.intermediate_size:
-        shell.slice_mlp(0, list(range(width)))
-    return shell.mlp(0)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _with_cache(args: tuple, kwargs: dict, new: Any) -> tuple[tuple, dict]:
-    """A captured call's arguments with every KV cache object replaced by `new`."""
-    from transformers.cache_utils import Cache
-
-    def swap(v):
-        return new if isinstance(v, Cache) else v
-
-    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
-
-
-class _Calls:
-    """Captures every call (args, kwargs) to a module during the forward passes run inside the `with` block."""
-
-    def __init__(self, module: nn.Module):
-        self.module, self.calls = module, []
-
-    def __enter__(self):
-        self.handle = self.module.register_forward_pre_hook(lambda m, a, kw: self.calls.append((a, kw)), with_kwargs=True)
-        return self.calls
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def _time_block(block: nn.Module, calls: dict[str, Any], phase: str, device: torch.device, repeats: int, config: Any) -> float:
-    """Median seconds of one call of `block` in `phase` (decode: per step, replayed on a cache the block filled,
-    of the kind the model builds: sliding-window layers keep their window)."""
-    from transformers import DynamicCache
-
-    def once() -> float:
-        if phase == "decode":
-            kv = DynamicCache(config=config)
-            fill = calls["fill"]
-            if fill is not None:
-                a, kw = _with_cache(*fill, kv)
-                block(*a, **kw)
-            steps = [_with_cache(a, kw, kv) for a, kw in calls["decode"]]
-        else:
-            steps = [_with_cache(a, kw, None) for a, kw in calls["prefill"]]
-        _synchronize(device)
-        start = time.perf_counter()
-        for a, kw in steps:
-            block(*a, **kw)
-        _synchronize(device)
-        return (time.perf_counter() - start) / len(steps)
-
-    once()  # warm-up
-    return statistics.median(once() for _ in range(repeats))
-
-
-def _capture(model: nn.Module, module: nn.Module, context: int, prefill_tokens: int) -> dict[str, Any]:
-    """The inputs `module` receives in a real forward pass: filling a cache of `context` tokens, DECODE_STEPS decode
-    steps after it, and a prefill of `prefill_tokens` tokens (random tokens; their values do not change the time)."""
-    device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
-    g = torch.Generator().manual_seed(0)
-    with _Calls(module) as calls:
-        out = model(input_ids=torch.randint(vocab, (1, context), generator=g).to(device), use_cache=True)
-        kv = out.past_key_values
-        for _ in range(DECODE_STEPS):
-            model(input_ids=torch.randint(vocab, (1, 1), generator=g).to(device), past_key_values=kv, use_cache=True)
-        n_decode = len(calls)
-        model(input_ids=torch.randint(vocab, (1, prefill_tokens), generator=g).to(device), use_cache=False)
-    if n_decode != DECODE_STEPS + 1 or len(calls) != n_decode + 1:
-        raise DomainpruneError("latency table: a block was not called once per forward pass; this model cannot be timed block by block")
-    return {"fill": calls[0], "decode": calls[1:n_decode], "prefill": calls[n_decode:]}
-
-
-def _skeleton(model: nn.Module) -> nn.Module:
-    """The model with every attention and MLP block removed by the adapter's surgery; all weights shared."""
-    skeleton = copy.deepcopy(model, _shared_memo(model))
-    adapter = get_adapter(skeleton)
+def _variant(model: nn.Module, kv_groups: int | None, channels: int | None) -> nn.Module:
+    """The model with every layer's attention cut to its first `kv_groups` KV groups (all their query heads) and/or
+    every MLP to its first `channels` channels (0: removed; None: kept whole), by the adapter's surgery on a copy
+    whose other weights are shared with the model; the model is untouched."""
+    variant = copy.deepcopy(model, _shared_memo(model))
+    adapter = get_adapter(variant)
     for i in range(adapter.num_layers):
-        adapter.slice_attention(i, [], [])
-        adapter.slice_mlp(i, [])
-    return skeleton
+        s = adapter.shape(i)
+        if kv_groups is not None and kv_groups != s.num_kv_heads:
+            groups = list(range(kv_groups))
+            adapter.slice_attention(i, [g * s.group_size + h for g in groups for h in range(s.group_size)], groups)
+        if channels is not None and channels != s.intermediate_size:
+            adapter.slice_mlp(i, list(range(channels)))
+    return variant
 
 
-def _model_seconds(model: nn.Module, context: int, prefill_tokens: int, repeats: int) -> dict[str, float]:
-    """Seconds per decode step at about `context` tokens of cache, and per prefill, measured as
-    `evaluate.throughput` measures them (decode: difference of two `generate` lengths)."""
+def _nondecreasing(values: list[float]) -> list[float]:
+    """The least-squares non-decreasing fit to `values` (pool adjacent violators). On the table's grid (aligned widths)
+    a wider block is never faster; a measured dip is the machine's noise, amplified by the per-layer difference."""
+    pools: list[tuple[float, int]] = []  # (mean, count) of runs of values fitted by one level
+    for v in values:
+        mean, count = v, 1
+        while pools and pools[-1][0] > mean:
+            m, c = pools.pop()
+            mean, count = (m * c + mean * count) / (c + count), c + count
+        pools.append((mean, count))
+    return [m for m, c in pools for _ in range(c)]
+
+
+def _model_seconds(model: nn.Module, context: int, prefill_tokens: int) -> dict[str, float]:
+    """Seconds per decode step around a cache of about `context` tokens, and per prefill, as `evaluate.throughput`
+    measures them: one `generate` (its median gap between new tokens is robust to a slow first step, so no warm-up
+    run), then one prefill."""
     from .evaluate import throughput
 
-    prompt = max(1, context - (DECODE_SHORT + DECODE_LONG) // 2)
-    short = throughput(model, prompt_len=prompt, new_tokens=DECODE_SHORT, prefill_len=prefill_tokens, repeats=repeats)
-    long = throughput(model, prompt_len=prompt, new_tokens=DECODE_LONG, prefill_len=prefill_tokens, repeats=repeats)
-    step = (long["decode_s"] - short["decode_s"]) / (DECODE_LONG - DECODE_SHORT)
-    if step <= 0:  # noise on a model too small to time: fall back to the long run's mean
-        step = long["decode_s"] / DECODE_LONG
-    return {"decode": step, "prefill": statistics.median([short["prefill_s"], long["prefill_s"]])}
+    prompt = max(1, context - DECODE_TOKENS // 2)
+    t = throughput(model, prompt_len=prompt, new_tokens=DECODE_TOKENS, prefill_len=prefill_tokens, repeats=1, warmup=False)
+    return {"decode": t["decode_step_s"], "prefill": t["prefill_s"]}
 
 
 def check_speedup_model(model: nn.Module) -> DecoderAdapter:
@@ -369,55 +284,65 @@ def check_speedup_model(model: nn.Module) -> DecoderAdapter:
     adapter = get_adapter(model)
     if adapter.has_experts():
         raise DomainpruneError("--target-speedup times dense attention and MLP blocks; mixture-of-experts models are not supported yet")
+    if len(set(adapter.shapes())) > 1:
+        raise DomainpruneError(
+            "--target-speedup times every layer cut to the same width, so it needs a model whose layers all have one "
+            "shape (a stock checkpoint); this one's layers differ (pruned before?): give --sparsity instead"
+        )
     return adapter
 
 
 @torch.inference_mode()
-def measure_table(model: nn.Module, *, context: int = 128, prefill_tokens: int = 256, repeats: int = 5, progress: bool = True) -> LatencyTable:
-    """Measure the latency table of `model` (see the module docstring). Needs one copy of one block at a time."""
+def measure_table(model: nn.Module, *, context: int = 128, prefill_tokens: int = 256, repeats: int = 3, progress: bool = True) -> LatencyTable:
+    """Measure the latency table of `model` (see the module docstring). Needs one cut copy of the attention or MLP
+    weights at a time beside the model."""
     adapter = check_speedup_model(model)
     param = next(model.parameters())
-    device = param.device
-    shapes = adapter.shapes()
-    n = adapter.num_layers
-    ai = max(range(n), key=lambda i: (shapes[i].num_heads, shapes[i].num_kv_heads, -i))  # the widest blocks
-    mi = max(range(n), key=lambda i: (shapes[i].intermediate_size, -i))
-    a_shape, width = shapes[ai], shapes[mi].intermediate_size
-    groups = list(range(1, a_shape.num_kv_heads + 1)) if a_shape.num_heads else []
-    step = max(1, width // MLP_GRID)
-    channels = sorted({*range(step, width, step), width}) if width else []
-    jobs = [("attention", ai, k) for k in groups] + [("mlp", mi, c) for c in channels]
+    s, n = adapter.shape(0), adapter.num_layers
+    groups = list(range(s.num_kv_heads)) if s.num_heads else []  # attention variants below the full count
+    step = max(1, s.intermediate_size // MLP_GRID)
+    channels = [0, *range(step, s.intermediate_size, step)] if s.intermediate_size else []
+    jobs = [("skeleton", 0, 0)] + [("attention", k, None) for k in groups] + [("mlp", None, c) for c in channels]
+    ratios: dict[tuple[str, int], list[dict[str, float]]] = {}
+    dense_runs = []
+    with tqdm(total=repeats * len(jobs), desc="latency table", unit="variant", disable=not progress) as bar:
+        _model_seconds(model, context, prefill_tokens)  # warm-up
+        for _ in range(repeats):  # whole passes over the variants, so a slow spell of the machine hits one run of many
+            dense_runs.append(before := _model_seconds(model, context, prefill_tokens))
+            for kind, kv_groups, width in jobs:
+                variant = _variant(model, kv_groups, width)
+                t = _model_seconds(variant, context, prefill_tokens)
+                del variant
+                # the dense model, timed right before and after each variant, is its yardstick: the machine's speed
+                # drifts (other tenants' memory traffic) on a scale of seconds, and both see the same drift
+                dense_runs.append(after := _model_seconds(model, context, prefill_tokens))
+                key = kind, kv_groups if kind == "attention" else width
+                ratios.setdefault(key, []).append({p: 2 * t[p] / (before[p] + after[p]) for p in PHASES})
+                before = after
+                bar.update()
+    dense = {p: statistics.median(r[p] for r in dense_runs) for p in PHASES}
+    seconds = {key: {p: dense[p] * statistics.median(r[p] for r in rs) for p in PHASES} for key, rs in ratios.items()}
+    fixed = seconds["skeleton", 0]
+    a_widths, m_widths = [*groups, s.num_kv_heads] if groups else [], [*channels, s.intermediate_size] if channels else []
+    seconds["attention", s.num_kv_heads] = seconds["mlp", s.intermediate_size] = dense
 
-    a_calls = _capture(model, adapter.attention(ai), context, prefill_tokens) if groups else None
-    m_calls = _capture(model, adapter.mlp(mi), context, prefill_tokens) if channels else None
-    seconds: dict[tuple[str, int], dict[str, float]] = {}
-    with tqdm(total=len(jobs) + 2, desc="latency table", unit="step", disable=not progress) as bar:
-        for kind, i, w in jobs:
-            block = _cut_block(adapter, i, kind, w)
-            calls = a_calls if kind == "attention" else m_calls
-            seconds[kind, w] = {phase: _time_block(block, calls, phase, device, repeats, model.config) for phase in PHASES}
-            del block
-            bar.update()
-        dense = _model_seconds(model, context, prefill_tokens, max(3, repeats // 2))
-        bar.update()
-        skeleton = _skeleton(model)
-        fixed = _model_seconds(skeleton, context, prefill_tokens, max(3, repeats // 2))
-        del skeleton
-        bar.update()
+    def per_layer(kind: str, widths: list[int], p: str) -> list[float]:  # block time by difference, never decreasing
+        return _nondecreasing([max(0.0, seconds[kind, w][p] - seconds[kind, widths[0]][p]) / n for w in widths])
+
     table = LatencyTable(
-        layers=[(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes],
-        attention_widths=[0] + [k * a_shape.group_size for k in groups],
-        attention_seconds={p: [0.0] + [seconds["attention", k][p] for k in groups] for p in PHASES},
-        mlp_widths=[0] + channels,
-        mlp_seconds={p: [0.0] + [seconds["mlp", c][p] for c in channels] for p in PHASES},
+        layers=[(s.num_heads, s.num_kv_heads, s.intermediate_size)] * n,
+        attention_widths=[k * s.group_size for k in a_widths],
+        attention_seconds={p: per_layer("attention", a_widths, p) if a_widths else [] for p in PHASES},
+        mlp_widths=m_widths,
+        mlp_seconds={p: per_layer("mlp", m_widths, p) if m_widths else [] for p in PHASES},
         fixed=fixed,
         dense=dense,
         context=context,
         prefill_tokens=prefill_tokens,
-        device=device_name(device),
+        device=device_name(param.device),
         dtype=str(param.dtype).removeprefix("torch."),
     )
-    for p in PHASES:  # isolated blocks run hot in cache: scale them so that fixed + blocks = the dense model
+    for p in PHASES:  # blocks add up to the dense model's time, up to noise: scale them so that they do exactly
         blocks = predict(table, table.dense_shapes(), p) - fixed[p]
         table.scale[p] = max(0.0, dense[p] - fixed[p]) / blocks if blocks > 0 else 0.0
     log.info(
@@ -478,7 +403,7 @@ def phase_speed(model: nn.Module, phase: str, prefill_tokens: int = 256, repeats
 
     if phase == "decode":
         return throughput(model, prefill_len=prefill_tokens, repeats=repeats)["decode_tokens_per_s"]
-    return throughput(model, new_tokens=1, prefill_len=prefill_tokens, repeats=repeats)["prefill_tokens_per_s"]
+    return throughput(model, new_tokens=2, prefill_len=prefill_tokens, repeats=repeats)["prefill_tokens_per_s"]
 
 
 def confirm_speedup(model: nn.Module, recipe, dense_speed: float) -> dict[str, Any]:

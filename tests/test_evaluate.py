@@ -65,6 +65,12 @@ def test_throughput_reports_positive_rates(model):
     result = throughput(model, prompt_len=8, new_tokens=6, prefill_len=16, repeats=2)
     assert result["decode_tokens_per_s"] > 0
     assert result["prefill_tokens_per_s"] > 0
+    # decode speed is the median gap between new tokens: one of them, shorter than a whole generate call
+    assert result["decode_tokens_per_s"] == pytest.approx(1 / result["decode_step_s"])
+    assert 0 < result["decode_step_s"] < result["decode_s"]
+    assert result["prefill_tokens_per_s"] == pytest.approx(16 / result["prefill_s"])
+    with pytest.raises(DomainpruneError, match="new_tokens must be at least 2"):
+        throughput(model, new_tokens=1)
 
 
 def test_parameter_count_counts_tied_embeddings_once():

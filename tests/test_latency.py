@@ -39,7 +39,7 @@ WIDE = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_
 
 def _check_structure(table: LatencyTable, heads: int, group: int, channels: int, layers: int) -> None:
     assert table.attention_widths == list(range(0, heads + 1, group))
-    step = max(1, channels // 32)
+    step = max(1, channels // 16)
     assert table.mlp_widths[0] == 0 and table.mlp_widths[-1] == channels
     assert all(w % step == 0 for w in table.mlp_widths[1:-1]) and len(table.mlp_widths) == len(set(table.mlp_widths))
     assert len(table.layers) == layers
@@ -47,10 +47,9 @@ def _check_structure(table: LatencyTable, heads: int, group: int, channels: int,
         att, mlp = table.attention_seconds[phase], table.mlp_seconds[phase]
         assert len(att) == len(table.attention_widths) and len(mlp) == len(table.mlp_widths)
         assert att[0] == 0 and mlp[0] == 0  # removed blocks cost nothing
-        assert all(t > 0 for t in att[1:] + mlp[1:])
-        # the full width is not faster than the narrowest (within noise: a busy core only ever adds time, so compare
-        # with the fastest of the narrower widths)
-        assert att[-1] >= 0.5 * min(att[1:]) and mlp[-1] >= 0.5 * min(mlp[1:])
+        # per-layer times are differences of whole-model timings: never negative (a tiny model's blocks can be lost
+        # in the noise, so nothing stricter holds here; bench/speedup.py checks the real model)
+        assert all(t >= 0 for t in att + mlp)
         assert table.fixed[phase] > 0 and table.dense[phase] > 0 and table.scale[phase] >= 0
         assert predict(table, [None] * layers, phase) == pytest.approx(table.fixed[phase])
         if table.scale[phase] > 0:  # calibrated: the table predicts the dense model it measured
@@ -96,6 +95,14 @@ def synthetic(fixed: float = 4.0) -> LatencyTable:
 def mlp_only(s: float) -> list[LayerShape]:
     """An allocation that takes fraction s of every MLP and leaves attention alone."""
     return [LayerShape(4, 2, round(1000 * (1 - s)))] * 4
+
+
+def test_block_times_fitted_nondecreasing():
+    from domainprune.latency import _nondecreasing
+
+    assert _nondecreasing([0, 1, 3, 2, 4]) == [0, 1, 2.5, 2.5, 4]  # a dip is pooled with what it undercuts
+    assert _nondecreasing([0, 5, 1, 0, 6]) == [0, 2, 2, 2, 6]
+    assert _nondecreasing([0, 1, 2]) == [0, 1, 2]
 
 
 def test_predict_interpolates_and_drops():
@@ -174,6 +181,17 @@ def test_cli_options(capsys, tmp_path):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     code, help_text, _ = cli(capsys, "prune", "--help")
     assert code == 0 and all(o in help_text for o in ("--target-speedup", "--speedup-phase", "--prefill-tokens"))
+
+
+def test_layers_of_different_shapes_refused():
+    """The table times every layer cut to one width, which a model pruned to per-layer widths cannot give."""
+    from domainprune.adapters import get_adapter
+
+    model = tiny_model("llama", max_position_embeddings=512)
+    get_adapter(model).slice_mlp(0, list(range(20)))
+    with pytest.raises(DomainpruneError, match="layers all have one shape") as e:
+        measure_table(model, **SMALL)
+    assert "\n" not in str(e.value) and "--sparsity" in str(e.value)
 
 
 def test_mixture_of_experts_refused_before_any_timing():

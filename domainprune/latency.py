@@ -72,7 +72,7 @@ class LatencyTable:
     mlp_widths: list[int]  # kept MLP channels, ascending (0 first)
     mlp_seconds: dict[str, list[float]]
     fixed: dict[str, float]  # phase -> seconds of everything outside the blocks (per decode step / per prefill)
-    scale: dict[str, float] = field(default_factory=dict)  # phase -> factor on the isolated block times (default 1)
+    scale: dict[str, float] = field(default_factory=dict)  # phase -> factor on the summed block times (default 1)
     dense: dict[str, float] = field(default_factory=dict)  # phase -> measured dense model seconds (for the record)
     context: int = 128
     prefill_tokens: int = 256

@@ -31,7 +31,7 @@ console = Console(stderr=True)
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m), HF folder, .gguf file or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
 MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess.")]
-AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl, cfsp or search [default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform].")]
+AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform).")]
 SparsityOpt = Annotated[Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")]
 TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
 ExpertsKeepOpt = Annotated[Optional[float], typer.Option(help="MoE models: routed experts kept per layer, a count (4) or a fraction (0.5); with an expert method.")]
@@ -39,18 +39,18 @@ UnitOpt = Annotated[str, typer.Option(help="kv_group (whole KV groups) or query_
 SamplesOpt = Annotated[int, typer.Option(help="Calibration sequences.")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sequence.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
-BiasOpt = Annotated[Optional[bool], typer.Option("--bias-compensation/--no-bias-compensation", help="FLAP bias compensation [default: on for flap].")]
-ReconstructOpt = Annotated[Optional[str], typer.Option(help="obs: refit the kept o_proj/down_proj columns by least squares on the calibration data, layer by layer (structured OBS); none: off [default: obs for method obs, else none].")]
+BiasOpt = Annotated[Optional[bool], typer.Option("--bias-compensation/--no-bias-compensation", help="FLAP bias compensation (default: on for flap).")]
+ReconstructOpt = Annotated[Optional[str], typer.Option(help="obs: refit the kept o_proj/down_proj columns by least squares on the calibration data, layer by layer (structured OBS); none: off (default: obs for method obs, else none).")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet/datasets corpora.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-GeneralDataOpt = Annotated[Optional[str], typer.Option(help="General corpus (preset, file or folder): dpruner/gaprune's second stream [default: the `general` preset], and the source of --general-ratio.")]
+GeneralDataOpt = Annotated[Optional[str], typer.Option(help="General corpus (preset, file or folder): dpruner/gaprune's second stream (default: the `general` preset), and the source of --general-ratio.")]
 GeneralRatioOpt = Annotated[float, typer.Option(help="Fraction of the calibration sequences taken from general data (one-stream criteria), in [0, 1].")]
 CandidatesOpt = Annotated[int, typer.Option(help="NIRVANA-style selection: prune with K calibration subsets, keep the lowest KL(dense‖pruned) on held-out validation data.")]
-MicroBatchOpt = Annotated[Optional[int], typer.Option(help="Gradient criteria: sequences per forward+backward [default: 1, per-sample Fisher].")]
+MicroBatchOpt = Annotated[Optional[int], typer.Option(help="Gradient criteria: sequences per forward+backward (default: 1, per-sample Fisher).")]
 CheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Gradient criteria: recompute activations in backward to save memory.")]
 TaylorModeOpt = Annotated[Optional[str], typer.Option(help="taylor: vector |Σ W·g| (default), element Σ|W·g| or param_mix.")]
 VocabCoverageOpt = Annotated[Optional[float], typer.Option(help="Then trim the vocabulary to the tokens covering this fraction of the domain's calibration tokens, e.g. 0.999 (as `domainprune vocab`).")]
@@ -118,10 +118,10 @@ def _recipe_options(
     prefill_tokens: Annotated[int, typer.Option(help="--target-speedup: prompt length the prefill phase is timed at.")] = 256,
     vocab_coverage: VocabCoverageOpt = None,
     vocab_size: VocabSizeOpt = None,
-    search_generations: Annotated[Optional[int], typer.Option(help="--allocation search: generations per round [default: 8].")] = None,
-    search_offspring: Annotated[Optional[int], typer.Option(help="--allocation search: offspring per generation [default: 16].")] = None,
-    search_rounds: Annotated[Optional[int], typer.Option(help="--allocation search: coarse-to-fine rounds, step halved each [default: 3].")] = None,
-    search_samples: Annotated[Optional[int], typer.Option(help="--allocation search: held-out validation sequences for the KL fitness [default: 32].")] = None,
+    search_generations: Annotated[Optional[int], typer.Option(help="--allocation search: generations per round (default: 8).")] = None,
+    search_offspring: Annotated[Optional[int], typer.Option(help="--allocation search: offspring per generation (default: 16).")] = None,
+    search_rounds: Annotated[Optional[int], typer.Option(help="--allocation search: coarse-to-fine rounds, step halved each (default: 3).")] = None,
+    search_samples: Annotated[Optional[int], typer.Option(help="--allocation search: held-out validation sequences for the KL fitness (default: 32).")] = None,
 ):
     """The Recipe fields as command-line options, declared once (see `recipe_command`)."""
 
@@ -222,7 +222,7 @@ def plan(
 def apply(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan JSON from `domainprune plan` (edited or not).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to prune [default: the plan's].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to prune (default: the plan's).")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
@@ -477,7 +477,7 @@ def recover(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Pruned run folder (the --out of `domainprune prune`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the recovered checkpoint (may be RUN_DIR with --force).")],
     data: DataOpt = "code",
-    teacher: Annotated[Optional[str], typer.Option(help="Dense model for KD / self-distillation / selection [default: the run's recipe.json model].")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Dense model for KD / self-distillation / selection (default: the run's recipe.json model).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
     kd_weight: Annotated[float, typer.Option(help="Weight w of the KD loss: (1-w)·CE + w·KD, in [0, 1].")] = 0.0,
     kd_temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 2.0,
@@ -490,7 +490,7 @@ def recover(
     seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 128,
     batch_size: BatchOpt = 4,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate [default: 2e-4 LoRA, 2e-5 --full].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: 2e-4 LoRA, 2e-5 --full).")] = None,
     epochs: Annotated[float, typer.Option(help="Epochs over the training sequences (when --max-steps does not stop first).")] = 1.0,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimiser steps at most (0: epochs decide).")] = 60,
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds of training at most, over resumed runs too (0: none).")] = 600.0,

@@ -332,3 +332,22 @@ def test_console_script_prints_one_error_line(tmp_path):
         f"error: model '{missing}' not found: give an existing folder, a .gguf file, a hub id, or a preset (smollm2-135m)"
     ]
     assert run.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_help_shows_every_option_text_whole(capsys, monkeypatch):
+    """Rich renders help with markup: an unescaped `[default: …]` in a help string is eaten as a tag. Every
+    option's help must reach the screen as written."""
+    import typer.main
+
+    from domainprune.cli import app
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    group = typer.main.get_command(app)
+    assert len(group.commands) >= 8
+    for name, command in group.commands.items():
+        code, out, _ = cli(capsys, name, "--help")
+        assert code == 0
+        shown = " ".join(out.split())
+        for param in command.params:
+            if param.help:
+                assert " ".join(param.help.split()) in shown, (name, param.name)

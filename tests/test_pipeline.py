@@ -181,9 +181,10 @@ def _stats_entries() -> set[str]:
     ],
     ids=["flap", "wanda-sp"],
 )
-def test_same_recipe_and_seed_give_identical_weights(fields):
+def test_same_recipe_and_seed_give_identical_weights(fields, monkeypatch, tmp_path):
     import shutil
 
+    monkeypatch.setenv("DOMAINPRUNE_CACHE", str(tmp_path))  # an empty cache: a warm shared one would hold the entry
     tok = smol_tokenizer()
     existing = _stats_entries()
     first = prune(loaded(tiny_lm(seed=7), tok), seed=3, progress=False, **fields, **CALIB)  # weights no other test uses

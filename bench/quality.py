@@ -109,7 +109,7 @@ def run(args) -> None:
             loaded = LoadedModel(model, dense.tokenizer, None, args.model)
             started = time.perf_counter()
             with PeakRSS() as mem:
-                result = prune(loaded, data="code", method=method, allocation=allocation, sparsity=level,
+                result = prune(loaded, data="code", method=method, allocation=None if allocation == "-" else allocation, sparsity=level,
                                calib_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0, progress=False,
                                **VARIANTS[variant])
             seconds = time.perf_counter() - started
@@ -317,7 +317,7 @@ def main() -> None:
     # (nirvana's own allocation: --methods nirvana --allocations nirvana-ratio). dpruner/gaprune read the bundled
     # `general` corpus as their second stream; all of them run forward+backward (micro-batch 1) on calibration data.
     p.add_argument("--methods", default="magnitude,wanda-sp,flap")
-    p.add_argument("--allocations", default="uniform,global")
+    p.add_argument("--allocations", default="uniform,global", help="comma-separated; '-' for none (depth methods alone: shortgpt, finercut)")
     p.add_argument("--levels", default="0.2,0.35,0.5")
     p.add_argument("--variants", default="", help=f"comma-separated recipe additions per row ('' = none): {', '.join(v for v in VARIANTS if v)}")
     p.add_argument("--calib-samples", type=int, default=128)

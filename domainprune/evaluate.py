@@ -165,10 +165,11 @@ def throughput(
     if output.shape[1] - prompt_len != new_tokens or any(len(c.times) != new_tokens + 1 for c in clocks):
         raise DomainpruneError(f"throughput: generate produced {output.shape[1] - prompt_len} tokens, not {new_tokens}")
     gaps = [b - a for c in clocks[1 if warmup else 0 :] for a, b in zip(c.times[1:], c.times[2:])]
+    step_s = statistics.median(gaps)
     return {
-        "decode_tokens_per_s": 1 / statistics.median(gaps),
+        "decode_tokens_per_s": 1 / step_s,
         "prefill_tokens_per_s": prefill_len / prefill_s,
-        "decode_step_s": statistics.median(gaps),
+        "decode_step_s": step_s,
         "decode_s": decode_s,
         "prefill_s": prefill_s,
     }

@@ -302,21 +302,21 @@ def measure_table(model: nn.Module, *, context: int = 128, prefill_tokens: int =
     groups = list(range(s.num_kv_heads)) if s.num_heads else []  # attention variants below the full count
     step = max(1, s.intermediate_size // MLP_GRID)
     channels = [0, *range(step, s.intermediate_size, step)] if s.intermediate_size else []
-    jobs = [("skeleton", 0, 0)] + [("attention", k, None) for k in groups] + [("mlp", None, c) for c in channels]
+    # (table key, KV groups kept, MLP channels kept) of every variant; None: that block whole
+    jobs = [(("skeleton", 0), 0, 0)] + [(("attention", k), k, None) for k in groups] + [(("mlp", c), None, c) for c in channels]
     ratios: dict[tuple[str, int], list[dict[str, float]]] = {}
     dense_runs = []
     with tqdm(total=repeats * len(jobs), desc="latency table", unit="variant", disable=not progress) as bar:
         _model_seconds(model, context, prefill_tokens)  # warm-up
         for _ in range(repeats):  # whole passes over the variants, so a slow spell of the machine hits one run of many
             dense_runs.append(before := _model_seconds(model, context, prefill_tokens))
-            for kind, kv_groups, width in jobs:
+            for key, kv_groups, width in jobs:
                 variant = _variant(model, kv_groups, width)
                 t = _model_seconds(variant, context, prefill_tokens)
                 del variant
                 # the dense model, timed right before and after each variant, is its yardstick: the machine's speed
                 # drifts (other tenants' memory traffic) on a scale of seconds, and both see the same drift
                 dense_runs.append(after := _model_seconds(model, context, prefill_tokens))
-                key = kind, kv_groups if kind == "attention" else width
                 ratios.setdefault(key, []).append({p: 2 * t[p] / (before[p] + after[p]) for p in PHASES})
                 before = after
                 bar.update()

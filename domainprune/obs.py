@@ -369,6 +369,71 @@ def input_hessian(layer: torch.nn.Module, module: torch.nn.Module, hidden: list[
     return InputHessian(acc["h"].clone(), acc["s"].clone(), acc["n"])
 
 
+def hessian_of(inputs: list[torch.Tensor]) -> InputHessian:
+    """H, Σ x and N of recorded inputs: the arithmetic of `input_hessian`'s hook, batch by batch."""
+    h = s = None
+    n = 0
+    for x in inputs:
+        x = x.reshape(-1, x.shape[-1])
+        xf = x.float()
+        h = xf.T @ xf if h is None else h + xf.T @ xf
+        s = x.double().sum(0) if s is None else s + x.double().sum(0)
+        n += x.shape[0]
+    return InputHessian(h, s, n)
+
+
+@torch.inference_mode()
+def record_mlp(adapter: DecoderAdapter, i: int, hidden: list[torch.Tensor], kwargs: list[dict]):
+    """Run layer i on every batch up to its down_proj: what its attention block returned and what down_proj gets.
+    The refitted layer's outputs are then assembled from these (`_Replay`, `_DownProj`) instead of running the
+    attention and the gate/up projections a second time."""
+    attention_out, mlp_in = [], []
+
+    def keep_attention(_m, _args, out):
+        attention_out.append(out)
+
+    def keep_mlp(_m, args):
+        mlp_in.append(args[0].detach())
+        raise _Stop
+
+    handles = [adapter.attention(i).register_forward_hook(keep_attention),
+               adapter.down_proj(i).register_forward_pre_hook(keep_mlp)]
+    try:
+        for h, kw in zip(hidden, kwargs):
+            try:
+                adapter.layers[i](h, **kw)
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return attention_out, mlp_in
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a block whose outputs, batch by batch, are already known."""
+
+    def __init__(self, outputs: list):
+        super().__init__()
+        self.outputs = iter(outputs)
+
+    def forward(self, *args, **kwargs):
+        return next(self.outputs)
+
+
+class _DownProj(torch.nn.Module):
+    """Stands in for an MLP whose down_proj inputs (before slicing) are known: the kept channels of each batch's
+    recorded input through the (sliced, refitted) down_proj."""
+
+    def __init__(self, down_proj: torch.nn.Module, inputs: list[torch.Tensor], kept: torch.Tensor | None):
+        super().__init__()
+        self.down_proj, self.inputs, self.kept = down_proj, iter(inputs), kept
+
+    def forward(self, hidden_states):
+        x = next(self.inputs)
+        return self.down_proj(x if self.kept is None else x[..., self.kept.to(x.device)])
+
+
 def _write_columns(linear: torch.nn.Linear, kept: torch.Tensor, new: torch.Tensor) -> None:
     with torch.no_grad():
         linear.weight[:, kept.to(linear.weight.device)] = new.to(dtype=linear.weight.dtype, device=linear.weight.device)
@@ -447,26 +512,33 @@ def reconstruct_layers(
                 adapter.slice_attention(i, q_heads, kv_heads, None if b is None else b.to(adapter.o_proj(i).weight.dtype))
                 biased["attention"] = b is not None
         channels = list(range(s.intermediate_size))
+        stand_ins: dict = {}
         if adapter.has_dense_mlp(i):
+            attention_out, mlp_in = record_mlp(adapter, i, hidden, kwargs[i])
             hess_cache = {}
 
-            def mlp_hess(i=i, layer=layer, hess_cache=hess_cache):
+            def mlp_hess(mlp_in=mlp_in, hess_cache=hess_cache):
                 if "h" not in hess_cache:
-                    hess_cache["h"] = input_hessian(layer, adapter.down_proj(i), hidden, kwargs[i])
+                    hess_cache["h"] = hessian_of(mlp_in)
                 return hess_cache["h"]
 
             channels = chooser.mlp(i, mlp_hess)
+            kept = None if len(channels) == s.intermediate_size else torch.tensor(sorted(channels), dtype=torch.long)
             if "mlp" in chooser.skipped(i):
                 adapter.slice_mlp(i, channels)
-            elif len(channels) != s.intermediate_size:
-                kept = torch.tensor(sorted(channels), dtype=torch.long)
+            elif kept is not None:
                 new, b = refit(adapter.down_proj(i).weight, mlp_hess(), kept, bias=bias, damping=damping, what=f"layer {i} down_proj")
                 if kept.numel():
                     _write_columns(adapter.down_proj(i), kept, new)
                 adapter.slice_mlp(i, channels, None if b is None else b.to(adapter.down_proj(i).weight.dtype))
                 biased["mlp"] = b is not None
+            stand_ins["attention"] = _Replay(attention_out)
+            if adapter.has_dense_mlp(i):
+                stand_ins["mlp"] = _DownProj(adapter.down_proj(i), mlp_in, kept)
         layers.append(LayerPlan(index=i, kv_heads=sorted(kv_heads), query_heads=sorted(q_heads), mlp_channels=sorted(channels)))
-        hidden = runner.outputs(i, hidden, kwargs[i])
+        with adapter.swapped(i, **stand_ins):
+            hidden = runner.outputs(i, hidden, kwargs[i])
+        stand_ins.clear()
         _checkpoint(adapter, folder, i, layers[-1], biased, stats, hidden)
         bar.update(1)
     bar.close()

@@ -345,16 +345,12 @@ class _Stop(Exception):
 
 
 @torch.inference_mode()
-def input_hessian(layer: torch.nn.Module, module: torch.nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> InputHessian:
-    """H = Σ x xᵀ (float32), Σ x and N of `module`'s input while `layer` runs on every batch (the layer stops there)."""
-    acc: dict = {"n": 0}
+def record_inputs(layer: torch.nn.Module, module: torch.nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]):
+    """`module`'s input, batch by batch, while `layer` runs on every batch (the layer stops there)."""
+    inputs = []
 
     def hook(_m, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1])
-        xf = x.float()
-        acc["h"] = acc["h"] + xf.T @ xf if "h" in acc else xf.T @ xf
-        acc["s"] = acc["s"] + x.double().sum(0) if "s" in acc else x.double().sum(0)
-        acc["n"] += x.shape[0]
+        inputs.append(args[0].detach())
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook)
@@ -366,11 +362,11 @@ def input_hessian(layer: torch.nn.Module, module: torch.nn.Module, hidden: list[
                 pass
     finally:
         handle.remove()
-    return InputHessian(acc["h"].clone(), acc["s"].clone(), acc["n"])
+    return inputs
 
 
 def hessian_of(inputs: list[torch.Tensor]) -> InputHessian:
-    """H, Σ x and N of recorded inputs: the arithmetic of `input_hessian`'s hook, batch by batch."""
+    """H = Σ x xᵀ (float32), Σ x and N of a module's recorded inputs (`record_inputs`), batch by batch."""
     h = s = None
     n = 0
     for x in inputs:
@@ -383,10 +379,16 @@ def hessian_of(inputs: list[torch.Tensor]) -> InputHessian:
 
 
 @torch.inference_mode()
-def record_mlp(adapter: DecoderAdapter, i: int, hidden: list[torch.Tensor], kwargs: list[dict]):
-    """Run layer i on every batch up to its down_proj: what its attention block returned and what down_proj gets.
-    The refitted layer's outputs are then assembled from these (`_Replay`, `_DownProj`) instead of running the
-    attention and the gate/up projections a second time."""
+def record_mlp(adapter: DecoderAdapter, i: int, hidden: list[torch.Tensor], kwargs: list[dict],
+               attention: torch.nn.Module | None = None):
+    """Run layer i (with `attention` standing in for its attention block) on every batch up to its down_proj: what
+    the attention block returned and what down_proj gets. The refitted layer's outputs are then assembled from these
+    (`_Replay`, `_DownProj`) instead of running the attention and the gate/up projections again."""
+    with adapter.swapped(i, attention=attention):
+        return _record_mlp(adapter, i, hidden, kwargs)
+
+
+def _record_mlp(adapter: DecoderAdapter, i: int, hidden: list[torch.Tensor], kwargs: list[dict]):
     attention_out, mlp_in = [], []
 
     def keep_attention(_m, _args, out):
@@ -419,6 +421,20 @@ class _Replay(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return next(self.outputs)
+
+
+class _OProj(torch.nn.Module):
+    """Stands in for an attention block whose o_proj inputs (before its heads were cut) are known: the kept heads'
+    columns of each batch's recorded input through the (sliced, refitted) o_proj. Heads are independent, so a kept
+    head's input to o_proj is the same before and after the others go."""
+
+    def __init__(self, o_proj: torch.nn.Module, inputs: list[torch.Tensor], kept: torch.Tensor | None):
+        super().__init__()
+        self.o_proj, self.inputs, self.kept = o_proj, iter(inputs), kept
+
+    def forward(self, hidden_states, *args, **kwargs):
+        x = next(self.inputs)
+        return self.o_proj(x if self.kept is None else x[..., self.kept.to(x.device)]), None
 
 
 class _DownProj(torch.nn.Module):
@@ -491,14 +507,15 @@ def reconstruct_layers(
             stats, _ = runner.layer_stats(i, hidden, kwargs[i])
             stats_all.append(stats)
             chooser.begin(i, stats)
-        layer = adapter.layers[i]
         q_heads, kv_heads = list(range(s.num_heads)), list(range(s.num_kv_heads))
+        attention = None  # a stand-in for the refitted attention, from its recorded o_proj inputs
         if not adapter.attention_removed(i):
+            attn_in = record_inputs(adapter.layers[i], adapter.o_proj(i), hidden, kwargs[i])
             hess_cache: dict = {}
 
-            def attn_hess(i=i, layer=layer, hess_cache=hess_cache):
+            def attn_hess(attn_in=attn_in, hess_cache=hess_cache):
                 if "h" not in hess_cache:
-                    hess_cache["h"] = input_hessian(layer, adapter.o_proj(i), hidden, kwargs[i])
+                    hess_cache["h"] = hessian_of(attn_in)
                 return hess_cache["h"]
 
             q_heads, kv_heads = chooser.attention(i, attn_hess)
@@ -511,10 +528,16 @@ def reconstruct_layers(
                     _write_columns(adapter.o_proj(i), kept, new)
                 adapter.slice_attention(i, q_heads, kv_heads, None if b is None else b.to(adapter.o_proj(i).weight.dtype))
                 biased["attention"] = b is not None
+            if not adapter.attention_removed(i):  # each kept head's o_proj input is what it was before the cut
+                unchanged = (len(q_heads), len(kv_heads)) == (s.num_heads, s.num_kv_heads)
+                cols = None if unchanged else _head_columns(q_heads, adapter.head_dim)
+                attention = _OProj(adapter.o_proj(i), attn_in, cols)
         channels = list(range(s.intermediate_size))
         stand_ins: dict = {}
+        if attention is not None:
+            stand_ins["attention"] = attention
         if adapter.has_dense_mlp(i):
-            attention_out, mlp_in = record_mlp(adapter, i, hidden, kwargs[i])
+            attention_out, mlp_in = record_mlp(adapter, i, hidden, kwargs[i], attention)
             hess_cache = {}
 
             def mlp_hess(mlp_in=mlp_in, hess_cache=hess_cache):

@@ -501,7 +501,7 @@ def vocab(
 @app.command()
 def recover(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Pruned run folder (the --out of `domainprune prune`).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the recovered checkpoint (may be RUN_DIR with --force).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the recovered checkpoint (not RUN_DIR or inside it: inputs are never modified; `prune --recover` recovers its own output).")],
     data: DataOpt = "code",
     teacher: Annotated[Optional[str], typer.Option(help="Dense model for KD / self-distillation / selection (default: the run's recipe.json model).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,

@@ -28,7 +28,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Options shared by several commands.
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m), HF folder, .gguf file or hub id.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m, qwen2.5-coder-0.5b), HF folder, .gguf file or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
 MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess.")]
 AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform).")]

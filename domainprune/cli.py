@@ -29,7 +29,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Options shared by several commands.
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m, qwen2.5-coder-0.5b), HF folder, .gguf file or hub id.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m, qwen2.5-coder-0.5b), HF folder, "
+                                                            ".gguf file or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
 MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess.")]
 AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform).")]
@@ -269,7 +270,8 @@ def eval_(
     code_tokens: CodeTokensOpt = MAX_CODE_TOKENS,
     quiet: QuietOpt = False,
 ):
-    """Perplexity per corpus, zero-shot accuracy, MBPP pass@1, parameters, checkpoint size and throughput (and ratios to --baseline)."""
+    """Perplexity per corpus, zero-shot accuracy, MBPP pass@1, parameters, checkpoint size and throughput (and
+    ratios to --baseline)."""
     from .mbpp import standard_error
     from .measure import measure, ratios
     from .models import load_model
@@ -295,7 +297,8 @@ def eval_(
         rows.append((f"perplexity {s} ({results[-1].test_sequences[s]}×{seq_len})", [f"{m.perplexity[s]:.3f}" for m in results], f"{r.get(f'ppl_{s}', 0):.3f}×"))
     for t in (t for t in task_list if t in CODE_TASKS):
         n = results[-1].problems[t]
-        rows.append((f"{t} pass@1 ({n} problems)", [f"{m.pass_at_1[t]:.3f} ± {standard_error(m.pass_at_1[t], n):.3f}" for m in results],
+        values = [f"{m.pass_at_1[t]:.3f} ± {standard_error(m.pass_at_1[t], n):.3f}" for m in results]
+        rows.append((f"{t} pass@1 ({n} problems)", values,
                      f"{results[-1].pass_at_1[t] - (dense.pass_at_1[t] if dense else 0):+.3f}"))
     for t in (t for t in task_list if t not in CODE_TASKS):
         rows.append((f"{t} acc_norm", [f"{m.zero_shot[t]:.3f}" for m in results], f"{results[-1].zero_shot[t] - (dense.zero_shot[t] if dense else 0):+.3f}"))
@@ -323,7 +326,8 @@ def _check_lm_eval(lm_eval: bool, tasks: tuple[str, ...]) -> None:
 RunsArg = Annotated[list[Path], typer.Argument(metavar="RUN...", help="Pruned run folders (the --out of `domainprune prune`).", show_default=False)]
 CompareBaselineOpt = Annotated[Optional[str], typer.Option(help="Dense model (default: the model named in the runs' recipe.json).")]
 CompareDataOpt = Annotated[list[str], typer.Option("--data", "-d", help="Corpus for perplexity (repeatable); the first is the domain, also used for the generation prompts.")]
-TasksOpt = Annotated[str, typer.Option(help="Comma-separated tasks: zero-shot (piqa,hellaswag,arc_easy, ...) and/or mbpp (pass@1 of generated code, run in a sandbox) ('' for none).")]
+TasksOpt = Annotated[str, typer.Option(help="Comma-separated tasks: zero-shot (piqa,hellaswag,arc_easy, ...) and/or "
+                                             "mbpp (pass@1 of generated code, run in a sandbox) ('' for none).")]
 LimitOpt = Annotated[Optional[int], typer.Option(help="Items per zero-shot task; the first N problems for mbpp.")]
 CodeTokensOpt = Annotated[int, typer.Option(help="mbpp: greedy new tokens at most per answer.")]
 TestSamplesOpt = Annotated[int, typer.Option(help="Test sequences per corpus.")]

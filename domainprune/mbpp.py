@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 import re
 import sys
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -31,6 +33,7 @@ from .errors import DomainpruneError
 from .evaluate import model_device
 from .sandbox import TIMEOUT_S, isolation, run_program
 
+log = logging.getLogger(__name__)
 CODE_TASKS = ("mbpp",)
 MAX_NEW_TOKENS = 512
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
@@ -116,12 +119,15 @@ class _CodeBlockClosed:
 
 
 @torch.inference_mode()
-def generate_answer(model: torch.nn.Module, tokenizer: Any, problem: Problem, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
+def generate_answer(
+    model: torch.nn.Module, tokenizer: Any, problem: Problem, max_new_tokens: int = MAX_NEW_TOKENS
+) -> str:
     """The model's greedy answer (with its forced start) to one problem."""
     from transformers import GenerationConfig, StoppingCriteriaList
 
     text, start = build_prompt(problem, tokenizer)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
+    chat = bool(getattr(tokenizer, "chat_template", None))  # the template already holds the special tokens
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).input_ids
     ids = ids.to(model_device(model))
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
@@ -152,11 +158,14 @@ def evaluate_mbpp(
     results = []
     bar = tqdm(problems, desc="mbpp", unit="problem", file=sys.stderr, disable=not progress)
     for problem in bar:
+        start = time.perf_counter()
         answer = generate_answer(model, tokenizer, problem, max_new_tokens)
-        code = extract_code(answer)
-        outcome = run_program(program(problem, code), timeout=timeout)
+        seconds = time.perf_counter() - start
+        outcome = run_program(program(problem, extract_code(answer)), timeout=timeout)
         results.append({"task_id": problem.task_id, "passed": outcome.passed, "timed_out": outcome.timed_out,
-                        "answer": answer})
+                        "answer": answer, "generation_seconds": seconds})
+        log.debug("mbpp task %d: %s in %.1f s; answer %r", problem.task_id, "pass" if outcome.passed else "fail",
+                  seconds, answer)
         bar.set_postfix(passed=sum(r["passed"] for r in results))
     n = len(results)
     p = sum(r["passed"] for r in results) / n

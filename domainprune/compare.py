@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from .errors import DomainpruneError
 from .generation import NEW_TOKENS, PROMPTS, Samples, domain_prompts
+from .mbpp import CODE_TASKS, MAX_NEW_TOKENS
 from .measure import Measurement, measure, ratios
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,12 @@ class Comparison:
             seen += [t for t in e.measurement.zero_shot if t not in seen]
         return seen
 
+    def code_tasks(self) -> list[str]:
+        seen: list[str] = []
+        for e in self.entries:
+            seen += [t for t in e.measurement.pass_at_1 if t not in seen]
+        return seen
+
     # ----- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         dense = self.dense.measurement
@@ -137,6 +144,9 @@ class Comparison:
         if d.zero_shot:
             limit = self.settings.get("limit")
             text += f"; zero-shot acc_norm on {', '.join(d.zero_shot)}" + (f" (first {limit} items each)" if limit else "")
+        for t in self.code_tasks():
+            n = d.problems.get(t)
+            text += f"; {t} pass@1 (greedy, run in a sandbox) on the first {n} test problems" if n else f"; {t} pass@1"
         origin = "measured in one process" if self.origin == "measured" else f"figures from {self.origin}"
         if self.settings.get("speed_measured_separately"):
             origin += "; throughput measured afterwards, all models in one process"
@@ -146,13 +156,14 @@ class Comparison:
     # ----- the table -----------------------------------------------------------------------------------------
     def table(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of the figures table, one row per model, each figure with its ratio to dense."""
-        sources, tasks = self.sources(), self.tasks()
+        sources, tasks, code = self.sources(), self.tasks(), self.code_tasks()
         speed = any(e.measurement.decode_tokens_per_s for e in self.entries)
         header = ["model", "method", "sparsity", "params", "MB"]
         header += [f"{s} ppl (×dense)" for s in sources]
         header += [f"{t} acc_norm" for t in tasks]
         if tasks:
             header.append("zero-shot mean (Δ)")
+        header += [f"{t} pass@1 (Δ)" for t in code]
         if speed:
             header += ["decode tok/s (×)", "prefill tok/s (×)"]
         header.append("bytes dense/pruned")
@@ -169,6 +180,9 @@ class Comparison:
             if tasks:
                 zs = m.zero_shot_mean
                 row.append("-" if zs is None else f"{zs:.4f}" if is_dense or "zero_shot_drop" not in r else f"{zs:.4f} ({-r['zero_shot_drop']:+.4f})")
+            for t in code:
+                p, drop = m.pass_at_1.get(t), r.get(f"pass_at_1_drop_{t}")
+                row.append("-" if p is None else f"{p:.3f}" if is_dense or drop is None else f"{p:.3f} ({-drop:+.3f})")
             if speed:
                 for key, ratio in (("decode_tokens_per_s", "decode_speedup"), ("prefill_tokens_per_s", "prefill_speedup")):
                     v = getattr(m, key)
@@ -253,6 +267,7 @@ def compare(
     prompts: int = PROMPTS,
     new_tokens: int = NEW_TOKENS,
     lm_eval: bool = False,
+    code_tokens: int = MAX_NEW_TOKENS,
     progress: bool = True,
 ) -> Comparison:
     """Measure the dense model and every run folder in this process, one model in memory at a time, and (with
@@ -273,13 +288,15 @@ def compare(
     gen = Samples(sources[0], new_tokens, domain_prompts(sources[0], prompts, text_field=text_field)) if prompts else None
     settings = dict(samples=samples, seq_len=seq_len, tasks=list(tasks), limit=limit, speed=speed, speed_repeats=speed_repeats,
                     batch_size=batch_size, dtype=dtype, zero_shot="lm-eval" if lm_eval else "domainprune")
+    if any(t in CODE_TASKS for t in tasks):
+        settings["code_tokens"] = code_tokens
     entries = []
     for i, (target, name) in enumerate([(baseline, "dense"), *zip(runs, run_names(runs))]):
         log.info("measuring %s", name)
         loaded = load_model(target, dtype=dtype, device=device)
         m = measure(loaded, name, sources=sources, samples=samples, seq_len=seq_len, tasks=tuple(tasks), limit=limit,
                     speed=speed, speed_repeats=speed_repeats, batch_size=batch_size, text_field=text_field,
-                    progress=progress, lm_eval=lm_eval)
+                    progress=progress, lm_eval=lm_eval, code_tokens=code_tokens)
         if i == 0:
             path = str(loaded.path) if loaded.path is not None else None
             entries.append(Entry("dense", m, "dense", path, str(baseline)))

@@ -13,6 +13,7 @@ from typing import Any
 from .data import load_corpus
 from .errors import DomainpruneError
 from .evaluate import checkpoint_bytes, nll, parameter_count, throughput
+from .mbpp import CODE_TASKS, MAX_NEW_TOKENS, evaluate_mbpp
 from .models import LoadedModel, check_seq_len
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ class Measurement:
     perplexity: dict[str, float] = field(default_factory=dict)
     test_sequences: dict[str, int] = field(default_factory=dict)
     zero_shot: dict[str, float] = field(default_factory=dict)  # acc_norm per task
+    pass_at_1: dict[str, float] = field(default_factory=dict)  # code tasks (mbpp): greedy pass@1
+    problems: dict[str, int] = field(default_factory=dict)  # code tasks: problems pass@1 is over
     decode_tokens_per_s: float | None = None
     prefill_tokens_per_s: float | None = None
 
@@ -74,11 +77,16 @@ def measure(
     text_field: str = "text",
     progress: bool = True,
     lm_eval: bool = False,
+    code_tokens: int = MAX_NEW_TOKENS,
 ) -> Measurement:
     """With `lm_eval`, zero-shot accuracy comes from lm-evaluation-harness (its prompts and datasets) instead of
-    `tasks.evaluate_task`; the figure kept per task is acc_norm, or acc where the harness reports no acc_norm."""
+    `tasks.evaluate_task`; the figure kept per task is acc_norm, or acc where the harness reports no acc_norm.
+    Code tasks (`mbpp`) among `tasks` give pass@1 on the first `limit` problems instead (`mbpp.evaluate_mbpp`, at
+    most `code_tokens` new tokens per answer), whichever scorer runs the others."""
     model, tok = loaded.model, loaded.tokenizer
     check_seq_len(model, seq_len)
+    code_tasks = tuple(t for t in tasks if t in CODE_TASKS)
+    tasks = tuple(t for t in tasks if t not in CODE_TASKS)
     m = Measurement(name=name, params=parameter_count(model))
     if loaded.path is not None and any(Path(loaded.path).glob("*.safetensors")):
         m.checkpoint_bytes = checkpoint_bytes(loaded.path)
@@ -101,6 +109,11 @@ def measure(
 
         for task in tasks:
             m.zero_shot[task] = evaluate_task(model, tok, task, limit=limit, progress=progress)["acc_norm"]
+    for task in code_tasks:
+        result = evaluate_mbpp(model, tok, limit=limit, max_new_tokens=code_tokens, progress=progress)
+        m.pass_at_1[task], m.problems[task] = result["pass_at_1"], result["n"]
+        log.info("%s: %s pass@1 %.3f ± %.3f over %d problems (sandbox: %s)", name, task, result["pass_at_1"],
+                 result["stderr"], result["n"], result["isolation"])
     if speed:
         t = throughput(model, repeats=speed_repeats)
         m.decode_tokens_per_s, m.prefill_tokens_per_s = t["decode_tokens_per_s"], t["prefill_tokens_per_s"]
@@ -108,7 +121,8 @@ def measure(
 
 
 def ratios(m: Measurement, dense: Measurement) -> dict[str, float]:
-    """Ratios to the dense model: perplexity (pruned/dense), speed (pruned/dense), parameter bytes (dense/pruned)."""
+    """Ratios to the dense model: perplexity (pruned/dense), speed (pruned/dense), parameter bytes (dense/pruned);
+    drops from it: mean zero-shot accuracy, pass@1 per code task."""
     out = {f"ppl_{s}": m.perplexity[s] / dense.perplexity[s] for s in m.perplexity if s in dense.perplexity}
     if m.decode_tokens_per_s and dense.decode_tokens_per_s:
         out["decode_speedup"] = m.decode_tokens_per_s / dense.decode_tokens_per_s
@@ -116,4 +130,7 @@ def ratios(m: Measurement, dense: Measurement) -> dict[str, float]:
     out["param_ratio"] = dense.params / m.params
     if m.zero_shot_mean is not None and dense.zero_shot_mean is not None:
         out["zero_shot_drop"] = dense.zero_shot_mean - m.zero_shot_mean
+    for task, p in m.pass_at_1.items():
+        if task in dense.pass_at_1:
+            out[f"pass_at_1_drop_{task}"] = dense.pass_at_1[task] - p
     return out

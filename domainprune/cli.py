@@ -525,6 +525,32 @@ def recover(
     console.print(f"wrote {result.out} (recovery.json, recovery_log.json)")
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Pruned run folder (any domainprune output) or HF model folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file to write.")],
+    to: Annotated[str, typer.Option("--to", help="Target format: gguf (llama.cpp, Ollama, LM Studio).")] = "gguf",
+    quant: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's own quantiser; needs the serve extra).")] = "f32",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    quiet: QuietOpt = False,
+):
+    """Write a run as one GGUF file for llama.cpp: its own architecture when every layer is alike, else `deci`."""
+    from .gguf_export import export_run
+
+    _setup_logging(quiet)
+    if to.lower() != "gguf":
+        raise DomainpruneError(f"--to {to!r} is not a target yet; use --to gguf")
+    r = export_run(run_dir, out, quant=quant, force=force)
+    console.print(f"[bold green]exported[/] {r.layers} layers as llama.cpp {r.arch!r} ({r.quant}, tokenizer pre "
+                  f"{r.pre_tokenizer!r}): wrote {r.path} ({r.bytes / 1e6:.1f} MB)", soft_wrap=True)
+    for note in r.notes:
+        console.print(f"  {note}", soft_wrap=True)
+    if r.fallbacks:
+        listed = ", ".join(f"{n} ({t})" for n, t in r.fallbacks[:8]) + (" …" if len(r.fallbacks) > 8 else "")
+        console.print(f"{len(r.fallbacks)} tensor(s) fell back from {r.quant} (width not a multiple of the block; "
+                      f"see --round-to): {listed}", soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()

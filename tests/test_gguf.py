@@ -9,6 +9,7 @@ Skipped only where llama-cpp-python is not installed; under CI (the CI variable 
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -340,3 +341,71 @@ def test_unequal_expert_counts_are_refused(capsys, tmp_path):
     get_adapter(model).slice_experts(0, [0, 1, 2, 3, 4, 5])
     run = save_run(model, tmp_path)
     assert "expert count" in one_line_error(capsys, "export", run, "--out", tmp_path / "m.gguf")
+
+
+# ----- the real SmolLM2 ------------------------------------------------------------------------------------------
+
+
+def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding one token at a time through llama.cpp's KV cache (batch 1, as a server decodes)."""
+    llm.reset()
+    llm.eval(prompt)
+    out: list[int] = []
+    for _ in range(new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def llama_nll(llm, seqs: torch.Tensor) -> float:
+    """Mean next-token negative log-likelihood over the sequences, from llama.cpp's logits."""
+    total, count = 0.0, 0
+    for seq in seqs.tolist():
+        llm.reset()
+        llm.eval(seq)
+        logits = np.array(llm.scores[: len(seq) - 1], dtype=np.float64)
+        logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+        total += float((logz - logits[np.arange(len(seq) - 1), seq[1:]]).sum())
+        count += len(seq) - 1
+    return total / count
+
+
+@pytest.mark.slow
+def test_smollm2_cfsp_obs_35_greedy_continuations_and_q8_0_perplexity(tmp_path):
+    """SmolLM2 pruned with --method cfsp --reconstruct obs --sparsity 0.35 (per-layer widths: deci): llama.cpp's
+    greedy 32-token continuations of three held-out code prompts equal transformers' (F32), and Q8_0's test
+    perplexity is within 2 % of F32's (both in llama.cpp)."""
+    from domainprune.generation import domain_prompts
+    from domainprune.measure import heldout_sequences
+    from domainprune.models import load_model
+    from domainprune.pipeline import prune
+
+    dense = load_model("smollm2-135m", dtype="float32", device="cpu")
+    result = prune(dense, data="code", method="cfsp", reconstruct="obs", sparsity=0.35, calib_samples=8, seq_len=64,
+                   batch_size=4, out=tmp_path / "cfsp35", progress=False)
+    model, tok = load_pretrained(result.out), dense.tokenizer
+    f32 = export_gguf(model, tok, tmp_path / "f32.gguf")
+    q8 = export_gguf(model, tok, tmp_path / "q8.gguf", quant="q8_0")
+    assert f32.arch == "deci" and f32.layers == 30
+    llm = llama_cpp.Llama(model_path=str(f32.path), n_ctx=512, logits_all=True, verbose=False, n_threads=2,
+                          type_k=0, type_v=0)
+    try:
+        for prompt in domain_prompts("code"):
+            ids = tok(prompt).input_ids
+            with torch.inference_mode():
+                want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+            assert llama_greedy(llm, ids, 32) == want, prompt
+        seqs = heldout_sequences("code", tok, 8, 256)
+        nll_f32 = llama_nll(llm, seqs)
+    finally:
+        llm.close()
+    llm = llama_cpp.Llama(model_path=str(q8.path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    try:
+        nll_q8 = llama_nll(llm, seqs)
+    finally:
+        llm.close()
+    print(f"\nSmolLM2 cfsp+obs 35 %: code perplexity F32 {math.exp(nll_f32):.3f}, Q8_0 {math.exp(nll_q8):.3f}; "
+          f"fallbacks {len(q8.fallbacks)}; sizes {f32.bytes / 1e6:.1f} / {q8.bytes / 1e6:.1f} MB")
+    assert abs(math.exp(nll_q8 - nll_f32) - 1) < 0.02

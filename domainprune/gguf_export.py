@@ -390,7 +390,14 @@ def quantise(src: Path, dst: Path, quant: str, threads: int | None = None) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{QUANTS[quant][0]}")
     params.nthread = threads or max(1, os.cpu_count() or 1)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    # llama.cpp logs a line per tensor through llama-cpp-python's logger; the fallbacks are reported from the file
+    lc_log = logging.getLogger("llama-cpp-python")
+    level = lc_log.level
+    lc_log.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        lc_log.setLevel(level)
     if rc != 0:
         raise DomainpruneError(f"llama.cpp's quantiser failed on {src.name} (status {rc}); try --quant f16")
 
@@ -478,7 +485,7 @@ def export_gguf(
         for tmp in (stage, final):
             tmp.unlink(missing_ok=True)
     for name, kind in demoted:
-        log.info("%s: %s (width not a multiple of %s's block)", name, kind, quant)
+        log.debug("%s: %s (width not a multiple of %s's block)", name, kind, quant)
     return GGUFExport(out, built.arch, quant, len(built.layers), out.stat().st_size, demoted, built.notes, pre)
 
 

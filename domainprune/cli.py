@@ -167,13 +167,16 @@ def prune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
     recipe: dict,
     recover: Annotated[bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")] = False,
+    export_to: Annotated[Optional[str], typer.Option("--export", help="Then also write OUT/model.QUANT.gguf for llama.cpp: gguf (F16) or gguf:QUANT, e.g. gguf:q4_k_m (see `domainprune export`).")] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
     """Score, plan, slice and export: a smaller checkpoint in OUT with plan.json, recipe.json and report.json."""
+    from .gguf_export import parse_export_spec
     from .pipeline import prune as run
 
     _setup_logging(quiet)
+    gguf_quant = parse_export_spec(export_to) if export_to is not None else None  # refused before any work
     model = recipe.pop("model")
     result = run(model, out=out, force=force, progress=not quiet, **recipe)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
@@ -193,6 +196,12 @@ def prune(
         console.print(f"[bold green]recovered[/] {rec.report['steps']} steps in {rec.report['train_seconds']:.0f} s; wrote {out}")
     loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(out)!r})")
+    if gguf_quant is not None:
+        from .gguf_export import export_run
+
+        g = export_run(out, out / f"model.{gguf_quant}.gguf", quant=gguf_quant, force=True)
+        console.print(f"[bold green]exported[/] llama.cpp {g.arch!r} ({g.quant}): wrote {g.path} ({g.bytes / 1e6:.1f} MB)"
+                      + (f"; {len(g.fallbacks)} tensor(s) fell back (see --round-to)" if g.fallbacks else ""), soft_wrap=True)
 
 
 @app.command()

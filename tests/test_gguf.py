@@ -307,6 +307,20 @@ def test_cli_export_of_a_flap_run_matches_load_pretrained(capsys, tmp_path):
     assert code == 2 and "exists" in err and "--force" in err and len(err.strip().splitlines()) == 1
 
 
+def test_prune_export_stage_writes_the_gguf_beside_the_checkpoint(capsys, tmp_path):
+    from tiny_runs import build_runs
+
+    runs = build_runs(tmp_path / "runs")
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", runs["dense"], "--data", runs["corpus"], "--method", "flap", "--sparsity", "0.35",
+            "--calib-samples", "2", "--seq-len", "16", "--batch-size", "2", "--out", out, "--quiet"]
+    assert "gguf:q4_k_m" in one_line_error(capsys, *args, "--export", "onnx")
+    assert not out.exists()  # refused before any work
+    code, _, err = cli(capsys, *args, "--export", "gguf:f32")
+    assert code == 0, err
+    assert rel_diff(load_pretrained(out), out / "model.f32.gguf") < RTOL
+
+
 def one_line_error(capsys, *args) -> str:
     code, _, err = cli(capsys, *args)
     assert code == 2, err

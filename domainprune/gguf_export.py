@@ -29,6 +29,8 @@ import ctypes
 import logging
 import math
 import os
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -403,16 +405,24 @@ def quantise(src: Path, dst: Path, quant: str, threads: int | None = None) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{QUANTS[quant][0]}")
     params.nthread = threads or max(1, os.cpu_count() or 1)
-    # llama.cpp logs a line per tensor through llama-cpp-python's logger; the fallbacks are reported from the file
-    lc_log = logging.getLogger("llama-cpp-python")
-    level = lc_log.level
-    lc_log.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        lc_log.setLevel(level)
+    # llama.cpp writes a line per tensor to stderr (not through llama-cpp-python's logger); the fallbacks are
+    # reported from the file, so its log is kept only for the error message
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(captured.fileno(), 2)
+        try:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s", text)
     if rc != 0:
-        raise DomainpruneError(f"llama.cpp's quantiser failed on {src.name} (status {rc}); try --quant f16")
+        last = next((line for line in reversed(text.splitlines()) if line.strip()), "no message")
+        raise DomainpruneError(f"llama.cpp's quantiser failed on {src.name} ({last.strip()}); try --quant f16")
 
 
 def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:

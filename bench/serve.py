@@ -90,8 +90,8 @@ def measure(files: dict[tuple[str, str], dict], args) -> list[dict]:
     from domainprune.models import load_model
 
     tok = load_model("smollm2-135m", dtype="float32", device="cpu").tokenizer
-    seq = heldout_sequences("code", tok, 1, 256)[0].tolist()
-    prompt, prefill = seq[:64], seq[:256]
+    seq = heldout_sequences("code", tok, 1, max(args.prefill_tokens, args.prompt_tokens))[0].tolist()
+    prompt, prefill = seq[: args.prompt_tokens], seq[: args.prefill_tokens]
     rows = []
     for quant in QUANTS:
         names = [n for (n, q) in files if q == quant]
@@ -119,7 +119,8 @@ def markdown(rows: list[dict], args) -> str:
         f"llama-cpp-python {args.llama_version}, {args.threads} threads, {platform.processor() or platform.machine()}; "
         f"{args.rounds} rounds, models in turn; calibration {args.calib_samples}×256 code tokens (speed depends on "
         "the widths, not on the calibration size). Decode: batch 1, "
-        f"{args.new_tokens} new tokens after a 64-token prompt (median gap). Prefill: one 256-token prompt.", "",
+        f"{args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt (median gap). Prefill: one "
+        f"{args.prefill_tokens}-token prompt.", "",
         "| model | quant | arch | GGUF MB | params ratio | decode tok/s | decode × | prefill tok/s | prefill × | fallbacks |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -142,6 +143,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--prefill-tokens", type=int, default=256)
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for serve.md and serve.json")
     args = p.parse_args()
     import llama_cpp
 
@@ -149,9 +153,9 @@ def main() -> None:
     runs = {k: Path(v) for k, v in (x.split("=", 1) for x in args.runs)} if args.runs else make_runs(args)
     files = export_all(runs, args.work)
     rows = measure(files, args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "serve.md").write_text(markdown(rows, args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out / "serve.md").write_text(markdown(rows, args))
     print(markdown(rows, args))
 
 

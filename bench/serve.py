@@ -117,8 +117,9 @@ def markdown(rows: list[dict], args) -> str:
     lines = [
         "# SmolLM2-135M in llama.cpp: dense vs pruned (`bench/serve.py`)", "",
         f"llama-cpp-python {args.llama_version}, {args.threads} threads, {platform.processor() or platform.machine()}; "
-        f"{args.rounds} rounds, models in turn; calibration {args.calib_samples}×256 code tokens (speed depends on "
-        "the widths, not on the calibration size). Decode: batch 1, "
+        f"{args.rounds} rounds, models in turn; calibration "
+        + (f"{args.calib_samples}×256 code tokens" if not args.runs else "as the given runs were pruned")
+        + " (speed depends on the widths, not on the calibration size). Decode: batch 1, "
         f"{args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt (median gap). Prefill: one "
         f"{args.prefill_tokens}-token prompt.", "",
         "| model | quant | arch | GGUF MB | params ratio | decode tok/s | decode × | prefill tok/s | prefill × | fallbacks |",

@@ -172,7 +172,8 @@ def run(args) -> None:
         figures = from_bench_rows(list(done.values()), str(raw), relative_to=raw)
         if args.report_prompts:
             add_samples(figures, args.report_prompts, dtype="float32", device=args.device)
-        print(f"report: {write_report(figures, RESULTS / 'report', title='domainprune benchmark')['report.html']}", file=sys.stderr)
+        written = write_report(figures, RESULTS / "report", title="domainprune benchmark", force=True)
+        print(f"report: {written['report.html']}", file=sys.stderr)
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:

@@ -149,6 +149,35 @@ def uniform_counts(adapter: DecoderAdapter, sparsity: float | list[float], mode:
     ]
 
 
+def attention_unit_cost(adapter: DecoderAdapter, s: LayerShape, mode: str) -> int:
+    """Parameters one attention unit holds: a KV group with its query heads, or one query head per KV group."""
+    if mode == "kv_group":
+        return adapter.attention_params(s.group_size, 1)
+    return adapter.attention_params(s.num_kv_heads, 0)
+
+
+def max_width_sparsity(adapter: DecoderAdapter, mode: str) -> float:
+    """The largest fraction of attention+MLP parameters width pruning can remove: every layer keeps one attention
+    unit (where heads are prunable at all) and one MLP channel (per expert)."""
+    shapes = adapter.shapes()
+    removed = 0
+    for (a, c), s in zip(uniform_counts(adapter, 1.0, mode), shapes):
+        removed += a * attention_unit_cost(adapter, s, mode) + c * adapter.mlp_params(1)
+    return removed / sum(adapter.layer_params(s) for s in shapes)
+
+
+def budget_tolerance(adapter: DecoderAdapter, mode: str, round_to: int | None, depth: bool) -> float:
+    """How far (as a fraction of attention+MLP parameters) an allocation may land from its budget: one attention
+    unit, or a width step of the MLPs in every layer (8 channels: what global allocation rounds to, or --round-to;
+    one such step in every expert of a mixture-of-experts layer); whole layers with depth pruning."""
+    shapes = adapter.shapes()
+    unit = attention_unit_cost(adapter, shapes[0], mode)
+    step = max(8, round_to or 1) * adapter.mlp_params(1)
+    channels = sum(step * max(1, x.num_experts or 1) for x in shapes)
+    layer = max(adapter.layer_params(x) for x in shapes) if depth else 0
+    return (max(unit, channels) + layer) / sum(adapter.layer_params(x) for x in shapes)
+
+
 def _sparsity_around(adapter: DecoderAdapter, shapes: list, sparsity: float, mode: str, frozen: set[tuple[int, str]]) -> list[float]:
     """Per-layer fractions of the remaining (not frozen) parameters that bring the total removed to `sparsity`.
     A layer whose MLP is gone cannot absorb its attention's rounding, so its removal is fixed first and the layers

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -40,21 +44,83 @@ def entry(kind: str, key: str) -> Path:
     return cache_dir() / kind / key
 
 
+PARTIAL = ".domainprune-partial-"  # marks every temporary file or folder this tool creates, for the sweep below
+
+
+def _partial_prefix(name: str) -> str:
+    return f".{name}{PARTIAL}{os.getpid()}-"
+
+
+def sweep_partials(folder: Path) -> None:
+    """Remove temporary files/folders a killed domainprune process left in `folder`: only our own (the marker in the
+    name), only those whose process is gone, and only those older than this process."""
+    try:
+        candidates = [p for p in Path(folder).iterdir() if PARTIAL in p.name]
+    except OSError:
+        return
+    started = _process_start()
+    for p in candidates:
+        try:
+            pid = int(p.name.split(PARTIAL, 1)[1].split("-", 1)[0])
+            if pid == os.getpid() or _alive(pid) or p.lstat().st_mtime >= started:
+                continue
+        except (ValueError, OSError):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _process_start() -> float:
+    """This process's start time (seconds since the epoch), from /proc where there is one."""
+    try:
+        ticks = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        stat = Path("/proc/stat").read_text().splitlines()
+        boot = next(float(line.split()[1]) for line in stat if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()  # where /proc is missing: no later than the process start
+
+
+def _umask_mode(path: Path, folder: bool) -> None:
+    """mkdtemp/mkstemp create 0700/0600; the final output gets what the user's umask gives any new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; move it into place only if the block completes.
 
-    An exception leaves `final` untouched (and removes the partial folder), so no reader ever sees half a result.
+    An exception leaves `final` untouched (and removes the partial folder), so no reader ever sees half a result; a
+    killed run's partial folder is removed by the next run that writes beside it (`sweep_partials`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    sweep_partials(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(final.name), dir=final.parent))
     try:
         yield tmp
+        _umask_mode(tmp, folder=True)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = final.with_name(f"{_partial_prefix(final.name)}old")
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
@@ -66,19 +132,71 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[Path], None] | Callable[[Any], Any], *, to_path: bool = False) -> None:
+    """Write `path` through a temporary file beside it, renamed into place when complete; removed on any failure.
+    `write` gets an open binary file, or with `to_path` the temporary file's path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    sweep_partials(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(path.name), dir=path.parent)
+    try:
+        if to_path:
+            os.close(fd)
+            write(Path(tmp))
+        else:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+        _umask_mode(Path(tmp), folder=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    import io
+# --- cache entries without pickle: tensors in safetensors, everything else in JSON ---------------------------------
 
-    import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+def save_tensors(path: Path, tensors: dict[str, Any], meta: Any = None) -> None:
+    """Tensors (contiguous CPU copies) in a safetensors file; `meta` (JSON) in its header."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}  # no shared storage
+    header = {"json": json.dumps(meta)} if meta is not None else None
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header), to_path=True)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, Any], Any] | None:
+    """(tensors, meta) saved by `save_tensors`, or None (with a warning naming the entry) when it is missing or
+    unreadable: a cache entry is only ever a shortcut, so a damaged one is rebuilt, never trusted."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("json")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return tensors, (json.loads(meta) if meta is not None else None)
+    except Exception as e:  # noqa: BLE001 - any damage means the same thing: recompute
+        log.warning("cache entry %s is unreadable (%s); it will be rebuilt", path, str(e).splitlines()[0][:120])
+        return None
+
+
+def save_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj).encode())
+
+
+def load_json(path: Path) -> Any | None:
+    """A JSON cache entry, or None (with a warning) when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("cache entry %s is unreadable (%s); it will be rebuilt", path, e)
+        return None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
 import logging
+import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -80,9 +83,12 @@ def parse_count(text: str | None) -> int | None:
     units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
     t = text.strip().upper()
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t[-1:] in units else int(t)
-    except ValueError:
-        raise DomainpruneError(f"--target-params {text!r} is not a count; write e.g. 90M or 90000000") from None
+        count = int(float(t[:-1]) * units[t[-1]]) if t[-1:] in units else int(t)
+    except (ValueError, OverflowError):  # "abc", "infM", "nanM"
+        count = 0
+    if count <= 0:
+        raise DomainpruneError(f"--target-params {text!r} is not a positive count; write e.g. 90M or 90000000")
+    return count
 
 
 def _recipe_options(
@@ -167,7 +173,7 @@ def prune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
     recipe: dict,
     recover: Annotated[bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")] = False,
-    export_to: Annotated[Optional[str], typer.Option("--export", help="Then also write OUT/model.QUANT.gguf for llama.cpp: gguf (F16) or gguf:QUANT, e.g. gguf:q4_k_m (see `domainprune export`).")] = None,
+    export_to: Annotated[Optional[str], typer.Option("--export", help="Then also write OUT.QUANT.gguf (beside OUT) for llama.cpp: gguf (F16) or gguf:QUANT, e.g. gguf:q4_k_m (see `domainprune export`).")] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -177,6 +183,11 @@ def prune(
 
     _setup_logging(quiet)
     gguf_quant = parse_export_spec(export_to) if export_to is not None else None  # refused before any work
+    gguf_out = out.parent / f"{out.name}.{gguf_quant}.gguf" if gguf_quant else None  # beside OUT, never inside it
+    if gguf_out is not None:
+        from .gguf_export import check_out
+
+        check_out(gguf_out, force)
     model = recipe.pop("model")
     result = run(model, out=out, force=force, progress=not quiet, **recipe)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
@@ -192,14 +203,15 @@ def prune(
         from .recover import recover as run_recovery
 
         del result  # the pruned model is reloaded from OUT
-        rec = run_recovery(out, out=out, force=True, progress=not quiet, data=recipe["data"], text_field=recipe["text_field"], seed=recipe["seed"], device=recipe["device"])
+        rec = run_recovery(out, out=out, force=True, in_place=True, progress=not quiet, data=recipe["data"],
+                           text_field=recipe["text_field"], seed=recipe["seed"], device=recipe["device"])
         console.print(f"[bold green]recovered[/] {rec.report['steps']} steps in {rec.report['train_seconds']:.0f} s; wrote {out}")
     loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(out)!r})")
     if gguf_quant is not None:
         from .gguf_export import export_run
 
-        g = export_run(out, out / f"model.{gguf_quant}.gguf", quant=gguf_quant, force=True)
+        g = export_run(out, gguf_out, quant=gguf_quant, force=True)
         console.print(f"[bold green]exported[/] llama.cpp {g.arch!r} ({g.quant}): wrote {g.path} ({g.bytes / 1e6:.1f} MB)"
                       + (f"; {len(g.fallbacks)} tensor(s) fell back (see --round-to)" if g.fallbacks else ""), soft_wrap=True)
 
@@ -213,16 +225,18 @@ def plan(
     quiet: QuietOpt = False,
 ):
     """Write the pruning plan (what every layer keeps) without changing any model; edit it, then `apply` it."""
-    from .models import load_model
-    from .pipeline import make_plan, make_recipe
+    from .models import check_prunable, load_model
+    from .outputs import check_output, local_inputs
+    from .pipeline import check_data, make_plan, make_recipe
 
     _setup_logging(quiet)
-    if out.exists() and not force:
-        raise DomainpruneError(f"{out} exists; choose another --out or pass --force to replace it")
     resolved = make_recipe(**recipe)
+    inputs = local_inputs(resolved.model, resolved.data, resolved.general_data)
+    check_output(out, force=force, kind="file", inputs=inputs)
+    check_prunable(resolved.model)
+    check_data(resolved)
     loaded = load_model(resolved.model, dtype=resolved.dtype, device=resolved.device)
     result, _, _ = make_plan(loaded, resolved, progress=not quiet)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     console.print(f"[bold green]plan[/] {result.summary()}\nwrote {out}")
 
@@ -240,15 +254,20 @@ def apply(
     """Execute a plan exactly: slice the model it names and export the result."""
     from .adapters import get_adapter
     from .evaluate import parameter_count
-    from .export import check_output_folder, save_pruned
-    from .models import load_model
+    from .export import save_pruned
+    from .models import check_prunable, load_model
+    from .outputs import check_output, local_inputs
     from .pipeline import apply as run
     from .plan import Plan
 
     _setup_logging(quiet)
     p = Plan.load(plan_file)
-    check_output_folder(out, force)
-    loaded = load_model(model or p.model.source, dtype=dtype, device=device)
+    source = model or p.model.source
+    run_folder = plan_file.parent if (plan_file.parent / "config.json").is_file() else None  # a plan inside a run
+    data = (p.recipe or {}).get("data")
+    check_output(out, force=force, inputs=local_inputs(plan_file, run_folder, source, data))
+    check_prunable(source)
+    loaded = load_model(source, dtype=dtype, device=device)
     p.params = p.count_params(get_adapter(loaded.model), parameter_count(loaded.model))
     run(loaded, p, progress=not quiet)
     files = {"plan.json": p.model_dump_json(indent=1) + "\n"}
@@ -274,13 +293,17 @@ def eval_(
     text_field: TextFieldOpt = "text",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here.")] = None,
     lm_eval: LmEvalOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
     quiet: QuietOpt = False,
 ):
     """Perplexity per corpus, parameters, checkpoint size and throughput (and ratios to --baseline)."""
     from .measure import measure, ratios
     from .models import load_model
+    from .outputs import check_output, local_inputs
 
     _setup_logging(quiet)
+    if json_out is not None:
+        check_output(json_out, force=force, kind="file", inputs=local_inputs(model, baseline, *data), option="--json")
     task_list = tuple(t for t in tasks.split(",") if t)
     _check_lm_eval(lm_eval, task_list)
     results = []
@@ -310,7 +333,10 @@ def eval_(
         table.add_row(label, *values, *([ratio] if baseline else []))
     Console().print(table)
     if json_out:
-        json_out.write_text(json.dumps({"results": [m.to_dict() for m in results], "ratios": r}, indent=1) + "\n")
+        from .cache import atomic_write_bytes
+
+        figures = {"results": [m.to_dict() for m in results], "ratios": r}
+        atomic_write_bytes(json_out, (json.dumps(figures, indent=1) + "\n").encode())
 
 
 def _check_lm_eval(lm_eval: bool, tasks: tuple[str, ...]) -> None:
@@ -373,10 +399,14 @@ def compare(
     runs: RunsArg,
     measure: dict,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for compare.json and compare.md.")] = Path("compare"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
     quiet: QuietOpt = False,
 ):
     """Several pruned models beside the dense one, measured in this process: perplexity, zero-shot, speed, size, samples."""
+    from .outputs import check_output, local_inputs
+
     _setup_logging(quiet)
+    check_output(out, force=force, inputs=local_inputs(*runs, measure["baseline"], *measure["data"]))
     c = _measure_runs(runs, quiet=quiet, **measure)
     header, rows = c.table()
     table = Table(title="domainprune compare")
@@ -385,7 +415,7 @@ def compare(
     for row in rows:
         table.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 240).print(table)  # a pipe gets every column, not 80 characters
-    files = c.save(out)
+    files = c.save(out, force=force)
     console.print("wrote " + ", ".join(str(f) for f in files), soft_wrap=True)
 
 
@@ -398,6 +428,7 @@ def report(
     measure_speed: Annotated[bool, typer.Option("--measure-speed", help="With --figures that hold no throughput: measure it here, every model in this process.")] = False,
     title: Annotated[str, typer.Option(help="Page title.")] = "domainprune report",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html, report.md and the plots.")] = Path("report"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
     quiet: QuietOpt = False,
 ):
     """A self-contained HTML page (and Markdown) with the figures, ratios, plots, recipes and generation samples.
@@ -405,11 +436,13 @@ def report(
     Without --figures the runs are measured here, as `compare` does; measurement options then apply.
     """
     from .compare import add_samples, add_speed, check_runs, load_figures, select
+    from .outputs import check_output, local_inputs
     from .report import write_report
 
     _setup_logging(quiet)
     runs = runs or []
     m = measure
+    check_output(out, force=force, inputs=local_inputs(*runs, figures, m["baseline"], *m["data"]))
     if figures is None:
         c = _measure_runs(runs, quiet=quiet, **m)
     else:
@@ -425,7 +458,7 @@ def report(
             add_samples(c, m["prompts"], m["new_tokens"], dtype=m["dtype"], device=m["device"], text_field=m["text_field"])
         if measure_speed and not any(e.measurement.decode_tokens_per_s for e in c.entries):
             add_speed(c, dtype=m["dtype"], device=m["device"])
-    files = write_report(c, out, title=title)
+    files = write_report(c, out, title=title, force=force)
     console.print(f"[bold green]report[/] {len(c.runs)} run(s) beside the dense model; wrote {files['report.html']} and {files['report.md']}", soft_wrap=True)
 
 
@@ -453,15 +486,13 @@ def vocab(
 ):
     """Keep only the tokens the domain uses: a smaller embedding and LM head, a consistent tokenizer, vocab_report.json."""
     from .data import load_corpus
-    from .export import check_output_folder
     from .models import load_model
+    from .outputs import check_output, local_inputs
     from .vocab import evaluate_trim, report_rows, save, trim_vocabulary
 
     _setup_logging(quiet)
-    check_output_folder(out, force)
+    check_output(out, force=force, inputs=local_inputs(model, data, general))
     loaded = load_model(model, dtype=dtype, device=device)
-    if loaded.path is not None and out.resolve() == Path(loaded.path).resolve():
-        raise DomainpruneError(f"--out {out} is the input model's folder; write the trimmed model somewhere else")
     corpus = load_corpus(data, text_field=text_field)
     trimmed, tokenizer, report = trim_vocabulary(
         loaded, corpus, coverage=coverage, size=size, strategy=strategy, alpha=alpha, min_coverage=min_coverage,
@@ -560,14 +591,44 @@ def export(
                       f"see --round-to): {listed}", soft_wrap=True)
 
 
+# Operating-system failures that are the machine's state, not a bug: one line naming the fix, no traceback.
+OS_FIXES = {
+    errno.ENOSPC: "free some space, or point --out (or $DOMAINPRUNE_CACHE for the cache) at a larger disk",
+    errno.EDQUOT: "free some space, or point --out (or $DOMAINPRUNE_CACHE for the cache) at a larger disk",
+    errno.EROFS: "choose a writable --out (or $DOMAINPRUNE_CACHE for the cache)",
+    errno.EACCES: "choose a location you may write to (--out, or $DOMAINPRUNE_CACHE for the cache)",
+    errno.ENOMEM: "lower --batch-size or --calib-samples, or use a machine with more memory",
+}
+
+
+def _os_errno(e: BaseException) -> int | None:
+    """The errno behind `e`: an OSError's own, or the "(os error N)" that safetensors' Rust writer reports."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno
+    match = re.search(r"os error (\d+)", str(e))
+    return int(match.group(1)) if match else None
+
+
+def _fail(message: str) -> None:
+    # soft_wrap: one line whatever the width (rich would wrap at 80 columns when stderr is not a terminal)
+    # escape: the message may hold brackets (paths, lists) that rich would take for markup
+    console.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
 def main() -> None:
     try:
         app()
     except DomainpruneError as e:
-        # soft_wrap: one line whatever the width (rich would wrap at 80 columns when stderr is not a terminal)
-        # escape: the message may hold brackets (paths, lists) that rich would take for markup
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(e))
+    except MemoryError:
+        _fail(f"out of memory; {OS_FIXES[errno.ENOMEM]}")
+    except Exception as e:
+        code = _os_errno(e)
+        if code not in OS_FIXES:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _fail(f"{os.strerror(code)}{where}; {OS_FIXES[code]}. Nothing was written to --out.")
 
 
 if __name__ == "__main__":

@@ -115,19 +115,20 @@ class Comparison:
         return cls(d["domain"], [Entry.from_dict(e) for e in d["models"]], dict(d.get("settings") or {}),
                    Samples.from_dict(gen) if gen else None, d.get("origin") or origin)
 
-    def save(self, out: str | Path) -> list[Path]:
-        """compare.json and compare.md (the table, then the generation samples) in the folder `out`."""
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise DomainpruneError(f"--out {out} is a file; give a folder")
-        out.mkdir(parents=True, exist_ok=True)
-        files = [out / "compare.json", out / "compare.md"]
-        files[0].write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+    def save(self, out: str | Path, *, force: bool = False) -> list[Path]:
+        """compare.json and compare.md (the table, then the generation samples) in the folder `out`, written whole
+        or not at all; an existing `out` is replaced only with `force`."""
+        from .cache import atomic_dir
+        from .outputs import check_output
+
+        out = check_output(out, force=force)
         parts = ["# domainprune compare", "", self.describe(), "", markdown_table(*self.table()), ""]
         if self.samples:
             parts += ["## Generation samples", "", self.samples.markdown()]
-        files[1].write_text("\n".join(parts).rstrip() + "\n")
-        return files
+        with atomic_dir(out, overwrite=force) as tmp:
+            (tmp / "compare.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+            (tmp / "compare.md").write_text("\n".join(parts).rstrip() + "\n")
+        return [out / "compare.json", out / "compare.md"]
 
     def describe(self) -> str:
         d = self.dense.measurement

@@ -40,7 +40,7 @@ CODE_EXCLUDED_ANY = ("site-packages", "test", "tests")
 # that the progress bar moves and memory stays bounded.
 BATCH_CHARS = 1 << 20
 # Bump when the token-stream recipe changes, so old cache entries are never read.
-STREAM_FORMAT = 1
+STREAM_FORMAT = 2  # 2: safetensors entries
 
 
 @dataclass(frozen=True)
@@ -111,17 +111,14 @@ class Corpus:
             raise DomainpruneError("the tokenizer has no EOS token; use a model whose tokenizer defines eos_token")
         key = cache.fingerprint(STREAM_FORMAT, self.fingerprint(), tokenizer_fingerprint(tokenizer), split)
         path = cache.entry("tokens", key)
-        if path.is_file():
-            try:
-                return torch.load(path, weights_only=True).long()
-            except Exception as e:  # an unreadable entry is only a cache miss
-                log.warning("ignoring unreadable token cache %s (%s)", path, e)
+        if (entry := cache.load_tensors(path)) is not None and "tokens" in entry[0]:
+            return entry[0]["tokens"].long()
         docs = self.ordered(split)
         if not docs:
             return torch.zeros(0, dtype=torch.long)
         log.info("tokenising %s (%s split, %d documents) once; caching at %s", self.name, split, len(docs), path)
         stream = _tokenize(tokenizer, docs, eos, desc=f"tokenising {self.name} ({split})")
-        cache.atomic_torch_save(stream, path)
+        cache.save_tensors(path, {"tokens": stream})
         return stream.long()
 
     def sequences(
@@ -134,6 +131,12 @@ class Corpus:
         _check_split(split)
         if n < 1 or seq_len < 1:
             raise DomainpruneError(f"need at least 1 sequence of at least 1 token (got {n} of {seq_len})")
+        if not self.split(split):
+            counts = ", ".join(f"{len(self.split(x))} {x}" for x in SPLITS)
+            raise DomainpruneError(
+                f"corpus {self.name!r} has no document in its {split} split ({counts}; a document's split is decided "
+                "by a hash of its name, 80/10/10 %): give more documents, e.g. a folder of 20 or more files"
+            )
         stream = self.token_stream(tokenizer, split)
         total = len(stream) // seq_len
         if total < n:
@@ -182,7 +185,10 @@ def _tokenize(tokenizer: Any, docs: list[Document], eos: int, desc: str) -> torc
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8")
+        if "\x00" in text:  # valid UTF-8, but binary: NUL never occurs in text
+            raise DomainpruneError(f"{path} holds NUL bytes: it is binary, not text; remove it from the corpus")
+        return text
     except UnicodeDecodeError as e:
         raise DomainpruneError(
             f"{path} is not UTF-8 text (byte {e.start}); convert it or remove it from the corpus"
@@ -367,7 +373,32 @@ def load_path(source: str, text_field: str = "text") -> Corpus:
         documents = _file_documents(path, path.name, text_field)
     else:
         raise DomainpruneError(f"{path} is not a supported file: give {_supported_list()}")
-    return _non_empty(source, [doc for doc in documents if doc.text.strip()])
+    documents = [doc for doc in documents if doc.text.strip()]
+    if len(documents) == 1:  # one document would land whole in one split (its hash decides): cut it into pieces
+        documents = _pieces(documents[0])
+        log.info("corpus %s is one document: split into %d pieces (paragraphs or lines) so that every split gets "
+                 "text", source, len(documents))
+    return _non_empty(source, documents)
+
+
+PIECES_WANTED = 30  # enough pieces that each of the three splits (80/10/10 %) almost surely gets some
+PIECE_MIN_CHARS = 200  # a text without line breaks is cut into runs of at least this many characters
+
+
+def _pieces(doc: Document) -> list[Document]:
+    """A single document as paragraphs, else lines, else fixed-size runs of characters, each its own document
+    (its key decides its split, so the pieces spread over calibration, validation and test)."""
+    import re
+
+    for pattern in (r"\n\s*\n", r"\n"):
+        parts = [part for part in re.split(pattern, doc.text) if part.strip()]
+        if len(parts) >= PIECES_WANTED:
+            break
+    else:
+        size = max(PIECE_MIN_CHARS, -(-len(doc.text) // PIECES_WANTED))
+        parts = [doc.text[i : i + size] for i in range(0, len(doc.text), size)]
+    pieces = [Document(f"{doc.key}#{i}", part) for i, part in enumerate(parts) if part.strip()]
+    return pieces if len(pieces) > 1 else [doc]
 
 
 def load_corpus(source: str, text_field: str = "text") -> Corpus:

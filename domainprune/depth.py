@@ -274,7 +274,7 @@ class FinerCut:
     def _step_file(self, removed: list[Sublayer]):
         if self.folder is None:
             return None
-        return self.folder / f"step_{cache.fingerprint(sorted(removed))}.pt"
+        return self.folder / f"step_{cache.fingerprint(sorted(removed))}.json"
 
     @torch.inference_mode()
     def run(self, target: float) -> DepthRemoval:
@@ -288,8 +288,8 @@ class FinerCut:
                 break
             path = self._step_file(removed)
             known: dict[Sublayer, float] = {}
-            if path is not None and path.is_file():
-                known = {tuple(k): v for k, v in torch.load(path)["divergence"]}
+            if path is not None and (saved := cache.load_json(path)) is not None:
+                known = {tuple(k): v for k, v in saved["divergence"]}
             missing = [c for c in todo if c not in known]
             if missing:
                 outputs = self._layer_outputs(removed)
@@ -297,7 +297,8 @@ class FinerCut:
                 for c in tqdm(missing, desc=desc, unit="candidate", disable=not self.progress, leave=False):
                     known[c] = self._divergence(removed, c, dense, outputs)
                     if path is not None:  # after every candidate: an interrupted step loses at most one forward
-                        cache.atomic_torch_save({"removed": sorted(removed), "divergence": [(list(k), v) for k, v in known.items()]}, path)
+                        divergence = [(list(k), v) for k, v in known.items()]
+                        cache.save_json(path, {"removed": sorted(removed), "divergence": divergence})
                 del outputs
             best = min(todo, key=lambda c: (known[c], c))
             removed.append(best)

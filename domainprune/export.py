@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from . import cache
+from . import cache, faults
 from .adapters import adapter_class_for, get_adapter
 from .errors import DomainpruneError
+from .outputs import check_output
 
 log = logging.getLogger(__name__)
 VERIFY_TOKENS = 32
@@ -30,6 +31,7 @@ def export_config(model: torch.nn.Module) -> dict[str, Any]:
     adapter.sync_config()
     config = json.loads(model.config.to_json_string(use_diff=False))
     config["architectures"] = [type(model).__name__]
+    config.pop("_name_or_path", None)  # where this process loaded it from (a cache folder): nothing to keep
     config.pop("per_layer_config", None)
     if per_layer := adapter.per_layer_config():
         config["per_layer_config"] = per_layer
@@ -123,15 +125,6 @@ def verify_export(model: torch.nn.Module, folder: Path, atol: float | None = Non
     return diff
 
 
-def check_output_folder(out: str | Path, force: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not force:
-        raise DomainpruneError(f"output folder {out} exists; choose another --out or pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise DomainpruneError(f"output path {out} is a file; choose a folder for --out")
-    return out
-
-
 def save_pruned(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -142,7 +135,7 @@ def save_pruned(
     verify: bool = True,
 ) -> Path:
     """Write safetensors + config + tokenizer (+ e.g. plan.json, recipe.json) to `out`, atomically and verified."""
-    out = check_output_folder(out, force)
+    out = check_output(out, force=force)
     config = export_config(model)
     with cache.atomic_dir(out, overwrite=force) as tmp:
         model.save_pretrained(tmp)
@@ -154,4 +147,5 @@ def save_pruned(
         if verify:
             diff = verify_export(model, tmp)
             log.info("export verified: max logit difference after reload %.2e", diff)
+        faults.point("export")
     return out

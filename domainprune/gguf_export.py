@@ -471,14 +471,13 @@ def fallbacks(path: Path, quant: str) -> list[tuple[str, str]]:
     return [(n, t) for n, (t, shape) in found if sum(x > 1 for x in shape) == 2 and t not in expected]
 
 
-def check_out(out: Path, force: bool) -> Path:
-    out = Path(out)
+def check_out(out: Path, force: bool, inputs: list[Path] | tuple = ()) -> Path:
+    """A .gguf file name that may be written: not an input, not inside an input folder, replaced only with force."""
+    from .outputs import check_output
+
+    out = check_output(Path(out), force=force, inputs=inputs, kind="file")
     if out.suffix != ".gguf":
         raise DomainpruneError(f"--out {out} must name a .gguf file")
-    if out.is_dir():
-        raise DomainpruneError(f"--out {out} is a folder; name a .gguf file")
-    if out.exists() and not force:
-        raise DomainpruneError(f"{out} exists; choose another --out or pass --force to replace it")
     return out
 
 
@@ -519,9 +518,6 @@ def export_run(run: str | Path, out: str | Path, *, quant: str = "f32", force: b
     run = Path(run)
     if not (run / "config.json").is_file():
         raise DomainpruneError(f"{run} is not a model folder (no config.json); give a `domainprune prune` output")
-    out = Path(out)
-    if out.resolve() == run.resolve() or (out.resolve().parent == run.resolve() and out.suffix != ".gguf"):
-        raise DomainpruneError(f"--out {out} would write over the input run; write the GGUF file elsewhere")
-    check_out(out, force)
+    out = check_out(Path(out), force, inputs=[run.resolve()])  # never over or inside the input run
     loaded = load_model(run, dtype="float32", device="cpu")
     return export_gguf(loaded.model, loaded.tokenizer, out, quant=quant, force=force)

@@ -309,13 +309,19 @@ def general_importance(model: torch.nn.Module, adapter: DecoderAdapter, sequence
 def cached(kind: str, parts: list, compute: Callable[[], list[UnitStats]], use_cache: bool = True) -> list[UnitStats]:
     """Per-unit results of `compute()`, cached under `cache.entry("grads", fingerprint(kind, parts))`."""
     key = cache.fingerprint("grads", GRADS_VERSION, kind, *parts)
-    path: Path = cache.entry("grads", key) / "units.pt"
-    if use_cache and path.is_file():
+    path: Path = cache.entry("grads", key) / "units.safetensors"
+    if use_cache and (entry := cache.load_tensors(path)) is not None:
         log.info("%s gradients: cached (%s)", kind, path.parent)
-        return torch.load(path)
+        flat, n_layers = entry
+        result: list[UnitStats] = [{} for _ in range(n_layers)]
+        for name, t in flat.items():  # "layer/quantity/projection"
+            i, quantity, projection = name.split("/", 2)
+            result[int(i)].setdefault(quantity, {})[projection] = t
+        return result
     result = compute()
     if use_cache:
-        cache.atomic_torch_save(result, path)
+        flat = {f"{i}/{q}/{p}": t for i, layer in enumerate(result) for q, per in layer.items() for p, t in per.items()}
+        cache.save_tensors(path, flat, len(result))
     return result
 
 

@@ -279,8 +279,15 @@ def _model_seconds(model: nn.Module, context: int, prefill_tokens: int) -> dict[
     return {"decode": t["decode_step_s"], "prefill": t["prefill_s"]}
 
 
-def check_speedup_model(model: nn.Module) -> DecoderAdapter:
-    """The model's adapter, or a one-line error for models the latency table cannot time."""
+SPEEDUP_BOUND_SLACK = 1.25  # measured speedups scatter; the bound must never refuse a reachable target
+
+
+def check_speedup_model(model: nn.Module, target: float | None = None, depth: bool = False) -> DecoderAdapter:
+    """The model's adapter, or a one-line error for models the latency table cannot time, or for a `target` that the
+    parameter count already rules out (no pruning runs faster than its weights shrink, give or take timing noise,
+    so nothing is measured for it)."""
+    from .allocation import max_width_sparsity
+
     adapter = get_adapter(model)
     if adapter.has_experts():
         raise DomainpruneError("--target-speedup times dense attention and MLP blocks; mixture-of-experts models are not supported yet")
@@ -289,6 +296,17 @@ def check_speedup_model(model: nn.Module) -> DecoderAdapter:
             "--target-speedup times every layer cut to the same width, so it needs a model whose layers all have one "
             "shape (a stock checkpoint); this one's layers differ (pruned before?): give --sparsity instead"
         )
+    if target is not None:
+        total = sum(p.numel() for p in model.parameters())
+        attn_mlp = sum(adapter.layer_params(s) for s in adapter.shapes())
+        removable = attn_mlp if depth else max_width_sparsity(adapter, "query_head") * attn_mlp
+        bound = SPEEDUP_BOUND_SLACK * total / (total - removable)
+        if target > bound:
+            raise DomainpruneError(
+                f"--target-speedup {target:g} is out of reach: even the smallest model pruning leaves "
+                f"({int(total - removable):,} of {total:,} parameters) cannot run more than about {bound:.1f}× "
+                "faster; lower the target"
+            )
     return adapter
 
 

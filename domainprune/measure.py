@@ -13,7 +13,7 @@ from typing import Any
 from .data import load_corpus
 from .errors import DomainpruneError
 from .evaluate import checkpoint_bytes, nll, parameter_count, throughput
-from .models import LoadedModel
+from .models import LoadedModel, check_seq_len
 
 log = logging.getLogger(__name__)
 BENCH_TASKS = ("piqa", "hellaswag", "arc_easy")
@@ -52,6 +52,8 @@ def heldout_sequences(source: str, tokenizer: Any, n: int, seq_len: int, text_fi
     """Up to `n` evenly spaced test sequences; fewer (with a warning) when the split is smaller."""
     corpus = load_corpus(source, text_field=text_field)
     available = len(corpus.token_stream(tokenizer, "test")) // seq_len
+    if available == 0:  # let `sequences` say why (no test documents, or too little text) and what to do
+        return corpus.sequences(tokenizer, "test", n, seq_len, samples_option="--samples")
     if available < n:
         log.warning("%s test split holds %d sequences of %d tokens; evaluating on all of them (asked %d)", source, available, seq_len, n)
     return corpus.sequences(tokenizer, "test", min(n, available), seq_len, samples_option="--samples")
@@ -76,6 +78,7 @@ def measure(
     """With `lm_eval`, zero-shot accuracy comes from lm-evaluation-harness (its prompts and datasets) instead of
     `tasks.evaluate_task`; the figure kept per task is acc_norm, or acc where the harness reports no acc_norm."""
     model, tok = loaded.model, loaded.tokenizer
+    check_seq_len(model, seq_len)
     m = Measurement(name=name, params=parameter_count(model))
     if loaded.path is not None and any(Path(loaded.path).glob("*.safetensors")):
         m.checkpoint_bytes = checkpoint_bytes(loaded.path)

@@ -71,8 +71,14 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache.entry("models", f"{gguf_path.stem}-{cache.file_fingerprint(gguf_path)}")
-    if (target / "config.json").is_file():
-        return target
+    if target.exists():
+        try:
+            check_model_folder(target)
+            if (target / "tokenizer.json").is_file():
+                return target
+            log.warning("converted model %s has no tokenizer; converting it again", target)
+        except DomainpruneError as e:  # a damaged cache entry is rebuilt, never trusted
+            log.warning("converted model in the cache is unusable (%s); converting it again", e)
     log.info("converting %s to safetensors (once) at %s", gguf_path.name, target)
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
@@ -101,21 +107,88 @@ def resolve_source(source: str | Path) -> Path | str:
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_hf_dir(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise DomainpruneError(f"{path} is a folder without config.json; point --model at a Hugging Face model folder")
+        check_model_folder(path)
         return path
     if path.exists():
         raise DomainpruneError(f"{path} is neither a model folder nor a .gguf file")
+    presets = ", ".join(PRESETS)
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1 or path.suffix == ".gguf"
     if looks_like_path:
-        presets = ", ".join(PRESETS)
         raise DomainpruneError(f"model {text!r} not found: give an existing folder, a .gguf file, a hub id, or a preset ({presets})")
+    if not _hub_cached(text) and _offline():  # "out/nope" reads as a hub id too: say both, without network retries
+        raise DomainpruneError(f"model {text!r} not found: no local folder {path} and, offline, no hub model of that "
+                               f"name in the Hugging Face cache; give an existing folder, a .gguf file or a preset "
+                               f"({presets})")
     return text  # a hub id such as "org/name"
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _offline() -> bool:
+    """True when the hub cannot be reached (checked once, with a short timeout, only for names that may be hub ids)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+def read_config(path: Path) -> dict:
+    """config.json of a model folder, refused in one line when it is missing or not a JSON object."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise DomainpruneError(f"{path} is a folder without config.json; point --model at a Hugging Face model folder")
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DomainpruneError(f"{file} is not valid JSON ({e}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise DomainpruneError(f"{file} is not a JSON object; restore the model's config.json")
+    return config
+
+
+def check_model_folder(path: Path) -> dict:
+    """Refuse, before any weight is read, a folder whose config or weight files cannot give a model: malformed or
+    unknown config, custom code (`auto_map`, never run), damaged safetensors headers. Returns the config."""
+    from safetensors import safe_open
+    from transformers import CONFIG_MAPPING
+
+    config = read_config(path)
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        if config.get("auto_map"):
+            raise DomainpruneError(
+                f"{path} needs its own Python code (auto_map in config.json); domainprune never runs a model's code "
+                "(trust_remote_code): use a model whose architecture transformers ships"
+            )
+        raise DomainpruneError(f"{path}: model_type {model_type!r} is unknown to transformers; check config.json's "
+                               "model_type (e.g. llama, qwen2, mistral)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("*.bin")):
+        raise DomainpruneError(f"{path} has no weights (*.safetensors); copy the whole model folder")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors reports every damage with one error type
+            raise DomainpruneError(f"{file} is damaged ({str(e).splitlines()[0]}); restore or re-download it") from None
+    return config
 
 
 def is_domainprune_checkpoint(path: Path) -> bool:
     """True when the folder needs `domainprune.load_pretrained` (per-layer shapes or extra biases)."""
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
     return bool(config.get("per_layer_config")) or "domainprune" in config
 
 
@@ -133,11 +206,13 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto")
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
-        except OSError as e:
-            raise DomainpruneError(
-                f"could not load model {str(source)!r}: {str(e).splitlines()[0]} "
-                "(offline? use a local folder, a .gguf file or a preset)"
-            ) from e
+        except Exception as e:  # noqa: BLE001 - a user's folder or hub id: one line, whatever transformers raises
+            if not isinstance(e, (OSError, ValueError, KeyError, RuntimeError)):
+                raise
+            where = (f"{resolved}" if isinstance(resolved, Path)
+                     else f"no local folder {resolved}, and from the hub")
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DomainpruneError(f"could not load model {str(source)!r} ({where}): {first}") from None
         model.to(dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, config=model.config)
@@ -145,3 +220,20 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto")
         raise DomainpruneError(f"could not load the tokenizer of {str(source)!r}: {str(e).splitlines()[0]}") from e
     model.eval()
     return LoadedModel(model, tokenizer, resolved if isinstance(resolved, Path) else None, str(source))
+
+
+def check_prunable(source: str | Path) -> None:
+    """Before loading: a local model folder whose config names an architecture domainprune cannot prune is refused
+    from its config alone (presets, .gguf files and hub ids are checked once loaded)."""
+    from .adapters import adapter_class_for
+
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        adapter_class_for(check_model_folder(path).get("model_type"))
+
+
+def check_seq_len(model: torch.nn.Module, seq_len: int, option: str = "--seq-len") -> None:
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and seq_len > context:
+        raise DomainpruneError(f"{option} {seq_len} exceeds the model's context length {context}; "
+                               f"use at most {context}")

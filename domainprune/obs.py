@@ -60,17 +60,22 @@ it goes; a progress bar counts layers.
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .adapters import DecoderAdapter
 from .errors import DomainpruneError
 from .plan import LayerPlan, Plan
 from .stats import LayerStats, LayerwiseRunner
+
+log = logging.getLogger(__name__)
 
 OBS_DAMPING = 0.01  # λ = OBS_DAMPING · mean(diag H): ZipLM's rel_damp, Týr's 1 %
 OBS_CHANNEL_STEPS = 64  # greedy channel removal: at most this many H⁻¹ updates per layer
@@ -364,6 +369,71 @@ def input_hessian(layer: torch.nn.Module, module: torch.nn.Module, hidden: list[
     return InputHessian(acc["h"].clone(), acc["s"].clone(), acc["n"])
 
 
+def hessian_of(inputs: list[torch.Tensor]) -> InputHessian:
+    """H, Σ x and N of recorded inputs: the arithmetic of `input_hessian`'s hook, batch by batch."""
+    h = s = None
+    n = 0
+    for x in inputs:
+        x = x.reshape(-1, x.shape[-1])
+        xf = x.float()
+        h = xf.T @ xf if h is None else h + xf.T @ xf
+        s = x.double().sum(0) if s is None else s + x.double().sum(0)
+        n += x.shape[0]
+    return InputHessian(h, s, n)
+
+
+@torch.inference_mode()
+def record_mlp(adapter: DecoderAdapter, i: int, hidden: list[torch.Tensor], kwargs: list[dict]):
+    """Run layer i on every batch up to its down_proj: what its attention block returned and what down_proj gets.
+    The refitted layer's outputs are then assembled from these (`_Replay`, `_DownProj`) instead of running the
+    attention and the gate/up projections a second time."""
+    attention_out, mlp_in = [], []
+
+    def keep_attention(_m, _args, out):
+        attention_out.append(out)
+
+    def keep_mlp(_m, args):
+        mlp_in.append(args[0].detach())
+        raise _Stop
+
+    handles = [adapter.attention(i).register_forward_hook(keep_attention),
+               adapter.down_proj(i).register_forward_pre_hook(keep_mlp)]
+    try:
+        for h, kw in zip(hidden, kwargs):
+            try:
+                adapter.layers[i](h, **kw)
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return attention_out, mlp_in
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a block whose outputs, batch by batch, are already known."""
+
+    def __init__(self, outputs: list):
+        super().__init__()
+        self.outputs = iter(outputs)
+
+    def forward(self, *args, **kwargs):
+        return next(self.outputs)
+
+
+class _DownProj(torch.nn.Module):
+    """Stands in for an MLP whose down_proj inputs (before slicing) are known: the kept channels of each batch's
+    recorded input through the (sliced, refitted) down_proj."""
+
+    def __init__(self, down_proj: torch.nn.Module, inputs: list[torch.Tensor], kept: torch.Tensor | None):
+        super().__init__()
+        self.down_proj, self.inputs, self.kept = down_proj, iter(inputs), kept
+
+    def forward(self, hidden_states):
+        x = next(self.inputs)
+        return self.down_proj(x if self.kept is None else x[..., self.kept.to(x.device)])
+
+
 def _write_columns(linear: torch.nn.Linear, kept: torch.Tensor, new: torch.Tensor) -> None:
     with torch.no_grad():
         linear.weight[:, kept.to(linear.weight.device)] = new.to(dtype=linear.weight.dtype, device=linear.weight.device)
@@ -384,22 +454,39 @@ def reconstruct_layers(
     batch_size: int = 8,
     bias: bool = False,
     damping: float = OBS_DAMPING,
+    resume_key: str | None = None,
     progress: bool = True,
 ) -> tuple[list[LayerPlan], list[LayerStats] | None]:
     """Prune every layer in order, refitting the kept o_proj/down_proj columns (module docstring). Returns what each
     layer kept (a LayerPlan per layer, in the original indices) and, for a chooser that needs them, the statistics of
-    every layer on its inputs. Dropped layers pass their inputs on; `surgery.finish` removes them afterwards."""
+    every layer on its inputs. Dropped layers pass their inputs on; `surgery.finish` removes them afterwards.
+
+    With `resume_key` (a fingerprint of everything the result depends on), every finished layer is checkpointed in
+    the cache (its weights, its plan, the next layer's inputs), and a killed run continues after the last one."""
+    from . import cache
+
     if adapter.has_experts():
         raise DomainpruneError("--reconstruct obs refits dense heads and MLP channels; mixture-of-experts models are not supported, leave it out")
     runner = LayerwiseRunner(model, adapter, sequences, batch_size)
     hidden, kwargs = runner.capture()
     layers: list[LayerPlan] = []
     stats_all: list[LayerStats] | None = [] if chooser.needs_stats else None
-    for i in tqdm(range(adapter.num_layers), desc="obs reconstruction", unit="layer", disable=not progress):
+    folder = cache.entry("obs", resume_key) if resume_key else None
+    start = _resume(adapter, folder, layers, stats_all) if folder is not None else 0
+    if start:
+        saved = cache.load_tensors(folder / "resume.safetensors")
+        hidden = [h.to(runner.device) for h in saved[0]["hidden"].split(batch_size)]
+        log.info("obs reconstruction: resuming at layer %d (%s)", start, folder)
+    bar = tqdm(range(adapter.num_layers), desc="obs reconstruction", unit="layer", disable=not progress, initial=start)
+    for i in range(start, adapter.num_layers):
         s = adapter.shape(i)
+        biased = {"attention": False, "mlp": False}
         if chooser.drop(i):
             layers.append(LayerPlan(index=i, drop=True, kv_heads=list(range(s.num_kv_heads)), query_heads=list(range(s.num_heads)), mlp_channels=list(range(s.intermediate_size))))
+            _checkpoint(adapter, folder, i, layers[-1], biased, None, hidden)
+            bar.update(1)
             continue
+        stats = None
         if chooser.needs_stats:
             stats, _ = runner.layer_stats(i, hidden, kwargs[i])
             stats_all.append(stats)
@@ -407,12 +494,12 @@ def reconstruct_layers(
         layer = adapter.layers[i]
         q_heads, kv_heads = list(range(s.num_heads)), list(range(s.num_kv_heads))
         if not adapter.attention_removed(i):
-            cache: dict = {}
+            hess_cache: dict = {}
 
-            def attn_hess(i=i, layer=layer, cache=cache):
-                if "h" not in cache:
-                    cache["h"] = input_hessian(layer, adapter.o_proj(i), hidden, kwargs[i])
-                return cache["h"]
+            def attn_hess(i=i, layer=layer, hess_cache=hess_cache):
+                if "h" not in hess_cache:
+                    hess_cache["h"] = input_hessian(layer, adapter.o_proj(i), hidden, kwargs[i])
+                return hess_cache["h"]
 
             q_heads, kv_heads = chooser.attention(i, attn_hess)
             if "self_attn" in chooser.skipped(i):
@@ -423,24 +510,85 @@ def reconstruct_layers(
                 if kept.numel():
                     _write_columns(adapter.o_proj(i), kept, new)
                 adapter.slice_attention(i, q_heads, kv_heads, None if b is None else b.to(adapter.o_proj(i).weight.dtype))
+                biased["attention"] = b is not None
         channels = list(range(s.intermediate_size))
+        stand_ins: dict = {}
         if adapter.has_dense_mlp(i):
-            cache = {}
+            attention_out, mlp_in = record_mlp(adapter, i, hidden, kwargs[i])
+            hess_cache = {}
 
-            def mlp_hess(i=i, layer=layer, cache=cache):
-                if "h" not in cache:
-                    cache["h"] = input_hessian(layer, adapter.down_proj(i), hidden, kwargs[i])
-                return cache["h"]
+            def mlp_hess(mlp_in=mlp_in, hess_cache=hess_cache):
+                if "h" not in hess_cache:
+                    hess_cache["h"] = hessian_of(mlp_in)
+                return hess_cache["h"]
 
             channels = chooser.mlp(i, mlp_hess)
+            kept = None if len(channels) == s.intermediate_size else torch.tensor(sorted(channels), dtype=torch.long)
             if "mlp" in chooser.skipped(i):
                 adapter.slice_mlp(i, channels)
-            elif len(channels) != s.intermediate_size:
-                kept = torch.tensor(sorted(channels), dtype=torch.long)
+            elif kept is not None:
                 new, b = refit(adapter.down_proj(i).weight, mlp_hess(), kept, bias=bias, damping=damping, what=f"layer {i} down_proj")
                 if kept.numel():
                     _write_columns(adapter.down_proj(i), kept, new)
                 adapter.slice_mlp(i, channels, None if b is None else b.to(adapter.down_proj(i).weight.dtype))
+                biased["mlp"] = b is not None
+            stand_ins["attention"] = _Replay(attention_out)
+            if adapter.has_dense_mlp(i):
+                stand_ins["mlp"] = _DownProj(adapter.down_proj(i), mlp_in, kept)
         layers.append(LayerPlan(index=i, kv_heads=sorted(kv_heads), query_heads=sorted(q_heads), mlp_channels=sorted(channels)))
-        hidden = runner.outputs(i, hidden, kwargs[i])
+        with adapter.swapped(i, **stand_ins):
+            hidden = runner.outputs(i, hidden, kwargs[i])
+        stand_ins.clear()
+        _checkpoint(adapter, folder, i, layers[-1], biased, stats, hidden)
+        bar.update(1)
+    bar.close()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)  # the result lives in the model now; the checkpoints served
     return layers, stats_all
+
+
+def _checkpoint(adapter: DecoderAdapter, folder, i: int, lp: LayerPlan, biased: dict, stats, hidden) -> None:
+    """Layer i's weights, plan and statistics, then the next layer's inputs (the resume point), in the cache."""
+    from . import cache
+
+    if folder is None:
+        return
+    tensors = {f"weight/{k}": v for k, v in adapter.layers[i].state_dict().items()}
+    tensors.update({f"stats/{k}": v for k, v in (stats or {}).items()})
+    cache.save_tensors(folder / f"layer_{i:03d}.safetensors", tensors, {"plan": lp.model_dump(), "biased": biased})
+    resume = {"hidden": torch.cat([h.cpu() for h in hidden])}
+    cache.save_tensors(folder / "resume.safetensors", resume, {"next_layer": i + 1})
+    faults.point(f"obs:{i}")
+
+
+def _resume(adapter: DecoderAdapter, folder, layers: list[LayerPlan], stats_all: list | None) -> int:
+    """Put back the layers a killed run finished (shapes, then the saved weights); returns where to continue (0 when
+    there is nothing usable: the checkpoint must be complete up to its resume point)."""
+    from . import cache
+
+    state = cache.load_tensors(folder / "resume.safetensors")
+    if state is None or not isinstance(state[1], dict):
+        return 0
+    start = int(state[1].get("next_layer", 0))
+    saved = [cache.load_tensors(folder / f"layer_{i:03d}.safetensors") for i in range(start)]
+    if not start or any(entry is None for entry in saved):
+        return 0
+    for i, (tensors, meta) in enumerate(saved):
+        lp = LayerPlan.model_validate(meta["plan"])
+        layers.append(lp)
+        if stats_all is not None and not lp.drop:
+            stats_all.append({k.removeprefix("stats/"): v for k, v in tensors.items() if k.startswith("stats/")})
+        if lp.drop:
+            continue
+        s = adapter.shape(i)
+        like = next(adapter.layers[i].parameters())
+        zero = torch.zeros(adapter.hidden_size, dtype=like.dtype, device=like.device)  # overwritten by the saved bias
+        if (len(lp.query_heads), len(lp.kv_heads)) != (s.num_heads, s.num_kv_heads):
+            adapter.slice_attention(i, lp.query_heads, lp.kv_heads, zero if meta["biased"]["attention"] else None)
+        if adapter.has_dense_mlp(i) and len(lp.mlp_channels) != s.intermediate_size:
+            adapter.slice_mlp(i, lp.mlp_channels, zero if meta["biased"]["mlp"] else None)
+        weights = {k.removeprefix("weight/"): v for k, v in tensors.items() if k.startswith("weight/")}
+        layer = adapter.layers[i]
+        reference = next(iter(layer.state_dict().values()))
+        layer.load_state_dict({k: v.to(reference.device) for k, v in weights.items()}, strict=True)
+    return start

@@ -18,15 +18,19 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from .adapters import DecoderAdapter, get_adapter
-from .allocation import ALLOCATIONS, ATTENTION_UNITS, align_counts, align_widths, allocate, allocation_needs_statistics, keep_top_experts, uniform_counts, uniform_layer
+from .allocation import (
+    ALLOCATIONS, ATTENTION_UNITS, align_counts, align_widths, allocate, allocation_needs_statistics, budget_tolerance,
+    keep_top_experts, max_width_sparsity, uniform_counts, uniform_layer,
+)
 from .criteria import CRITERIA, get_criterion
 from .criteria.gradient import TAYLOR_MODES, GradientContext
 from .data import load_corpus
 from .errors import DomainpruneError
 from .evaluate import parameter_count
 from .latency import PHASES as SPEEDUP_PHASES
-from .export import check_output_folder, save_pruned
-from .models import LoadedModel, load_model
+from .export import save_pruned
+from .models import LoadedModel, check_prunable, check_seq_len, load_model
+from .outputs import check_output, local_inputs
 from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
 from .plan import Plan, dense_plan, validate_plan
 from .stats import collect_statistics, derived
@@ -255,6 +259,64 @@ def target_sparsity(recipe: Recipe, adapter: DecoderAdapter, total_params: int) 
     return 1 - (recipe.target_params - fixed) / attn_mlp
 
 
+def check_reachable(recipe: Recipe, adapter: DecoderAdapter, criterion, sparsity: float, total_params: int) -> None:
+    """Refuse, before any statistics, a width budget no allocation can meet (every layer keeps one attention unit and
+    one MLP channel), saying what the closest reachable budget is."""
+    if criterion.scores_experts or recipe.depth or recipe.hidden_sparsity or getattr(criterion, "depth", False):
+        return  # expert counts, whole layers and hidden channels reach further: the plan is checked afterwards
+    reachable = max_width_sparsity(adapter, recipe.attention_unit)
+    if sparsity <= reachable + budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, False) / 2:
+        return
+    unit = "KV group" if recipe.attention_unit == "kv_group" else "query head per KV group"
+    why = f"every layer keeps one {unit} and one MLP channel; add --depth shortgpt --depth-sparsity F to remove layers"
+    if recipe.target_params is not None:
+        attn_mlp = sum(adapter.layer_params(s) for s in adapter.shapes())
+        smallest = total_params - int(reachable * attn_mlp)
+        raise DomainpruneError(f"--target-params {recipe.target_params:,} is out of reach: the smallest model width "
+                               f"pruning reaches has {smallest:,} parameters ({why})")
+    raise DomainpruneError(f"--sparsity {sparsity:g} is out of reach: at most {reachable:.4f} of attention+MLP "
+                           f"parameters can be removed ({why})")
+
+
+def budget(recipe: Recipe, adapter: DecoderAdapter, total_params: int) -> tuple[float, float] | None:
+    """(attention+MLP sparsity wanted, tolerance) that the plan of `recipe` must meet, from the dense model; None for
+    budgets that are not parameter counts (--target-speedup, --experts-keep)."""
+    if recipe.target_speedup is not None or recipe.experts_keep is not None:
+        return None
+    depth = bool(recipe.depth) or getattr(get_criterion(recipe.method), "depth", False)
+    return (target_sparsity(recipe, adapter, total_params),
+            budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, depth))
+
+
+def check_budget(recipe: Recipe, plan: Plan, wanted: tuple[float, float] | None) -> None:
+    """The plan must meet the budget within one unit (docs/allocation.md), or the run stops before surgery."""
+    if wanted is None or plan.params is None:
+        return
+    target, tol = wanted
+    got = plan.params.sparsity
+    if abs(got - target) > tol:
+        raise DomainpruneError(
+            f"the plan removes {got:.4f} of attention+MLP parameters, not the {target:.4f} asked for (tolerance "
+            f"{tol:.4f}); {recipe.method} with --allocation {recipe.allocation} cannot meet this budget: try another "
+            "allocation or budget"
+        )
+
+
+def obs_key(model: torch.nn.Module, sequences: torch.Tensor, *parts: Any) -> str:
+    """What an OBS reconstruction pass depends on: the dense weights, the calibration data and the choice of units."""
+    from . import cache
+    from .stats import model_fingerprint, tensor_fingerprint
+
+    return cache.fingerprint("obs", 1, model_fingerprint(model), tensor_fingerprint(sequences), *parts)
+
+
+def check_data(recipe: Recipe) -> None:
+    """Read the corpora before the model is loaded: unreadable or empty data is refused in one line, at once."""
+    load_corpus(recipe.data, text_field=recipe.text_field)
+    if recipe.general_data is not None:
+        load_corpus(recipe.general_data, text_field=recipe.text_field)
+
+
 def hidden_kept_fraction(recipe: Recipe, adapter: DecoderAdapter) -> float:
     from .hidden import hidden_width
 
@@ -371,6 +433,7 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
     criterion = get_criterion(recipe.method)
     total_before = parameter_count(model)
     sparsity = target_sparsity(recipe, adapter, total_before)
+    check_reachable(recipe, adapter, criterion, sparsity, total_before)
     dense = dense_plan(adapter, loaded.source)
     if recipe.hidden_sparsity:  # scored on the dense model; the stages below prune the rest of the budget
         dense, sparsity = _hidden_stage(loaded, recipe, adapter, dense, sparsity, progress)
@@ -426,7 +489,9 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
             chooser = GreedyOBS(adapter, counts, recipe.attention_unit, bias=bias)
         else:
             chooser = ScoredUniform(criterion, adapter, counts, recipe.attention_unit)
-        layers, stats = reconstruct_layers(model, adapter, sequences, chooser, batch_size=recipe.batch_size, bias=bias, progress=progress)
+        key = obs_key(model, sequences, recipe.batch_size, bias, recipe.method, recipe.attention_unit, counts)
+        layers, stats = reconstruct_layers(model, adapter, sequences, chooser, batch_size=recipe.batch_size, bias=bias,
+                                           resume_key=key, progress=progress)
         plan = dense.model_copy(update={"layers": layers})
         plan.params = plan.count_params(adapter, total_before)  # before `finish` adds zero q/k/v biases
         finish(adapter, plan, bias)
@@ -524,7 +589,9 @@ def apply(loaded: LoadedModel, plan: Plan, *, stats: list[dict] | None = None, p
         adapter = get_adapter(loaded.model)
         bias = bool(recipe.bias_compensation)
         sequences = calibration_sequences(recipe, loaded.tokenizer)
-        reconstruct_layers(loaded.model, adapter, sequences, FixedPlan(plan), batch_size=recipe.batch_size, bias=bias, progress=progress)
+        key = obs_key(loaded.model, sequences, recipe.batch_size, bias, plan.model_dump(include={"layers"}))
+        reconstruct_layers(loaded.model, adapter, sequences, FixedPlan(plan), batch_size=recipe.batch_size, bias=bias,
+                           resume_key=key, progress=progress)
         finish(adapter, plan, bias)
         return adapter
     means = None
@@ -578,18 +645,25 @@ def prune(
     """
     source = model.source if isinstance(model, LoadedModel) else str(model)
     recipe = make_recipe(model=source, **recipe_fields)
-    if out is not None:
-        check_output_folder(out, force)  # fail before the expensive part
+    if out is not None:  # fail before the expensive part; never over an input
+        home = model.path if isinstance(model, LoadedModel) else source
+        check_output(out, force=force, inputs=local_inputs(home, recipe.data, recipe.general_data))
+    if not isinstance(model, LoadedModel):
+        check_prunable(recipe.model)
+        check_data(recipe)
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+    check_seq_len(loaded.model, recipe.seq_len)
     if recipe.target_speedup is not None:  # the dense model's speed, measured before it is pruned in place
         from .latency import check_speedup_model, phase_speed
 
-        check_speedup_model(loaded.model)
+        check_speedup_model(loaded.model, recipe.target_speedup, depth=bool(recipe.depth))
         measuring = time.perf_counter()
         dense_speed = phase_speed(loaded.model, recipe.speedup_phase, recipe.prefill_tokens)
         started += time.perf_counter() - measuring
+    wanted = budget(recipe, get_adapter(loaded.model), parameter_count(loaded.model))
     plan, stats, pruned = make_plan(loaded, recipe, progress=progress)
+    check_budget(recipe, plan, wanted)
     recipe = Recipe.model_validate(plan.recipe)  # with what planning recorded (calib_kl, search_kl)
     if not pruned:
         apply(loaded, plan, stats=stats, progress=progress)
@@ -598,7 +672,8 @@ def prune(
     device = next(loaded.model.parameters()).device
     adapter = get_adapter(loaded.model)
     report = {
-        "sparsity_target": recipe.sparsity,
+        "sparsity_target": recipe.sparsity if wanted is None else round(wanted[0], 6),
+        "target_params": recipe.target_params,
         "sparsity_achieved": plan.params.sparsity,
         "attention_mlp_params": [plan.params.attention_mlp_before, plan.params.attention_mlp_after],
         "total_params": [plan.params.total_before, total_after],

@@ -153,7 +153,9 @@ class Plan(BaseModel):
 
     # ----- I/O ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=1) + "\n")
+        from .cache import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), (self.model_dump_json(indent=1) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -163,8 +165,8 @@ class Plan(BaseModel):
         try:
             plan = cls.model_validate_json(path.read_text())
         except (ValidationError, ValueError) as e:
-            first = str(e).splitlines()
-            detail = " ".join(first[:3]) if first else "unreadable"
+            lines = [line for line in str(e).splitlines() if "errors.pydantic.dev" not in line]
+            detail = " ".join(lines[:3]) if lines else "unreadable"
             raise DomainpruneError(f"plan file {path} is not a valid plan: {detail}") from e
         if plan.format != PLAN_FORMAT:
             raise DomainpruneError(f"plan file {path} has format {plan.format!r}; this version reads {PLAN_FORMAT!r}")

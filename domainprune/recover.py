@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from . import cache
+from . import cache, faults
 from .errors import DomainpruneError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RUN_FILES = ("plan.json", "recipe.json", "report.json", "vocab_report.json")
 LOG_FILE = "recovery_log.json"
-DATA_FILE = "recovery_data.pt"
+DATA_FILE = "recovery_data.safetensors"
 
 
 class RecoveryConfig(BaseModel):
@@ -337,6 +337,9 @@ def _trainer_classes():
         def on_log(self, args, state, control, logs=None, **kwargs):
             write_log(self.path, training_log(state.log_history))
 
+        def on_save(self, args, state, control, **kwargs):
+            faults.point(f"recovery:{state.global_step}")
+
     return RecoveryTrainer, Progress
 
 
@@ -404,16 +407,19 @@ def recover(
     keep_checkpoints: bool = False,
     progress: bool = True,
     callbacks: list | None = None,
+    in_place: bool = False,
     **config_fields: Any,
 ) -> RecoveryResult:
     """Recover the pruned model in `run` (a run folder or a LoadedModel) on `data`; write a plain checkpoint to `out`.
 
     `teacher` is the dense model (a path/preset, or a LoadedModel / module); by default the run's recipe.json
-    `model`, loaded only when KD, self-distillation or selection needs it. `out` may equal the run folder (with
-    `force`): the run's plan/recipe/report files are carried over in any case. Config fields: see RecoveryConfig.
+    `model`, loaded only when KD, self-distillation or selection needs it. `out` must not be or hold an input (the
+    run folder included) unless `in_place` (what `prune --recover` uses for the run it has just written); the run's
+    plan/recipe/report files are carried over in any case. Config fields: see RecoveryConfig.
     """
-    from .export import check_output_folder, save_pruned
+    from .export import save_pruned
     from .models import LoadedModel, load_model, resolve_device
+    from .outputs import check_output, local_inputs
 
     if isinstance(teacher, (str, Path)):
         config_fields["teacher"] = str(teacher)
@@ -421,8 +427,8 @@ def recover(
     out = Path(out)
     run_dir = None if isinstance(run, LoadedModel) else Path(run)
     same_folder = run_dir is not None and out.resolve() == run_dir.resolve()
-    if not same_folder:
-        check_output_folder(out, force)
+    if not (same_folder and in_place):  # in place only for `prune --recover`, whose run this is
+        check_output(out, force=force, inputs=local_inputs(run_dir, config.data, config.teacher))
     loaded = _load_run(run, config.device)
     student, tokenizer = loaded.model, loaded.tokenizer
     device = resolve_device(config.device)
@@ -459,9 +465,10 @@ def recover(
     started = time.perf_counter()
     report: dict[str, Any] = {}
     data_path = staging / DATA_FILE
-    saved = torch.load(data_path, weights_only=False) if data_path.is_file() else None
-    if saved is not None and saved.get("fingerprint") == fingerprint:
-        input_ids, labels, report = saved["input_ids"], saved["labels"], saved["report"]
+    saved = cache.load_tensors(data_path)
+    meta = saved[1] if saved is not None and isinstance(saved[1], dict) else {}
+    if meta.get("fingerprint") == fingerprint and {"input_ids", "labels"} <= set(saved[0]):
+        input_ids, labels, report = saved[0]["input_ids"], saved[0]["labels"], meta["report"]
         log.info("resuming: reusing the prepared recovery data in %s", staging)
     else:
         # A staging folder from a different recovery holds checkpoints that do not apply: start clean.
@@ -473,7 +480,8 @@ def recover(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming yet
             raise
-        torch.save({"fingerprint": fingerprint, "input_ids": input_ids, "labels": labels, "report": report}, data_path)
+        cache.save_tensors(data_path, {"input_ids": input_ids, "labels": labels},
+                           {"fingerprint": fingerprint, "report": report})
     report["data_seconds"] = round(time.perf_counter() - started, 2)
 
     model = student
@@ -485,6 +493,7 @@ def recover(
             raise DomainpruneError("the pruned model has no q/k/v/o/gate/up/down projections for LoRA; use --full")
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here: same seed, same weights
         model = get_peft_model(student, lora)
     else:
         student.requires_grad_(True)

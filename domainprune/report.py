@@ -376,19 +376,20 @@ def render_markdown(c: Comparison, title: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(c: Comparison, out: str | Path, title: str = "domainprune report") -> dict[str, Path]:
-    """report.html (self-contained), report.md and the three PNGs in the folder `out`; returns their paths."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DomainpruneError(f"--out {out} is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(
+    c: Comparison, out: str | Path, title: str = "domainprune report", *, force: bool = False
+) -> dict[str, Path]:
+    """report.html (self-contained), report.md and the three PNGs in the folder `out`, written whole or not at all
+    (an existing `out` is replaced only with `force`); returns their paths."""
+    from .cache import atomic_dir
+    from .outputs import check_output
+
+    out = check_output(out, force=force)
     images = plots(c)
-    files = {}
-    for (name, _), png in zip(PLOTS, images):
-        (out / name).write_bytes(png)
-        files[name] = out / name
-    files["report.html"] = out / "report.html"
-    files["report.html"].write_text(render_html(c, images, title), encoding="utf-8")
-    files["report.md"] = out / "report.md"
-    files["report.md"].write_text(render_markdown(c, title), encoding="utf-8")
-    return files
+    pages = {"report.html": render_html(c, images, title), "report.md": render_markdown(c, title)}
+    with atomic_dir(out, overwrite=force) as tmp:
+        for (name, _), png in zip(PLOTS, images):
+            (tmp / name).write_bytes(png)
+        for name, text in pages.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return {**{name: out / name for name, _ in PLOTS}, **{name: out / name for name in pages}}

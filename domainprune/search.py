@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import cache
+from . import cache, faults
 from .adapters import DecoderAdapter
 from .plan import Plan
 
@@ -172,8 +172,8 @@ def search(adapter: DecoderAdapter, budget: float, make_plan, context: SearchCon
     Returns (sparsities, summary) with the fitness of the start and of the result and every generation's best."""
     st = context.settings
     weights = layer_weights(adapter)
-    state_file: Path | None = cache.entry("search", context.cache_key) / "state.pt" if context.cache_key else None
-    state = torch.load(state_file, weights_only=False) if state_file is not None and state_file.is_file() else None
+    state_file: Path | None = cache.entry("search", context.cache_key) / "state.json" if context.cache_key else None
+    state = cache.load_json(state_file) if state_file is not None else None
     if state is not None and state["done"]:
         log.info("search: cached result (%s)", state_file.parent)
         return _result(state, weights)
@@ -195,7 +195,8 @@ def search(adapter: DecoderAdapter, budget: float, make_plan, context: SearchCon
             state["start_fitness"] = state["fitness"]
         else:
             rng = random.Random()
-            rng.setstate(state["rng"])
+            version, internal, gauss = state["rng"]  # JSON turned getstate()'s tuples into lists
+            rng.setstate((version, tuple(internal), gauss))
             log.info("search: resuming at round %d, generation %d", state["round"] + 1, state["generation"] + 1)
         total = st.rounds * st.generations
         bar = tqdm(total=total, initial=state["round"] * st.generations + state["generation"], desc="search", unit="gen", disable=not context.progress)
@@ -218,7 +219,8 @@ def search(adapter: DecoderAdapter, budget: float, make_plan, context: SearchCon
                 state["done"] = state["round"] == st.rounds
             state["rng"] = rng.getstate()
             if state_file is not None:
-                cache.atomic_torch_save(state, state_file)
+                cache.save_json(state_file, state)
+                faults.point(f"search:{len(state['history'])}")
             bar.update(1)
             bar.set_postfix(kl=f"{state['fitness']:.5f}")
         bar.close()

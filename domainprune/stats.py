@@ -24,14 +24,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import cache
+from . import cache, faults
 from .adapters import DecoderAdapter
 
 log = logging.getLogger(__name__)
@@ -180,7 +179,6 @@ def collect_statistics(
     batch_size: int = 8,
     after_layer: Callable[[int, LayerStats], bool] | None = None,
     use_cache: bool = True,
-    checkpoint_seconds: float = 60.0,
     progress: bool = True,
 ) -> list[LayerStats]:
     """Statistics of every layer on `sequences` (n, seq_len) of token ids.
@@ -197,26 +195,32 @@ def collect_statistics(
     use_cache = use_cache and not sequential
 
     def layer_file(i: int) -> Path:
-        return folder / f"layer_{i:03d}.pt"
+        return folder / f"layer_{i:03d}.safetensors"
 
-    done = [torch.load(layer_file(i)) for i in range(n_layers) if use_cache and layer_file(i).is_file()]
+    def cached_layer(i: int) -> LayerStats | None:
+        entry = cache.load_tensors(layer_file(i)) if use_cache else None
+        return entry[0] if entry is not None else None
+
+    done = []
+    for i in range(n_layers):
+        if (layer := cached_layer(i)) is None:
+            break
+        done.append(layer)
     if use_cache and len(done) == n_layers:
         log.info("statistics: cached (%s)", folder)
         return done
 
     start, stats_all, hidden, kwargs = 0, [], None, None
-    resume = folder / "resume.pt"
-    if use_cache and resume.is_file():
-        state = torch.load(resume, weights_only=False)
-        if all(layer_file(j).is_file() for j in range(state["next_layer"])):
-            # re-split for this run's batch size (a rerun after running out of memory often uses a smaller one)
-            saved = torch.cat(state["hidden"])
-            start, hidden = state["next_layer"], [h.to(runner.device) for h in saved.split(batch_size)]
-            stats_all = [torch.load(layer_file(j)) for j in range(start)]
-            log.info("statistics: resuming at layer %d", start)
+    resume = folder / "resume.safetensors"
+    state = cache.load_tensors(resume) if use_cache else None
+    if state is not None and isinstance(state[1], dict) and 0 < int(state[1].get("next_layer", 0)) <= len(done):
+        # re-split for this run's batch size (a rerun after running out of memory often uses a smaller one)
+        start = int(state[1]["next_layer"])
+        hidden = [h.to(runner.device) for h in state[0]["hidden"].split(batch_size)]
+        stats_all = done[:start]
+        log.info("statistics: resuming at layer %d", start)
     first_hidden, kwargs = runner.capture()
     hidden = hidden if hidden is not None else first_hidden
-    last_checkpoint = time.monotonic()
     bar = tqdm(range(start, n_layers), desc="statistics", unit="layer", disable=not progress, initial=start, total=n_layers)
     for i in bar:
         stats, outputs = runner.layer_stats(i, hidden, kwargs[i])
@@ -225,10 +229,11 @@ def collect_statistics(
             outputs = runner.outputs(i, hidden, kwargs[i])
         hidden = outputs
         if use_cache:
-            cache.atomic_torch_save(stats, layer_file(i))
-            if time.monotonic() - last_checkpoint > checkpoint_seconds and i + 1 < n_layers:
-                cache.atomic_torch_save({"next_layer": i + 1, "hidden": [h.cpu() for h in hidden]}, resume)
-                last_checkpoint = time.monotonic()
+            # after every layer: a killed run resumes here (the layer's inputs are one tensor write)
+            cache.save_tensors(layer_file(i), stats)
+            if i + 1 < n_layers:
+                cache.save_tensors(resume, {"hidden": torch.cat([h.cpu() for h in hidden])}, {"next_layer": i + 1})
+                faults.point(f"statistics:{i}")
     if use_cache:
         resume.unlink(missing_ok=True)
     return stats_all

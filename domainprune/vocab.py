@@ -613,9 +613,10 @@ def save(model: torch.nn.Module, tokenizer: Any, report: VocabReport, out: str |
     from transformers import AutoTokenizer
 
     from .adapters import ADAPTERS
-    from .export import check_output_folder, export_config, load_pretrained
+    from .export import export_config, load_pretrained
+    from .outputs import check_output
 
-    out = check_output_folder(out, force)
+    out = check_output(out, force=force)
     if report.model_path and out.resolve() == Path(report.model_path).resolve():
         raise DomainpruneError(f"--out {out} is the input model's folder; write the trimmed model somewhere else")
     if model.config.model_type in ADAPTERS:

@@ -128,7 +128,7 @@ def test_cfsp_is_the_default_allocation_of_cfsp_and_unknown_allocations_fail():
     assert make_recipe(method="cfsp", sparsity=0.2).allocation == "cfsp"
     with pytest.raises(DomainpruneError, match="unknown allocation 'bogus'"):
         make_recipe(method="flap", allocation="bogus", sparsity=0.2)
-    with pytest.raises(DomainpruneError, match="cannot remove"):
+    with pytest.raises(DomainpruneError, match="cannot remove|out of reach"):
         plan, _, _ = make_plan(loaded(tiny_lm(), smol_tokenizer()), make_recipe(method="cfsp", sparsity=0.9, **CALIB), progress=False)
 
 
@@ -178,20 +178,20 @@ def test_search_meets_the_budget_improves_kl_and_resumes_identically(tmp_path, m
 
     # interrupted after the second generation's state is saved, then resumed: the same plan and weights
     shutil.rmtree(searches)
-    saved = cache.atomic_torch_save
+    saved = cache.save_json
     calls = {"n": 0}
 
-    def crash_after_two(obj, path):
-        saved(obj, path)
+    def crash_after_two(path, obj):
+        saved(path, obj)
         if "search" in str(path):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(search.cache, "atomic_torch_save", crash_after_two)
+    monkeypatch.setattr(search.cache, "save_json", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         _search_prune(tmp_path)
-    monkeypatch.setattr(search.cache, "atomic_torch_save", saved)
+    monkeypatch.setattr(search.cache, "save_json", saved)
     resumed = _search_prune(tmp_path)
     assert resumed.plan.layers == full.plan.layers and resumed.recipe.search_kl == full.recipe.search_kl
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):

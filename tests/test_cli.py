@@ -291,7 +291,7 @@ def test_bad_budgets(capsys, folder, tmp_path):
     fails(capsys, "prune", "--sparsity", "-0.1", "--out", out, match="--sparsity must be in [0, 1), got -0.1")
     fails(capsys, "plan", "--sparsity", "1.5", "--out", out, match="--sparsity must be in [0, 1)")
     fails(capsys, "prune", "--out", out, match="give exactly one of sparsity, target_params and target_speedup")
-    fails(capsys, "prune", "--target-params", "lots", "--out", out, match="--target-params 'lots' is not a count")
+    fails(capsys, "prune", "--target-params", "lots", "--out", out, match="'lots' is not a positive count")
     fails(capsys, "prune", "--model", folder, "--target-params", "10", "--out", out, *SMALL, match="--target-params 10 is out of reach")
     fails(capsys, "prune", "--sparsity", "0.3", "--attention-unit", "head", "--out", out, match="--attention-unit must be one of kv_group, query_head")
     fails(capsys, "prune", "--sparsity", "0.3", "--method", "nope", "--out", out, match="unknown method 'nope'")
@@ -303,7 +303,7 @@ def test_existing_output_needs_force(capsys, folder, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     args = ["prune", "--model", folder, "--method", "magnitude", "--sparsity", "0.3", "--out", out, *SMALL]
-    fails(capsys, *args, match=f"output folder {out} exists; choose another --out or pass --force")
+    fails(capsys, *args, match=f"--out {out} exists; choose another --out or pass --force")
     assert (out / "keep.txt").read_text() == "precious"
     ok(capsys, *args, "--force")
     assert "keep.txt" not in {p.name for p in out.iterdir()} and CHECKPOINT_FILES <= {p.name for p in out.iterdir()}
@@ -314,7 +314,7 @@ def test_existing_output_needs_force(capsys, folder, tmp_path):
     assert plan_file.read_text() == "{}"
     ok(capsys, "plan", "--model", folder, "--method", "magnitude", "--sparsity", "0.3", "--out", plan_file, "--force", *SMALL)
     assert Plan.load(plan_file).recipe["method"] == "magnitude"
-    fails(capsys, "apply", plan_file, "--out", out, "-q", match=f"output folder {out} exists")
+    fails(capsys, "apply", plan_file, "--out", out, "-q", match=f"--out {out} exists")
     assert CHECKPOINT_FILES <= {p.name for p in out.iterdir()}
 
 

@@ -181,7 +181,7 @@ def test_token_stream_order_eos_and_cache(tmp_path, tokenizer, token_cache):
     entries = list((token_cache / "tokens").iterdir())
     assert len(entries) == 1
     # The second call reads the entry: prove it by planting a marker there.
-    data.cache.atomic_torch_save(torch.arange(7, dtype=torch.int32), entries[0])
+    data.cache.save_tensors(entries[0], {"tokens": torch.arange(7, dtype=torch.int32)})
     assert load_corpus(str(tmp_path / "docs")).token_stream(tokenizer, "calibration").tolist() == list(range(7))
     # Changed text -> a new fingerprint and a new entry.
     (tmp_path / "docs" / "doc00.txt").write_text("changed")
@@ -223,8 +223,26 @@ def test_too_few_tokens_names_the_counts(tmp_path, tokenizer, token_cache):
         corpus.sequences(tokenizer, "train", 1, 8)
     # A split with no documents at all reports 0 tokens.
     only_test = Corpus("tiny", [Document("k", "some text", group="f")])
-    with pytest.raises(DomainpruneError, match=r"'tiny' \(calibration split, 0 documents\) has 0 tokens"):
+    with pytest.raises(DomainpruneError, match=r"'tiny' has no document in its calibration split \(0 calibration, "
+                       r"0 validation, 1 test; .*\): give more documents"):
         only_test.sequences(tokenizer, "calibration", 1, 8)
+
+
+def test_a_single_file_is_split_into_pieces_that_reach_every_split(tmp_path):
+    """One file would land whole in one split; its paragraphs (else lines, else runs of characters) are documents."""
+    from domainprune.data import SPLITS, split_of
+
+    paragraphs = [f"def f{i}(x):\n    return x + {i}\n" for i in range(60)]
+    (tmp_path / "one.py").write_text("\n\n".join(paragraphs))
+    corpus = load_corpus(str(tmp_path / "one.py"))
+    assert [d.text.strip() for d in corpus.documents] == [p.strip() for p in paragraphs]
+    assert [d.key for d in corpus.documents] == [f"one.py#{i}" for i in range(60)]
+    assert {split_of(d.group) for d in corpus.documents} == set(SPLITS)
+    (tmp_path / "lines.txt").write_text("\n".join(f"line {i}" for i in range(100)))
+    assert len(load_corpus(str(tmp_path / "lines.txt")).documents) == 100
+    (tmp_path / "flat.txt").write_text("word " * 3000)  # no line breaks: runs of characters
+    flat = load_corpus(str(tmp_path / "flat.txt")).documents
+    assert len(flat) == 30 and "".join(d.text for d in flat) == "word " * 3000
 
 
 # --- presets -------------------------------------------------------------------------------------------------

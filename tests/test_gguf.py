@@ -307,7 +307,7 @@ def test_cli_export_of_a_flap_run_matches_load_pretrained(capsys, tmp_path):
     assert code == 2 and "exists" in err and "--force" in err and len(err.strip().splitlines()) == 1
 
 
-def test_prune_export_stage_writes_the_gguf_beside_the_checkpoint(capsys, tmp_path):
+def test_prune_export_stage_writes_the_gguf_beside_the_run_folder(capsys, tmp_path):
     from tiny_runs import build_runs
 
     runs = build_runs(tmp_path / "runs")
@@ -318,7 +318,7 @@ def test_prune_export_stage_writes_the_gguf_beside_the_checkpoint(capsys, tmp_pa
     assert not out.exists()  # refused before any work
     code, _, err = cli(capsys, *args, "--export", "gguf:f32")
     assert code == 0, err
-    assert rel_diff(load_pretrained(out), out / "model.f32.gguf") < RTOL
+    assert rel_diff(load_pretrained(out), tmp_path / "pruned.f32.gguf") < RTOL
 
 
 def one_line_error(capsys, *args) -> str:
@@ -335,7 +335,8 @@ def test_cli_refusals(capsys, tmp_path):
     assert "--allocation uniform" in one_line_error(capsys, "export", run, "--out", tmp_path / "q.gguf")
     assert "--to gguf" in one_line_error(capsys, "export", run, "--to", "onnx", "--out", tmp_path / "q.gguf")
     assert "q4_k_m" in one_line_error(capsys, "export", run, "--quant", "q3_x", "--out", tmp_path / "q.gguf")
-    assert "input run" in one_line_error(capsys, "export", run, "--out", run, "--force")
+    assert "input" in one_line_error(capsys, "export", run, "--out", run / "inside.gguf", "--force")
+    assert "input" in one_line_error(capsys, "export", run, "--out", run, "--force")
     assert not (tmp_path / "q.gguf").exists() and not list(tmp_path.glob(".q.gguf*"))
 
 

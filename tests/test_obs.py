@@ -185,6 +185,35 @@ def test_reconstruction_reproduces_the_dense_model_when_removed_units_are_copies
     assert float((logits(plain, ids) - dense).abs().max()) > 100 * err
 
 
+def test_each_layer_is_refitted_on_the_true_outputs_of_the_refitted_layers_before_it(arch):
+    """The pass assembles a refitted layer's outputs from what it recorded (attention outputs, down_proj inputs)
+    instead of running the layer again: every later layer must still see exactly what the final pruned model feeds
+    it."""
+    model = tiny_model(arch)
+    a = get_adapter(model)
+    ids = input_ids(batch=4, length=16)
+    plan = dense_plan(a, "tiny")
+    plan.layers = [lp.model_copy(update=dict(query_heads=[0, 1, 3, 4], mlp_channels=[c for c in range(40) if c % 3]))
+                   for lp in plan.layers]
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def record(i):
+        def hook(_m, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.setdefault(i, []).append(hidden.detach().clone())
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(a.layers)]
+    reconstruct_layers(model, a, ids, FixedPlan(plan), batch_size=2, bias=True, progress=False)
+    during = {i: torch.cat(v[-2:]) for i, v in seen.items()}  # the last full pass over both batches of layer i
+    seen.clear()
+    logits(model, ids)  # the pruned model, as users run it: one batch of 4
+    for handle in handles:
+        handle.remove()
+    for i in range(1, a.num_layers):
+        torch.testing.assert_close(during[i], seen[i][0], rtol=1e-5, atol=1e-5, msg=f"layer {i}")
+
+
 # --- pipeline and CLI end to end --------------------------------------------------------------------------------
 
 

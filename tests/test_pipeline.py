@@ -165,6 +165,36 @@ def test_target_params_out_of_reach():
         make_recipe(model="tiny")
 
 
+def test_unreachable_budgets_name_the_closest_one_and_reached_ones_are_reported(tmp_path):
+    """Every layer keeps one KV group and one MLP channel: a budget past that stops before any statistics, with the
+    largest reachable sparsity (or the smallest reachable total); a reachable --target-params run records the
+    sparsity it stood for in report.json."""
+    from domainprune.allocation import max_width_sparsity
+
+    model = tiny_model("llama")
+    a = get_adapter(model)
+    reachable = max_width_sparsity(a, "kv_group")
+    removable = sum(a.attention_params(s.num_heads, s.num_kv_heads) - a.attention_params(s.group_size, 1)
+                    + a.mlp_params(s.intermediate_size - 1) for s in a.shapes())
+    assert reachable == pytest.approx(removable / sum(layer_params(model)))
+    with pytest.raises(DomainpruneError, match=rf"at most {reachable:.4f} of attention\+MLP parameters"):
+        make_plan(loaded(model), make_recipe(model="tiny", method="magnitude", sparsity=0.999), progress=False)
+    total = parameter_count(model)
+    smallest = total - int(reachable * sum(layer_params(model)))
+    with pytest.raises(DomainpruneError, match=f"smallest model width pruning reaches has {smallest:,} parameters"):
+        halfway = (smallest + total - sum(layer_params(model))) // 2  # between the fixed part and the smallest
+        make_plan(loaded(model), make_recipe(model="tiny", method="magnitude", target_params=halfway), progress=False)
+    # just inside the reach: met
+    plan, _, _ = make_plan(loaded(model), make_recipe(model="tiny", method="magnitude", sparsity=reachable), progress=False)
+    assert plan.params.sparsity == pytest.approx(reachable, abs=0.01)
+
+    target = total - int(0.3 * sum(layer_params(model)))
+    result = prune(loaded(tiny_model("llama")), method="magnitude", target_params=target, seq_len=32, progress=False)
+    assert result.report["target_params"] == target
+    assert result.report["sparsity_target"] == pytest.approx(0.3, abs=1e-3)
+    assert abs(result.report["sparsity_achieved"] - result.report["sparsity_target"]) < 0.02
+
+
 # --- 3. determinism ----------------------------------------------------------------------------------------
 
 
@@ -269,20 +299,20 @@ def test_statistics_cache_and_resume_after_a_crash(arch, tmp_path, monkeypatch):
 
     handle = a.o_proj(2).register_forward_pre_hook(crash)
     with pytest.raises(_Crash):
-        collect_statistics(model, a, ids, batch_size=2, checkpoint_seconds=0, progress=False)
+        collect_statistics(model, a, ids, batch_size=2, progress=False)
     handle.remove()
     (folder,) = (tmp_path / "cache" / "stats").iterdir()
-    assert sorted(p.name for p in folder.iterdir()) == ["layer_000.pt", "layer_001.pt", "resume.pt"]
-    resume = torch.load(folder / "resume.pt", weights_only=False)
-    assert resume["next_layer"] == 2 and [h.shape for h in resume["hidden"]] == [(2, 16, 48)] * 2
+    assert sorted(p.name for p in folder.iterdir()) == ["layer_000.safetensors", "layer_001.safetensors", "resume.safetensors"]
+    hidden, meta = cache.load_tensors(folder / "resume.safetensors")
+    assert meta == {"next_layer": 2} and hidden["hidden"].shape == (4, 16, 48)
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
     # the resumed run starts at layer 2 and equals an uninterrupted one
     calls.clear()
-    resumed = collect_statistics(model, a, ids, batch_size=2, checkpoint_seconds=0, progress=False)
+    resumed = collect_statistics(model, a, ids, batch_size=2, progress=False)
     _assert_stats_equal(resumed, reference)
     assert calls[0] == calls[1] == 0 and calls[2] == calls[3] == 2  # two batches per computed layer
-    assert sorted(p.name for p in folder.iterdir()) == [f"layer_{i:03d}.pt" for i in range(4)]  # resume.pt gone
+    assert sorted(p.name for p in folder.iterdir()) == [f"layer_{i:03d}.safetensors" for i in range(4)]  # resume gone
     assert all((folder / n).stat().st_mtime_ns == t for n, t in mtimes.items() if n.startswith("layer"))
 
     # computed twice: equal, and the second time every layer comes from the cache
@@ -291,7 +321,7 @@ def test_statistics_cache_and_resume_after_a_crash(arch, tmp_path, monkeypatch):
     assert sum(calls.values()) == 0
     # ... which is really read: a changed file changes the result
     tampered = dict(reference[3], tokens=torch.tensor(-1))
-    torch.save(tampered, folder / "layer_003.pt")
+    cache.save_tensors(folder / "layer_003.safetensors", tampered)
     assert int(collect_statistics(model, a, ids, batch_size=2, progress=False)[3]["tokens"]) == -1
 
     # other sequences or other weights are other entries
@@ -313,32 +343,33 @@ def test_resume_with_another_batch_size(tmp_path, monkeypatch, new_batch_size):
     reference = collect_statistics(model, a, ids, batch_size=2, use_cache=False, progress=False)
     handle = a.o_proj(2).register_forward_pre_hook(lambda m, args: (_ for _ in ()).throw(_Crash()))
     with pytest.raises(_Crash):
-        collect_statistics(model, a, ids, batch_size=2, checkpoint_seconds=0, progress=False)
+        collect_statistics(model, a, ids, batch_size=2, progress=False)
     handle.remove()
     (folder,) = (tmp_path / "cache" / "stats").iterdir()
-    assert (folder / "resume.pt").is_file()
-    resumed = collect_statistics(model, a, ids, batch_size=new_batch_size, checkpoint_seconds=0, progress=False)
+    assert (folder / "resume.safetensors").is_file()
+    resumed = collect_statistics(model, a, ids, batch_size=new_batch_size, progress=False)
     assert [int(s["tokens"]) for s in resumed] == [64] * 4
     for got, want in zip(resumed, reference):
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-9)
 
 
-def test_a_crash_before_any_checkpoint_starts_over(tmp_path, monkeypatch):
-    """Layer files without resume.pt (a crash before the first checkpoint) are recomputed, not trusted."""
+def test_a_resume_file_without_its_layers_starts_over(tmp_path, monkeypatch):
+    """A resume checkpoint whose earlier layer files are gone (or damaged) is not trusted: recomputed from layer 0."""
     monkeypatch.setenv("DOMAINPRUNE_CACHE", str(tmp_path / "cache"))
     model = tiny_model("llama")
     a = get_adapter(model)
     ids = input_ids(batch=4, length=16)
     handle = a.o_proj(3).register_forward_pre_hook(lambda m, args: (_ for _ in ()).throw(_Crash()))
     with pytest.raises(_Crash):
-        collect_statistics(model, a, ids, batch_size=2, checkpoint_seconds=3600, progress=False)
+        collect_statistics(model, a, ids, batch_size=2, progress=False)
     handle.remove()
     (folder,) = (tmp_path / "cache" / "stats").iterdir()
-    assert sorted(p.name for p in folder.iterdir()) == ["layer_000.pt", "layer_001.pt", "layer_002.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == [f"layer_{i:03d}.safetensors" for i in range(3)] + ["resume.safetensors"]
+    (folder / "layer_001.safetensors").write_bytes(b"garbage")
     got = collect_statistics(model, a, ids, batch_size=2, progress=False)
     _assert_stats_equal(got, collect_statistics(model, a, ids, batch_size=2, use_cache=False, progress=False))
-    assert sorted(p.name for p in folder.iterdir()) == [f"layer_{i:03d}.pt" for i in range(4)]
+    assert sorted(p.name for p in folder.iterdir()) == [f"layer_{i:03d}.safetensors" for i in range(4)]
 
 
 # --- 6. FLAP bias compensation -----------------------------------------------------------------------------

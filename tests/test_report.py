@@ -54,7 +54,7 @@ def report(capsys_module, runs, figures, tmp_path_factory) -> Path:
     from domainprune.cli import main
 
     argv = sys.argv
-    sys.argv = ["domainprune", "report", str(runs["flap35"]), str(runs["wanda50"]), "--figures", str(figures), "--out", str(out), "--quiet"]
+    sys.argv = ["domainprune", "report", str(runs["flap35"]), str(runs["wanda50"]), "--figures", str(figures), "--out", str(out), "--force", "--quiet"]
     try:
         with pytest.raises(SystemExit) as exit_:
             main()
@@ -128,9 +128,9 @@ def test_report_from_benchmark_rows(capsys, runs, figures, tmp_path):
 
 def test_report_measures_when_no_figures_are_given(capsys, runs, tmp_path):
     code, _, err = cli(capsys, "report", runs["wanda50"], "--baseline", runs["dense"], "--data", runs["corpus"], "--samples", "2",
-                       "--seq-len", "16", "--batch-size", "2", "--no-speed", "--prompts", "1", "--new-tokens", "4", "--out", tmp_path, "--quiet")
+                       "--seq-len", "16", "--batch-size", "2", "--no-speed", "--prompts", "1", "--new-tokens", "4", "--out", tmp_path / "rep", "--quiet")
     assert code == 0, err
-    page = (tmp_path / "report.html").read_text()
+    page = (tmp_path / "rep" / "report.html").read_text()
     assert len(images(page)) == 3 and "wanda50" in page and "Prompt 1" in page and "Prompt 2" not in page
     assert "decode tok/s" not in page  # not measured: the throughput plot shows the parameter-bytes ratio instead
 

@@ -15,6 +15,8 @@ KV group with the same count in every group, which is what `repeat_kv` in transf
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -187,6 +189,19 @@ class DecoderAdapter:
 
     def mlp(self, i: int) -> nn.Module:
         return self.layers[i].mlp
+
+    @contextmanager
+    def swapped(self, i: int, attention: nn.Module | None = None, mlp: nn.Module | None = None) -> Iterator[None]:
+        """Layer i runs with these stand-ins for its attention and/or MLP block (e.g. replaying outputs already
+        computed), its own blocks back afterwards."""
+        layer = self.layers[i]
+        saved = layer.self_attn, layer.mlp
+        try:
+            layer.self_attn = attention if attention is not None else saved[0]
+            layer.mlp = mlp if mlp is not None else saved[1]
+            yield
+        finally:
+            layer.self_attn, layer.mlp = saved
 
     def attention_removed(self, i: int) -> bool:
         return isinstance(self.attention(i), RemovedAttention)

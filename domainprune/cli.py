@@ -175,13 +175,21 @@ def prune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
     recipe: dict,
     recover: Annotated[bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")] = False,
+    export_to: Annotated[Optional[str], typer.Option("--export", help="Then also write OUT.QUANT.gguf (beside OUT) for llama.cpp: gguf (F16) or gguf:QUANT, e.g. gguf:q4_k_m (see `domainprune export`).")] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
     """Score, plan, slice and export: a smaller checkpoint in OUT with plan.json, recipe.json and report.json."""
+    from .gguf_export import parse_export_spec
     from .pipeline import prune as run
 
     _setup_logging(quiet)
+    gguf_quant = parse_export_spec(export_to) if export_to is not None else None  # refused before any work
+    gguf_out = out.parent / f"{out.name}.{gguf_quant}.gguf" if gguf_quant else None  # beside OUT, never inside it
+    if gguf_out is not None:
+        from .gguf_export import check_out
+
+        check_out(gguf_out, force)
     model = recipe.pop("model")
     result = run(model, out=out, force=force, progress=not quiet, **recipe)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
@@ -202,6 +210,12 @@ def prune(
         console.print(f"[bold green]recovered[/] {rec.report['steps']} steps in {rec.report['train_seconds']:.0f} s; wrote {out}")
     loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(out)!r})")
+    if gguf_quant is not None:
+        from .gguf_export import export_run
+
+        g = export_run(out, gguf_out, quant=gguf_quant, force=True)
+        console.print(f"[bold green]exported[/] llama.cpp {g.arch!r} ({g.quant}): wrote {g.path} ({g.bytes / 1e6:.1f} MB)"
+                      + (f"; {len(g.fallbacks)} tensor(s) fell back (see --round-to)" if g.fallbacks else ""), soft_wrap=True)
 
 
 @app.command()
@@ -562,6 +576,32 @@ def recover(
     console.print(f"[bold green]recovered[/] {r['steps']} steps, {curve}{r['train_seconds']:.0f} s training"
                   + (" (time budget reached)" if r["stopped_by_time_budget"] else ""))
     console.print(f"wrote {result.out} (recovery.json, recovery_log.json)")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Pruned run folder (any domainprune output) or HF model folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file to write.")],
+    to: Annotated[str, typer.Option("--to", help="Target format: gguf (llama.cpp, Ollama, LM Studio).")] = "gguf",
+    quant: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's own quantiser; needs the serve extra).")] = "f32",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    quiet: QuietOpt = False,
+):
+    """Write a run as one GGUF file for llama.cpp: its own architecture when every layer is alike, else `deci`."""
+    from .gguf_export import export_run
+
+    _setup_logging(quiet)
+    if to.lower() != "gguf":
+        raise DomainpruneError(f"--to {to!r} is not a target yet; use --to gguf")
+    r = export_run(run_dir, out, quant=quant, force=force)
+    console.print(f"[bold green]exported[/] {r.layers} layers as llama.cpp {r.arch!r} ({r.quant}, tokenizer pre "
+                  f"{r.pre_tokenizer!r}): wrote {r.path} ({r.bytes / 1e6:.1f} MB)", soft_wrap=True)
+    for note in r.notes:
+        console.print(f"  {note}", soft_wrap=True)
+    if r.fallbacks:
+        listed = ", ".join(f"{n} ({t})" for n, t in r.fallbacks[:8]) + (" …" if len(r.fallbacks) > 8 else "")
+        console.print(f"{len(r.fallbacks)} tensor(s) fell back from {r.quant} (width not a multiple of the block; "
+                      f"see --round-to): {listed}", soft_wrap=True)
 
 
 # Operating-system failures that are the machine's state, not a bug: one line naming the fix, no traceback.

@@ -83,13 +83,10 @@ def _alive(pid: int) -> bool:
 
 
 def _process_start() -> float:
-    """This process's start time (seconds since the epoch), from /proc where there is one."""
+    """This process's start time (seconds since the epoch): /proc/<pid>'s timestamp, where there is a /proc."""
     try:
-        ticks = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        stat = Path("/proc/stat").read_text().splitlines()
-        boot = next(float(line.split()[1]) for line in stat if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        return os.stat(f"/proc/{os.getpid()}").st_ctime
+    except OSError:
         return _IMPORTED
 
 

@@ -129,23 +129,19 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def atomic_write(path: Path, write: Callable[[Path], None] | Callable[[Any], Any], *, to_path: bool = False) -> None:
-    """Write `path` through a temporary file beside it, renamed into place when complete; removed on any failure.
-    `write` gets an open binary file, or with `to_path` the temporary file's path."""
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which is renamed into place when complete and removed on
+    any failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_partials(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(path.name), dir=path.parent)
+    os.close(fd)
     try:
-        if to_path:
-            os.close(fd)
-            write(Path(tmp))
-        else:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
+        write(Path(tmp))
         _umask_mode(Path(tmp), folder=False)
         os.replace(tmp, path)
     except BaseException:
@@ -162,7 +158,7 @@ def save_tensors(path: Path, tensors: dict[str, Any], meta: Any = None) -> None:
 
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}  # no shared storage
     header = {"json": json.dumps(meta)} if meta is not None else None
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header), to_path=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 def load_tensors(path: Path) -> tuple[dict[str, Any], Any] | None:

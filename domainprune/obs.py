@@ -384,30 +384,12 @@ def record_mlp(adapter: DecoderAdapter, i: int, hidden: list[torch.Tensor], kwar
     """Run layer i (with `attention` standing in for its attention block) on every batch up to its down_proj: what
     the attention block returned and what down_proj gets. The refitted layer's outputs are then assembled from these
     (`_Replay`, `_DownProj`) instead of running the attention and the gate/up projections again."""
+    attention_out = []
     with adapter.swapped(i, attention=attention):
-        return _record_mlp(adapter, i, hidden, kwargs)
-
-
-def _record_mlp(adapter: DecoderAdapter, i: int, hidden: list[torch.Tensor], kwargs: list[dict]):
-    attention_out, mlp_in = [], []
-
-    def keep_attention(_m, _args, out):
-        attention_out.append(out)
-
-    def keep_mlp(_m, args):
-        mlp_in.append(args[0].detach())
-        raise _Stop
-
-    handles = [adapter.attention(i).register_forward_hook(keep_attention),
-               adapter.down_proj(i).register_forward_pre_hook(keep_mlp)]
-    try:
-        for h, kw in zip(hidden, kwargs):
-            try:
-                adapter.layers[i](h, **kw)
-            except _Stop:
-                pass
-    finally:
-        for handle in handles:
+        handle = adapter.attention(i).register_forward_hook(lambda _m, _args, out: attention_out.append(out))
+        try:
+            mlp_in = record_inputs(adapter.layers[i], adapter.down_proj(i), hidden, kwargs)
+        finally:
             handle.remove()
     return attention_out, mlp_in
 

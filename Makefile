@@ -21,9 +21,10 @@ $(VENV)/.installed-serve: $(VENV)/.installed
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -e ".[test,serve]"
 	touch $@
 
-# Prune SmolLM2-135M for Python code (35 % of attention+MLP removed, FLAP), then compare it with the dense model.
+# Prune SmolLM2-135M for Python code (35 % of attention+MLP removed, the default recipe: cfsp + OBS), then compare it
+# with the dense model.
 demo: setup
-	$(BIN)/domainprune prune --model smollm2-135m --data code --method flap --sparsity 0.35 --out runs/code35 --force
+	$(BIN)/domainprune prune --model smollm2-135m --data code --sparsity 0.35 --out runs/code35 --force
 	$(BIN)/domainprune eval runs/code35 --baseline smollm2-135m --data code --data general
 
 test: setup $(VENV)/.installed-serve

@@ -134,10 +134,14 @@ def run(args) -> None:
         order = {m: i for i, m in enumerate(args.zero_shot_order.split(","))}
         for key, row in sorted(done.items(), key=lambda kv: (order.get(kv[1].get("method"), len(order)), kv[1].get("level", 0))):
             zero_shot = row["measurement"].get("zero_shot") or {}
-            if key == "dense" or all(t in zero_shot for t in tasks) or not Path(row.get("checkpoint", "")).is_dir():
+            if key == "dense" or all(t in zero_shot for t in tasks):
                 continue
             if args.zero_shot_rows and not any(w in key for w in args.zero_shot_rows.split(",")):
                 continue
+            if not Path(row.get("checkpoint", "")).is_dir():
+                if not args.reprune:
+                    continue
+                reprune(dense, row, args)
             print(f"== zero-shot {key}", file=sys.stderr, flush=True)
             loaded = load_model(row["checkpoint"], dtype="float32", device=args.device)
             for t in tasks:
@@ -174,6 +178,25 @@ def run(args) -> None:
             add_samples(figures, args.report_prompts, dtype="float32", device=args.device)
         written = write_report(figures, RESULTS / "report", title="domainprune benchmark", force=True)
         print(f"report: {written['report.html']}", file=sys.stderr)
+
+
+def reprune(dense: LoadedModel, row: dict, args) -> None:
+    """Rebuild a row's checkpoint (not kept in git) exactly as phase 1 made it, and check that it is the same model:
+    pruning is deterministic by seed, so its code perplexity must match the row's."""
+    method, allocation, level = row["key"].split("|")
+    allocation, _, variant = allocation.partition("+")
+    print(f"== re-prune {row['key']}", file=sys.stderr, flush=True)
+    loaded = LoadedModel(copy.deepcopy(dense.model), dense.tokenizer, None, args.model)
+    prune(loaded, data="code", method=method, allocation=None if allocation == "-" else allocation,
+          sparsity=float(level), calib_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0, progress=False,
+          **VARIANTS[variant])
+    samples = row["measurement"]["test_sequences"]["code"]  # the row's own test set, whatever --samples says now
+    m = measure(loaded, row["key"], sources=("code",), samples=samples, seq_len=256, tasks=(), speed=False,
+                batch_size=8, progress=False)
+    want, got = row["measurement"]["perplexity"]["code"], m.perplexity["code"]
+    if abs(got / want - 1) > 1e-5:
+        raise SystemExit(f"re-pruned {row['key']} has code ppl {got:.4f}, the row says {want:.4f}: not the same model")
+    save_pruned(loaded.model, dense.tokenizer, row["checkpoint"], force=True, verify=True)
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -330,6 +353,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--zero-shot-order", default="flap,wanda-sp,magnitude", help="phase 2 runs methods in this order")
     p.add_argument("--zero-shot-rows", default="", help="phase 2 only for rows whose key contains one of these (comma-separated)")
+    p.add_argument("--reprune", action="store_true", help="phase 2: rebuild missing checkpoints (checked against the row)")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip phase 3 (throughput)")
     p.add_argument("--speed-rows", default="", help="phase 3 only for rows whose key contains one of these (comma-separated)")
     p.add_argument("--remeasure-speed", action="store_true", help="measure phase 3 again for every row")

@@ -35,7 +35,7 @@ console = Console(stderr=True)
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m, qwen2.5-coder-0.5b), HF folder, "
                                                             ".gguf file or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
-MethodOpt = Annotated[str, typer.Option(help="Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess.")]
+MethodOpt = Annotated[Optional[str], typer.Option(help="Default: the benchmark's best recipe, cfsp with --reconstruct obs (flap where that cannot apply, e.g. mixture-of-experts models; a line says so). Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess.")]
 AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform).")]
 SparsityOpt = Annotated[Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")]
 TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
@@ -96,7 +96,7 @@ def parse_count(text: str | None) -> int | None:
 def _recipe_options(
     model: ModelOpt = "smollm2-135m",
     data: DataOpt = "code",
-    method: MethodOpt = "flap",
+    method: MethodOpt = None,
     allocation: AllocOpt = None,
     sparsity: SparsityOpt = None,
     target_params: TargetOpt = None,
@@ -535,12 +535,15 @@ def recover(
     kd_weight: Annotated[float, typer.Option(help="Weight w of the KD loss: (1-w)·CE + w·KD, in [0, 1].")] = 0.0,
     kd_temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 2.0,
     kd_top_k: Annotated[Optional[int], typer.Option(help="KD over the teacher's top-k logits only (renormalised over them).")] = None,
+    train_format: Annotated[str, typer.Option(help="text: corpus sequences; sdd: the dense model answers domain requests (for code, built from the corpus's documented functions, or --train-file) and the pruned model learns the answers; chat: --train-file prompt/response rows.")] = "text",
+    train_file: Annotated[Optional[Path], typer.Option(help="JSONL: {\"prompt\"} rows (sdd) or {\"prompt\", \"response\"} rows (chat).")] = None,
+    answer_tokens: Annotated[int, typer.Option(help="sdd: new tokens at most per teacher answer.")] = 256,
     self_distill: Annotated[bool, typer.Option("--self-distill", help="The teacher regenerates the second half of each training sequence first.")] = False,
     select: Annotated[bool, typer.Option("--select", help="PASER-style selection of the worst-hit sequences from a larger pool.")] = False,
     pool_factor: Annotated[int, typer.Option(help="--select: candidates scored = pool-factor × samples.")] = 4,
     clusters: Annotated[int, typer.Option(help="--select: k-means clusters.")] = 8,
-    samples: Annotated[int, typer.Option(help="Training sequences (from the corpus's calibration split).")] = 256,
-    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 128,
+    samples: Annotated[int, typer.Option(help="Training sequences (from the corpus's calibration split), or requests for sdd.")] = 256,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per training sequence (default 128 for text, 512 for sdd/chat).")] = None,
     batch_size: BatchOpt = 4,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: 2e-4 LoRA, 2e-5 --full).")] = None,
@@ -565,6 +568,7 @@ def recover(
     result = run(
         run_dir, out=out, teacher=teacher, force=force, keep_checkpoints=keep_checkpoints, progress=not quiet,
         data=data, text_field=text_field, full=full, kd_weight=kd_weight, kd_temperature=kd_temperature, kd_top_k=kd_top_k,
+        train_format=train_format, train_file=str(train_file) if train_file else None, answer_tokens=answer_tokens,
         self_distill=self_distill, select=select, pool_factor=pool_factor, clusters=clusters, samples=samples,
         seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, epochs=epochs,
         max_steps=max_steps or None, time_budget=time_budget or None, save_steps=save_steps, lora_r=lora_r,

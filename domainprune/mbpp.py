@@ -8,20 +8,26 @@ Prompt: the standard MBPP prompt (Austin et al., 2021) — "You are an expert Py
 task: {text} Your code should pass these tests:\\n\\n{the three asserts}" — sent through the tokenizer's chat template
 as the user's message when it has one (instruct models); otherwise followed by "\\n```python\\n" so a base model
 continues a code block. Greedy decoding, at most `max_new_tokens` new tokens, stopping at EOS or as soon as the
-first code block is closed. The code is the first fenced block of the answer (the whole answer when it has no
-fence). It is executed, followed by the problem's asserts, by `sandbox.run_program` in a separate process:
-pass = exit status 0 within the timeout. Nothing generated is ever executed in this process.
+first code block is closed; prompts are batched (left-padded, similar lengths together) on a GPU and run one at a time
+on a CPU, where batch 1 keeps answers exactly those of unpadded decoding. The code is the first fenced block of the
+answer (the whole answer when it has no fence), sanitised as EvalPlus does: only its imports, function and class
+definitions and top-level assignments are kept, so the model's own example calls, prints and (often mis-copied)
+asserts are not run. It is executed, followed by the problem's asserts, by `sandbox.run_program` in a separate
+process: pass = exit status 0 within the timeout. Nothing generated is ever executed in this process (sanitising only
+parses it).
 """
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import logging
 import math
+import os
 import re
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -30,14 +36,13 @@ import torch
 from tqdm import tqdm
 
 from .errors import DomainpruneError
-from .evaluate import model_device
+from .generation import greedy_answers
 from .sandbox import TIMEOUT_S, isolation, run_program
 
 log = logging.getLogger(__name__)
 CODE_TASKS = ("mbpp",)
 MAX_NEW_TOKENS = 512
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
-_CLOSED_BLOCK = re.compile(r"```[^\n]*\n.*?```", re.S)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,21 @@ def extract_code(answer: str) -> str:
     return (python or [blocks[0][1]])[0].strip("\n")
 
 
+_KEPT = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+
+
+def sanitize(code: str) -> str:
+    """The code's imports, definitions and top-level assignments (EvalPlus's rule), without example calls, prints,
+    asserts or `if __name__ == "__main__"` blocks. Parsed only, never run; code that does not parse is kept as it is
+    (the sandbox then reports its syntax error)."""
+    try:
+        tree = ast.parse(code)
+        kept = [node for node in tree.body if isinstance(node, _KEPT)]
+        return ast.unparse(ast.Module(body=kept, type_ignores=[])) if kept else code
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return code
+
+
 def program(problem: Problem, code: str) -> str:
     """What the sandbox runs: setup, the candidate code, then the problem's asserts."""
     return "\n".join([problem.setup, code, "", *problem.tests]) + "\n"
@@ -106,37 +126,19 @@ def check(problem: Problem, code: str, timeout: float = TIMEOUT_S) -> bool:
     return run_program(program(problem, code), timeout=timeout).passed
 
 
-class _CodeBlockClosed:
-    """Stops generation once the answer (after its forced start) holds a closed code block."""
-
-    def __init__(self, tokenizer: Any, prompt_len: int, start: str):
-        self.tokenizer, self.prompt_len, self.start = tokenizer, prompt_len, start
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        text = self.start + self.tokenizer.decode(input_ids[0, self.prompt_len :], skip_special_tokens=True)
-        done = bool(_CLOSED_BLOCK.search(text))
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-@torch.inference_mode()
-def generate_answer(
-    model: torch.nn.Module, tokenizer: Any, problem: Problem, max_new_tokens: int = MAX_NEW_TOKENS
-) -> str:
-    """The model's greedy answer (with its forced start) to one problem."""
-    from transformers import GenerationConfig, StoppingCriteriaList
-
-    text, start = build_prompt(problem, tokenizer)
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    problems: list[Problem],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> list[tuple[str, float]]:
+    """The model's greedy answer (with its forced start) to each problem and the seconds spent on it."""
     chat = bool(getattr(tokenizer, "chat_template", None))  # the template already holds the special tokens
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).input_ids
-    ids = ids.to(model_device(model))
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
-    stop = StoppingCriteriaList([_CodeBlockClosed(tokenizer, ids.shape[1], start)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, stopping_criteria=stop)
-    return start + tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return greedy_answers(model, tokenizer, [build_prompt(p, tokenizer) for p in problems], max_new_tokens,
+                          batch_size=batch_size, add_special_tokens=not chat, stop_after_code_block=True,
+                          progress=progress, desc="mbpp generate")
 
 
 def standard_error(p: float, n: int) -> float:
@@ -150,23 +152,25 @@ def evaluate_mbpp(
     max_new_tokens: int = MAX_NEW_TOKENS,
     timeout: float = TIMEOUT_S,
     progress: bool = True,
+    batch_size: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """pass@1 (greedy) on the first `limit` problems: {"pass_at_1", "n", "stderr", "isolation", "results"}."""
+    """pass@1 (greedy) on the first `limit` problems: {"pass_at_1", "n", "stderr", "isolation", "results"}.
+    The programs run `workers` at a time (default: one per CPU core), each in its own sandbox."""
     if max_new_tokens < 1:
         raise DomainpruneError(f"--code-tokens must be at least 1, got {max_new_tokens}")
     problems = load_problems(limit)
+    answers = generate_answers(model, tokenizer, problems, max_new_tokens, batch_size, progress)
+    programs = [program(p, sanitize(extract_code(a))) for p, (a, _) in zip(problems, answers)]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:  # each run is its own process
+        outcomes = list(tqdm(pool.map(lambda source: run_program(source, timeout=timeout), programs),
+                             total=len(programs), desc="mbpp run", unit="program", file=sys.stderr,
+                             disable=not progress))
     results = []
-    bar = tqdm(problems, desc="mbpp", unit="problem", file=sys.stderr, disable=not progress)
-    for problem in bar:
-        start = time.perf_counter()
-        answer = generate_answer(model, tokenizer, problem, max_new_tokens)
-        seconds = time.perf_counter() - start
-        outcome = run_program(program(problem, extract_code(answer)), timeout=timeout)
+    for problem, (answer, seconds), outcome in zip(problems, answers, outcomes):
         results.append({"task_id": problem.task_id, "passed": outcome.passed, "timed_out": outcome.timed_out,
                         "answer": answer, "generation_seconds": seconds})
-        log.debug("mbpp task %d: %s in %.1f s; answer %r", problem.task_id, "pass" if outcome.passed else "fail",
-                  seconds, answer)
-        bar.set_postfix(passed=sum(r["passed"] for r in results))
+        log.debug("mbpp task %d: %s; answer %r", problem.task_id, "pass" if outcome.passed else "fail", answer)
     n = len(results)
     p = sum(r["passed"] for r in results) / n
     return {"pass_at_1": p, "n": n, "stderr": standard_error(p, n), "isolation": isolation(), "results": results}

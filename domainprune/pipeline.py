@@ -45,13 +45,22 @@ EXPERTS_KEEP_MISSING = (
 )
 
 
+# With no --method, `prune` and `plan` run the best recipe of the benchmark (README, "Which method by default"):
+# cfsp + OBS has the lowest domain perplexity of every baseline at 20/35/50 % on SmolLM2 and no lower zero-shot
+# accuracy (bench/results/quality.md), and ties the best baseline on MBPP pass@1 on Qwen2.5-Coder at 35 %
+# (bench/results/skill.md). Where it cannot apply, FALLBACK_METHOD runs instead, and a log line says why.
+DEFAULT_RECIPE = {"method": "cfsp", "reconstruct": "obs"}
+FALLBACK_METHOD = "flap"
+
+
 class Recipe(BaseModel):
     """Everything that determines a pruned model. Saved beside it as recipe.json."""
 
     model: str = "smollm2-135m"
     data: str = "code"
     text_field: str = "text"
-    method: str = "flap"
+    method: str | None = None  # None: DEFAULT_RECIPE (or FALLBACK_METHOD where it cannot apply)
+    default_recipe: bool = Field(False, exclude_if=lambda v: not v)  # the method was not given: the default chose it
     allocation: str | None = None  # None: the method's default (global for flap, uniform otherwise)
     sparsity: float | None = None  # fraction of attention+MLP parameters removed
     target_params: int | None = None  # or: total parameters wanted
@@ -152,6 +161,13 @@ class Recipe(BaseModel):
             raise ValueError(f"calib_candidate {self.calib_candidate} is not below calib_candidates {self.calib_candidates}")
         return self
 
+    def fallback(self, why: str) -> "Recipe":
+        """The recipe with FALLBACK_METHOD in place of the default one, which cannot apply for reason `why`."""
+        log.warning("the default recipe (cfsp + OBS) cannot apply: %s; running method %s instead", why, FALLBACK_METHOD)
+        undo = {"method": FALLBACK_METHOD, "default_recipe": True, "reconstruct": None, "bias_compensation": None,
+                "allocation": None if self.allocation == "cfsp" else self.allocation}
+        return self.model_copy(update=undo).resolved()
+
     def search_defaults(self) -> dict[str, int]:
         from .search import SearchSettings
 
@@ -165,6 +181,12 @@ class Recipe(BaseModel):
 
     def resolved(self) -> "Recipe":
         """Fill the method-dependent defaults so the saved recipe says exactly what ran."""
+        if self.method is None:
+            best = {**DEFAULT_RECIPE, "reconstruct": self.reconstruct or DEFAULT_RECIPE["reconstruct"]}
+            try:
+                return self.model_copy(update={**best, "default_recipe": True}).resolved()
+            except DomainpruneError as e:
+                return self.fallback(str(e))
         criterion = get_criterion(self.method)
         if self.target_speedup is not None:
             from .latency import check_speedup_recipe
@@ -373,6 +395,22 @@ class PruneResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def fit_default(recipe: Recipe, loaded: LoadedModel) -> Recipe:
+    """The default recipe where it applies to this model and budget, else the fallback (said in one line)."""
+    if not recipe.default_recipe or recipe.method == FALLBACK_METHOD:
+        return recipe
+    adapter = get_adapter(loaded.model)
+    if adapter.has_experts():
+        return recipe.fallback("OBS refits dense MLPs, and this model has mixture-of-experts layers")
+    if recipe.allocation == "cfsp":
+        shapes = adapter.shapes()
+        sparsity = target_sparsity(recipe, adapter, parameter_count(loaded.model))
+        mlp = sum(adapter.mlp_params(s.intermediate_size) for s in shapes)
+        if sparsity * sum(adapter.layer_params(s) for s in shapes) >= mlp:
+            return recipe.fallback(f"cfsp prunes MLP channels only, fewer than {sparsity:.0%} of attention+MLP")
+    return recipe
+
+
 def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> tuple[Plan, list[dict] | None, bool]:
     """Score the model and allocate the budget. Returns (plan, statistics, pruned_in_place).
 
@@ -385,6 +423,7 @@ def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> 
     candidate's KL are recorded in the plan's recipe (`calib_candidate`, `calib_kl`). If the winner was pruned in
     place, `loaded.model` is replaced by its pruned copy.
     """
+    recipe = fit_default(recipe, loaded)
     if recipe.calib_candidates == 1:
         return _make_plan_once(loaded, recipe, progress=progress)
     import copy

@@ -2,9 +2,15 @@
 
 `recover()` is the Python API of `domainprune recover` (and of `domainprune prune --recover`). See docs/recovery.md.
 
-Pipeline: load the pruned run -> recovery sequences from the domain corpus (calibration split) -> optional PASER-style
-selection (score by loss rise pruned vs dense, k-means on dense hidden states, spend the budget on the worst-hit
-clusters) -> optional self-data distillation (the dense teacher regenerates each sequence's second half) -> training
+Pipeline: load the pruned run -> training data in one of three formats (`train_format`):
+- "text": sequences from the domain corpus (calibration split), with optional PASER-style selection (score by loss
+  rise pruned vs dense, k-means on dense hidden states, spend the budget on the worst-hit clusters) and optional
+  self-data distillation of raw text (the dense teacher regenerates each sequence's second half);
+- "sdd": self-data distillation in the task's format (domainprune.task_data): requests built from the corpus (for
+  code: each documented function's signature and docstring) or read from `train_file`, answered greedily by the
+  dense teacher, trained on with the loss on the answers;
+- "chat": the user's own instruction data (`train_file` with prompt/response rows), loss on the responses;
+-> training
 with `transformers.Trainer` (cross-entropy, plus KL to the teacher's logits with `kd_weight`) -> LoRA merged into the
 weights -> `export.save_pruned` (atomic, verified) with the same shapes as the pruned model.
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from typing import Literal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +49,9 @@ class RecoveryConfig(BaseModel):
 
     data: str = "code"
     text_field: str = "text"
+    train_format: Literal["text", "sdd", "chat"] = "text"
+    train_file: str | None = None  # JSONL: {"prompt"} rows for sdd (instead of the corpus's), {"prompt","response"} for chat
+    answer_tokens: int = Field(256, ge=1)  # sdd: the teacher's new tokens at most per answer
     teacher: str | None = None  # dense model; None: the run's recipe.json "model" (only loaded when needed)
     full: bool = False  # full fine-tuning instead of LoRA
     lora_r: int = Field(8, ge=1)
@@ -54,8 +64,8 @@ class RecoveryConfig(BaseModel):
     select: bool = False  # PASER-style selection from a pool of pool_factor × samples candidates
     pool_factor: int = Field(4, ge=1)
     clusters: int = Field(8, ge=1)
-    samples: int = Field(256, ge=1)  # training sequences (the data budget)
-    seq_len: int = Field(128, ge=4)
+    samples: int = Field(256, ge=1)  # training sequences, or requests for sdd (the data budget)
+    seq_len: int | None = Field(None, ge=4)  # None: 128 tokens for text, 512 for sdd/chat (request + answer)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float | None = Field(None, gt=0)  # None: 2e-4 for LoRA, 2e-5 for full fine-tuning
@@ -71,7 +81,17 @@ class RecoveryConfig(BaseModel):
     def _check(self) -> "RecoveryConfig":
         if self.kd_top_k is not None and self.kd_weight == 0:
             raise ValueError("--kd-top-k needs --kd-weight > 0")
+        if self.train_format != "text" and (self.self_distill or self.select):
+            raise ValueError(f"--self-distill and --select work on raw text; drop them with --train-format {self.train_format}")
+        if self.train_format == "chat" and not self.train_file:
+            raise ValueError("--train-format chat needs --train-file FILE.jsonl with prompt/response rows")
+        if self.train_format == "text" and self.train_file:
+            raise ValueError("--train-file needs --train-format sdd (prompts the dense model answers) or chat")
         return self
+
+    @property
+    def sequence_length(self) -> int:
+        return self.seq_len or (128 if self.train_format == "text" else 512)
 
     @property
     def learning_rate(self) -> float:
@@ -79,7 +99,7 @@ class RecoveryConfig(BaseModel):
 
     @property
     def needs_teacher(self) -> bool:
-        return self.kd_weight > 0 or self.self_distill or self.select
+        return self.kd_weight > 0 or self.self_distill or self.select or self.train_format == "sdd"
 
 
 def make_config(**kwargs: Any) -> RecoveryConfig:
@@ -428,7 +448,7 @@ def recover(
     run_dir = None if isinstance(run, LoadedModel) else Path(run)
     same_folder = run_dir is not None and out.resolve() == run_dir.resolve()
     if not (same_folder and in_place):  # in place only for `prune --recover`, whose run this is
-        check_output(out, force=force, inputs=local_inputs(run_dir, config.data, config.teacher))
+        check_output(out, force=force, inputs=local_inputs(run_dir, config.data, config.teacher, config.train_file))
     loaded = _load_run(run, config.device)
     student, tokenizer = loaded.model, loaded.tokenizer
     device = resolve_device(config.device)
@@ -476,9 +496,10 @@ def recover(
             shutil.rmtree(ckpt, ignore_errors=True)
         (staging / LOG_FILE).unlink(missing_ok=True)
         try:
-            input_ids, labels, report = prepare_data(config, student, tokenizer, t_model)
+            input_ids, labels, report = prepare_data(config, student, tokenizer, t_model, staging, progress)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming yet
+            if not (staging / ANSWERS_FILE).is_file():  # teacher answers are worth resuming; nothing else is yet
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         cache.save_tensors(data_path, {"input_ids": input_ids, "labels": labels},
                            {"fingerprint": fingerprint, "report": report})
@@ -577,16 +598,21 @@ def recover(
     return result
 
 
-def prepare_data(config: RecoveryConfig, student, tokenizer, teacher) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Recovery sequences from the corpus's calibration split: selected (PASER-style) and/or self-distilled."""
+def prepare_data(
+    config: RecoveryConfig, student, tokenizer, teacher, staging: Path | None = None, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Training sequences (input ids, labels) in the configured format, and a summary for recovery.json."""
+    if config.train_format != "text":
+        return task_format_data(config, tokenizer, teacher, staging, progress)
     from .data import load_corpus
 
     corpus = load_corpus(config.data, text_field=config.text_field)
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"format": "text"}
     if config.select:
         stream = corpus.token_stream(tokenizer, "calibration")
-        pool = min(config.samples * config.pool_factor, len(stream) // config.seq_len)
-        candidates = corpus.sequences(tokenizer, "calibration", max(pool, 1), config.seq_len, samples_option="--samples")
+        pool = min(config.samples * config.pool_factor, len(stream) // config.sequence_length)
+        candidates = corpus.sequences(tokenizer, "calibration", max(pool, 1), config.sequence_length,
+                                      samples_option="--samples")
         was_training = student.training
         student.eval()
         chosen, report["selection"] = select_sequences(
@@ -595,7 +621,8 @@ def prepare_data(config: RecoveryConfig, student, tokenizer, teacher) -> tuple[t
         student.train(was_training)
         seqs = candidates[chosen]
     else:
-        seqs = corpus.sequences(tokenizer, "calibration", config.samples, config.seq_len, samples_option="--samples")
+        seqs = corpus.sequences(tokenizer, "calibration", config.samples, config.sequence_length,
+                                samples_option="--samples")
     if config.self_distill:
         t0 = time.perf_counter()
         input_ids, labels = self_distill(teacher, seqs, config.batch_size)
@@ -604,4 +631,79 @@ def prepare_data(config: RecoveryConfig, student, tokenizer, teacher) -> tuple[t
         input_ids, labels = seqs.clone(), seqs.clone()
     report["sequences"] = len(input_ids)
     report["tokens"] = int(input_ids.numel())
+    return input_ids, labels, report
+
+
+ANSWERS_FILE = "answers.json"
+ANSWER_CHUNK = 64  # teacher answers saved after every chunk, so an interrupted run keeps what it generated
+
+
+def teacher_answers(config: RecoveryConfig, prompts: list[str], tokenizer, teacher, staging: Path | None,
+                    stop_after_code_block: bool, progress: bool) -> list[str]:
+    """The dense teacher's greedy answers to `prompts`, resumed from `staging/answers.json` when it matches."""
+    from .generation import default_batch, greedy_answers
+    from .task_data import chat_prompt, is_chat
+
+    key = cache.fingerprint({"prompts": prompts, "tokens": config.answer_tokens, "teacher": config.teacher,
+                             "stop": stop_after_code_block})
+    path = staging / ANSWERS_FILE if staging is not None else None
+    saved = cache.load_json(path) if path is not None else None
+    answers: list[str] = saved["answers"] if isinstance(saved, dict) and saved.get("key") == key else []
+    if answers:
+        log.info("resuming: %d of %d teacher answers already written", len(answers), len(prompts))
+    for first in range(len(answers), len(prompts), ANSWER_CHUNK):
+        batch = max(config.batch_size, default_batch(teacher))
+        chunk = [(chat_prompt(tokenizer, p), "") for p in prompts[first : first + ANSWER_CHUNK]]
+        got = greedy_answers(teacher, tokenizer, chunk, config.answer_tokens, batch_size=batch,
+                             add_special_tokens=not is_chat(tokenizer), stop_after_code_block=stop_after_code_block,
+                             progress=progress, desc=f"teacher answers {first + len(chunk)}/{len(prompts)}")
+        answers += [text for text, _ in got]
+        if path is not None:
+            cache.save_json(path, {"key": key, "answers": answers})
+        faults.point(f"answers:{len(answers)}")
+    return answers
+
+
+def task_format_data(config: RecoveryConfig, tokenizer, teacher, staging: Path | None, progress: bool):
+    """sdd: requests (from train_file, else built from the corpus's code) answered by the teacher; chat: the
+    train_file's prompt/response pairs. Sequences are right-padded to the longest, labels `IGNORE` off the answer."""
+    from .data import load_corpus
+    from .task_data import IGNORE, code_prompts, read_jsonl, sample, training_example
+
+    report: dict[str, Any] = {"format": config.train_format}
+    t0 = time.perf_counter()
+    if config.train_format == "chat":
+        rows = sample(read_jsonl(config.train_file, response=True), config.samples, config.seed)
+        pairs = [(r["prompt"], r["response"]) for r in rows]
+    else:
+        if config.train_file:
+            prompts = [r["prompt"] for r in read_jsonl(config.train_file, response=False)]
+            report["prompts_from"] = str(config.train_file)
+        else:
+            prompts = code_prompts(load_corpus(config.data, text_field=config.text_field))
+            report["prompts_from"] = f"documented functions in {config.data!r} (calibration split)"
+            if not prompts:
+                raise DomainpruneError(
+                    f"corpus {config.data!r} has no documented Python functions to build requests from; give "
+                    "--train-file FILE.jsonl with one {\"prompt\": ...} per line (or use --train-format text)"
+                )
+        report["prompts_available"] = len(prompts)
+        prompts = sample(prompts, config.samples, config.seed)
+        answers = teacher_answers(config, prompts, tokenizer, teacher, staging,
+                                  stop_after_code_block=not config.train_file, progress=progress)
+        pairs = list(zip(prompts, answers))
+        report["answer_seconds"] = round(time.perf_counter() - t0, 2)
+    examples = [training_example(tokenizer, p, a, config.sequence_length) for p, a in pairs]
+    kept = [e for e in examples if e is not None]
+    if not kept:
+        raise DomainpruneError(f"every request is longer than --seq-len {config.sequence_length}; raise --seq-len")
+    width = max(len(ids) for ids, _ in kept)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(kept), width), pad, dtype=torch.long)
+    labels = torch.full((len(kept), width), IGNORE, dtype=torch.long)
+    for row, (ids, lab) in enumerate(kept):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+    report.update(sequences=len(kept), skipped_too_long=len(examples) - len(kept),
+                  answer_tokens_trained=int((labels != IGNORE).sum()), tokens=int(input_ids.numel()))
     return input_ids, labels, report

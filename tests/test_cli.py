@@ -108,7 +108,7 @@ def test_prune_writes_a_checkpoint_equal_to_the_python_api(capsys, folder, token
 
     if method == "flap":  # plan + apply (statistics recomputed from the cache) is the same as prune
         plan_file, applied = tmp_path / "plan.json", tmp_path / "applied"
-        ok(capsys, "plan", "--model", folder, "--sparsity", "0.35", "--out", plan_file, *SMALL)
+        ok(capsys, "plan", "--model", folder, "--method", "flap", "--sparsity", "0.35", "--out", plan_file, *SMALL)
         assert Plan.load(plan_file).layers == expected.plan.layers
         ok(capsys, "apply", plan_file, "--out", applied, "--quiet")
         assert_same_state(load_file(applied / "model.safetensors"), load_file(out / "model.safetensors"))
@@ -241,7 +241,7 @@ def test_plans_that_do_not_fit_fail_in_one_line(capsys, folder, tokenizer, tmp_p
     fails(capsys, "apply", bad, "--out", out, "-q", match="--sparsity must be in [0, 1), got 2")
     # a FLAP plan (bias compensation needs statistics) on the wrong model fails before any statistics pass
     flap_plan = tmp_path / "flap.json"
-    ok(capsys, "plan", "--model", folder, "--sparsity", "0.3", "--out", flap_plan, *SMALL)
+    ok(capsys, "plan", "--model", folder, "--method", "flap", "--sparsity", "0.3", "--out", flap_plan, *SMALL)
     assert Plan.load(flap_plan).recipe["bias_compensation"] is True
     stats_dir = cache.cache_dir() / "stats"
     entries = set(stats_dir.iterdir())

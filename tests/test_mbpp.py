@@ -7,10 +7,12 @@ import tempfile
 import uuid
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 import domainprune
 from domainprune import mbpp, sandbox
+from domainprune.generation import CodeBlockClosed
 from domainprune.compare import Comparison, Entry
 from domainprune.errors import DomainpruneError
 from domainprune.measure import Measurement, ratios
@@ -205,3 +207,51 @@ def test_a_sandbox_that_cannot_start_is_an_error_not_a_failed_problem(monkeypatc
     monkeypatch.setattr(sandbox, "_LAUNCHER", broken)
     with pytest.raises(DomainpruneError, match="code sandbox could not start.*no mount for you"):
         sandbox.run_program("print(1)")
+
+
+@pytest.mark.parametrize(
+    "code, kept",
+    [
+        ("import re\ndef f(x):\n    return x\nassert f(1) == 2\nprint(f(3))\n", "import re\n\ndef f(x):\n    return x"),
+        ("K = 3\nclass A:\n    pass\nif __name__ == '__main__':\n    f(2)\n", "K = 3\n\nclass A:\n    pass"),
+        ("from os import path\n@staticmethod\ndef g():\n    return 1\nfor i in range(3):\n    g()\n",
+         "from os import path\n\n@staticmethod\ndef g():\n    return 1"),
+        # does not parse: kept as it is, and fails in the sandbox
+        ("def f(:\n    pass\nassert f()\n", "def f(:\n    pass\nassert f()\n"),
+        ("print('only a call')\n", "print('only a call')\n"),  # nothing to keep: left as it is
+    ],
+)
+def test_sanitize_keeps_definitions_only(code, kept):
+    assert mbpp.sanitize(code) == kept
+
+
+def test_the_models_own_wrong_assert_no_longer_fails_a_correct_function(problems):
+    p = problems[0]
+    answer = f"```python\n{p.reference}\nassert remove_Occ('x', 'x') == 'wrong'\n```"
+    assert not mbpp.check(p, mbpp.extract_code(answer))
+    assert mbpp.check(p, mbpp.sanitize(mbpp.extract_code(answer)))
+
+
+def test_stopping_is_per_row_and_finished_rows_stay_finished(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    rows = ["```python\ndef f():\n    return 1\n```", "```python\ndef f():\n", "no code"]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in rows]
+    width = max(map(len, ids))
+    batch = torch.tensor([[tok.eos_token_id] * (width - len(i)) + i for i in ids])
+    stop = CodeBlockClosed(tok, 0, ["", "", "```python\n"])
+    assert stop(batch, None).tolist() == [True, False, False]
+    stop.done[2] = True  # a finished row is never decoded again, whatever follows it
+    assert stop(batch, None).tolist() == [True, False, True]
+
+
+def test_batched_generation_gives_the_same_greedy_answers_as_one_at_a_time(problems):
+    from domainprune.models import load_model
+
+    try:
+        loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
+    except DomainpruneError as e:
+        pytest.skip(str(e))
+    one = mbpp.generate_answers(loaded.model, loaded.tokenizer, problems, 20, batch_size=1, progress=False)
+    together = mbpp.generate_answers(loaded.model, loaded.tokenizer, problems, 20, batch_size=3, progress=False)
+    assert [a for a, _ in together] == [a for a, _ in one]
+    assert len({len(loaded.tokenizer(mbpp.build_prompt(p, loaded.tokenizer)[0]).input_ids) for p in problems}) > 1

@@ -699,3 +699,15 @@ def test_experts_then_channels_in_two_runs(tmp_path):
     assert second.plan.model.experts == [4] * 3 and second.plan.params.attention_mlp_before == first.plan.params.attention_mlp_after
     assert any(s.expert_width < 16 or s.shared_width < 20 for s in a.shapes())
     assert torch.allclose(logits(load_pretrained(second.out), ids(vocab=VOCAB)), logits(second.model, ids(vocab=VOCAB)), atol=1e-5)
+
+
+def test_without_method_a_moe_model_gets_the_fallback_recipe(caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="domainprune.pipeline")
+    model = LoadedModel(tiny_moe("qwen2_moe", vocab_size=VOCAB), smol_tokenizer(), None, "tiny")
+    recipe = make_recipe(model="tiny", sparsity=0.2, data="code", calib_samples=2, seq_len=16, batch_size=2)
+    assert recipe.method == "cfsp" and recipe.reconstruct == "obs"  # the model is not known yet
+    plan, _, _ = make_plan(model, recipe, progress=False)
+    assert plan.recipe["method"] == "flap" and plan.recipe.get("reconstruct") is None
+    assert "cannot apply: OBS refits dense MLPs, and this model has mixture-of-experts layers" in caplog.text

@@ -433,3 +433,55 @@ def test_public_api_names():
 
     assert domainprune.prune is pipeline_prune
     assert callable(domainprune.load_pretrained) and domainprune.Plan.__name__ == "Plan"
+
+
+# --- the default recipe (no --method) ---------------------------------------------------------------------------
+
+
+def test_no_method_runs_the_documented_default_recipe(tmp_path):
+    import json
+
+    from domainprune.pipeline import DEFAULT_RECIPE
+
+    assert DEFAULT_RECIPE == {"method": "cfsp", "reconstruct": "obs"}  # README "Which method by default" says so
+    tok = smol_tokenizer()
+    result = prune(loaded(tiny_lm(), tok), sparsity=0.35, progress=False, out=tmp_path / "run", **CALIB)
+    r = result.recipe
+    assert (r.method, r.reconstruct, r.allocation, r.default_recipe) == ("cfsp", "obs", "cfsp", True)
+    saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert saved["method"] == "cfsp" and saved["reconstruct"] == "obs" and saved["default_recipe"] is True
+    # the same as asking for it by name (the saved recipe replays it)
+    named = prune(loaded(tiny_lm(), tok), sparsity=0.35, method="cfsp", reconstruct="obs", progress=False, **CALIB)
+    assert_same_state(state(result.model), state(named.model))
+    assert make_recipe(method="flap", sparsity=0.3).default_recipe is False  # a named method is never replaced
+
+
+def test_the_cli_without_method_runs_the_default_too(tmp_path, capsys):
+    import json
+
+    from tiny_pipeline import cli, save_folder
+
+    folder = save_folder(tiny_lm(), smol_tokenizer(), tmp_path / "model")
+    code, _, err = cli(capsys, "prune", "--model", folder, "--sparsity", "0.3", "--calib-samples", 2, "--seq-len", 16,
+                       "--batch-size", 2, "--out", tmp_path / "out", "-q")
+    assert code == 0, err
+    recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert (recipe["method"], recipe["reconstruct"]) == ("cfsp", "obs")
+
+
+def test_where_the_default_cannot_apply_flap_runs_and_one_line_says_why(caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="domainprune.pipeline")
+    depth = make_recipe(sparsity=0.35, depth="shortgpt", depth_sparsity=0.1)
+    assert (depth.method, depth.reconstruct, depth.default_recipe) == ("flap", None, True)
+    assert "default recipe (cfsp + OBS) cannot apply: --depth cannot be combined with --reconstruct obs" in caplog.text
+    caplog.clear()
+    # cfsp prunes MLP channels only: a budget beyond the MLPs falls back once the model is known, before statistics
+    tok = smol_tokenizer()
+    model = loaded(tiny_lm(), tok)
+    adapter = get_adapter(model.model)
+    shapes = adapter.shapes()
+    mlp_share = sum(adapter.mlp_params(s.intermediate_size) for s in shapes) / sum(adapter.layer_params(s) for s in shapes)
+    plan, _, _ = make_plan(model, make_recipe(sparsity=round(mlp_share + 0.02, 2), **CALIB), progress=False)
+    assert plan.recipe["method"] == "flap" and "cfsp prunes MLP channels only" in caplog.text

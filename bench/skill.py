@@ -7,9 +7,11 @@ and each recipe, on one model (the code-capable Qwen2.5-Coder-0.5B-Instruct by d
 A recipe is `method[/allocation][+obs]@sparsity[~text|~sdd]` ("dense" for the unpruned model); the method's own
 default allocation applies when none is named. `~text` / `~sdd` then recover the pruned model with LoRA, the same
 number of steps, batch and sequence length for both: on raw corpus text (`recover --train-format text`) or on the
-dense model's answers to requests built from the corpus's documented functions (`--train-format sdd`). Rows go to bench/results/skill.jsonl as they finish (resumable: finished rows
-are kept; `--fresh` starts over), every generated answer to skill-answers.jsonl.gz (so scoring can be checked or
-redone without the model), and the table to skill.md. MBPP: greedy, `--code-tokens` new tokens at most, batched on a
+dense model's answers to requests built from the corpus's documented functions (`--train-format sdd`).
+
+Rows go to bench/results/skill.jsonl as they finish (resumable: finished rows are kept; `--fresh` starts over),
+every generated answer to skill-answers.jsonl.gz (so scoring can be checked or redone without the model), and the
+table to skill.md. MBPP: greedy, `--code-tokens` new tokens at most, batched on a
 GPU (domainprune.mbpp); perplexity on `--samples`×256 held-out tokens of each corpus. Timings are for the machine
 named in each row.
 """

@@ -98,6 +98,7 @@ def _recipe_options(
     data: DataOpt = "code",
     method: MethodOpt = None,
     allocation: AllocOpt = None,
+    deploy: Annotated[Optional[str], typer.Option(help="Serving stack the output must run on: transformers or vllm (every layer alike: uniform allocation), llamacpp (anything; export with `domainprune export --to gguf`). The default recipe adapts to it.")] = None,
     sparsity: SparsityOpt = None,
     target_params: TargetOpt = None,
     depth: Annotated[Optional[str], typer.Option(help="Depth pruning before the width --method: shortgpt (whole layers) or finercut (attention/MLP sublayers); with --depth-sparsity.")] = None,

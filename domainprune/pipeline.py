@@ -51,6 +51,13 @@ EXPERTS_KEEP_MISSING = (
 # (bench/results/skill.md). Where it cannot apply, FALLBACK_METHOD runs instead, and a log line says why.
 DEFAULT_RECIPE = {"method": "cfsp", "reconstruct": "obs"}
 FALLBACK_METHOD = "flap"
+# --deploy: what the serving stack runs (../shared/SERVING.md). transformers and vLLM load stock checkpoints, whose
+# layers are all alike (vLLM's DeciLM loader could take per-layer MLP widths, but no `--to vllm` export exists yet);
+# llama.cpp runs every dense plan through its `deci` architecture (domainprune.gguf_export), so it constrains nothing.
+DEPLOY_TARGETS = ("transformers", "llamacpp", "vllm")
+STOCK_TARGETS = ("transformers", "vllm")
+# the default recipe where every layer must keep the same widths (bench/results/quality.md, uniform rows)
+DEFAULT_UNIFORM_RECIPE = {"method": "cfsp", "allocation": "uniform", "reconstruct": "obs"}
 
 
 class Recipe(BaseModel):
@@ -61,6 +68,7 @@ class Recipe(BaseModel):
     text_field: str = "text"
     method: str | None = None  # None: DEFAULT_RECIPE (or FALLBACK_METHOD where it cannot apply)
     default_recipe: bool = Field(False, exclude_if=lambda v: not v)  # the method was not given: the default chose it
+    deploy: str | None = Field(default=None, exclude_if=lambda v: v is None)  # serving stack the output must run on
     allocation: str | None = None  # None: the method's default (global for flap, uniform otherwise)
     sparsity: float | None = None  # fraction of attention+MLP parameters removed
     target_params: int | None = None  # or: total parameters wanted
@@ -151,6 +159,8 @@ class Recipe(BaseModel):
             raise ValueError(f"unknown allocation {self.allocation!r}; available: {', '.join(sorted(ALLOCATIONS))}")
         if self.attention_unit not in ATTENTION_UNITS:
             raise ValueError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}")
+        if self.deploy is not None and self.deploy not in DEPLOY_TARGETS:
+            raise ValueError(f"--deploy must be one of {', '.join(DEPLOY_TARGETS)}, not {self.deploy!r}")
         if self.reconstruct not in (None, "none", "obs"):
             raise ValueError(f"--reconstruct must be obs or none, not {self.reconstruct!r}")
         if self.taylor_mode is not None and self.taylor_mode not in TAYLOR_MODES:
@@ -164,8 +174,10 @@ class Recipe(BaseModel):
     def fallback(self, why: str) -> "Recipe":
         """The recipe with FALLBACK_METHOD in place of the default one, which cannot apply for reason `why`."""
         log.warning("the default recipe (cfsp + OBS) cannot apply: %s; running method %s instead", why, FALLBACK_METHOD)
-        undo = {"method": FALLBACK_METHOD, "default_recipe": True, "reconstruct": None, "bias_compensation": None,
-                "allocation": None if self.allocation == "cfsp" else self.allocation}
+        stock = self.deploy in STOCK_TARGETS  # uniform widths, and no biases most stock configs lack
+        undo = {"method": FALLBACK_METHOD, "default_recipe": True, "reconstruct": None,
+                "bias_compensation": False if stock else None,
+                "allocation": ("uniform" if stock else None) if self.allocation in (None, "cfsp") else self.allocation}
         return self.model_copy(update=undo).resolved()
 
     def search_defaults(self) -> dict[str, int]:
@@ -182,7 +194,9 @@ class Recipe(BaseModel):
     def resolved(self) -> "Recipe":
         """Fill the method-dependent defaults so the saved recipe says exactly what ran."""
         if self.method is None:
-            best = {**DEFAULT_RECIPE, "reconstruct": self.reconstruct or DEFAULT_RECIPE["reconstruct"]}
+            best = DEFAULT_UNIFORM_RECIPE if self.deploy in STOCK_TARGETS else DEFAULT_RECIPE
+            best = {**best, "reconstruct": self.reconstruct or best["reconstruct"],
+                    "allocation": self.allocation or best.get("allocation")}
             try:
                 return self.model_copy(update={**best, "default_recipe": True}).resolved()
             except DomainpruneError as e:
@@ -217,6 +231,16 @@ class Recipe(BaseModel):
                     "(or another method with --reconstruct obs)"
                 )
         check_depth_recipe(self, criterion)
+        stock = self.deploy in STOCK_TARGETS
+        depth_method = getattr(criterion, "depth", False)
+        allocation = self.allocation or (None if depth_method else "uniform" if stock else criterion.default_allocation)
+        if stock:
+            if allocation not in ("uniform", None):
+                raise DomainpruneError(f"--deploy {self.deploy} runs checkpoints whose layers are all alike: use "
+                                       f"--allocation uniform (not {allocation}), or --deploy llamacpp")
+            if "finercut" in (self.method, self.depth):
+                raise DomainpruneError(f"--deploy {self.deploy} cannot run layers without attention or MLP "
+                                       "(finercut): use --depth shortgpt, or --deploy llamacpp")
         if reconstruct == "obs" and criterion.scores_experts:
             raise DomainpruneError("--reconstruct obs refits dense heads and MLP channels, not experts; leave it out with an expert method")
         return self.model_copy(
@@ -224,8 +248,8 @@ class Recipe(BaseModel):
                 "reconstruct": None if reconstruct == "none" else reconstruct,
                 "micro_batch": self.micro_batch or (1 if gradient else None),
                 "taylor_mode": self.taylor_mode or ("vector" if self.method == "taylor" else None),
-                "allocation": self.allocation or criterion.default_allocation,
-                **(self.search_defaults() if (self.allocation or criterion.default_allocation) == "search" else {}),
+                "allocation": allocation,
+                **(self.search_defaults() if allocation == "search" else {}),
                 "bias_compensation": criterion.default_bias_compensation if self.bias_compensation is None else self.bias_compensation,
             }
         )
@@ -395,11 +419,41 @@ class PruneResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
+    """The recipe adjusted to, or refused for, what the --deploy target can load, before any statistics."""
+    kind = adapter.config.model_type
+    if recipe.deploy in STOCK_TARGETS:
+        if recipe.bias_compensation and not (adapter.attention_bias_flag and adapter.mlp_bias_flag):
+            raise DomainpruneError(f"--deploy {recipe.deploy}: a stock {kind} config has no place for the "
+                                   "o_proj/down_proj biases bias compensation adds; add --no-bias-compensation")
+    elif recipe.deploy == "llamacpp":
+        from .gguf_export import OWN_ARCH
+
+        if kind not in OWN_ARCH or adapter.has_experts():
+            raise DomainpruneError(f"--deploy llamacpp: the GGUF export runs dense {', '.join(OWN_ARCH)} models, "
+                                   f"not this {kind} model")
+        if kind == "qwen3":  # llama.cpp's per-layer `deci` graph has no q/k norms: Qwen3 runs only with equal layers
+            if recipe.bias_compensation:
+                raise DomainpruneError("--deploy llamacpp: llama.cpp's qwen3 graph reads no o_proj/down_proj bias; "
+                                       "add --no-bias-compensation")
+            if recipe.allocation != "uniform" or recipe.depth:
+                if not recipe.default_recipe or recipe.depth:
+                    raise DomainpruneError("--deploy llamacpp: llama.cpp runs Qwen3 only with the same widths in every "
+                                           "layer; use --allocation uniform and no --depth")
+                recipe = recipe.model_copy(update={**DEFAULT_UNIFORM_RECIPE, "bias_compensation": None}).resolved()
+    return recipe
+
+
 def fit_default(recipe: Recipe, loaded: LoadedModel) -> Recipe:
-    """The default recipe where it applies to this model and budget, else the fallback (said in one line)."""
-    if not recipe.default_recipe or recipe.method == FALLBACK_METHOD:
-        return recipe
+    """The default recipe where it applies to this model and budget, else the fallback (said in one line); then the
+    --deploy target's checks on the model."""
     adapter = get_adapter(loaded.model)
+    if recipe.default_recipe and recipe.method != FALLBACK_METHOD:
+        recipe = _default_for(recipe, loaded, adapter)
+    return fit_deploy(recipe, adapter)
+
+
+def _default_for(recipe: Recipe, loaded: LoadedModel, adapter: DecoderAdapter) -> Recipe:
     if adapter.has_experts():
         return recipe.fallback("OBS refits dense MLPs, and this model has mixture-of-experts layers")
     if recipe.allocation == "cfsp":

@@ -485,3 +485,57 @@ def test_where_the_default_cannot_apply_flap_runs_and_one_line_says_why(caplog):
     mlp_share = sum(adapter.mlp_params(s.intermediate_size) for s in shapes) / sum(adapter.layer_params(s) for s in shapes)
     plan, _, _ = make_plan(model, make_recipe(sparsity=round(mlp_share + 0.02, 2), **CALIB), progress=False)
     assert plan.recipe["method"] == "flap" and "cfsp prunes MLP channels only" in caplog.text
+
+
+# --- --deploy: the serving stack the output must run on -----------------------------------------------------------
+
+
+def test_deploy_transformers_gives_a_stock_checkpoint_with_the_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tok = smol_tokenizer()
+    result = prune(loaded(tiny_lm("qwen2"), tok), sparsity=0.35, deploy="transformers", progress=False,
+                   out=tmp_path / "run", **CALIB)
+    r = result.recipe
+    assert (r.method, r.allocation, r.reconstruct, r.deploy) == ("cfsp", "uniform", "obs", "transformers")
+    assert result.report["stock_loadable"] and result.report["uniform"]
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "run").eval()
+    ids = input_ids(vocab=tok.vocab_size)
+    torch.testing.assert_close(logits_on(stock, ids), logits_on(result.model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_deploy_targets_refuse_what_they_cannot_run_in_one_line():
+    assert make_recipe(sparsity=0.3, deploy="vllm", method="flap").allocation == "uniform"  # chosen, not refused
+    assert make_recipe(sparsity=0.3, deploy="llamacpp").allocation == "cfsp"  # llama.cpp runs per-layer widths
+    with pytest.raises(DomainpruneError, match=r"--deploy vllm runs checkpoints whose layers are all alike: use "
+                                               r"--allocation uniform \(not global\)"):
+        make_recipe(sparsity=0.3, deploy="vllm", method="flap", allocation="global")
+    with pytest.raises(DomainpruneError, match="cannot run layers without attention or MLP"):
+        make_recipe(sparsity=0.3, deploy="transformers", method="flap", depth="finercut", depth_sparsity=0.1)
+    with pytest.raises(DomainpruneError, match="--deploy must be one of transformers, llamacpp, vllm"):
+        make_recipe(sparsity=0.3, deploy="tgi")
+    # FLAP's compensation biases fit a stock Llama config (attention_bias/mlp_bias) but not a Qwen2 one
+    tok = smol_tokenizer()
+    recipe = make_recipe(sparsity=0.3, deploy="transformers", method="flap", **CALIB)
+    with pytest.raises(DomainpruneError, match="stock qwen2 config has no place .* add --no-bias-compensation"):
+        make_plan(loaded(tiny_lm("qwen2"), tok), recipe, progress=False)
+    plan, _, _ = make_plan(loaded(tiny_lm("llama"), tok), recipe, progress=False)
+    assert len({(len(lp.query_heads), len(lp.mlp_channels)) for lp in plan.layers}) == 1
+
+
+def test_deploy_llamacpp_follows_what_the_gguf_export_runs():
+    tok = smol_tokenizer()
+    # Qwen3 runs in llama.cpp only with equal layers: the default recipe turns uniform, a named non-uniform one fails
+    plan, _, _ = make_plan(loaded(tiny_lm("qwen3"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB),
+                           progress=False)
+    assert plan.recipe["allocation"] == "uniform" and plan.recipe["method"] == "cfsp"
+    with pytest.raises(DomainpruneError, match="llama.cpp runs Qwen3 only with the same widths in every layer"):
+        make_plan(loaded(tiny_lm("qwen3"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", method="flap",
+                                                             bias_compensation=False, **CALIB), progress=False)
+    with pytest.raises(DomainpruneError, match="--deploy llamacpp: the GGUF export runs dense llama, mistral, qwen2, "
+                                               "qwen3 models, not this gemma3_text model"):
+        make_plan(loaded(tiny_lm("gemma3_text"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB),
+                  progress=False)
+    # Llama: per-layer widths are fine (llama.cpp's deci)
+    plan, _, _ = make_plan(loaded(tiny_lm(), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB), progress=False)
+    assert plan.recipe["allocation"] == "cfsp"

@@ -353,7 +353,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--zero-shot-order", default="flap,wanda-sp,magnitude", help="phase 2 runs methods in this order")
     p.add_argument("--zero-shot-rows", default="", help="phase 2 only for rows whose key contains one of these (comma-separated)")
-    p.add_argument("--reprune", action="store_true", help="phase 2: rebuild missing checkpoints (checked against the row)")
+    p.add_argument("--reprune", action="store_true",
+                   help="phase 2: rebuild missing checkpoints (checked against the row)")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip phase 3 (throughput)")
     p.add_argument("--speed-rows", default="", help="phase 3 only for rows whose key contains one of these (comma-separated)")
     p.add_argument("--remeasure-speed", action="store_true", help="measure phase 3 again for every row")

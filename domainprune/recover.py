@@ -50,7 +50,7 @@ class RecoveryConfig(BaseModel):
     data: str = "code"
     text_field: str = "text"
     train_format: Literal["text", "sdd", "chat"] = "text"
-    train_file: str | None = None  # JSONL: {"prompt"} rows for sdd (instead of the corpus's), {"prompt","response"} for chat
+    train_file: str | None = None  # JSONL rows: {"prompt"} for sdd (else built from the corpus); {"prompt", "response"}
     answer_tokens: int = Field(256, ge=1)  # sdd: the teacher's new tokens at most per answer
     teacher: str | None = None  # dense model; None: the run's recipe.json "model" (only loaded when needed)
     full: bool = False  # full fine-tuning instead of LoRA
@@ -82,7 +82,8 @@ class RecoveryConfig(BaseModel):
         if self.kd_top_k is not None and self.kd_weight == 0:
             raise ValueError("--kd-top-k needs --kd-weight > 0")
         if self.train_format != "text" and (self.self_distill or self.select):
-            raise ValueError(f"--self-distill and --select work on raw text; drop them with --train-format {self.train_format}")
+            raise ValueError(f"--self-distill and --select work on raw text; drop them with --train-format "
+                             f"{self.train_format}")
         if self.train_format == "chat" and not self.train_file:
             raise ValueError("--train-format chat needs --train-file FILE.jsonl with prompt/response rows")
         if self.train_format == "text" and self.train_file:

@@ -482,7 +482,8 @@ def test_where_the_default_cannot_apply_flap_runs_and_one_line_says_why(caplog):
     model = loaded(tiny_lm(), tok)
     adapter = get_adapter(model.model)
     shapes = adapter.shapes()
-    mlp_share = sum(adapter.mlp_params(s.intermediate_size) for s in shapes) / sum(adapter.layer_params(s) for s in shapes)
+    mlp = sum(adapter.mlp_params(s.intermediate_size) for s in shapes)
+    mlp_share = mlp / sum(adapter.layer_params(s) for s in shapes)
     plan, _, _ = make_plan(model, make_recipe(sparsity=round(mlp_share + 0.02, 2), **CALIB), progress=False)
     assert plan.recipe["method"] == "flap" and "cfsp prunes MLP channels only" in caplog.text
 
@@ -537,5 +538,6 @@ def test_deploy_llamacpp_follows_what_the_gguf_export_runs():
         make_plan(loaded(tiny_lm("gemma3_text"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB),
                   progress=False)
     # Llama: per-layer widths are fine (llama.cpp's deci)
-    plan, _, _ = make_plan(loaded(tiny_lm(), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB), progress=False)
+    recipe = make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB)
+    plan, _, _ = make_plan(loaded(tiny_lm(), tok), recipe, progress=False)
     assert plan.recipe["allocation"] == "cfsp"

@@ -32,9 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from domainprune.evaluate import nll, parameter_count  # noqa: E402
 from domainprune.mbpp import MAX_NEW_TOKENS, evaluate_mbpp, standard_error  # noqa: E402
-from domainprune.measure import heldout_sequences  # noqa: E402
+from domainprune.measure import measure  # noqa: E402
 from domainprune.models import LoadedModel, load_model  # noqa: E402
 from domainprune.pipeline import prune  # noqa: E402
 from quality import PeakRSS  # noqa: E402
@@ -59,15 +58,6 @@ def parse_recipe(text: str) -> dict:
     method, _, allocation = head.removesuffix("+obs").partition("/")
     return {"method": method, "allocation": allocation or None, "reconstruct": "obs" if obs else None,
             "sparsity": float(level), "recovery": recovery or None}
-
-
-def perplexities(loaded: LoadedModel, samples: int) -> dict[str, float]:
-    out = {}
-    for source in ("code", "general"):
-        seqs = heldout_sequences(source, loaded.tokenizer, samples, 256)
-        total, count = nll(loaded.model, seqs, batch_size=8, progress=False)
-        out[source] = float(torch.tensor(total / count).exp())
-    return out
 
 
 def main() -> None:
@@ -121,8 +111,9 @@ def main() -> None:
                 row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
             if recipe["recovery"]:
                 loaded, row["recovery_report"] = recovered(loaded, dense, recipe["recovery"], args)
-        row["params"] = parameter_count(loaded.model)
-        row["perplexity"] = perplexities(loaded, args.samples)
+        m = measure(loaded, key, sources=("code", "general"), samples=args.samples, seq_len=256, tasks=(), speed=False,
+                    progress=False)
+        row["params"], row["perplexity"] = m.params, m.perplexity
         started = time.perf_counter()
         mbpp = evaluate_mbpp(loaded.model, loaded.tokenizer, limit=args.limit, max_new_tokens=args.code_tokens,
                               batch_size=args.code_batch)

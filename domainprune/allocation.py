@@ -486,13 +486,19 @@ def cfsp_keep_ratios(angles: list[float], mlp_fraction: float, a: float = CFSP_A
     return keep
 
 
+def cfsp_mlp_fraction(adapter: DecoderAdapter, sparsity: float) -> float:
+    """The fraction of the MLPs' parameters that removing `sparsity` of attention+MLP from the MLPs alone takes
+    (`cfsp` allocation); 1 or more: out of its reach."""
+    shapes = adapter.shapes()
+    total = sum(adapter.layer_params(s) for s in shapes)
+    return sparsity * total / sum(adapter.mlp_params(s.intermediate_size) for s in shapes)
+
+
 @register("cfsp", needs_statistics=True)
 def allocate_cfsp(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, *, stats: list) -> Plan:
     """MLP channels only: the whole budget comes out of the MLPs, each layer keeping its CFSP coarse ratio."""
-    shapes = [adapter.shape(i) for i in range(adapter.num_layers)]
-    total = sum(adapter.layer_params(s) for s in shapes)
-    mlp_total = sum(adapter.mlp_params(s.intermediate_size) for s in shapes)
-    p = sparsity * total / mlp_total
+    shapes = adapter.shapes()
+    p = cfsp_mlp_fraction(adapter, sparsity)
     if p >= 1:
         raise DomainpruneError(f"--allocation cfsp prunes MLP channels only, which cannot remove {sparsity:.0%} of attention+MLP; lower --sparsity")
     angles = [float(st["block_angle_sum"]) / float(st["tokens"]) * CFSP_REFERENCE_TOKENS for st in stats]

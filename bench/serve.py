@@ -25,10 +25,12 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 RECIPES = {
     "flap35": dict(method="flap", sparsity=0.35),
+    "flap35-round32": dict(method="flap", sparsity=0.35, round_to=32),
     "flap35-round256": dict(method="flap", sparsity=0.35, round_to=256),
     "flap50": dict(method="flap", sparsity=0.5),
     "uniform35": dict(method="flap", sparsity=0.35, allocation="uniform"),
     "cfsp-obs35": dict(method="cfsp", reconstruct="obs", sparsity=0.35),
+    "cfsp-obs35-round256": dict(method="cfsp", reconstruct="obs", sparsity=0.35, round_to=256),
 }
 QUANTS = ("f16", "q4_k_m")
 

@@ -55,6 +55,11 @@ QUANTS: dict[str, tuple[str, frozenset[str]]] = {
     "q6_k": ("MOSTLY_Q6_K", frozenset({"Q6_K"})),
 }
 OWN_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# Input widths llama.cpp's CPU matrix kernels take on their fast path: tinyBLAS (ggml-cpu/llamafile/sgemm.cpp,
+# `tinyBLAS::matmul`: `k % KN`, KN = 16 floats with AVX-512, 8 with AVX2) for F16, and whole blocks of 32 for Q8_0 /
+# Q4_0 / Q5_0 (the types llama.cpp's quantiser falls back to). K-quants want 256 (`--round-to 256`). `--deploy
+# llamacpp` rounds MLP widths to this unless --round-to is given (bench/results/serve.md).
+KERNEL_MULTIPLE = 32
 SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
 PERMUTED_ARCHS = ("llama", "deci")  # RoPE on adjacent pairs in llama.cpp: HF's q/k rows are permuted
 DECI_BIASES = {"q", "k", "v", "o", "gate", "up", "down"}

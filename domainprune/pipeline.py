@@ -428,7 +428,7 @@ def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
             raise DomainpruneError(f"--deploy {recipe.deploy}: a stock {kind} config has no place for the "
                                    "o_proj/down_proj biases bias compensation adds; add --no-bias-compensation")
     elif recipe.deploy == "llamacpp":
-        from .gguf_export import OWN_ARCH
+        from .gguf_export import KERNEL_MULTIPLE, OWN_ARCH
 
         if kind not in OWN_ARCH or adapter.has_experts():
             raise DomainpruneError(f"--deploy llamacpp: the GGUF export runs dense {', '.join(OWN_ARCH)} models, "
@@ -442,6 +442,12 @@ def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
                                        "layer; use --allocation uniform and no --depth")
             if recipe.allocation != "uniform":  # the default recipe: its uniform form
                 recipe = recipe.model_copy(update={**DEFAULT_UNIFORM_RECIPE, "bias_compensation": None}).resolved()
+        widths = [adapter.shape(i).intermediate_size for i in range(adapter.num_layers) if adapter.has_dense_mlp(i)]
+        # kernel-friendly widths by default, where the step is fine enough (≥ 16 steps per MLP) not to cost quality
+        if recipe.round_to is None and widths and min(widths) >= 16 * KERNEL_MULTIPLE:
+            log.info("--deploy llamacpp: MLP widths rounded to multiples of %d for llama.cpp's kernels "
+                     "(--round-to 1 keeps exact widths; --round-to 256 for K-quants)", KERNEL_MULTIPLE)
+            recipe = recipe.model_copy(update={"round_to": KERNEL_MULTIPLE})
     return recipe
 
 

@@ -541,3 +541,19 @@ def test_deploy_llamacpp_follows_what_the_gguf_export_runs():
     recipe = make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB)
     plan, _, _ = make_plan(loaded(tiny_lm(), tok), recipe, progress=False)
     assert plan.recipe["allocation"] == "cfsp"
+    assert "round_to" not in plan.recipe  # a 40-channel MLP: a 32-channel step would be too coarse to round to
+
+
+def test_deploy_llamacpp_rounds_mlp_widths_to_the_kernels_multiple():
+    from domainprune.gguf_export import KERNEL_MULTIPLE
+
+    tok = smol_tokenizer()
+    model = tiny_lm("llama", intermediate_size=16 * KERNEL_MULTIPLE)
+    plan, _, _ = make_plan(loaded(model, tok), make_recipe(sparsity=0.3, deploy="llamacpp", method="flap", **CALIB),
+                           progress=False)
+    widths = [len(lp.mlp_channels) for lp in plan.layers]
+    assert plan.recipe["round_to"] == KERNEL_MULTIPLE
+    assert all(w % KERNEL_MULTIPLE == 0 and 0 < w < 16 * KERNEL_MULTIPLE for w in widths), widths
+    exact, _, _ = make_plan(loaded(model, tok), make_recipe(sparsity=0.3, deploy="llamacpp", method="flap",
+                                                            round_to=1, **CALIB), progress=False)
+    assert exact.recipe["round_to"] == 1

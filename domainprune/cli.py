@@ -586,18 +586,29 @@ def recover(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Pruned run folder (any domainprune output) or HF model folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file to write.")],
-    to: Annotated[str, typer.Option("--to", help="Target format: gguf (llama.cpp, Ollama, LM Studio).")] = "gguf",
-    quant: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's own quantiser; needs the serve extra).")] = "f32",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file (--to gguf) or folder (--to vllm) to write.")],
+    to: Annotated[str, typer.Option("--to", help="Target: gguf (llama.cpp, Ollama, LM Studio) or vllm (a DeciLM checkpoint for per-layer widths).")] = "gguf",
+    quant: Annotated[str, typer.Option(help="--to gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's own quantiser; needs the serve extra).")] = "f32",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     quiet: QuietOpt = False,
 ):
-    """Write a run as one GGUF file for llama.cpp: its own architecture when every layer is alike, else `deci`."""
+    """Write a run for a serving engine: one GGUF file for llama.cpp (its own architecture when every layer is alike,
+    else `deci`), or a DeciLM checkpoint folder that vLLM runs with per-layer widths."""
+    _setup_logging(quiet)
+    if to.lower() == "vllm":
+        from .vllm_export import export_vllm
+
+        v = export_vllm(run_dir, out, force=force)
+        console.print(f"[bold green]exported[/] {v.layers} layers as a DeciLM checkpoint for vLLM (MLP widths "
+                      f"{min(v.mlp_widths)}–{max(v.mlp_widths)}, KV heads {min(v.kv_heads)}–{max(v.kv_heads)}): "
+                      f"wrote {v.path}", soft_wrap=True)
+        for note in v.notes:
+            console.print(f"  {note}", soft_wrap=True)
+        return
+    if to.lower() != "gguf":
+        raise DomainpruneError(f"--to {to!r} is not a target; use --to gguf or --to vllm")
     from .gguf_export import export_run
 
-    _setup_logging(quiet)
-    if to.lower() != "gguf":
-        raise DomainpruneError(f"--to {to!r} is not a target yet; use --to gguf")
     r = export_run(run_dir, out, quant=quant, force=force)
     console.print(f"[bold green]exported[/] {r.layers} layers as llama.cpp {r.arch!r} ({r.quant}, tokenizer pre "
                   f"{r.pre_tokenizer!r}): wrote {r.path} ({r.bytes / 1e6:.1f} MB)", soft_wrap=True)

@@ -319,7 +319,8 @@ def table_from_seconds(seconds: dict[tuple[str, int], dict[str, float]], dense: 
     channels = sorted(c for kind, c in seconds if kind == "mlp")
     seconds = {**seconds, ("attention", s.num_kv_heads): dense, ("mlp", s.intermediate_size): dense}
     fixed = seconds["skeleton", 0]
-    a_widths, m_widths = [*groups, s.num_kv_heads] if groups else [], [*channels, s.intermediate_size] if channels else []
+    a_widths = [*groups, s.num_kv_heads] if groups else []
+    m_widths = [*channels, s.intermediate_size] if channels else []
 
     def per_layer(kind: str, widths: list[int], p: str) -> list[float]:  # block time by difference, never decreasing
         return _nondecreasing([max(0.0, seconds[kind, w][p] - seconds[kind, widths[0]][p]) / n for w in widths])

@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_model
-from tiny_pipeline import CALIB, FULL_VOCAB, VOCAB, assert_same_state, cli, logits_on, save_folder, smol_tokenizer, tiny_lm
+from tiny_pipeline import (
+    CALIB, FULL_VOCAB, VOCAB, assert_same_state, cli, logits_on, save_folder, smol_tokenizer, tiny_lm,
+)
 from transformers import AutoModelForCausalLM
 
 from domainprune import cache, load_pretrained

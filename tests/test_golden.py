@@ -50,7 +50,8 @@ WIDTH_METHODS = ["magnitude", "wanda-sp", "flap", "cfsp", "taylor", "fisher", "n
 
 
 def dense_recipes() -> dict[str, dict]:
-    recipes = {f"{m}-{a}": dict(method=m, allocation=a, sparsity=0.3) for m in WIDTH_METHODS for a in ("uniform", "global")}
+    recipes = {f"{m}-{a}": dict(method=m, allocation=a, sparsity=0.3)
+               for m in WIDTH_METHODS for a in ("uniform", "global")}
     recipes |= {
         "obs": dict(method="obs", sparsity=0.3),  # greedy OBS: uniform only
         "default": dict(sparsity=0.3),  # cfsp + OBS
@@ -84,7 +85,8 @@ def machine() -> dict[str, str]:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "arch": platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": str(torch.get_num_threads()), "torch": torch.__version__, "transformers": transformers.__version__}
+            "threads": str(torch.get_num_threads()), "torch": torch.__version__,
+            "transformers": transformers.__version__}
 
 
 def group(name: str) -> str:
@@ -112,8 +114,10 @@ def fingerprint(out: Path) -> dict:
 
 def dump(record: dict) -> str:
     """One line per recipe, so that a changed recipe is one line of a diff."""
-    lines = [f" {json.dumps(k)}: {json.dumps(v, sort_keys=True, separators=(',', ':'))}" for k, v in record["recipes"].items()]
-    return "{\n" + f' "machine": {json.dumps(record["machine"], sort_keys=True)},\n "recipes": {{\n' + ",\n".join(lines) + "\n }\n}\n"
+    lines = [f" {json.dumps(k)}: {json.dumps(v, sort_keys=True, separators=(',', ':'))}"
+             for k, v in record["recipes"].items()]
+    head = f'{{\n "machine": {json.dumps(record["machine"], sort_keys=True)},\n "recipes": {{\n'
+    return head + ",\n".join(lines) + "\n }\n}\n"
 
 
 def run(model: torch.nn.Module, recipe: dict, out: Path) -> dict:
@@ -129,7 +133,8 @@ def differences(name: str, got: dict, want: dict | None, exact: bool) -> list[st
     if want is None:
         return [f"{name}: not in the record (regenerate it: see this file's docstring)"]
     if "error" in got or "error" in want:
-        return [] if got.get("error") == want.get("error") else [f"{name}: {want.get('error')!r} -> {got.get('error')!r}"]
+        same = got.get("error") == want.get("error")
+        return [] if same else [f"{name}: {want.get('error')!r} -> {got.get('error')!r}"]
     found = []
     if got["plan"] != want["plan"] or got["params"] != want["params"]:
         found.append(f"{name}: plan changed (kept attention+MLP parameters {want['params']} -> {got['params']})")
@@ -142,7 +147,7 @@ def differences(name: str, got: dict, want: dict | None, exact: bool) -> list[st
         if abs(s - s0) > RTOL * a0 or abs(a - a0) > RTOL * a0:
             found.append(f"{name}: layer {g} sum {s0:.10g} -> {s:.10g}, abs-sum {a0:.10g} -> {a:.10g}")
     if exact and not found and got["sha256"] != want["sha256"]:
-        found.append(f"{name}: weights within tolerance but not bit-identical (sha256 differs on the recording machine)")
+        found.append(f"{name}: weights within tolerance but not bit-identical (sha256, on the recording machine)")
     return found
 
 

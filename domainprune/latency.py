@@ -310,6 +310,37 @@ def check_speedup_model(model: nn.Module, target: float | None = None, depth: bo
     return adapter
 
 
+def table_from_seconds(seconds: dict[tuple[str, int], dict[str, float]], dense: dict[str, float], s: LayerShape,
+                       n: int, **fields: Any) -> LatencyTable:
+    """The table of an `n`-layer model of layer shape `s` from whole-model seconds per phase: `seconds[("skeleton",
+    0)]` with every block removed, `seconds[("attention", k)]` with every attention cut to k KV groups (k below the
+    full count), `seconds[("mlp", c)]` likewise for c MLP channels, and `dense`, the whole model."""
+    groups = sorted(k for kind, k in seconds if kind == "attention")
+    channels = sorted(c for kind, c in seconds if kind == "mlp")
+    seconds = {**seconds, ("attention", s.num_kv_heads): dense, ("mlp", s.intermediate_size): dense}
+    fixed = seconds["skeleton", 0]
+    a_widths = [*groups, s.num_kv_heads] if groups else []
+    m_widths = [*channels, s.intermediate_size] if channels else []
+
+    def per_layer(kind: str, widths: list[int], p: str) -> list[float]:  # block time by difference, never decreasing
+        return _nondecreasing([max(0.0, seconds[kind, w][p] - seconds[kind, widths[0]][p]) / n for w in widths])
+
+    table = LatencyTable(
+        layers=[(s.num_heads, s.num_kv_heads, s.intermediate_size)] * n,
+        attention_widths=[k * s.group_size for k in a_widths],
+        attention_seconds={p: per_layer("attention", a_widths, p) if a_widths else [] for p in PHASES},
+        mlp_widths=m_widths,
+        mlp_seconds={p: per_layer("mlp", m_widths, p) if m_widths else [] for p in PHASES},
+        fixed=fixed,
+        dense=dense,
+        **fields,
+    )
+    for p in PHASES:  # blocks add up to the dense model's time, up to noise: scale them so that they do exactly
+        blocks = predict(table, table.dense_shapes(), p) - fixed[p]
+        table.scale[p] = max(0.0, dense[p] - fixed[p]) / blocks if blocks > 0 else 0.0
+    return table
+
+
 @torch.inference_mode()
 def measure_table(model: nn.Module, *, context: int = 128, prefill_tokens: int = 256, repeats: int = 3, progress: bool = True) -> LatencyTable:
     """Measure the latency table of `model` (see the module docstring). Needs one cut copy of the attention or MLP
@@ -340,29 +371,9 @@ def measure_table(model: nn.Module, *, context: int = 128, prefill_tokens: int =
                 bar.update()
     dense = {p: statistics.median(r[p] for r in dense_runs) for p in PHASES}
     seconds = {key: {p: dense[p] * statistics.median(r[p] for r in rs) for p in PHASES} for key, rs in ratios.items()}
-    fixed = seconds["skeleton", 0]
-    a_widths, m_widths = [*groups, s.num_kv_heads] if groups else [], [*channels, s.intermediate_size] if channels else []
-    seconds["attention", s.num_kv_heads] = seconds["mlp", s.intermediate_size] = dense
-
-    def per_layer(kind: str, widths: list[int], p: str) -> list[float]:  # block time by difference, never decreasing
-        return _nondecreasing([max(0.0, seconds[kind, w][p] - seconds[kind, widths[0]][p]) / n for w in widths])
-
-    table = LatencyTable(
-        layers=[(s.num_heads, s.num_kv_heads, s.intermediate_size)] * n,
-        attention_widths=[k * s.group_size for k in a_widths],
-        attention_seconds={p: per_layer("attention", a_widths, p) if a_widths else [] for p in PHASES},
-        mlp_widths=m_widths,
-        mlp_seconds={p: per_layer("mlp", m_widths, p) if m_widths else [] for p in PHASES},
-        fixed=fixed,
-        dense=dense,
-        context=context,
-        prefill_tokens=prefill_tokens,
-        device=device_name(param.device),
-        dtype=str(param.dtype).removeprefix("torch."),
-    )
-    for p in PHASES:  # blocks add up to the dense model's time, up to noise: scale them so that they do exactly
-        blocks = predict(table, table.dense_shapes(), p) - fixed[p]
-        table.scale[p] = max(0.0, dense[p] - fixed[p]) / blocks if blocks > 0 else 0.0
+    table = table_from_seconds(seconds, dense, s, n, context=context, prefill_tokens=prefill_tokens,
+                               device=device_name(param.device), dtype=str(param.dtype).removeprefix("torch."))
+    fixed = table.fixed
     log.info(
         "latency table (%s, %s): decode %.2f ms/token (%.0f%% outside attention+MLP), prefill of %d tokens %.1f ms (%.0f%%)",
         table.device, table.dtype, 1e3 * dense["decode"], 100 * min(1, fixed["decode"] / dense["decode"]),

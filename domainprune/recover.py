@@ -349,7 +349,11 @@ def _trainer_classes():
             return self.trainer.time_offset + time.perf_counter() - self.trainer.started
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.budget is not None and self.elapsed() >= self.budget:
+            spent = self.budget is not None and self.elapsed() >= self.budget
+            if args.world_size > 1:  # every process stops at the same step, or the others wait in the next all-reduce
+                flag = torch.tensor([float(spent)], device=args.device)
+                spent = bool(self.trainer.accelerator.reduce(flag, reduction="sum").item())
+            if spent:
                 log.info("time budget of %.0f s spent at step %d; stopping", self.budget, state.global_step)
                 control.should_training_stop = True
                 self.trainer.stopped_by_budget = True
@@ -585,6 +589,7 @@ def recover(
         "last_loss": entries[-1]["loss"] if entries else None,
         "teacher": t_name,
         "trainable": "full" if config.full else f"lora r={config.lora_r} alpha={config.lora_alpha}",
+        "processes": trainer.args.world_size,  # data-parallel processes (accelerate launch / torchrun)
         "seconds": round(time.perf_counter() - started, 2),
     })
     files = {
@@ -592,10 +597,13 @@ def recover(
         "recovery.json": json.dumps({"config": config.model_dump(), "report": report}, indent=1) + "\n",
         LOG_FILE: json.dumps(entries, indent=1) + "\n",
     }
-    result = RecoveryResult(merged, tokenizer, config, log=entries, report=report)
-    result.out = save_pruned(merged, tokenizer, out, extra_files=files, force=force or same_folder, verify=verify)
-    if not keep_checkpoints:
-        shutil.rmtree(staging, ignore_errors=True)
+    result = RecoveryResult(merged, tokenizer, config, out=out, log=entries, report=report)
+    # under `accelerate launch` / torchrun every process holds the same merged weights: the first one writes them
+    if trainer.is_world_process_zero():
+        result.out = save_pruned(merged, tokenizer, out, extra_files=files, force=force or same_folder, verify=verify)
+        if not keep_checkpoints:
+            shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     return result
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import input_ids, tiny_model
-from tiny_pipeline import CALIB, loaded, logits_on, smol_tokenizer, tiny_lm
+from tiny_pipeline import CALIB, FULL_VOCAB, loaded, logits_on, smol_tokenizer, tiny_lm
 
 from domainprune import load_pretrained
 from domainprune.adapters import get_adapter
@@ -155,10 +155,12 @@ def test_mutations_conserve_the_budget_and_respect_the_levels():
 
 
 def _search_prune(tmp_path, **extra):
-    tok = smol_tokenizer()
+    # SmolLM2's whole vocabulary: with the 512-token cut the search ends at sparsity 0.249 (within the pipeline's
+    # budget tolerance, outside the 0.02 asserted below), so this test keeps the calibration it was written for
+    tok = smol_tokenizer(full=True)
     fields = dict(method="wanda-sp", allocation="search", sparsity=0.3, search_generations=2, search_offspring=4,
                   search_rounds=2, search_samples=4, **CALIB)
-    return prune(loaded(tiny_lm(), tok), progress=False, **fields, **extra)
+    return prune(loaded(tiny_lm(vocab_size=FULL_VOCAB), tok), progress=False, **fields, **extra)
 
 
 def test_search_meets_the_budget_improves_kl_and_resumes_identically(tmp_path, monkeypatch):
@@ -210,7 +212,7 @@ def test_masked_candidate_equals_the_sliced_model():
     model = tiny_lm()
     recipe = make_recipe(method="flap", allocation="owl", sparsity=0.4, **CALIB)
     plan, stats, _ = make_plan(loaded(model, tok), recipe, progress=False)
-    ids = torch.arange(5, 600, 23)[None]
+    ids = torch.arange(5, 500, 19)[None]
     a = get_adapter(model)
     with Masks(a, [derived(s) for s in stats]) as masks:
         masks.set(plan)

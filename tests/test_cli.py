@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_model
-from tiny_pipeline import CALIB, VOCAB, assert_same_state, cli, logits_on, save_folder, smol_tokenizer, tiny_lm
+from tiny_pipeline import (
+    CALIB, FULL_VOCAB, VOCAB, assert_same_state, cli, logits_on, save_folder, smol_tokenizer, tiny_lm,
+)
 from transformers import AutoModelForCausalLM
 
 from domainprune import cache, load_pretrained
@@ -114,17 +116,19 @@ def test_prune_writes_a_checkpoint_equal_to_the_python_api(capsys, folder, token
         assert_same_state(load_file(applied / "model.safetensors"), load_file(out / "model.safetensors"))
 
 
-def test_prune_with_vocabulary_trimming(capsys, folder, tokenizer, tmp_path):
-    """`prune --vocab-coverage` = prune, then `domainprune vocab` on the result: one checkpoint with both."""
+def test_prune_with_vocabulary_trimming(capsys, tmp_path):
+    """`prune --vocab-coverage` = prune, then `domainprune vocab` on the result: one checkpoint with both (SmolLM2's
+    whole vocabulary, which the domain's tokens cover a small part of)."""
     from transformers import AutoTokenizer
 
+    folder = save_folder(tiny_lm(vocab_size=FULL_VOCAB), smol_tokenizer(full=True), tmp_path / "model")
     out = tmp_path / "pruned-vocab"
     err = ok(capsys, "prune", "--model", folder, "--method", "wanda-sp", "--sparsity", "0.35", "--vocab-coverage", "0.99", "--out", out, *SMALL)
     assert "vocabulary 49,152 →" in err.replace("\n", "")
     assert {"vocab_report.json", "vocab_map.json"} <= {p.name for p in out.iterdir()}
     report, vocab = json.loads((out / "report.json").read_text()), json.loads((out / "vocab_report.json").read_text())
     kept = json.loads((out / "vocab_map.json").read_text())["kept_old_ids"]
-    assert report["vocab"]["kept_vocab"] == vocab["kept_vocab"] == len(kept) < VOCAB // 2
+    assert report["vocab"]["kept_vocab"] == vocab["kept_vocab"] == len(kept) < FULL_VOCAB // 2
     assert vocab["calibration_coverage"] >= 0.99 and json.loads((out / "recipe.json").read_text())["vocab_coverage"] == 0.99
     assert report["total_params"][1] == parameter_count(load_pretrained(out))
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # uniform wanda-sp: a stock checkpoint

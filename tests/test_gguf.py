@@ -15,7 +15,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from tiny_pipeline import cli, logits_on, smol_tokenizer, tiny_lm
+import tiny_pipeline
+from tiny_pipeline import FULL_VOCAB, cli, logits_on
 
 from domainprune.adapters import get_adapter
 from domainprune.errors import DomainpruneError
@@ -28,7 +29,18 @@ else:
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[serve]')")
 
 RTOL = 1e-3
-PROBE = [int(x) for x in torch.randint(0, 49152, (24,), generator=torch.Generator().manual_seed(3))]
+
+
+# llama.cpp recognises SmolLM2's pre-tokenizer by how it splits a test text, so these tests keep its whole vocabulary
+def smol_tokenizer():
+    return tiny_pipeline.smol_tokenizer(full=True)
+
+
+def tiny_lm(arch: str = "llama", **overrides):
+    return tiny_pipeline.tiny_lm(arch, **{"vocab_size": FULL_VOCAB, **overrides})
+
+
+PROBE = [int(x) for x in torch.randint(0, FULL_VOCAB, (24,), generator=torch.Generator().manual_seed(3))]
 D = 48  # hidden size of the tiny models (tests/tiny_models.py): 6 query heads in 2 KV groups of 3, head_dim 8
 TEXTS = [
     "def add(a, b):\n    return a + b  # sum\n",
@@ -198,7 +210,7 @@ def trimmed(model, tok, texts: list[str] = TEXTS):
     from domainprune.vocab import BPEInfo, always_kept, keep_order, trim_model, trim_tokenizer
 
     info = BPEInfo.of(tok)
-    counts = np.zeros(49152, dtype=np.int64)
+    counts = np.zeros(FULL_VOCAB, dtype=np.int64)
     for t in texts:
         np.add.at(counts, tok.encode(t, add_special_tokens=False), 1)
     order, _ = keep_order(counts, info, set().union(*always_kept(info, tok, model).values()))
@@ -352,7 +364,7 @@ def test_qwen3_compensation_bias_is_refused_naming_the_option(tmp_path):
 def test_unequal_expert_counts_are_refused(capsys, tmp_path):
     from test_moe import tiny_moe
 
-    model = tiny_moe("mixtral", vocab_size=49152)
+    model = tiny_moe("mixtral", vocab_size=FULL_VOCAB)
     get_adapter(model).slice_experts(0, [0, 1, 2, 3, 4, 5])
     run = save_run(model, tmp_path)
     assert "expert count" in one_line_error(capsys, "export", run, "--out", tmp_path / "m.gguf")

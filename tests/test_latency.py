@@ -15,6 +15,7 @@ from tiny_models import tiny_model
 from tiny_pipeline import CALIB, assert_same_state, cli, loaded, smol_tokenizer, state, tiny_lm
 
 from domainprune import cache
+from domainprune.adapters import get_adapter
 from domainprune.adapters.base import LayerShape
 from domainprune.errors import DomainpruneError
 from domainprune.latency import (
@@ -28,8 +29,8 @@ from domainprune.latency import (
 from domainprune.pipeline import Recipe, make_plan, make_recipe, prune
 
 SMALL = dict(context=16, prefill_tokens=32, repeats=3, progress=False)
-# wide enough that a 256-token prefill is compute-bound on a CPU — its blocks far outweigh the 49k-row LM head — so
-# pruning predicts a real speedup whatever the load on the cores; two layers to stay quick
+# wide enough that a 256-token prefill is compute-bound on a CPU — its blocks far outweigh the embedding and LM head —
+# so pruning predicts a real speedup whatever the load on the cores; two layers to stay quick
 WIDE = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
             num_hidden_layers=2, max_position_embeddings=512)
 
@@ -46,11 +47,9 @@ def _check_structure(table: LatencyTable, heads: int, group: int, channels: int,
     for phase in ("decode", "prefill"):
         att, mlp = table.attention_seconds[phase], table.mlp_seconds[phase]
         assert len(att) == len(table.attention_widths) and len(mlp) == len(table.mlp_widths)
-        assert att[0] == 0 and mlp[0] == 0  # removed blocks cost nothing
-        # per-layer times are differences of whole-model timings: never negative (a tiny model's blocks can be lost
-        # in the noise, so nothing stricter holds here; bench/speedup.py checks the real model)
-        assert all(t >= 0 for t in att + mlp)
-        assert table.fixed[phase] > 0 and table.dense[phase] > 0 and table.scale[phase] >= 0
+        # (block times are differences of noisy whole-model timings, clipped at zero: how they are derived is checked
+        # on given timings in test_table_from_seconds; bench/speedup.py checks the real model)
+        assert table.fixed[phase] > 0 and table.dense[phase] > 0
         assert predict(table, [None] * layers, phase) == pytest.approx(table.fixed[phase])
         if table.scale[phase] > 0:  # calibrated: the table predicts the dense model it measured
             assert predict(table, table.dense_shapes(), phase) == pytest.approx(table.dense[phase], rel=1e-9)
@@ -77,6 +76,32 @@ def test_table_sliding_window_architecture():
     model = tiny_model("gemma3_text", max_position_embeddings=512)
     table = measure_table(model, **SMALL)
     _check_structure(table, heads=6, group=3, channels=40, layers=4)
+
+
+def test_table_from_seconds():
+    """Per-layer block times from whole-model timings: differences over the layers, clipped at zero, fitted
+    non-decreasing, and scaled so that the table predicts the dense model's time."""
+    from domainprune.latency import table_from_seconds
+
+    shape = LayerShape(6, 2, 40)  # 2 KV groups of 3 query heads, 40 MLP channels; 2 layers
+    seconds = {
+        ("skeleton", 0): {"decode": 1.0, "prefill": 1.0},
+        ("attention", 0): {"decode": 3.0, "prefill": 3.0},
+        ("attention", 1): {"decode": 3.4, "prefill": 4.4},  # prefill: slower than the dense model (noise)
+        ("mlp", 0): {"decode": 2.0, "prefill": 4.2},  # prefill: the MLPs cost less than the noise
+        ("mlp", 20): {"decode": 3.5, "prefill": 3.5},
+    }
+    t = table_from_seconds(seconds, {"decode": 4.0, "prefill": 4.0}, shape, 2, device="given")
+    assert t.attention_widths == [0, 3, 6] and t.mlp_widths == [0, 20, 40] and t.layers == [(6, 2, 40)] * 2
+    assert t.attention_seconds["decode"] == pytest.approx([0, 0.2, 0.5])  # (3.4 - 3.0) / 2, (4.0 - 3.0) / 2
+    assert t.mlp_seconds["decode"] == pytest.approx([0, 0.75, 1.0])
+    assert t.scale["decode"] == pytest.approx(1.0)  # 1 + 2 * (0.5 + 1.0) = 4: the blocks add up already
+    assert t.attention_seconds["prefill"] == pytest.approx([0, 0.6, 0.6])  # 0.7 then 0.5: a dip, pooled
+    assert t.mlp_seconds["prefill"] == [0, 0, 0]  # negative differences
+    assert t.scale["prefill"] == pytest.approx(2.5)  # (4 - 1) / (2 * 0.6)
+    assert predict(t, t.dense_shapes(), "prefill") == pytest.approx(4.0)
+    assert predict(t, [LayerShape(3, 1, 20)] * 2, "decode") == pytest.approx(1 + 2 * (0.2 + 0.75))
+    assert t.fixed == {"decode": 1.0, "prefill": 1.0} and t.dense == {"decode": 4.0, "prefill": 4.0}
 
 
 # --- prediction and the solver on synthetic tables ----------------------------------------------------------------
@@ -185,8 +210,6 @@ def test_cli_options(capsys, tmp_path):
 
 def test_layers_of_different_shapes_refused():
     """The table times every layer cut to one width, which a model pruned to per-layer widths cannot give."""
-    from domainprune.adapters import get_adapter
-
     model = tiny_model("llama", max_position_embeddings=512)
     get_adapter(model).slice_mlp(0, list(range(20)))
     with pytest.raises(DomainpruneError, match="layers all have one shape") as e:
@@ -231,8 +254,15 @@ def test_prune_to_target_speedup():
     assert result.report["sparsity_target"] == recipe["sparsity"]
     sp = result.report["speedup"]
     assert sp["target"] == target and sp["phase"] == "prefill" and sp["predicted"] == recipe["predicted_speedup"]
-    assert sp["sparsity"] == recipe["sparsity"] and sp["measured"] > 0 and isinstance(sp["within_5_percent"], bool)
+    assert sp["sparsity"] == recipe["sparsity"]
+    # the verdict is the measured figure's (a measured speed is noise on a tiny model: nothing asserts its value)
+    assert sp["within_5_percent"] == (abs(sp["measured"] / target - 1) <= 0.05)
     assert make_recipe(**recipe).sparsity == recipe["sparsity"]  # `apply` reads it back as it is
+    # the prediction is the cached table's for the widths the pruned model has
+    table = latency_table(tiny_lm("llama", **WIDE), prefill_tokens=256, progress=False)
+    shapes = get_adapter(result.model).shapes()
+    assert [lp.shape() for lp in result.plan.layers] == shapes
+    assert recipe["predicted_speedup"] == pytest.approx(predicted_speedup(table, shapes, "prefill"), abs=1e-4)
 
     # uniform allocation (solved from shapes alone, before scoring) on the same shape: the table is cached
     plan, _, _ = make_plan(loaded(tiny_lm("llama", **WIDE), tok), make_recipe(
@@ -241,3 +271,5 @@ def test_prune_to_target_speedup():
     assert 1 - plan.params.attention_mlp_after / plan.params.attention_mlp_before == pytest.approx(plan.recipe["sparsity"], abs=0.15)
     kept = {len(lp.mlp_channels) for lp in plan.layers}
     assert len(kept) == 1 and kept.pop() < 1024  # uniform: every layer alike, and pruned
+    assert plan.recipe["predicted_speedup"] == pytest.approx(
+        predicted_speedup(table, [lp.shape() for lp in plan.layers], "prefill"), abs=1e-4)

@@ -426,13 +426,22 @@ def test_compensation_bias_cancels_the_mean_of_removed_heads():
     torch.testing.assert_close(gap_comp, torch.zeros(48, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
-def test_public_api_names():
-    """README's Python API: `domainprune.prune(...)` and `domainprune.load_pretrained(path)`."""
+def test_public_api(tmp_path):
+    """README's Python API used as README shows it: `domainprune.prune(...)` writes a run that
+    `domainprune.load_pretrained(path)` loads back as the same model, with its `domainprune.Plan` and `Recipe`."""
     import domainprune
-    from domainprune.pipeline import prune as pipeline_prune
 
-    assert domainprune.prune is pipeline_prune
-    assert callable(domainprune.load_pretrained) and domainprune.Plan.__name__ == "Plan"
+    tok = smol_tokenizer()
+    result = domainprune.prune(loaded(tiny_lm(), tok), method="flap", sparsity=0.35, out=tmp_path / "run",
+                               progress=False, **CALIB)
+    assert isinstance(result, domainprune.PruneResult) and result.out == tmp_path / "run"
+    reloaded = domainprune.load_pretrained(result.out)
+    ids = input_ids(vocab=len(tok))
+    torch.testing.assert_close(logits_on(reloaded, ids), logits_on(result.model, ids))
+    assert parameter_count(reloaded) == result.plan.params.total_after < parameter_count(tiny_lm())
+    plan = domainprune.Plan.load(result.out / "plan.json")
+    assert plan.layers == result.plan.layers
+    assert domainprune.Recipe.model_validate(plan.recipe) == result.recipe
 
 
 # --- the default recipe (no --method) ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from tiny_models import tiny_model
-from tiny_pipeline import cli, logits_on, loaded, save_folder, smol_tokenizer, tiny_lm
+from tiny_pipeline import VOCAB, cli, logits_on, loaded, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune.errors import DomainpruneError
 from domainprune.export import load_pretrained
@@ -18,7 +18,7 @@ from domainprune.recover import allocate_budget, kd_loss, kmeans, lora_targets, 
 
 # small and quick: 8 sequences of 16 tokens, batches of 2, no time budget unless a test sets one
 FAST = dict(data="code", samples=8, seq_len=16, batch_size=2, time_budget=None, warmup_steps=0, lr=5e-3)
-PROBE = torch.arange(24).mul(7919).remainder(49152)[None]
+PROBE = torch.arange(24).mul(7919).remainder(VOCAB)[None]
 
 
 @pytest.fixture(scope="module")

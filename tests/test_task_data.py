@@ -126,7 +126,8 @@ def run_and_dense(tmp_path_factory, tokenizer):
     return out, loaded(tiny_lm("llama"), tokenizer)
 
 
-FAST = dict(batch_size=2, time_budget=None, warmup_steps=0, lr=5e-3, max_steps=2, seq_len=64, progress=False)
+# the chat template alone is 63 tokens of the tiny models' 512-token tokenizer
+FAST = dict(batch_size=2, time_budget=None, warmup_steps=0, lr=5e-3, max_steps=2, seq_len=128, progress=False)
 
 
 def test_sdd_recovery_trains_on_the_teachers_answers(run_and_dense, tokenizer, tmp_path):
@@ -154,7 +155,7 @@ def test_chat_format_needs_no_teacher_and_masks_the_prompts(run_and_dense, token
     run, _ = run_and_dense
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(4)))
-    config = make_config(train_format="chat", train_file=str(data), samples=4, seq_len=64)
+    config = make_config(train_format="chat", train_file=str(data), samples=4, seq_len=128)
     ids, labels, report = task_format_data(config, tokenizer, None, None, False)
     assert report["sequences"] == 4 and ids.shape == labels.shape
     for row in range(4):

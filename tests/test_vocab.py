@@ -64,7 +64,7 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return smol_tokenizer()  # skips when SmolLM2 is not available
+    return smol_tokenizer(full=True)  # skips when SmolLM2 is not available
 
 
 def keyed(prefix: str, split: str) -> str:

@@ -1,5 +1,6 @@
-"""Shared pieces for the pipeline, criteria and CLI tests: the real SmolLM2 tokenizer (loaded once per process),
-tiny random models with its 49152-token vocabulary, and tiny calibration settings on the real `code` corpus."""
+"""Shared pieces for the pipeline, criteria and CLI tests: the real SmolLM2 tokenizer cut to its first VOCAB tokens
+(loaded once per process), tiny random models with that vocabulary, and tiny calibration settings on the real `code`
+corpus. Tests that need the real 49152-token vocabulary (vocabulary trimming, GGUF export) ask for `full=True`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from domainprune import cache
 from domainprune.errors import DomainpruneError
 from domainprune.models import LoadedModel, preset_gguf
 
-VOCAB = 49152  # SmolLM2's vocabulary, so its tokenizer and the bundled corpora can feed the tiny models
+SMOLLM2_MISSING = "SmolLM2 is not available"  # the skip reason conftest counts at the end of the session
+
+# The LM head and its logits would dominate a tiny model's compute with SmolLM2's 49152 tokens, so the tiny models use
+# SmolLM2's tokenizer trimmed (domainprune.vocab) to the first VOCAB ids of its keep order: special tokens, the
+# byte alphabet, then the lowest ids with their merge ancestry. It encodes any text (into more tokens), so the
+# bundled corpora still feed the tiny models.
+VOCAB = 512
+FULL_VOCAB = 49152  # SmolLM2's own vocabulary
 # Calibration small enough for two shared cores: 4 sequences of 32 tokens in batches of 2.
 CALIB = dict(data="code", calib_samples=4, seq_len=32, batch_size=2)
 
@@ -36,20 +44,37 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
-def smol_tokenizer():
+@lru_cache(maxsize=None)
+def _small_tokenizer():
+    import numpy as np
+
+    from domainprune.vocab import BPEInfo, always_kept, keep_order, trim_tokenizer
+
     tok = _tokenizer()
     if isinstance(tok, Exception):
-        pytest.skip(f"SmolLM2 is not available: {tok}")
+        return tok
+    info = BPEInfo.of(tok)
+    always = set().union(*always_kept(info, tok, None).values())
+    order, _ = keep_order(np.zeros(len(tok), dtype=np.int64), info, always)  # no counts: ties go to the lower id
+    return trim_tokenizer(tok, sorted(order[:VOCAB].tolist()), info)
+
+
+def smol_tokenizer(full: bool = False):
+    """SmolLM2's tokenizer (`full`) or its VOCAB-token cut that the tiny models use; skips without SmolLM2."""
+    tok = _tokenizer() if full else _small_tokenizer()
+    if isinstance(tok, Exception):
+        pytest.skip(f"{SMOLLM2_MISSING}: {tok}")
     return tok
 
 
 @lru_cache(maxsize=None)
 def _tiny(arch: str, seed: int, overrides: tuple) -> torch.nn.Module:
-    return tiny_model(arch, seed, vocab_size=VOCAB, **dict(overrides))
+    return tiny_model(arch, seed, **{"vocab_size": VOCAB, **dict(overrides)})
 
 
 def tiny_lm(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
-    """A fresh copy of a tiny random model with SmolLM2's vocabulary (built once per process per config)."""
+    """A fresh copy of a tiny random model with the tiny tokenizer's vocabulary (built once per process per config;
+    `vocab_size=FULL_VOCAB` for SmolLM2's own tokenizer)."""
     return copy.deepcopy(_tiny(arch, seed, tuple(sorted(overrides.items()))))
 
 

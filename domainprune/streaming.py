@@ -397,7 +397,10 @@ def _plan_and_cut(loaded, adapter: DecoderAdapter, recipe, source: LayerSource, 
                   writer: ShardWriter | None, progress: bool):
     """What `pipeline._make_plan_once` and `apply` do, as one or two layer walks through `source`; the last walk hands
     every finished layer to `writer` (disk). Returns (plan, recipe); the layers are cut, `surgery.finish` not run."""
-    from .allocation import align_counts, align_widths, allocate, allocation_needs_statistics, uniform_counts, uniform_layer
+    from .allocation import (
+        OWL_RATIO_KEY, align_counts, align_widths, allocate, allocation_needs_statistics, outlier_ratio, uniform_counts,
+        uniform_layer,
+    )
     from .criteria import get_criterion
     from .pipeline import calibration_sequences, check_budget, check_reachable, target_sparsity
     from .plan import dense_plan
@@ -448,6 +451,8 @@ def _plan_and_cut(loaded, adapter: DecoderAdapter, recipe, source: LayerSource, 
 
         def score(i: int, layer_stats: dict) -> bool:
             scores.append(criterion.score_layer(adapter, i, layer_stats if need_stats else None))
+            if recipe.allocation == "owl":  # it reads the weights too: while they are here
+                layer_stats[OWL_RATIO_KEY] = torch.tensor(outlier_ratio(adapter, i, layer_stats), dtype=torch.float64)
             return False
 
         stats = collect_statistics(loaded.model, adapter, sequences, batch_size=recipe.batch_size, after_layer=score,

@@ -224,7 +224,14 @@ def meta_model(folder: Path, dtype: torch.dtype) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if per_layer or extra:
         adapter_class_for(raw.get("model_type", "?"))(model).reshape_to(per_layer, extra)
+    _tie(model)
     return model.eval()
+
+
+def _tie(model: nn.Module) -> None:
+    """A tied LM head is the embedding's parameter (again, after the embedding was replaced by a real tensor)."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
 
 
 def _outside_layers(model: nn.Module, adapter: DecoderAdapter) -> list[str]:
@@ -244,6 +251,7 @@ def _prepare(model: nn.Module, adapter: DecoderAdapter, checkpoint: Checkpoint, 
             if b is not None and b.device.type != "meta":
                 module._buffers[key] = b.to(device)
     _read_in(model, [_full_name(model, model.get_input_embeddings()) + ".weight"], checkpoint, dtype, device)
+    _tie(model)
 
 
 def _full_name(model: nn.Module, module: nn.Module) -> str:

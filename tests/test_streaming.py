@@ -150,10 +150,10 @@ PEAK = textwrap.dedent("""
 
 
 def test_disk_streaming_holds_less_memory(tmp_path):
-    """Relative only: the growth of the peak resident memory while pruning a model whose 12 layers outweigh its
-    embedding, in a fresh process each, streaming from disk against loading it whole."""
-    model = tiny_lm("llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=8,
-                    num_key_value_heads=4, head_dim=32, vocab_size=1024)
+    """Relative only: the growth of the peak resident memory while pruning a model whose 16 layers outweigh its
+    embedding and LM head, in a fresh process each, streaming from disk against loading it whole."""
+    model = tiny_lm("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=64)
     src = save_folder(model, smol_tokenizer(), tmp_path / "src")
     layers_bytes = sum(p.numel() * 4 for p in model.model.layers.parameters())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}

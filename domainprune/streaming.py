@@ -185,6 +185,9 @@ class DiskStream(LayerSource):
         self.prefixes = [names[id(layer)] + "." for layer in adapter.layers]
         self.writer: ShardWriter | None = None
         self.probe: _Probe | None = None
+        self.walks: list[list[float]] = []  # seconds of each layer's turn, per walk (report.json "stream")
+        self.read_seconds = self.write_seconds = 0.0
+        self._turn = 0.0
         for i, prefix in enumerate(self.prefixes):  # a checkpoint that does not match is refused before any work
             missing = [n for n in _param_names(adapter.layers[i]) if prefix + n not in checkpoint.files]
             if missing:
@@ -192,19 +195,34 @@ class DiskStream(LayerSource):
                                        "not match the architecture, so it cannot be streamed: use --offload none")
 
     def load(self, adapter, i):
+        self._turn = time.perf_counter()
+        if i == 0:
+            self.walks.append([])
         prefix = self.prefixes[i]
         names = _param_names(adapter.layers[i])
         tensors = self.checkpoint.read([prefix + n for n in names], self.dtype, self.device)
         _materialize(adapter.layers[i], {n: tensors[prefix + n] for n in names})
+        self.read_seconds += time.perf_counter() - self._turn
 
     def release(self, adapter, i):
         layer = adapter.layers[i]
         if self.writer is not None:
             if self.probe is not None:
                 self.probe.step(layer, i)
+            writing = time.perf_counter()
             self.writer.write(i, {self.prefixes[i] + k: v for k, v in layer.state_dict().items()})
+            self.write_seconds += time.perf_counter() - writing
             faults.point(f"stream:{i}")
         _to_meta(layer)
+        self.walks[-1].append(time.perf_counter() - self._turn)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "walks": [{"layers": len(w), "seconds": round(sum(w), 2), "mean_layer_seconds": round(sum(w) / len(w), 3),
+                       "max_layer_seconds": round(max(w), 3)} for w in self.walks if w],
+            "read_seconds": round(self.read_seconds, 2),
+            "write_seconds": round(self.write_seconds, 2),
+        }
 
 
 def meta_model(folder: Path, dtype: torch.dtype) -> nn.Module:
@@ -378,9 +396,12 @@ def prune_streamed(model: str, offload: str, *, out: str | Path | None, force: b
             report = _report(recipe, plan, wanted, parameter_count(net), started, device, adapter, offload)
             plan.params.total_after = report["total_params"][1]
             _write_folder(net, tokenizer, tmp, _side_files(plan, recipe, report))
+            report["stream"] = source.summary()
             if verify:
+                verifying = time.perf_counter()
                 diff = _verify(net, source.probe, tmp, device, dtype, progress)
                 log.info("export verified: max logit difference after streaming the output back %.2e", diff)
+                report["stream"].update(verify_max_logit_diff=diff, verify_seconds=round(time.perf_counter() - verifying, 2))
             report["peak_memory_bytes"] = peak_memory_bytes(device)
             (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
             faults.point("export")

@@ -2,20 +2,20 @@
 disk (`prune --offload disk`), with its peak resident memory (and, on a GPU, peak GPU memory) against model size.
 
     python bench/scale.py --tokenizer DIR [--layers 8,16,32] [--device cpu|cuda] [--workdir /tmp/scale]
-                          [--out bench/results/scale.md]
+                          [--calib 8x128] [--out bench/results/scale.md]
 
-The checkpoint is written to `--workdir` layer by layer (never whole in memory) as bfloat16 safetensors, one shard per
-decoder layer, with Llama-3-8B's config (32 layers, hidden 4096, 32 query / 8 KV heads, MLP 14336, vocabulary 128,256,
-untied LM head: 8.03 B parameters, 16.06 GB). The smaller sizes are the same model cut to its first N layers (their
-folders link the same shards), so per-layer work is equal and only the model size changes. `--tokenizer` is any
-tokenizer folder whose ids fit the vocabulary (SmolLM2's here, so the bundled `code` corpus calibrates it). Each size
-is pruned in its own process (so its peak resident memory is its own): FLAP, global allocation, 35 %, bias
-compensation, 8 sequences × 128 tokens of `code`, bfloat16. The output is verified twice: by prune itself (the
-written folder is streamed back and a 32-token probe's logits must match the finished layers'), and here (the
-written config rebuilt on the meta device must name exactly the tensors, with the shapes, in the written shards).
-Random weights say nothing about quality; this measures memory and time. Everything in `--workdir` is deleted at the
-end unless --keep. With `--device cuda` the weights are generated on that machine (nothing needs to travel).
-"""
+The checkpoint is written to `--workdir` layer by layer (never whole in memory) as bfloat16 safetensors, one shard
+per decoder layer, with Llama-3-8B's config (32 layers, hidden 4096, 32 query / 8 KV heads, MLP 14336, vocabulary
+128,256, untied LM head: 8.03 B parameters, 16.06 GB). The smaller sizes are the same model cut to its first N
+layers (their folders link the same shards), so per-layer work is equal and only the model size changes.
+`--tokenizer` is any tokenizer folder whose ids fit the vocabulary (SmolLM2's here, so the bundled `code` corpus
+calibrates it). Each size is pruned in its own process (so its peak resident memory is its own): FLAP, global
+allocation, 35 %, bias compensation, `--calib` sequences × tokens of `code` (8 × 128 by default), bfloat16. The
+output is verified twice: by prune itself (the written folder is streamed back and a 32-token probe's logits must
+match the finished layers'), and here (the written config rebuilt on the meta device must name exactly the tensors,
+with the shapes, in the written shards). Random weights say nothing about quality; this measures memory and time.
+Everything in `--workdir` is deleted at the end unless --keep. With `--device cuda` the weights are generated on
+that machine (nothing needs to travel)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ LLAMA3_8B = dict(
     hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=128000, eos_token_id=128001,
     dtype="bfloat16",
 )
-CALIB = dict(calib_samples=8, seq_len=128, batch_size=8)
 
 
 def _shard(k: int, n: int) -> str:
@@ -139,7 +138,8 @@ def check_output(out: Path) -> dict:
     if written != expected:
         raise SystemExit(f"output check failed: {sorted(set(written) ^ set(expected))[:5]} or shapes differ")
     params = sum(torch.Size(s).numel() for s in written.values())
-    return {"tensors": len(written), "params": params, "bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return {"tensors": len(written), "params": params, "bytes": size}
 
 
 def main() -> None:
@@ -149,24 +149,28 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/domainprune-scale"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.md")
+    ap.add_argument("--calib", default="8x128", help="calibration: sequences x tokens (one batch)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
+    samples, tokens = (int(x) for x in args.calib.split("x"))
+    calib = dict(calib_samples=samples, seq_len=tokens, batch_size=samples)
     sizes = [int(x) for x in args.layers.split(",")]
     full = args.workdir / "llama3-8b-shape"
     rows = []
     try:
         started = time.perf_counter()
+        generate = None  # seconds, when this run wrote the checkpoint (not when --keep left one)
         if not (full / "config.json").is_file():
             write_model(full, args.tokenizer)
-        generate = time.perf_counter() - started
-        print(f"generated in {generate:.0f} s", file=sys.stderr)
+            generate = time.perf_counter() - started
+            print(f"generated in {generate:.0f} s", file=sys.stderr)
         for layers in sizes:
             src = full if layers == LLAMA3_8B["num_hidden_layers"] else args.workdir / f"layers-{layers}"
             if src != full and not src.exists():
                 cut_model(full, src, layers, args.tokenizer)
             out = args.workdir / f"pruned-{layers}"
             shutil.rmtree(out, ignore_errors=True)
-            run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), args.device, json.dumps(CALIB)],
+            run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), args.device, json.dumps(calib)],
                                  capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), **_env()})
             if run.returncode:
                 raise SystemExit(f"prune failed for {layers} layers:\n{run.stderr[-3000:]}")
@@ -188,7 +192,7 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def write_table(args, rows: list[dict], generate: float) -> None:
+def write_table(args, rows: list[dict], generate: float | None) -> None:
     gb = 1e9
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
@@ -197,13 +201,14 @@ def write_table(args, rows: list[dict], generate: float) -> None:
         "# Scale: FLAP 35 % on a Llama-3-8B-shaped model streamed from disk (`prune --offload disk`)",
         "",
         f"Machine: {machine}, torch {torch.__version__}. Produced by `python bench/scale.py --tokenizer DIR "
-        f"--layers {args.layers} --device {args.device}`.",
+        f"--layers {args.layers} --calib {args.calib} --device {args.device}`.",
         "",
         "Random-initialised bfloat16 weights of Llama-3-8B's shape (hidden 4096, 32 query / 8 KV heads, MLP 14336, "
         "vocabulary 128,256, untied LM head), one safetensors shard per layer; the smaller sizes are its first N "
-        "layers. FLAP, global allocation, 35 % of attention+MLP parameters, bias compensation, calibration 8 "
-        "sequences × 128 tokens of `code` (SmolLM2's tokenizer), bfloat16 compute. Random weights say nothing about "
-        f"quality. Generating and writing the 32-layer checkpoint took {generate:.0f} s.",
+        "layers. FLAP, global allocation, 35 % of attention+MLP parameters, bias compensation, calibration "
+        f"{args.calib.replace('x', ' sequences × ')} tokens of `code` (SmolLM2's tokenizer), bfloat16 compute. "
+        "Random weights say nothing about quality."
+        + (f" Generating and writing the 32-layer checkpoint took {generate:.0f} s." if generate else ""),
         "",
         "| layers | parameters | input on disk | peak resident memory | peak GPU memory | wall time | statistics walk "
         "per layer | pruning walk per layer | read / write | output verified |",
@@ -216,7 +221,8 @@ def write_table(args, rows: list[dict], generate: float) -> None:
         lines.append(
             f"| {r['layers']} | {rep['total_params'][0] / 1e9:.2f} B → {rep['total_params'][1] / 1e9:.2f} B | "
             f"{r['input_bytes'] / gb:.2f} GB | **{r['peak_rss_bytes'] / gb:.2f} GB** | {gpu_mem} | "
-            f"{r['wall_seconds']:.0f} s | {walks[0]['mean_layer_seconds']:.1f} s | {walks[-1]['mean_layer_seconds']:.1f} s "
+            f"{r['wall_seconds']:.0f} s | {walks[0]['mean_layer_seconds']:.1f} s | "
+            f"{walks[-1]['mean_layer_seconds']:.1f} s "
             f"| {s['read_seconds']:.0f} s / {s['write_seconds']:.0f} s | logits Δ {s['verify_max_logit_diff']:.1e}; "
             f"{r['output']['tensors']} tensors, {r['output']['bytes'] / gb:.2f} GB |"
         )

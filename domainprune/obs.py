@@ -68,6 +68,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from . import faults
 from .adapters import DecoderAdapter
 from .errors import DomainpruneError

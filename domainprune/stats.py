@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from . import cache, faults
 from .adapters import DecoderAdapter
 from .runner import LayerSource, walk

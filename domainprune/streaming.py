@@ -147,7 +147,8 @@ def _read_in(model: nn.Module, names: list[str], checkpoint: Checkpoint, dtype, 
     wanted = [n for n in names if params[n].device.type == "meta"]
     missing = [n for n in wanted if n not in checkpoint.files]
     if missing:
-        raise DomainpruneError(f"{checkpoint.folder}: no tensor {missing[0]}; it cannot be streamed: use --offload none")
+        raise DomainpruneError(f"{checkpoint.folder}: no tensor {missing[0]}; it cannot be streamed: use --offload "
+                               "none")
     _materialize(model, checkpoint.read(wanted, dtype, device))
 
 
@@ -191,8 +192,8 @@ class DiskStream(LayerSource):
         for i, prefix in enumerate(self.prefixes):  # a checkpoint that does not match is refused before any work
             missing = [n for n in _param_names(adapter.layers[i]) if prefix + n not in checkpoint.files]
             if missing:
-                raise DomainpruneError(f"{checkpoint.folder}: no tensor {prefix + missing[0]} for layer {i}; its names do "
-                                       "not match the architecture, so it cannot be streamed: use --offload none")
+                raise DomainpruneError(f"{checkpoint.folder}: no tensor {prefix + missing[0]} for layer {i}; its names "
+                                       "do not match the architecture, so it cannot be streamed: use --offload none")
 
     def load(self, adapter, i):
         self._turn = time.perf_counter()
@@ -339,8 +340,17 @@ def prune_streamed(model: str, offload: str, *, out: str | Path | None, force: b
     from transformers import AutoTokenizer
 
     from .evaluate import parameter_count
-    from .models import (DTYPES, LoadedModel, check_prunable, check_seq_len, is_domainprune_checkpoint, load_model,
-                         resolve_device, resolve_dtype, resolve_source)
+    from .models import (
+        DTYPES,
+        LoadedModel,
+        check_prunable,
+        check_seq_len,
+        is_domainprune_checkpoint,
+        load_model,
+        resolve_device,
+        resolve_dtype,
+        resolve_source,
+    )
     from .outputs import check_output, local_inputs
     from .pipeline import PruneResult, budget, check_data, fit_default, make_recipe, peak_memory_bytes
 
@@ -357,7 +367,8 @@ def prune_streamed(model: str, offload: str, *, out: str | Path | None, force: b
         raise DomainpruneError(f"--offload {offload} reads a local model folder; download {model!r} first (e.g. "
                                "`huggingface-cli download`) and give its folder")
     if is_domainprune_checkpoint(path):
-        raise DomainpruneError(f"{path} is a domainprune checkpoint with per-layer widths; prune it with --offload none")
+        raise DomainpruneError(f"{path} is a domainprune checkpoint with per-layer widths; prune it with --offload "
+                               "none")
     started = time.perf_counter()
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.dtype, device)
@@ -401,7 +412,8 @@ def prune_streamed(model: str, offload: str, *, out: str | Path | None, force: b
                 verifying = time.perf_counter()
                 diff = _verify(net, source.probe, tmp, device, dtype, progress)
                 log.info("export verified: max logit difference after streaming the output back %.2e", diff)
-                report["stream"].update(verify_max_logit_diff=diff, verify_seconds=round(time.perf_counter() - verifying, 2))
+                seconds = round(time.perf_counter() - verifying, 2)
+                report["stream"].update(verify_max_logit_diff=diff, verify_seconds=seconds)
             report["peak_memory_bytes"] = peak_memory_bytes(device)
             (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
             faults.point("export")
@@ -427,7 +439,13 @@ def _plan_and_cut(loaded, adapter: DecoderAdapter, recipe, source: LayerSource, 
     """What `pipeline._make_plan_once` and `apply` do, as one or two layer walks through `source`; the last walk hands
     every finished layer to `writer` (disk). Returns (plan, recipe); the layers are cut, `surgery.finish` not run."""
     from .allocation import (
-        OWL_RATIO_KEY, align_counts, align_widths, allocate, allocation_needs_statistics, outlier_ratio, uniform_counts,
+        OWL_RATIO_KEY,
+        align_counts,
+        align_widths,
+        allocate,
+        allocation_needs_statistics,
+        outlier_ratio,
+        uniform_counts,
         uniform_layer,
     )
     from .criteria import get_criterion

@@ -433,8 +433,13 @@ OWL_LAMBDA = 0.08  # λ: layer sparsities lie in [S − λ, S + λ]
 OWL_M = 5.0  # M: an outlier exceeds M × the block's mean score (5 in the paper and README; the code's default is 3)
 
 
+OWL_RATIO_KEY = "owl_outlier_ratio"  # LOD_i computed while layer i was loaded (a streamed walk, domainprune.streaming)
+
+
 def outlier_ratio(adapter: DecoderAdapter, i: int, stats: dict) -> float:
     """OWL's layerwise outlier distribution LOD_i: % of the block's Wanda scores |W_jk|·‖X_k‖ above M × their mean."""
+    if OWL_RATIO_KEY in stats:
+        return float(stats[OWL_RATIO_KEY])
     pairs = []
     if "qkv_in_sqsum" in stats:
         pairs += [(proj, stats["qkv_in_sqsum"]) for proj in adapter.attention_in_projs(i)]

@@ -177,6 +177,7 @@ def prune(
     recipe: dict,
     recover: Annotated[bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")] = False,
     export_to: Annotated[Optional[str], typer.Option("--export", help="Then also write OUT.QUANT.gguf (beside OUT) for llama.cpp: gguf (F16) or gguf:QUANT, e.g. gguf:q4_k_m (see `domainprune export`).")] = None,
+    offload: Annotated[str, typer.Option(help="Where the model lives while it is pruned: none (whole, on the device), cpu (in RAM, one layer at a time on the device), disk (one layer at a time read from the checkpoint's safetensors shards and written to OUT as it is finished: models larger than memory; docs/streaming.md), auto (from the free memory).")] = "auto",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -192,7 +193,7 @@ def prune(
 
         check_out(gguf_out, force)
     model = recipe.pop("model")
-    result = run(model, out=out, force=force, progress=not quiet, **recipe)
+    result = run(model, out=out, force=force, progress=not quiet, offload=offload, **recipe)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
     r = result.report
     if "vocab" in r:

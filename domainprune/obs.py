@@ -68,12 +68,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from . import faults
 from .adapters import DecoderAdapter
 from .errors import DomainpruneError
 from .plan import LayerPlan, Plan
+from .runner import LayerSource, walk
 from .stats import LayerStats, LayerwiseRunner, load_resume, save_resume
 
 log = logging.getLogger(__name__)
@@ -455,13 +455,15 @@ def reconstruct_layers(
     damping: float = OBS_DAMPING,
     resume_key: str | None = None,
     progress: bool = True,
+    source: LayerSource | None = None,
 ) -> tuple[list[LayerPlan], list[LayerStats] | None]:
     """Prune every layer in order, refitting the kept o_proj/down_proj columns (module docstring). Returns what each
     layer kept (a LayerPlan per layer, in the original indices) and, for a chooser that needs them, the statistics of
     every layer on its inputs. Dropped layers pass their inputs on; `surgery.finish` removes them afterwards.
 
     With `resume_key` (a fingerprint of everything the result depends on), every finished layer is checkpointed in
-    the cache (its weights, its plan, the next layer's inputs), and a killed run continues after the last one."""
+    the cache (its weights, its plan, the next layer's inputs), and a killed run continues after the last one.
+    `source` says where the layers live between their turns (`runner.LayerSource`)."""
     from . import cache
 
     if adapter.has_experts():
@@ -476,14 +478,12 @@ def reconstruct_layers(
     if point is not None and _restore(adapter, folder, point[0], layers, stats_all):
         start, hidden = point
         log.info("obs reconstruction: resuming at layer %d (%s)", start, folder)
-    bar = tqdm(range(adapter.num_layers), desc="obs reconstruction", unit="layer", disable=not progress, initial=start)
-    for i in range(start, adapter.num_layers):
+    for i in walk(adapter, source, start=start, desc="obs reconstruction", progress=progress):
         s = adapter.shape(i)
         biased = {"attention": False, "mlp": False}
         if chooser.drop(i):
             layers.append(LayerPlan(index=i, drop=True, kv_heads=list(range(s.num_kv_heads)), query_heads=list(range(s.num_heads)), mlp_channels=list(range(s.intermediate_size))))
             _checkpoint(adapter, folder, i, layers[-1], biased, None, hidden)
-            bar.update(1)
             continue
         stats = None
         if chooser.needs_stats:
@@ -534,8 +534,6 @@ def reconstruct_layers(
             hidden = runner.outputs(i, hidden, kwargs[i])
         stand_ins.clear()
         _checkpoint(adapter, folder, i, layers[-1], biased, stats, hidden)
-        bar.update(1)
-    bar.close()
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)  # the result lives in the model now; the checkpoints served
     return layers, stats_all

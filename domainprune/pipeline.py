@@ -728,6 +728,7 @@ def prune(
     force: bool = False,
     verify: bool = True,
     progress: bool = True,
+    offload: str = "auto",
     **recipe_fields: Any,
 ) -> PruneResult:
     """Prune `model` (a preset, folder, .gguf file, hub id, or an already loaded model) for the domain in `data`.
@@ -740,15 +741,34 @@ def prune(
     dense model's and the pruned model's throughput are measured here and compared in `report["speedup"]`.
     With `out`, the pruned checkpoint (plus plan.json, recipe.json and report.json) is written there, verified, and
     moved into place.
+
+    `offload` (docs/streaming.md): "none" loads the whole model on the device; "cpu" keeps it in CPU memory and moves
+    one layer at a time to the device; "disk" reads one layer at a time from the checkpoint's safetensors shards and
+    writes each pruned layer to `out` as it is finished (then `PruneResult.model` is None); "auto" chooses from the
+    free memory. An already loaded model is pruned where it is.
     """
     source = model.source if isinstance(model, LoadedModel) else str(model)
     recipe = make_recipe(model=source, **recipe_fields)
+    if offload not in ("auto", "none", "cpu", "disk"):
+        raise DomainpruneError(f"--offload must be one of auto, none, cpu, disk, not {offload!r}")
     if out is not None:  # fail before the expensive part; never over an input
         home = model.path if isinstance(model, LoadedModel) else source
         check_output(out, force=force, inputs=local_inputs(home, recipe.data, recipe.general_data))
     if not isinstance(model, LoadedModel):
         check_prunable(recipe.model)
         check_data(recipe)
+    if offload == "auto" and not isinstance(model, LoadedModel):
+        from .models import resolve_device, resolve_dtype, resolve_source
+        from .streaming import choose_offload
+
+        device = resolve_device(recipe.device)
+        offload = choose_offload(resolve_source(recipe.model), recipe, device, resolve_dtype(recipe.dtype, device))
+    if offload in ("cpu", "disk"):
+        if isinstance(model, LoadedModel):
+            raise DomainpruneError(f"--offload {offload} loads the model itself: give its folder, not a loaded model")
+        from .streaming import prune_streamed
+
+        return prune_streamed(source, offload, out=out, force=force, verify=verify, progress=progress, **recipe_fields)
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
     check_seq_len(loaded.model, recipe.seq_len)

@@ -28,10 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import cache, faults
 from .adapters import DecoderAdapter
+from .runner import LayerSource, walk
 
 log = logging.getLogger(__name__)
 STATS_VERSION = 4  # 3: per-expert channel statistics (expert_in_*, shared_in_*); 4: moe_in_sqsum
@@ -198,19 +198,23 @@ def collect_statistics(
     after_layer: Callable[[int, LayerStats], bool] | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    source: LayerSource | None = None,
 ) -> list[LayerStats]:
     """Statistics of every layer on `sequences` (n, seq_len) of token ids.
 
     `after_layer(i, stats)` is called once layer i's statistics are known; if it returns True it has modified
     layer i (sequential pruning), and the layer's outputs are recomputed before layer i+1 sees them. Sequential
-    runs depend on the callback, so they are not cached.
+    runs depend on the callback, so they are not cached. `source` says where the layers live between their turns
+    (`runner.LayerSource`; streamed layers are never cached either: their weights are not in memory to fingerprint).
     """
     sequential = after_layer is not None
     runner = LayerwiseRunner(model, adapter, sequences, batch_size)
     n_layers = adapter.num_layers
-    key = cache.fingerprint("stats", STATS_VERSION, model_fingerprint(model), tensor_fingerprint(sequences))
-    folder: Path = cache.entry("stats", key)
-    use_cache = use_cache and not sequential
+    use_cache = use_cache and not sequential and source is None
+    folder: Path | None = None
+    if use_cache:
+        key = cache.fingerprint("stats", STATS_VERSION, model_fingerprint(model), tensor_fingerprint(sequences))
+        folder = cache.entry("stats", key)
 
     def layer_file(i: int) -> Path:
         return folder / f"layer_{i:03d}.safetensors"
@@ -236,8 +240,7 @@ def collect_statistics(
         log.info("statistics: resuming at layer %d", start)
     first_hidden, kwargs = runner.capture()
     hidden = hidden if hidden is not None else first_hidden
-    bar = tqdm(range(start, n_layers), desc="statistics", unit="layer", disable=not progress, initial=start, total=n_layers)
-    for i in bar:
+    for i in walk(adapter, source, start=start, desc="statistics", progress=progress):
         stats, outputs = runner.layer_stats(i, hidden, kwargs[i])
         stats_all.append(stats)
         if sequential and after_layer(i, stats):

@@ -47,6 +47,7 @@ def prune(model: str, recipe: dict, *, out: Path, recover: bool, export_to: str 
         "sparsity": 0.35 if recipe.get("sparsity") is None else recipe["sparsity"],
         "units": "ffn" if recipe.get("deploy") == "transformers" else "all",
         "calib_samples": recipe["calib_samples"], "batch_size": recipe["batch_size"], "seed": recipe["seed"],
+        "seq_len": recipe["seq_len"],
         "device": recipe["device"],
     }
     if recipe.get("method"):

@@ -37,6 +37,7 @@ class EncoderRecipe:
     units: str = "all"
     calib_samples: int = 256  # (query, positive) pairs; activation criteria read their queries and positives
     batch_size: int = 16
+    seq_len: int | None = None  # tokens per text at most (default: the model's max_seq_length)
     seed: int = 0
     device: str = "auto"
 
@@ -46,6 +47,8 @@ class EncoderRecipe:
             raise DomainpruneError(f"--sparsity {self.sparsity} is outside [0, 1); give e.g. 0.35")
         if self.units not in UNITS:
             raise DomainpruneError(f"--encoder-units {self.units!r} is not one of {', '.join(UNITS)}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise DomainpruneError(f"--seq-len {self.seq_len} is too short; give at least 2 tokens")
         if self.calib_samples < 2 or self.batch_size < 2:
             raise DomainpruneError("encoders need --calib-samples and --batch-size of at least 2 (in-batch negatives)")
         for source in (self.data, self.general_data):
@@ -135,6 +138,9 @@ def prune_encoder(model: str | Any, *, out: str | Path | None = None, force: boo
     device = resolve_device(recipe.device)
     if isinstance(model, str):
         model = load_encoder(model, device=device)
+    deployed_length = model.max_seq_length
+    if recipe.seq_len is not None:  # calibration only: the output keeps the model's own max_seq_length
+        model.max_seq_length = min(recipe.seq_len, deployed_length or recipe.seq_len)
     units = BertUnits(model)
     before_total = sum(p.numel() for p in model.parameters())
     before = units.attention_mlp_params()
@@ -143,6 +149,7 @@ def prune_encoder(model: str | Any, *, out: str | Path | None = None, force: boo
     scores = get_criterion(recipe.method).score(model, calib)
     plan = plan_units(units, scores, recipe)
     apply_plan(units, plan)
+    model.max_seq_length = deployed_length
     after = units.attention_mlp_params()
     report = {
         "sparsity_target": recipe.sparsity,

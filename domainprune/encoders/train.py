@@ -81,7 +81,7 @@ def recover(model: Any, pairs: list[tuple[str, ...]], *, steps: int = 60, batch_
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     finally:
         model.eval()
         model.zero_grad(set_to_none=True)

@@ -78,7 +78,7 @@ def unit_sums(units: BertUnits, i: int, values: dict[str, torch.Tensor]) -> Laye
 
 
 def unit_params(units: BertUnits, i: int) -> dict[str, torch.Tensor]:
-    names = {n for n in unit_names()}
+    names = set(unit_names())
     return {n: p.detach().float().cpu() for n, p in units.layers[i].named_parameters() if n in names}
 
 

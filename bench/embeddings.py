@@ -108,7 +108,9 @@ def run(args) -> None:
     recover_methods = set((args.recover_methods or args.methods).split(","))
     for method in args.methods.split(","):
         name, _, stream = method.partition("@")
-        domain, general = (calib["general"], calib["code"]) if stream == "general" else (calib["code"], calib["general"])
+        domain, general = calib["code"], calib["general"]
+        if stream == "general":
+            domain, general = general, domain
         scores = None
         for level in (float(x) for x in args.levels.split(",")):
             key = f"{method}|{level:.2f}"

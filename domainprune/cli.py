@@ -440,7 +440,7 @@ def compare(
     if runs and all(_is_encoder(r) for r in runs):
         from .encoders import cli as encoder_cli
 
-        return encoder_cli.compare(list(runs), baseline=measure["baseline"], data=measure["data"],
+        return encoder_cli.compare([str(r) for r in runs], baseline=measure["baseline"], data=measure["data"],
                                    batch_size=measure["batch_size"], device=measure["device"], out=out, force=force,
                                    quiet=quiet)
     check_output(out, force=force, inputs=local_inputs(*runs, measure["baseline"], *measure["data"]))

@@ -229,6 +229,11 @@ def test_cli_prune_eval_recover_tiny(tiny_folder, tmp_path):
     assert r.exit_code == 0, r.output
     figures = json.loads((tmp_path / "e.json").read_text())["results"][0]["tasks"][data]
     assert figures["queries"] > 0 and 0 <= figures["ndcg@10"] <= 1
+    r = runner.invoke(app, ["compare", str(out), "--data", data, "--out", str(tmp_path / "cmp"), "-q"])
+    assert r.exit_code == 0, r.output  # the dense baseline comes from the run's recipe.json
+    compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())["results"]
+    assert [c["name"] for c in compared] == [str(tiny_folder), str(out)]
+    assert compared[1]["tasks"][data] == figures | {"sentences_per_s": compared[1]["tasks"][data]["sentences_per_s"]}
     r = runner.invoke(app, ["recover", str(out), "--out", str(tmp_path / "rec"), "--data", data, "--max-steps", "2",
                             "--batch-size", "4", "-q"])
     assert r.exit_code == 0, r.output

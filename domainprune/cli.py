@@ -32,10 +32,11 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Options shared by several commands.
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m, qwen2.5-coder-0.5b), HF folder, "
-                                                            ".gguf file or hub id.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m, qwen2.5-coder-0.5b; "
+                                                            "sentence encoder: all-minilm-l6-v2), HF folder, .gguf file "
+                                                            "or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
-MethodOpt = Annotated[Optional[str], typer.Option(help="Default: the benchmark's best recipe, cfsp with --reconstruct obs (flap where that cannot apply, e.g. mixture-of-experts models; a line says so). Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess.")]
+MethodOpt = Annotated[Optional[str], typer.Option(help="Default: the benchmark's best recipe, cfsp with --reconstruct obs (flap where that cannot apply, e.g. mixture-of-experts models; a line says so). Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess. Sentence encoders (docs/embeddings.md): magnitude, wanda-sp (default), flap, fisher, gaprune, shrp; shortgpt (whole layers).")]
 AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform).")]
 SparsityOpt = Annotated[Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")]
 TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
@@ -76,6 +77,12 @@ def _setup_logging(quiet: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def _is_encoder(source) -> bool:
+    from .encoders.model import is_encoder
+
+    return is_encoder(source)
 
 
 def parse_count(text: str | None) -> int | None:
@@ -193,6 +200,11 @@ def prune(
 
         check_out(gguf_out, force)
     model = recipe.pop("model")
+    if _is_encoder(model):  # sentence encoders: their own path (docs/embeddings.md)
+        from .encoders import cli as encoder_cli
+
+        return encoder_cli.prune(model, recipe, out=out, recover=recover, export_to=export_to, force=force,
+                                 quiet=quiet)
     result = run(model, out=out, force=force, progress=not quiet, offload=offload, **recipe)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
     r = result.report
@@ -309,6 +321,11 @@ def eval_(
     from .outputs import check_output, local_inputs
 
     _setup_logging(quiet)
+    if _is_encoder(model):
+        from .encoders import cli as encoder_cli
+
+        return encoder_cli.evaluate(model, data=data, baseline=baseline, batch_size=batch_size, device=device,
+                                    json_out=json_out, force=force, quiet=quiet)
     if json_out is not None:
         check_output(json_out, force=force, kind="file", inputs=local_inputs(model, baseline, *data), option="--json")
     task_list = tuple(t for t in tasks.split(",") if t)
@@ -421,6 +438,12 @@ def compare(
     from .outputs import check_output, local_inputs
 
     _setup_logging(quiet)
+    if runs and all(_is_encoder(r) for r in runs):
+        from .encoders import cli as encoder_cli
+
+        return encoder_cli.compare([str(r) for r in runs], baseline=measure["baseline"], data=measure["data"],
+                                   batch_size=measure["batch_size"], device=measure["device"], out=out, force=force,
+                                   quiet=quiet)
     check_output(out, force=force, inputs=local_inputs(*runs, measure["baseline"], *measure["data"]))
     c = _measure_runs(runs, quiet=quiet, **measure)
     header, rows = c.table()
@@ -529,6 +552,7 @@ def vocab(
 
 @app.command()
 def recover(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Pruned run folder (the --out of `domainprune prune`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the recovered checkpoint (not RUN_DIR or inside it: inputs are never modified; `prune --recover` recovers its own output).")],
     data: DataOpt = "code",
@@ -567,6 +591,15 @@ def recover(
     from .recover import recover as run
 
     _setup_logging(quiet)
+    if _is_encoder(run_dir):  # contrastive recovery; --batch-size means pairs per batch (default 32 there)
+        from click.core import ParameterSource
+
+        from .encoders import cli as encoder_cli
+
+        explicit = ctx.get_parameter_source("batch_size") == ParameterSource.COMMANDLINE
+        return encoder_cli.recover(run_dir, out=out, data=data, steps=max_steps or 60,
+                                   batch_size=batch_size if explicit else 32, lr=lr or 2e-5, seed=seed,
+                                   device=device, force=force, quiet=quiet)
     result = run(
         run_dir, out=out, teacher=teacher, force=force, keep_checkpoints=keep_checkpoints, progress=not quiet,
         data=data, text_field=text_field, full=full, kd_weight=kd_weight, kd_temperature=kd_temperature, kd_top_k=kd_top_k,

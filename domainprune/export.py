@@ -55,7 +55,8 @@ def _state_dict_files(path: Path) -> list[Path]:
 
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load any checkpoint written by domainprune (heterogeneous widths and extra biases included)."""
+    """Load any checkpoint written by domainprune (heterogeneous widths and extra biases included); a sentence
+    encoder's comes back as a `SentenceTransformer`."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -64,6 +65,10 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, devic
     if not (path / "config.json").is_file():
         raise DomainpruneError(f"{path} has no config.json; is it a model folder?")
     raw = json.loads((path / "config.json").read_text())
+    from .encoders.model import ENCODER_TYPES, load_encoder
+
+    if raw.get("model_type") in ENCODER_TYPES:  # a sentence encoder: a SentenceTransformer, per-layer widths or not
+        return load_encoder(path, device=device) if dtype is None else load_encoder(path, device=device).to(dtype)
     if not needs_domainprune_loader(raw):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         return model.to(device).eval()

@@ -1,0 +1,241 @@
+"""Encoder benchmark (issue 20): all-MiniLM-L6-v2 pruned at 20/35/50 % of its attention+FFN parameters by every
+encoder criterion (uniform widths), code retrieval nDCG@10 / MRR@10 and general (SQuAD) nDCG@10 on the test splits,
+before and after a short contrastive recovery, plus encoding speed. Written to bench/results/embeddings.md (raw rows
+in embeddings.jsonl; resumable: finished rows are kept).
+
+    python bench/embeddings.py                               # the full grid on this machine
+    python bench/embeddings.py --export-data DIR             # write code.jsonl / general.jsonl (with "group") to
+                                                             # run the same tasks elsewhere (--code-data/--general-data)
+
+Rows `METHOD@general` calibrate the criterion on the general stream instead of the domain's: the general-importance
+baselines GAPrune's claim is about. Scores are computed once per criterion on the dense model; every level prunes a
+fresh copy of it. Calibration and recovery read the calibration split only, never the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from domainprune.encoders import retrieval
+from domainprune import cache
+from domainprune.encoders.criteria import Calibration, LayerScores, get_criterion
+from domainprune.encoders.model import BertUnits, load_encoder
+from domainprune.encoders.pipeline import EncoderRecipe, apply_plan, plan_units
+from domainprune.encoders.train import recover
+from rows import load_rows, save_rows
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = "magnitude,wanda-sp,flap,fisher,gaprune,shrp,shortgpt,wanda-sp@general,fisher@general"
+GENERAL_IMPORTANCE = ("magnitude", "wanda-sp@general", "fisher@general")  # no domain data in their scores
+# nDCG@10 differences smaller than this are not read as evidence: with 200 queries, one query whose positive moves
+# from rank 1 to rank 2 changes the mean by 0.0018, so 0.01 is about five such moves.
+NOISE = 0.01
+
+
+def calibration_pairs(pairs: list[retrieval.Pair], n: int, seed: int = 0) -> list[tuple[str, ...]]:
+    chosen = retrieval.split_pairs(pairs, "calibration")
+    random.Random(seed).shuffle(chosen)
+    return [(p.query, p.positive, *p.negatives) for p in chosen[:n]]
+
+
+def measure(model, tasks: dict[str, retrieval.RetrievalSplit], batch_size: int) -> dict:
+    out = {name: retrieval.evaluate(model, task, batch_size=batch_size) for name, task in tasks.items()}
+    out["params"] = sum(p.numel() for p in model.parameters())
+    out["attention_mlp_params"] = BertUnits(model).attention_mlp_params()
+    return out
+
+
+def method_scores(dense, name: str, stream: str, domain: list, general: list, args) -> tuple[object, float]:
+    """The criterion's scores on the dense model, cached on disk (keyed by everything they depend on)."""
+    key = cache.fingerprint(name, stream, domain, general, args.model, args.max_seq_length, args.calib_batch,
+                            str(args.device))
+    path = cache.entry("bench-encoder-scores", key)
+    if (entry := cache.load_tensors(path)) is not None:
+        tensors, meta = entry
+        if "layers" in tensors:
+            return tensors["layers"], meta["seconds"]
+        n = len(tensors) // 2
+        return [LayerScores(tensors[f"heads.{i}"], tensors[f"channels.{i}"]) for i in range(n)], meta["seconds"]
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    texts = [t for p in domain for t in p[:2]]
+    scores = get_criterion(name).score(copy.deepcopy(dense), Calibration(texts, domain, general,
+                                                                          batch_size=args.calib_batch))
+    seconds = time.perf_counter() - started
+    if isinstance(scores, torch.Tensor):
+        tensors = {"layers": scores}
+    else:
+        tensors = {f"{kind}.{i}": getattr(s, kind) for i, s in enumerate(scores) for kind in ("heads", "channels")}
+    cache.save_tensors(path, tensors, {"seconds": seconds})
+    return scores, seconds
+
+
+def export_data(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("code", "general"):
+        rows = [json.dumps({"query": p.query, "positive": p.positive, "group": p.group})
+                for p in retrieval.load_pairs(name)]
+        (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+        print(f"wrote {folder / f'{name}.jsonl'} ({len(rows)} pairs)")
+
+
+def run(args) -> None:
+    raw = Path(args.out).with_suffix(".jsonl")
+    done = load_rows(raw, args.fresh)
+    device = torch.device(args.device)
+    dense = load_encoder(args.model, device=device).float()
+    dense.max_seq_length = args.max_seq_length
+    pairs = {"code": retrieval.load_pairs(args.code_data), "general": retrieval.load_pairs(args.general_data)}
+    tasks = {name: retrieval.build_split(name, p, "test", max_queries=args.max_queries) for name, p in pairs.items()}
+    calib = {name: calibration_pairs(p, args.calib_samples) for name, p in pairs.items()}
+    train = calibration_pairs(pairs["code"], 10**9)
+    machine = f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'CPU'}, " \
+              f"torch {torch.__version__.split('+')[0]}"
+    if "dense" not in done:
+        done["dense"] = {"key": "dense", "machine": machine, **measure(dense, tasks, args.batch_size),
+                         "tasks": {n: repr(t) for n, t in tasks.items()}}
+        save_rows(raw, done)
+    recover_levels = {float(x) for x in (args.recover_levels or args.levels).split(",")}
+    recover_methods = set((args.recover_methods or args.methods).split(","))
+    for method in args.methods.split(","):
+        name, _, stream = method.partition("@")
+        domain, general = calib["code"], calib["general"]
+        if stream == "general":
+            domain, general = general, domain
+        scores = None
+        for level in (float(x) for x in args.levels.split(",")):
+            key = f"{method}|{level:.2f}"
+            row = done.get(key)
+            wants_recovery = args.recover_steps > 0 and level in recover_levels and method in recover_methods
+            if row is not None and (not wants_recovery or "recovered" in row):
+                continue
+            if scores is None:
+                scores, score_seconds = method_scores(dense, name, stream, domain, general, args)
+            model = copy.deepcopy(dense)
+            units = BertUnits(model)
+            apply_plan(units, plan_units(units, scores, EncoderRecipe(model=args.model, sparsity=level)))
+            if row is None:
+                row = {"key": key, "method": method, "level": level, "machine": machine,
+                       "score_seconds": round(score_seconds, 2), "per_layer": units.per_layer(),
+                       **measure(model, tasks, args.batch_size)}
+                row["sparsity"] = 1 - row["attention_mlp_params"] / done["dense"]["attention_mlp_params"]
+            if wants_recovery:
+                row["recovery"] = recover(model, train, steps=args.recover_steps, batch_size=args.recover_batch,
+                                          lr=args.lr, seed=0)
+                row["recovered"] = measure(model, tasks, args.batch_size)
+            done[key] = row
+            save_rows(raw, done)
+            print(key, f"code nDCG@10 {row['code']['ndcg@10']:.4f}",
+                  f"-> {row['recovered']['code']['ndcg@10']:.4f}" if "recovered" in row else "", flush=True)
+    write_markdown(Path(args.out), done, args)
+
+
+def write_markdown(path: Path, done: dict, args) -> None:
+    dense = done["dense"]
+    d_code, d_gen = dense["code"]["ndcg@10"], dense["general"]["ndcg@10"]
+    lines = [
+        "# Encoder pruning: all-MiniLM-L6-v2 for code retrieval (issue 20)",
+        "",
+        f"Machine: {args.machine or dense['machine']}. Generated by `python bench/embeddings.py "
+        f"{' '.join(sys.argv[1:])}` (see docs/embeddings.md for the commands that measured the rows). Speed "
+        "(sent/s) is the code test split's encoding throughput on that machine; on a shared, contended CPU it "
+        "varies by ±50 % between rows, so compare parameters, not these speeds.",
+        f"Tasks (test splits, every query against the split's whole corpus): {dense['tasks']['code']}, "
+        f"{dense['tasks']['general']}. Max sequence length {args.max_seq_length} tokens everywhere. Calibration: "
+        f"{args.calib_samples} (query, positive) pairs of the calibration split (criteria), batches of "
+        f"{args.calib_batch}. Recovery: {args.recover_steps} steps of InfoNCE (in-batch negatives, scale 20), batch "
+        f"{args.recover_batch}, lr {args.lr}, full fine-tuning, on the code calibration split. Uniform widths "
+        "(every layer alike); heads and FFN channels removed together, `shortgpt` removes whole layers.",
+        "",
+        f"Dense: code nDCG@10 {d_code:.4f}, MRR@10 {dense['code']['mrr@10']:.4f}; general nDCG@10 {d_gen:.4f}, "
+        f"MRR@10 {dense['general']['mrr@10']:.4f}; {dense['params']:,} parameters "
+        f"({dense['attention_mlp_params']:,} attention+FFN); {dense['code']['sentences_per_s']:.0f} sentences/s "
+        "(code test split, queries + passages).",
+        "",
+        "| level | method | removed | params | code nDCG@10 | (% dense) | code MRR@10 | general nDCG@10 | (% dense) "
+        "| sent/s | + recovery: code nDCG@10 | general nDCG@10 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [r for k, r in done.items() if k != "dense"]
+    for r in sorted(rows, key=lambda r: (r["level"], -r["code"]["ndcg@10"])):
+        rec = r.get("recovered")
+        lines.append(
+            f"| {r['level']:.0%} | {r['method']} | {r['sparsity']:.1%} | {r['params']:,} | {r['code']['ndcg@10']:.4f} "
+            f"| {100 * r['code']['ndcg@10'] / d_code:.1f} | {r['code']['mrr@10']:.4f} | "
+            f"{r['general']['ndcg@10']:.4f} | {100 * r['general']['ndcg@10'] / d_gen:.1f} | "
+            f"{r['code']['sentences_per_s']:.0f} | "
+            + (f"{rec['code']['ndcg@10']:.4f} | {rec['general']['ndcg@10']:.4f} |" if rec else "- | - |"))
+    lines += ["", "## GAPrune's claim, row by row", "",
+              "Claim: at the same sparsity, GAPrune's DAI (domain Fisher minus general Fisher, alignment, magnitude) "
+              "keeps domain retrieval better than general-importance criteria (scores without domain data: "
+              f"{', '.join(GENERAL_IMPORTANCE)}). Code nDCG@10 without recovery (with recovery in brackets); "
+              f"|Δ| < {NOISE} is called inconclusive:", ""]
+    for level in sorted({r["level"] for r in rows}):
+        g = done.get(f"gaprune|{level:.2f}")
+        if g is None:
+            continue
+        for base in GENERAL_IMPORTANCE:
+            b = done.get(f"{base}|{level:.2f}")
+            if b is None:
+                continue
+            diff = g["code"]["ndcg@10"] - b["code"]["ndcg@10"]
+            rec = ""
+            if "recovered" in g and "recovered" in b:
+                rec = f" [{g['recovered']['code']['ndcg@10']:.4f} vs {b['recovered']['code']['ndcg@10']:.4f}]"
+            verdict = "inconclusive" if abs(diff) < NOISE else "shown" if diff > 0 else "refuted"
+            lines.append(f"- {level:.0%}: gaprune {g['code']['ndcg@10']:.4f} vs {base} {b['code']['ndcg@10']:.4f}"
+                         f"{rec}: {diff:+.4f}, **{verdict}**")
+    best35 = max((r for r in rows if abs(r["level"] - 0.35) < 1e-9), key=lambda r: r["code"]["ndcg@10"], default=None)
+    if best35:
+        ratio = best35["code"]["ndcg@10"] / d_code
+        lines += ["", f"Target (35 %, no recovery, code nDCG@10 within 5 % of dense): best {best35['method']} at "
+                      f"{100 * ratio:.1f} % of dense: **{'met' if ratio >= 0.95 else 'not met'}**."]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="all-minilm-l6-v2")
+    p.add_argument("--code-data", default="code", help="code preset or a JSONL written by --export-data")
+    p.add_argument("--general-data", default="general")
+    p.add_argument("--methods", default=METHODS)
+    p.add_argument("--levels", default="0.2,0.35,0.5")
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--max-queries", type=int, default=None, help="test queries per task at most (default: all)")
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--calib-batch", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64, help="encoding batch for evaluation")
+    p.add_argument("--recover-steps", type=int, default=100)
+    p.add_argument("--recover-batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--recover-levels", default=None, help="levels that also get recovery (default: all)")
+    p.add_argument("--recover-methods", default=None, help="methods that also get recovery (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(RESULTS / "embeddings.md"))
+    p.add_argument("--export-data", default=None, help="only write the tasks' pairs as JSONL into this folder")
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the rows already measured")
+    p.add_argument("--machine", default=None, help="machine description for the Markdown (default: detected)")
+    args = p.parse_args()
+    if args.export_data:
+        export_data(Path(args.export_data))
+        return
+    if args.report_only:
+        write_markdown(Path(args.out), load_rows(Path(args.out).with_suffix(".jsonl")), args)
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

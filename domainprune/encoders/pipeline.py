@@ -1,0 +1,208 @@
+"""Encoder pruning end to end: calibration pairs -> unit scores -> uniform widths -> physical removal -> export;
+retrieval evaluation; contrastive recovery of an exported run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DomainpruneError
+from ..models import resolve_device
+from ..outputs import check_output, local_inputs
+from . import retrieval
+from .criteria import Calibration, LayerScores, get_criterion
+from .export import save_encoder
+from .model import BertUnits, is_encoder, load_encoder, resolve
+from .train import recover as contrastive_recover
+
+log = logging.getLogger(__name__)
+UNITS = ("all", "ffn")  # all: heads + FFN channels; ffn: FFN channels only (a stock config, every loader reads it)
+DEFAULT_METHOD = "wanda-sp"
+
+
+@dataclass
+class EncoderRecipe:
+    model: str
+    data: str = "code"
+    general_data: str = "general"
+    method: str = DEFAULT_METHOD
+    sparsity: float = 0.35
+    units: str = "all"
+    calib_samples: int = 256  # (query, positive) pairs; activation criteria read their queries and positives
+    batch_size: int = 16
+    seq_len: int | None = None  # tokens per text at most (default: the model's max_seq_length)
+    seed: int = 0
+    device: str = "auto"
+
+    def check(self) -> None:
+        get_criterion(self.method)
+        if not 0 <= self.sparsity < 1:
+            raise DomainpruneError(f"--sparsity {self.sparsity} is outside [0, 1); give e.g. 0.35")
+        if self.units not in UNITS:
+            raise DomainpruneError(f"--encoder-units {self.units!r} is not one of {', '.join(UNITS)}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise DomainpruneError(f"--seq-len {self.seq_len} is too short; give at least 2 tokens")
+        if self.calib_samples < 2 or self.batch_size < 2:
+            raise DomainpruneError("encoders need --calib-samples and --batch-size of at least 2 (in-batch negatives)")
+        for source in (self.data, self.general_data):
+            if source not in retrieval.PRESETS and not Path(source).expanduser().is_file():
+                raise DomainpruneError(f"retrieval data {source!r} not found: give a preset "
+                                       f"({', '.join(retrieval.PRESETS)}) or a .jsonl file of query/positive rows")
+
+
+@dataclass
+class EncoderResult:
+    model: Any
+    plan: dict
+    report: dict
+    out: Path | None = None
+    recipe: EncoderRecipe | None = None
+
+
+def calibration(recipe: EncoderRecipe, progress: bool) -> Calibration:
+    """`calib_samples` pairs of each stream's calibration split, in a seeded order."""
+
+    def take(source: str) -> list[tuple[str, ...]]:
+        pairs = retrieval.split_pairs(retrieval.load_pairs(source), "calibration")
+        if len(pairs) < 2:
+            raise DomainpruneError(f"retrieval data {source!r} has {len(pairs)} calibration pair(s); give more pairs")
+        random.Random(recipe.seed).shuffle(pairs)
+        return [(p.query, p.positive, *p.negatives) for p in pairs[: recipe.calib_samples]]
+
+    domain = take(recipe.data)
+    general = take(recipe.general_data) if recipe.method == "gaprune" else []
+    texts = [t for p in domain for t in p[:2]]
+    return Calibration(texts, domain, general, batch_size=recipe.batch_size, progress=progress)
+
+
+def _keep(scores: torch.Tensor, n: int) -> list[int]:
+    """Indices of the `n` highest scores, in their original order (ties: the lower index)."""
+    order = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
+    return sorted(order[:n])
+
+
+def uniform_widths(units: BertUnits, sparsity: float, which: str) -> tuple[int, int]:
+    """(heads, channels) kept in every layer so that each layer loses `sparsity` of its attention+FFN parameters:
+    heads in the same proportion (at least one), FFN channels make up the rest; `ffn` keeps every head."""
+    i = 0
+    heads = units.heads(i) if which == "ffn" else max(1, round(units.heads(i) * (1 - sparsity)))
+    d = units.bert.config.hidden_size
+    target = (1 - sparsity) * units.layer_params(i) - heads * units.head_params() - 2 * d
+    channels = round(target / units.channel_params())
+    if channels < 1:
+        raise DomainpruneError(f"--sparsity {sparsity} cannot be met by FFN channels alone with every head kept; "
+                               "use --encoder-units all or a lower sparsity")
+    return heads, min(channels, units.channels(i))
+
+
+def plan_units(units: BertUnits, scores: list[LayerScores] | torch.Tensor, recipe: EncoderRecipe) -> dict:
+    if isinstance(scores, torch.Tensor):  # whole layers: drop the lowest-scoring round(s·L)
+        drop = round(recipe.sparsity * units.num_layers())
+        if drop >= units.num_layers():
+            raise DomainpruneError(f"--sparsity {recipe.sparsity} would remove every layer; lower it")
+        return {"keep_layers": _keep(scores, units.num_layers() - drop), "layer_scores": scores.tolist()}
+    if len({(units.heads(i), units.channels(i)) for i in range(units.num_layers())}) != 1:
+        raise DomainpruneError("uniform allocation needs a model whose layers have one width; prune the dense model")
+    heads, channels = uniform_widths(units, recipe.sparsity, recipe.units)
+    return {"layers": [{"heads": _keep(s.heads, heads), "channels": _keep(s.channels, channels)} for s in scores]}
+
+
+def apply_plan(units: BertUnits, plan: dict) -> None:
+    if "keep_layers" in plan:
+        units.keep_layers(plan["keep_layers"])
+        return
+    for i, layer in enumerate(plan["layers"]):
+        if len(layer["heads"]) < units.heads(i):
+            units.keep_heads(i, layer["heads"])
+        units.keep_channels(i, layer["channels"])
+
+
+def prune_encoder(model: str | Any, *, out: str | Path | None = None, force: bool = False, progress: bool = True,
+                  **fields: Any) -> EncoderResult:
+    """Prune a sentence encoder (a preset, folder, or loaded SentenceTransformer with `source` in fields) for the
+    retrieval data in `data`; with `out`, write the verified checkpoint plus plan.json, recipe.json, report.json."""
+    source = fields.pop("source", None) if not isinstance(model, str) else model
+    recipe = EncoderRecipe(model=str(source), **fields)
+    recipe.check()
+    if out is not None:
+        home = resolve(source) if isinstance(model, str) else None
+        check_output(out, force=force, inputs=local_inputs(home, recipe.data, recipe.general_data))
+    started = time.perf_counter()
+    device = resolve_device(recipe.device)
+    if isinstance(model, str):
+        model = load_encoder(model, device=device)
+    deployed_length = model.max_seq_length
+    if recipe.seq_len is not None:  # calibration only: the output keeps the model's own max_seq_length
+        model.max_seq_length = min(recipe.seq_len, deployed_length or recipe.seq_len)
+    units = BertUnits(model)
+    before_total = sum(p.numel() for p in model.parameters())
+    before = units.attention_mlp_params()
+    calib = calibration(recipe, progress)
+    torch.manual_seed(recipe.seed)
+    scores = get_criterion(recipe.method).score(model, calib)
+    plan = plan_units(units, scores, recipe)
+    apply_plan(units, plan)
+    model.max_seq_length = deployed_length
+    after = units.attention_mlp_params()
+    report = {
+        "sparsity_target": recipe.sparsity,
+        "sparsity_achieved": round(1 - after / before, 6),
+        "attention_mlp_params": [before, after],
+        "total_params": [before_total, sum(p.numel() for p in model.parameters())],
+        "per_layer": units.per_layer(),
+        "stock_loadable": units.stock_loadable(),
+        "prune_seconds": round(time.perf_counter() - started, 2),
+        "device": str(device),
+    }
+    result = EncoderResult(model, plan, report, recipe=recipe)
+    if out is not None:
+        extra = {"plan.json": json.dumps(plan) + "\n", "recipe.json": json.dumps(asdict(recipe), indent=1) + "\n",
+                 "report.json": json.dumps(report, indent=1) + "\n"}
+        result.out = save_encoder(model, out, force=force, extra_files=extra, inputs=tuple(
+            local_inputs(recipe.data, recipe.general_data)))
+    return result
+
+
+def evaluate_encoder(model: str | Any, *, data: list[str] | tuple[str, ...] = ("code", "general"),
+                     split: str = "test", max_queries: int | None = None, batch_size: int = 64,
+                     device: str = "auto", progress: bool = False) -> dict[str, dict[str, float]]:
+    """nDCG@10, MRR@10 and sentences/s per retrieval task (its `split`'s queries over that split's whole corpus)."""
+    tasks = {name: retrieval.build_split(name, retrieval.load_pairs(name), split, max_queries=max_queries)
+             for name in data}
+    if isinstance(model, str):
+        model = load_encoder(model, device=resolve_device(device))
+    return {name: retrieval.evaluate(model, task, batch_size=batch_size, progress=progress)
+            for name, task in tasks.items()}
+
+
+def recover_encoder(run: str | Path, *, out: str | Path, force: bool = False, data: str | None = None,
+                    steps: int = 60, batch_size: int = 32, lr: float = 2e-5, seed: int = 0, device: str = "auto",
+                    in_place: bool = False, progress: bool = True) -> EncoderResult:
+    """Contrastive recovery (InfoNCE, in-batch negatives) of an exported encoder on its domain's calibration pairs
+    (from recipe.json unless `data` is given), written to `out` with the run's files and a recover.json."""
+    run = Path(run)
+    if not is_encoder(run):
+        raise DomainpruneError(f"{run} is not an encoder folder")
+    if not in_place:
+        check_output(out, force=force, inputs=local_inputs(run, data))
+    recipe_file = run / "recipe.json"
+    recorded = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    data = data or recorded.get("data") or "code"
+    pairs = retrieval.split_pairs(retrieval.load_pairs(data), "calibration")
+    random.Random(seed).shuffle(pairs)
+    model = load_encoder(run, device=resolve_device(device))
+    report = contrastive_recover(model, [(p.query, p.positive, *p.negatives) for p in pairs], steps=steps,
+                           batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    report["data"] = data
+    extra = {name: (run / name).read_text() for name in ("plan.json", "recipe.json", "report.json")
+             if (run / name).is_file()}
+    extra["recover.json"] = json.dumps(report, indent=1) + "\n"
+    written = save_encoder(model, out, force=force or in_place, extra_files=extra)
+    return EncoderResult(model, {}, report, out=written)

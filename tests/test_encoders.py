@@ -1,0 +1,244 @@
+"""Sentence encoders: physical removal of heads, FFN channels and layers, export/reload, retrieval metrics, errors.
+
+A tiny random-initialised BertModel (real transformers class, the bundled MiniLM's real tokenizer and pooling
+modules) for structure; the real all-MiniLM-L6-v2 where noted."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from domainprune.cli import app
+from domainprune.encoders import retrieval
+from domainprune.encoders.criteria import CRITERIA, Calibration, get_criterion
+from domainprune.encoders.export import probe_embeddings, save_encoder
+from domainprune.encoders.model import BertUnits, load_encoder, preset_folder
+from domainprune.encoders.pipeline import prune_encoder, uniform_widths
+from domainprune.errors import DomainpruneError
+
+TEXTS = ["def add(a, b): return a + b", "Return the sum of two numbers.", "Paris is the capital of France.",
+         "class Stack: pass"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A sentence-transformers folder: tiny random BertModel + the MiniLM tokenizer, mean pooling, normalize."""
+    from transformers import BertConfig, BertModel
+
+    source = preset_folder("all-minilm-l6-v2")
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64)
+    model = BertModel(config, add_pooling_layer=False)
+    with torch.no_grad():  # larger weights than the init, so that differences show
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embeddings" not in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json"):
+        shutil.copy(source / name, folder / name)
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir()
+    pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "word_embedding_dimension": 32}))
+    return folder
+
+
+@pytest.fixture
+def tiny(tiny_folder):
+    return load_encoder(tiny_folder)
+
+
+def test_zero_contribution_removal_tiny(tiny):
+    units = BertUnits(tiny)
+    layer = units.layers[1]
+    hd = units.head_dim
+    with torch.no_grad():  # head 2 of layer 1 and FFN channels 5, 7 of layer 0 contribute nothing
+        layer.attention.self.value.weight[2 * hd : 3 * hd] = 0
+        layer.attention.self.value.bias[2 * hd : 3 * hd] = 0
+        units.layers[0].output.dense.weight[:, [5, 7]] = 0
+    before = probe_embeddings(tiny)
+    units.keep_heads(1, [0, 1, 3])
+    units.keep_channels(0, [c for c in range(48) if c not in (5, 7)])
+    assert units.heads(1) == 3 and units.channels(0) == 46
+    after = probe_embeddings(tiny)
+    assert torch.allclose(after, before, atol=1e-6)
+    units.keep_heads(2, [0])  # a real head removal does change the embeddings
+    assert not torch.allclose(probe_embeddings(tiny), before, atol=1e-3)
+
+
+def test_zero_contribution_layer_removal_tiny(tiny):
+    units = BertUnits(tiny)
+    with torch.no_grad():  # layer 2 adds nothing and the LayerNorms around it are plain normalisations
+        for ln in (units.layers[1].output.LayerNorm, units.layers[2].attention.output.LayerNorm,
+                   units.layers[2].output.LayerNorm):
+            ln.weight.fill_(1)
+            ln.bias.zero_()
+        for dense in (units.layers[2].attention.output.dense, units.layers[2].output.dense):
+            dense.weight.zero_()
+            dense.bias.zero_()
+    before = probe_embeddings(tiny)
+    units.keep_layers([0, 1])
+    assert units.num_layers() == 2 and tiny[0].auto_model.config.num_hidden_layers == 2
+    assert torch.allclose(probe_embeddings(tiny), before, atol=1e-5)
+
+
+def test_zero_contribution_removal_real_minilm():
+    model = load_encoder("all-minilm-l6-v2")
+    units = BertUnits(model)
+    assert (units.num_layers(), units.heads(0), units.channels(0), units.head_dim) == (6, 12, 1536, 32)
+    with torch.no_grad():
+        units.layers[3].attention.self.value.weight[5 * 32 : 6 * 32] = 0
+        units.layers[3].attention.self.value.bias[5 * 32 : 6 * 32] = 0
+        units.layers[4].output.dense.weight[:, :100] = 0
+    before = probe_embeddings(model)
+    units.keep_heads(3, [h for h in range(12) if h != 5])
+    units.keep_channels(4, list(range(100, 1536)))
+    assert torch.allclose(probe_embeddings(model), before, atol=1e-6)
+
+
+def test_export_reload_stock_and_per_layer(tiny, tiny_folder, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from domainprune import load_pretrained
+
+    units = BertUnits(tiny)
+    for i in range(units.num_layers()):  # the same FFN width everywhere, every head kept: a stock config
+        units.keep_channels(i, list(range(0, 48, 2)))
+    units.keep_layers([0, 2])
+    assert units.stock_loadable()
+    expected = probe_embeddings(tiny)
+    save_encoder(tiny, tmp_path / "uniform")
+    stock = SentenceTransformer(str(tmp_path / "uniform"), device="cpu")
+    assert torch.equal(probe_embeddings(stock), expected)
+    auto = AutoModel.from_pretrained(tmp_path / "uniform")
+    assert auto.config.intermediate_size == 24 and auto.config.num_hidden_layers == 2
+
+    units.keep_heads(0, [1, 3])  # fewer heads: no stock BertConfig can say so
+    assert not units.stock_loadable()
+    expected = probe_embeddings(tiny)
+    save_encoder(tiny, tmp_path / "heads")
+    config = json.loads((tmp_path / "heads" / "config.json").read_text())
+    assert config["domainprune"]["encoder_layers"] == [{"heads": 2, "intermediate": 24},
+                                                       {"heads": 4, "intermediate": 24}]
+    with pytest.raises(Exception):  # stock loaders refuse rather than misload
+        SentenceTransformer(str(tmp_path / "heads"), device="cpu")
+    reloaded = load_pretrained(tmp_path / "heads")
+    assert torch.equal(probe_embeddings(reloaded), expected)
+    with pytest.raises(DomainpruneError, match="exists"):
+        save_encoder(tiny, tmp_path / "heads")
+
+
+def test_rank_metrics_by_hand():
+    # 3 queries over 4 passages; query 0's relevant passage ranks 2nd, query 1 has two relevant (1st and 3rd),
+    # query 2's relevant passage is outside the top 2 (k=2).
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.7, 0.1, 0.5, 0.0], [0.9, 0.8, 0.7, 0.1]])
+    relevant = [{1}, {0, 2}, {3}]
+    got = retrieval.rank_metrics(scores, relevant, k=2)
+    ndcg = [(1 / math.log2(3)) / 1, (1 + 1 / math.log2(3)) / (1 + 1 / math.log2(3)), 0.0]
+    assert got["ndcg@2"] == pytest.approx(sum(ndcg) / 3)
+    assert got["mrr@2"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+
+
+def _write_pairs(path, n=60, groups=30):
+    rows = [{"query": f"how do I compute item {i} of the sequence", "positive": f"def item_{i}(): return {i} * {i}",
+             "negatives": [f"unrelated text number {i}"], "group": f"file{i % groups}.py"} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_user_jsonl_split_and_toy_evaluation(tiny, tmp_path):
+    pairs = retrieval.load_pairs(str(_write_pairs(tmp_path / "pairs.jsonl")))
+    assert len(pairs) == 60 and pairs[0].negatives == ("unrelated text number 0",)
+    splits = {s: retrieval.build_split("toy", pairs, s) for s in ("calibration", "validation")}
+    assert sum(len(s.queries) for s in splits.values()) == 60  # split by group (file), as the code preset does
+    assert {p.group for p in splits["validation"].pairs}.isdisjoint({p.group for p in splits["calibration"].pairs})
+    with pytest.raises(DomainpruneError, match="no pair in its test split"):
+        retrieval.build_split("toy", pairs, "test")
+    for s in splits.values():  # every passage, negatives included, is in the split's corpus; positives relevant
+        assert len(s.passages) == 2 * len(s.queries)
+        assert all(s.passages[next(iter(r))].startswith("def item_") for r in s.relevant)
+    result = retrieval.evaluate(tiny, splits["calibration"])
+    assert 0 <= result["ndcg@10"] <= 1 and 0 <= result["mrr@10"] <= 1 and result["sentences_per_s"] > 0
+
+
+@pytest.mark.parametrize("line, fix", [
+    ('{"query": "q"}', "needs string fields"),
+    ('{"query": "q", "positive": "p", "negatives": "n"}', "must be a list of strings"),
+    ("not json", "is not JSON"),
+])
+def test_bad_jsonl_one_line(tmp_path, line, fix):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(DomainpruneError, match=fix) as e:
+        retrieval.load_pairs(str(path))
+    assert "\n" not in str(e.value) and "line 1" in str(e.value)
+
+
+def test_every_criterion_scores_every_unit(tiny):
+    calib = Calibration(TEXTS, [(t, t.upper()) for t in TEXTS], [(t[::-1], t) for t in TEXTS], batch_size=4)
+    for name in sorted(CRITERIA):
+        scores = get_criterion(name).score(tiny, calib)
+        if CRITERIA[name].scores_layers:
+            assert scores.shape == (3,) and torch.isfinite(scores).all()
+            continue
+        assert len(scores) == 3, name
+        for s in scores:
+            assert s.heads.shape == (4,) and s.channels.shape == (48,), name
+            assert torch.isfinite(s.heads).all() and torch.isfinite(s.channels).all(), name
+            assert s.channels.std() > 0, name  # a criterion that cannot tell channels apart is broken
+
+
+def test_uniform_widths_meet_the_budget(tiny):
+    units = BertUnits(tiny)
+    heads, channels = uniform_widths(units, 0.5, "all")
+    assert heads == 2
+    kept = heads * units.head_params() + channels * units.channel_params() + 2 * 32
+    assert abs(kept / units.layer_params(0) - 0.5) < units.channel_params() / units.layer_params(0)
+    assert uniform_widths(units, 0.3, "ffn")[0] == 4
+    with pytest.raises(DomainpruneError, match="FFN channels alone"):
+        uniform_widths(units, 0.9, "ffn")
+
+
+def test_prune_bad_input_before_work(tiny_folder, tmp_path):
+    with pytest.raises(DomainpruneError, match="unknown encoder method 'nope'"):
+        prune_encoder(str(tiny_folder), method="nope")
+    with pytest.raises(DomainpruneError, match=r"outside \[0, 1\)"):
+        prune_encoder(str(tiny_folder), sparsity=1.5)
+    with pytest.raises(DomainpruneError, match="not found"):
+        prune_encoder(str(tiny_folder), data=str(tmp_path / "missing.jsonl"))
+
+
+def test_cli_prune_eval_recover_tiny(tiny_folder, tmp_path):
+    data = str(_write_pairs(tmp_path / "pairs.jsonl", n=120, groups=120))
+    runner = CliRunner()
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["prune", "--model", str(tiny_folder), "--data", data, "--general-data", data,
+                            "--method", "gaprune", "--sparsity", "0.5", "--calib-samples", "16", "--batch-size",
+                            "8", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["sparsity_achieved"] - 0.5) < 0.02 and not report["stock_loadable"]
+    assert report["per_layer"][0]["heads"] == 2
+    r = runner.invoke(app, ["eval", str(out), "--data", data, "--json", str(tmp_path / "e.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    figures = json.loads((tmp_path / "e.json").read_text())["results"][0]["tasks"][data]
+    assert figures["queries"] > 0 and 0 <= figures["ndcg@10"] <= 1
+    r = runner.invoke(app, ["compare", str(out), "--data", data, "--out", str(tmp_path / "cmp"), "-q"])
+    assert r.exit_code == 0, r.output  # the dense baseline comes from the run's recipe.json
+    compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())["results"]
+    assert [c["name"] for c in compared] == [str(tiny_folder), str(out)]
+    assert compared[1]["tasks"][data] == figures | {"sentences_per_s": compared[1]["tasks"][data]["sentences_per_s"]}
+    r = runner.invoke(app, ["recover", str(out), "--out", str(tmp_path / "rec"), "--data", data, "--max-steps", "2",
+                            "--batch-size", "4", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "rec" / "recover.json").read_text())["steps"] == 2
+    r = runner.invoke(app, ["prune", "--model", str(tiny_folder), "--data", data, "--depth", "shortgpt",
+                            "--out", str(tmp_path / "x"), "-q"])
+    assert isinstance(r.exception, DomainpruneError) and "--depth applies to decoders only" in str(r.exception)
+    assert not (tmp_path / "x").exists()

@@ -248,7 +248,7 @@ def train_atp(loaded, recipe, options: AtpOptions, staging, progress: bool = Tru
             log.info("atp: %d steps planned for the %.0f s budget", total, options.time_budget)
         strength = lr * options.lasso * (math.exp(step / total) - 1) / (math.e - 1)
         _lasso(adapter, units, keep, strength)
-        entry.update(loss=round(float(loss), 5), lr=lr, elapsed=round(clock.elapsed, 2))
+        entry.update(loss=round(float(loss.detach()), 5), lr=lr, elapsed=round(clock.elapsed, 2))
         if final is None and step >= max(1, round(options.pdg_fraction * total)):
             with torch.no_grad():
                 final = [(g.float(), c.float()) for g, c in

@@ -72,7 +72,7 @@ def tune(model, seqs: torch.Tensor, options: TrainOptions, seed: int, steps: int
         torch.nn.utils.clip_grad_norm_(lparams.values(), 1.0)
         opt.step()
         step += 1
-        losses.append(round(float(loss), 5))
+        losses.append(round(float(loss.detach()), 5))
         if total is None:
             total = max(2, int(seconds / max(time.perf_counter() - started, 1e-6)))
             bar.total = total

@@ -7,7 +7,7 @@
   module's per-unit sums are L2-normalised and summed over the unit's modules; S̄ ← ema·S̄ + (1 − ema)·S every step.
 - Sparsity follows the cubic schedule s_t = s_f·(1 − (1 − (t − t_w)/(T − t_w − t_c))³) between a warm-up and a
   cool-down; every `prune_every` steps each layer drops its lowest-S̄ live units down to the uniform per-layer counts
-  for s_t (allocation.uniform_counts), masks multiplying the units' outputs. The last pruning reaches the target
+  of the target scaled by s_t/s_f (allocation.uniform_counts at the target: whole KV groups and channels), masks multiplying the units' outputs. The last pruning reaches the target
   exactly (the reference stops just short of it); then LoRA is merged and the units are removed through the plan.
 """
 
@@ -101,14 +101,14 @@ def run(loaded, recipe, options: LoraPruneOptions, staging, progress: bool = Tru
     units = Units.of(base_adapter)
     total_before = parameter_count(model)
     dense = dense_plan(base_adapter, loaded.source)
-    counts_at = {}  # sparsity -> per-layer removals; shapes only, so from the dense model before LoRA wraps it
+    final_counts = uniform_counts(base_adapter, recipe.sparsity, "kv_group")
 
     def counts(s: float):
-        if s not in counts_at:
-            counts_at[s] = uniform_counts(get_adapter(model), s, "kv_group")
-        return counts_at[s]
+        """The final per-layer removals scaled by s/s_f: monotone in s (the uniform counts at a lower sparsity are
+        not, where a KV group's rounding flips), and exactly the final ones at s_f."""
+        f = s / recipe.sparsity if recipe.sparsity else 1.0
+        return [(round(f * g), round(f * c)) for g, c in final_counts]
 
-    final_counts = counts(recipe.sparsity)
     train = common.domain_sequences(recipe.data, recipe.text_field, loaded.tokenizer, "calibration", options.samples,
                                     options.seq_len)
     key = cache.fingerprint("loraprune", 1, recipe.data, recipe.sparsity, recipe.seed,
@@ -159,10 +159,10 @@ def run(loaded, recipe, options: LoraPruneOptions, staging, progress: bool = Tru
         if total is None:
             total = common.planned_steps(options, time.perf_counter() - started)
             bar.total = total
-        entry = {"step": step, "loss": round(float(loss), 5), "lr": lr, "elapsed": round(clock.elapsed, 2)}
+        entry = {"step": step, "loss": round(float(loss.detach()), 5), "lr": lr, "elapsed": round(clock.elapsed, 2)}
         if step % options.prune_every == 0 or step == total:
             s = cubic_sparsity(step, total, recipe.sparsity, options)
-            prune_to(units, final_counts if step == total else counts(round(s, 6)), ema, keep)
+            prune_to(units, final_counts if step == total else counts(s), ema, keep)
             entry["sparsity"] = round(s, 5)
         history.append(entry)
         bar.update(1)

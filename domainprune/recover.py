@@ -429,6 +429,9 @@ def trained_counts(model: torch.nn.Module, parts: set[str]) -> dict[str, int]:
     counts["total"] = sum(counts.values())
     counts["model"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
     return counts
+
+
+def _vocab(model: torch.nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 

@@ -60,7 +60,8 @@ def run_recipe(name: str, loaded: LoadedModel, args, level: float, started: floa
     left = lambda: args.budget - (time.perf_counter() - started) - RESERVE  # noqa: E731
     if name in ("two-stage", "perp-light"):
         result = one_shot(loaded, args, level)
-        info = {"prune_seconds": round(time.perf_counter() - started, 1), "recipe": result.recipe.model_dump(mode="json")}
+        info = {"prune_seconds": round(time.perf_counter() - started, 1),
+                "recipe": result.recipe.model_dump(mode="json")}
         light = {"train": "norms,biases"} if name == "perp-light" else {}
         with tempfile.TemporaryDirectory() as tmp:
             rec = recover(LoadedModel(result.model, loaded.tokenizer, None, loaded.source), out=Path(tmp) / "r",
@@ -119,7 +120,8 @@ def main() -> None:
                     speed=False, progress=False)
     dense = load_model(args.model, dtype="float32", device=args.device)
     cuda = next(dense.model.parameters()).device.type == "cuda"
-    machine = (torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads") \
+    threads = torch.get_num_threads()
+    machine = (torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {threads} threads") \
         + f", torch {torch.__version__}"
     if f"{args.model}|dense" not in done:
         m = measure(dense, "dense", **settings)
@@ -176,8 +178,9 @@ def write_markdown(done: dict, path: Path) -> None:
             trained = (trained.get("total") or sum(v for k, v in trained.items() if k != "model")) if isinstance(
                 trained, dict) else "" if not t else "LoRA"
             steps = t.get("steps", sum(s.get("steps", 0) for s in t.get("stages", [])) or "")
-            cells = [r["recipe_name"], f"{r.get('level', 0):.0%}" if "level" in r else "", str(int(r.get("budget", 0)) or ""),
-                     str(r.get("all_in_seconds", "")), str(steps), f"{trained:,}" if isinstance(trained, int) else trained,
+            cells = [r["recipe_name"], f"{r['level']:.0%}" if "level" in r else "",
+                     str(int(r.get("budget", 0)) or ""), str(r.get("all_in_seconds", "")), str(steps),
+                     f"{trained:,}" if isinstance(trained, int) else trained,
                      f"{m['params']:,}"]
             for src in ("code", "general"):
                 cells.append(f"{m['perplexity'][src]:.3f} ({m['perplexity'][src] / d['perplexity'][src]:.3f}×)")

@@ -427,7 +427,8 @@ def trained_counts(model: torch.nn.Module, parts: set[str]) -> dict[str, int]:
         kind = "lora" if "lora_" in name else "biases" if name.rsplit(".", 1)[-1] == "bias" else "norms"
         counts[kind] += p.numel()
     counts["total"] = sum(counts.values())
-    counts["model"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
+    counts["model"] = sum(p.numel() for n, p in model.named_parameters()
+                          if "lora_" not in n and "modules_to_save" not in n)
     return counts
 
 

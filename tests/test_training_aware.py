@@ -102,7 +102,8 @@ def test_atp_run_folder_exports_like_any_other(tmp_path):
     plan = Plan.load(out / "plan.json")
     assert json.loads((out / "recipe.json").read_text())["method"] == "atp"
     report = json.loads((out / "report.json").read_text())
-    assert report["training"]["pruned_units_max_abs"] == 0.0 and len(json.loads((out / "training_log.json").read_text())) == 8
+    assert report["training"]["pruned_units_max_abs"] == 0.0
+    assert len(json.loads((out / "training_log.json").read_text())) == 8
     assert report["total_params"] == [dense, parameter_count(result.model)]
     reloaded = load_pretrained(out)
     torch.testing.assert_close(logits_on(reloaded, IDS), logits_on(result.model, IDS), atol=1e-5, rtol=1e-5)
@@ -127,14 +128,13 @@ def test_training_options_refused_in_one_line():
 def test_cli_train_opt_reaches_the_recipe(tmp_path, capsys):
     tok = smol_tokenizer()
     folder = save_folder(tiny_lm("qwen3"), tok, tmp_path / "dense")
-    code, _, err = cli(capsys, "prune", "--model", folder, "--method", "atp", "--sparsity", "0.3", "--seq-len", "32", "--out",
-                       tmp_path / "out", "--max-steps", "2", "--train-opt", "samples=4", "--train-opt", "seq_len=16",
-                       "--train-opt", "pdg_samples=2", "--train-opt", "batch_size=2", "-q")
+    base = ("prune", "--model", folder, "--method", "atp", "--sparsity", "0.3", "--seq-len", "32", "--out")
+    opts = [x for kv in ("samples=4", "seq_len=16", "pdg_samples=2", "batch_size=2") for x in ("--train-opt", kv)]
+    code, _, err = cli(capsys, *base, tmp_path / "out", "--max-steps", "2", *opts, "-q")
     assert code is None or code == 0, err
     recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
     assert recipe["train"]["max_steps"] == 2 and recipe["train"]["samples"] == 4
-    code, _, err = cli(capsys, "prune", "--model", folder, "--method", "atp", "--sparsity", "0.3", "--seq-len", "32", "--out",
-                       tmp_path / "o2", "--train-opt", "lora_r")
+    code, _, err = cli(capsys, *base, tmp_path / "o2", "--train-opt", "lora_r")
     assert code == 2 and "KEY=VALUE" in err
 
 

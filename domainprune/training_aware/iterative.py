@@ -148,7 +148,8 @@ def run(loaded, recipe, options: IterativeOptions, staging, progress: bool = Tru
             side = {MAPS_FILE: json.dumps({"key": key, "maps": maps, "stages": stages})}
             save_pruned(loaded.model, loaded.tokenizer, staging / f"stage-{k}", extra_files=side, force=True,
                         verify=False)
-    layers = [LayerPlan(index=i, kv_heads=m["kv"], query_heads=m["q"], mlp_channels=m["ch"]) for i, m in enumerate(maps)]
+    layers = [LayerPlan(index=i, kv_heads=m["kv"], query_heads=m["q"], mlp_channels=m["ch"])
+              for i, m in enumerate(maps)]
     plan = dense.model_copy(update={"layers": layers})
     plan.params = plan.count_params(get_adapter(loaded.model), total_before)
     report = {"method": f"iterative x{n} ({recipe.method})", "stages": stages,

@@ -7,7 +7,8 @@
   module's per-unit sums are L2-normalised and summed over the unit's modules; S̄ ← ema·S̄ + (1 − ema)·S every step.
 - Sparsity follows the cubic schedule s_t = s_f·(1 − (1 − (t − t_w)/(T − t_w − t_c))³) between a warm-up and a
   cool-down; every `prune_every` steps each layer drops its lowest-S̄ live units down to the uniform per-layer counts
-  of the target scaled by s_t/s_f (allocation.uniform_counts at the target: whole KV groups and channels), masks multiplying the units' outputs. The last pruning reaches the target
+  of the target scaled by s_t/s_f (allocation.uniform_counts at the target: whole KV groups and channels), masks
+  multiplying the units' outputs. The last pruning reaches the target
   exactly (the reference stops just short of it); then LoRA is merged and the units are removed through the plan.
 """
 
@@ -118,7 +119,8 @@ def run(loaded, recipe, options: LoraPruneOptions, staging, progress: bool = Tru
     masks = UnitMasks(adapter, units)
     lparams = common.lora_params(peft_model)
     opt = torch.optim.AdamW(lparams.values(), lr=options.lr, weight_decay=0.0)
-    keep = [(torch.ones(g, dtype=torch.bool), torch.ones(c, dtype=torch.bool)) for g, c in zip(units.groups, units.channels)]
+    keep = [(torch.ones(g, dtype=torch.bool), torch.ones(c, dtype=torch.bool))
+            for g, c in zip(units.groups, units.channels)]
     ema = [(torch.zeros(g), torch.zeros(c)) for g, c in zip(units.groups, units.channels)]
     ckpt = common.Checkpoints(staging, key)
     step, total, spent, history = 0, options.max_steps, 0.0, []

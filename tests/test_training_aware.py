@@ -249,3 +249,50 @@ def test_light_recovery_refuses_what_it_cannot_train(tmp_path):
     with pytest.raises(DomainpruneError, match="none of those parameters"):
         recover(loaded(tiny_lm("llama"), smol_tokenizer()), out=tmp_path / "r", train="biases", samples=4,
                 seq_len=16, batch_size=2, max_steps=1, progress=False)
+
+
+def test_loraprune_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    tok = smol_tokenizer()
+    recipe = make_recipe(model="tiny", data="code", method="loraprune", sparsity=0.35,
+                         train=dict(TRAIN, max_steps=6, save_steps=2, prune_every=2))
+    options = loraprune.LoraPruneOptions(**recipe.train)
+    first = loaded(tiny_lm("mistral"), tok)
+    plan_a, report_a = loraprune.run(first, recipe, options, tmp_path / "a", False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(name):
+        if name == "train:4":
+            raise Killed
+
+    monkeypatch.setattr(faults, "point", kill_at)
+    with pytest.raises(Killed):
+        loraprune.run(loaded(tiny_lm("mistral"), tok), recipe, options, tmp_path / "b", False)
+    monkeypatch.undo()
+    second = loaded(tiny_lm("mistral"), tok)
+    plan_b, report_b = loraprune.run(second, recipe, options, tmp_path / "b", False)
+    assert plan_a.layers == plan_b.layers and report_a["log"] == [
+        {**e, "elapsed": a["elapsed"]} for e, a in zip(report_b["log"], report_a["log"])]
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_atp_stopped_by_time_budget_still_meets_budget():
+    tok = smol_tokenizer()
+    recipe = atp_recipe(max_steps=None, time_budget=1e-3)
+    merged, keep, units, report = atp.train_atp(loaded(tiny_lm("llama"), tok), recipe, atp.AtpOptions(**recipe.train),
+                                                None, progress=False)
+    # the budget is spent by the end of the first step at the latest; the decisions still meet the budget exactly
+    assert report["steps"] <= 1 and report["stopped_by_time_budget"]
+    assert report["planned_steps"] is None if report["steps"] == 0 else report["planned_steps"] >= 2
+    plan = common.plan_from_keep(get_adapter(merged), dense_plan(get_adapter(merged), "tiny"), keep, 1)
+    assert abs(plan.params.sparsity - 0.35) <= one_unit(units) and report["pruned_units_max_abs"] == 0.0
+
+
+def test_plan_refuses_training_methods(tmp_path, capsys):
+    tok = smol_tokenizer()
+    folder = save_folder(tiny_lm("llama"), tok, tmp_path / "dense")
+    code, _, err = cli(capsys, "plan", "--model", folder, "--method", "atp", "--sparsity", "0.3", "--seq-len", "32",
+                       "--out", tmp_path / "plan.json")
+    assert code == 2 and "run `domainprune prune`" in err

@@ -53,7 +53,10 @@ def check_recipe(recipe) -> dict[str, Any]:
 def prune_training(loaded, recipe, out: Path | None, progress: bool):
     """Run the recipe's training-aware method on `loaded` (pruned in place); returns (plan, report). Checkpoints live
     in `.<out>.train/` beside the output until it is written (none without `out`)."""
+    from ..models import check_seq_len
+
     options = options_class(recipe)(**recipe.train)
+    check_seq_len(loaded.model, options.seq_len, "--train-opt seq_len")
     staging = out.parent / f".{out.name}.train" if out is not None else None
     if recipe.method in TRAINING_METHODS:
         plan, report = TRAINING_METHODS[recipe.method][1](loaded, recipe, options, staging, progress)

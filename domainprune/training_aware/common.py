@@ -247,14 +247,14 @@ class UnitMasks:
     def _out_hook(self, i, rows):
         def hook(module, args, output):
             if self.mode == "frozen":
-                return output * rows(i).to(output.dtype)
+                return output * rows(i).to(output.device, output.dtype)
             return None
         return hook
 
     def _in_hook(self, i, cols, mode):
         def hook(module, args):
             if self.mode == mode:
-                return (args[0] * cols(i).to(args[0].dtype), *args[1:])
+                return (args[0] * cols(i).to(args[0].device, args[0].dtype), *args[1:])
             return None
         return hook
 

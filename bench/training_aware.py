@@ -60,7 +60,7 @@ def run_recipe(name: str, loaded: LoadedModel, args, level: float, started: floa
     left = lambda: args.budget - (time.perf_counter() - started) - RESERVE  # noqa: E731
     if name in ("two-stage", "perp-light"):
         result = one_shot(loaded, args, level)
-        info = {"prune_seconds": round(time.perf_counter() - started, 1),
+        info = {"prune_seconds": round(time.perf_counter() - started, 1), "plan": result.plan.summary(),
                 "recipe": result.recipe.model_dump(mode="json")}
         light = {"train": "norms,biases"} if name == "perp-light" else {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,8 +83,8 @@ def run_recipe(name: str, loaded: LoadedModel, args, level: float, started: floa
                        train=train_options(args, left() * args.iterative_train_share))
     else:
         raise SystemExit(f"unknown recipe {name!r}; known: {RECIPES}")
-    info = {"recipe": result.recipe.model_dump(mode="json"),
-            "training": {k: v for k, v in result.report.get("training", {}).items() if k != "log"}}
+    info = {"recipe": result.recipe.model_dump(mode="json"), "plan": result.plan.summary(),
+            "training": result.report.get("training", {}), "training_log": result.training_log}
     return LoadedModel(result.model, loaded.tokenizer, None, loaded.source), info
 
 
@@ -188,6 +188,8 @@ def write_markdown(done: dict, path: Path) -> None:
                 v = m["zero_shot"].get(task, m["pass_at_1"].get(task))
                 cells.append("" if v is None else f"{v:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "What each recipe removed:", ""]
+        lines += [f"- {r['recipe_name']}: {r['plan']}" for r in rows if r.get("plan")]
         lines.append("")
     path.write_text("\n".join(lines) + "\n" + NOTES + notes)
 

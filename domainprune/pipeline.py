@@ -431,6 +431,7 @@ class PruneResult:
     recipe: Recipe
     out: Path | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    training_log: list[dict] | None = None  # training-aware methods: one entry per step (training_log.json)
 
 
 def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
@@ -805,7 +806,8 @@ def prune(
 
         report["speedup"] = confirm_speedup(loaded.model, recipe, dense_speed)
     plan.params.total_after = total_after
-    result = PruneResult(loaded.model, loaded.tokenizer, plan, recipe, report=report)
+    result = PruneResult(loaded.model, loaded.tokenizer, plan, recipe, report=report,
+                         training_log=trained.get("log") if trained is not None else None)
     if out is not None:
         files = {
             "plan.json": plan.model_dump_json(indent=1) + "\n",

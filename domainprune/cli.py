@@ -100,6 +100,20 @@ def parse_count(text: str | None) -> int | None:
     return count
 
 
+def parse_train_options(*, opts: list[str] | None, **given) -> dict | None:
+    """--time-budget/--max-steps/--save-steps and --train-opt KEY=VALUE (JSON values, else strings) as one dict."""
+    out = {k: v for k, v in given.items() if v is not None}
+    for item in opts or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DomainpruneError(f"--train-opt {item!r} is not KEY=VALUE; write e.g. --train-opt lora_r=16")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out or None
+
+
 def _recipe_options(
     model: ModelOpt = "smollm2-135m",
     data: DataOpt = "code",
@@ -183,6 +197,11 @@ def prune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
     recipe: dict,
     recover: Annotated[bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")] = False,
+    iterative: Annotated[Optional[int], typer.Option(help="Prune in N stages (Adapt-Pruner) with the --method criterion, a short LoRA tune on --data after each (docs/training-aware.md).")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="--method atp|loraprune, --iterative: seconds of training, summed over resumed runs (default 600).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="--method atp|loraprune, --iterative: training steps (default: what fits the time budget, sized after the first step).")] = None,
+    save_steps: Annotated[Optional[int], typer.Option(help="--method atp|loraprune, --iterative: checkpoint every N steps; a killed run resumes there (default 20).")] = None,
+    train_opt: Annotated[Optional[list[str]], typer.Option("--train-opt", help="Further training option KEY=VALUE, repeatable (e.g. lora_r=16, pdg_lr=0.01; see docs/training-aware.md).")] = None,
     export_to: Annotated[Optional[str], typer.Option("--export", help="Then also write OUT.QUANT.gguf (beside OUT) for llama.cpp: gguf (F16) or gguf:QUANT, e.g. gguf:q4_k_m (see `domainprune export`).")] = None,
     offload: Annotated[str, typer.Option(help="Where the model lives while it is pruned: none (whole, on the device), cpu (in RAM, one layer at a time on the device), disk (one layer at a time read from the checkpoint's safetensors shards and written to OUT as it is finished: models larger than memory; docs/streaming.md), auto (from the free memory).")] = "auto",
     force: ForceOpt = False,
@@ -205,7 +224,9 @@ def prune(
 
         return encoder_cli.prune(model, recipe, out=out, recover=recover, export_to=export_to, force=force,
                                  quiet=quiet)
-    result = run(model, out=out, force=force, progress=not quiet, offload=offload, **recipe)
+    train = parse_train_options(time_budget=time_budget, max_steps=max_steps, save_steps=save_steps, opts=train_opt)
+    result = run(model, out=out, force=force, progress=not quiet, offload=offload, iterative=iterative, train=train,
+                 **recipe)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
     r = result.report
     if "vocab" in r:
@@ -558,6 +579,7 @@ def recover(
     data: DataOpt = "code",
     teacher: Annotated[Optional[str], typer.Option(help="Dense model for KD / self-distillation / selection (default: the run's recipe.json model).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
+    train: Annotated[Optional[str], typer.Option("--train", help="PERP-style light recovery: train only these, comma-separated: norms (RMSNorm gains), biases (compensation and q/k/v biases), lora. Default: LoRA alone.")] = None,
     kd_weight: Annotated[float, typer.Option(help="Weight w of the KD loss: (1-w)·CE + w·KD, in [0, 1].")] = 0.0,
     kd_temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 2.0,
     kd_top_k: Annotated[Optional[int], typer.Option(help="KD over the teacher's top-k logits only (renormalised over them).")] = None,
@@ -602,7 +624,7 @@ def recover(
                                    device=device, force=force, quiet=quiet)
     result = run(
         run_dir, out=out, teacher=teacher, force=force, keep_checkpoints=keep_checkpoints, progress=not quiet,
-        data=data, text_field=text_field, full=full, kd_weight=kd_weight, kd_temperature=kd_temperature, kd_top_k=kd_top_k,
+        data=data, text_field=text_field, full=full, train=train, kd_weight=kd_weight, kd_temperature=kd_temperature, kd_top_k=kd_top_k,
         train_format=train_format, train_file=str(train_file) if train_file else None, answer_tokens=answer_tokens,
         self_distill=self_distill, select=select, pool_factor=pool_factor, clusters=clusters, samples=samples,
         seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, epochs=epochs,
@@ -614,6 +636,10 @@ def recover(
     curve = f"loss {first:.3f} → {last:.3f}, " if first is not None and last is not None else ""
     console.print(f"[bold green]recovered[/] {r['steps']} steps, {curve}{r['train_seconds']:.0f} s training"
                   + (" (time budget reached)" if r["stopped_by_time_budget"] else ""))
+    if "trained_params" in r:
+        t = r["trained_params"]
+        console.print(f"trained {t['total']:,} of {t['model']:,} parameters ({100 * t['total'] / t['model']:.3f}%): "
+                      f"norms {t['norms']:,}, biases {t['biases']:,}, lora {t['lora']:,}")
     console.print(f"wrote {result.out} (recovery.json, recovery_log.json)")
 
 

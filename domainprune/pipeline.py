@@ -35,6 +35,8 @@ from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
 from .plan import Plan, dense_plan, validate_plan
 from .stats import collect_statistics, derived
 from .surgery import apply_plan, finish, prune_layer
+from .training_aware import TRAINING_METHODS, check_recipe as check_training_recipe, clean as clean_training
+from .training_aware import is_training, prune_training
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,10 @@ class Recipe(BaseModel):
     # calibration tokens, or exactly this many; special tokens, byte alphabet and merge closure always kept
     vocab_coverage: float | None = Field(default=None, gt=0, le=1, exclude_if=lambda v: v is None)
     vocab_size: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
+    # training-aware pruning (domainprune.training_aware): `iterative` stages of the width method with a short domain
+    # tune between them, or a training method (atp, loraprune); `train` holds their options (time budget, steps, ...)
+    iterative: int | None = Field(default=None, ge=2, exclude_if=lambda v: v is None)
+    train: dict[str, Any] | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -202,6 +208,11 @@ class Recipe(BaseModel):
                 return self.model_copy(update={**best, "default_recipe": True}).resolved()
             except DomainpruneError as e:
                 return self.fallback(str(e))
+        if self.method in TRAINING_METHODS:
+            return self.model_copy(update={"train": check_training_recipe(self)})
+        if self.train is not None and not self.iterative:
+            raise DomainpruneError("training options (--time-budget, --max-steps, --save-steps, --train-opt) need "
+                                   "--method atp, --method loraprune or --iterative N")
         criterion = get_criterion(self.method)
         if self.target_speedup is not None:
             from .latency import check_speedup_recipe
@@ -244,8 +255,10 @@ class Recipe(BaseModel):
                                        "(finercut): use --depth shortgpt, or --deploy llamacpp")
         if reconstruct == "obs" and criterion.scores_experts:
             raise DomainpruneError("--reconstruct obs refits dense heads and MLP channels, not experts; leave it out with an expert method")
+        train = check_training_recipe(self) if self.iterative else None
         return self.model_copy(
             update={
+                "train": train,
                 "reconstruct": None if reconstruct == "none" else reconstruct,
                 "micro_batch": self.micro_batch or (1 if gradient else None),
                 "taylor_mode": self.taylor_mode or ("vector" if self.method == "taylor" else None),
@@ -330,7 +343,7 @@ def budget(recipe: Recipe, adapter: DecoderAdapter, total_params: int) -> tuple[
     budgets that are not parameter counts (--target-speedup, --experts-keep)."""
     if recipe.target_speedup is not None or recipe.experts_keep is not None:
         return None
-    depth = bool(recipe.depth) or getattr(get_criterion(recipe.method), "depth", False)
+    depth = bool(recipe.depth) or getattr(CRITERIA.get(recipe.method), "depth", False)
     return (target_sparsity(recipe, adapter, total_params),
             budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, depth))
 
@@ -418,6 +431,7 @@ class PruneResult:
     recipe: Recipe
     out: Path | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    training_log: list[dict] | None = None  # training-aware methods: one entry per step (training_log.json)
 
 
 def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
@@ -482,6 +496,8 @@ def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> 
     candidate's KL are recorded in the plan's recipe (`calib_candidate`, `calib_kl`). If the winner was pruned in
     place, `loaded.model` is replaced by its pruned copy.
     """
+    if is_training(recipe):
+        raise DomainpruneError(f"--method {recipe.method} decides while it trains; run `domainprune prune`, not plan")
     recipe = fit_default(recipe, loaded)
     if recipe.calib_candidates == 1:
         return _make_plan_once(loaded, recipe, progress=progress)
@@ -766,6 +782,9 @@ def prune(
     if offload in ("cpu", "disk"):
         if isinstance(model, LoadedModel):
             raise DomainpruneError(f"--offload {offload} loads the model itself: give its folder, not a loaded model")
+        if is_training(recipe):
+            raise DomainpruneError(f"--offload {offload}: training-aware pruning (atp, loraprune, --iterative) tunes the "
+                                   "whole model in memory; use --offload none")
         from .streaming import prune_streamed
 
         return prune_streamed(source, offload, out=out, force=force, verify=verify, progress=progress, **recipe_fields)
@@ -780,7 +799,12 @@ def prune(
         dense_speed = phase_speed(loaded.model, recipe.speedup_phase, recipe.prefill_tokens)
         started += time.perf_counter() - measuring
     wanted = budget(recipe, get_adapter(loaded.model), parameter_count(loaded.model))
-    plan, stats, pruned = make_plan(loaded, recipe, progress=progress)
+    staging = trained = None
+    if is_training(recipe):  # decided while tuning on the domain (domainprune.training_aware); pruned in place
+        plan, trained, staging = prune_training(loaded, recipe, None if out is None else Path(out), progress)
+        plan, stats, pruned = plan.model_copy(update={"recipe": recipe.model_dump()}), None, True
+    else:
+        plan, stats, pruned = make_plan(loaded, recipe, progress=progress)
     check_budget(recipe, plan, wanted)
     recipe = Recipe.model_validate(plan.recipe)  # with what planning recorded (calib_kl, search_kl)
     if not pruned:
@@ -804,12 +828,15 @@ def prune(
     }
     if vocab is not None:
         report["vocab"] = vocab.to_dict()
+    if trained is not None:
+        report["training"] = {k: v for k, v in trained.items() if k != "log"}
     if recipe.target_speedup is not None:
         from .latency import confirm_speedup
 
         report["speedup"] = confirm_speedup(loaded.model, recipe, dense_speed)
     plan.params.total_after = total_after
-    result = PruneResult(loaded.model, loaded.tokenizer, plan, recipe, report=report)
+    result = PruneResult(loaded.model, loaded.tokenizer, plan, recipe, report=report,
+                         training_log=trained.get("log") if trained is not None else None)
     if out is not None:
         files = {
             "plan.json": plan.model_dump_json(indent=1) + "\n",
@@ -819,5 +846,8 @@ def prune(
         if vocab is not None:  # the same side files `domainprune vocab` writes
             files["vocab_report.json"] = json.dumps(vocab.to_dict(), indent=1) + "\n"
             files["vocab_map.json"] = json.dumps({"kept_old_ids": vocab.kept_ids}) + "\n"
+        if trained is not None:
+            files["training_log.json"] = json.dumps(trained.get("log", []), indent=1) + "\n"
         result.out = save_pruned(loaded.model, loaded.tokenizer, out, extra_files=files, force=force, verify=verify)
+        clean_training(staging)
     return result

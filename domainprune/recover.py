@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RUN_FILES = ("plan.json", "recipe.json", "report.json", "vocab_report.json")
 LOG_FILE = "recovery_log.json"
+LIGHT_PARTS = ("norms", "biases", "lora")  # what --train may name (PERP)
 DATA_FILE = "recovery_data.safetensors"
 
 
@@ -54,6 +55,8 @@ class RecoveryConfig(BaseModel):
     answer_tokens: int = Field(256, ge=1)  # sdd: the teacher's new tokens at most per answer
     teacher: str | None = None  # dense model; None: the run's recipe.json "model" (only loaded when needed)
     full: bool = False  # full fine-tuning instead of LoRA
+    # PERP-style light recovery: train only these parts ("norms", "biases", "lora", comma-separated); None: LoRA
+    train: str | None = None
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -86,6 +89,13 @@ class RecoveryConfig(BaseModel):
                              f"{self.train_format}")
         if self.train_format == "chat" and not self.train_file:
             raise ValueError("--train-format chat needs --train-file FILE.jsonl with prompt/response rows")
+        if self.train is not None:
+            parts = [p.strip() for p in self.train.split(",") if p.strip()]
+            if not parts or set(parts) - set(LIGHT_PARTS):
+                raise ValueError(f"--train takes a comma-separated subset of {','.join(LIGHT_PARTS)}, not {self.train!r}")
+            if self.full:
+                raise ValueError("--train trains a few parts; --full trains everything: give one of them")
+            self.train = ",".join(p for p in LIGHT_PARTS if p in parts)
         if self.train_format == "text" and self.train_file:
             raise ValueError("--train-file needs --train-format sdd (prompts the dense model answers) or chat")
         return self
@@ -96,7 +106,9 @@ class RecoveryConfig(BaseModel):
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-5 if self.full else 2e-4)
+        if self.lr is not None:
+            return self.lr
+        return 2e-5 if self.full else 5e-4 if self.train is not None else 2e-4  # PERP's default for light retraining
 
     @property
     def needs_teacher(self) -> bool:
@@ -390,6 +402,40 @@ def lora_targets(model: torch.nn.Module) -> list[str]:
     return names
 
 
+def _is_norm(module: torch.nn.Module) -> bool:
+    # RMSNorm classes are per architecture (LlamaRMSNorm, Qwen3RMSNorm, Gemma3RMSNorm, ...): match the name, not a list
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def norm_names(model: torch.nn.Module) -> set[str]:
+    """Last name parts of the model's norm modules (input_layernorm, q_norm, norm, ...), as peft's modules_to_save."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and _is_norm(m)}
+
+
+def light_parameters(model: torch.nn.Module, parts: set[str]) -> list[torch.nn.Parameter]:
+    """The norms' gains and every bias (compensation biases, q/k/v biases, removed sublayers' biases)."""
+    out = []
+    if "norms" in parts:
+        out += [p for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)]
+    if "biases" in parts:
+        out += [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+    return out
+
+
+def trained_counts(model: torch.nn.Module, parts: set[str]) -> dict[str, int]:
+    """Trainable parameters by kind, and of the whole model (shared tensors once)."""
+    counts = {"norms": 0, "biases": 0, "lora": 0}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = "lora" if "lora_" in name else "biases" if name.rsplit(".", 1)[-1] == "bias" else "norms"
+        counts[kind] += p.numel()
+    counts["total"] = sum(counts.values())
+    counts["model"] = sum(p.numel() for n, p in model.named_parameters()
+                          if "lora_" not in n and "modules_to_save" not in n)
+    return counts
+
+
 def _vocab(model: torch.nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
@@ -511,18 +557,30 @@ def recover(
     report["data_seconds"] = round(time.perf_counter() - started, 2)
 
     model = student
-    if not config.full:
+    parts = set(config.train.split(",")) if config.train else {"lora"}
+    if config.full:
+        student.requires_grad_(True)
+    elif "lora" in parts:
         from peft import LoraConfig, get_peft_model
 
         targets = lora_targets(student)
         if not targets:
             raise DomainpruneError("the pruned model has no q/k/v/o/gate/up/down projections for LoRA; use --full")
+        # PERP with LoRA: peft trains and checkpoints the norms (modules_to_save) and biases (bias="all") beside it
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                          target_modules=targets, bias="all" if "biases" in parts else "none", task_type="CAUSAL_LM",
+                          modules_to_save=sorted(norm_names(student)) if "norms" in parts else None)
         torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here: same seed, same weights
         model = get_peft_model(student, lora)
-    else:
-        student.requires_grad_(True)
+    else:  # norms and/or biases alone: the plain model with everything else frozen (Trainer checkpoints it whole)
+        student.requires_grad_(False)
+        for p in light_parameters(student, parts):
+            p.requires_grad_(True)
+    if config.train:
+        report["trained_params"] = trained_counts(model, parts)
+        if report["trained_params"]["total"] == 0:
+            raise DomainpruneError(f"--train {config.train}: this model has none of those parameters (e.g. no biases "
+                                   "without bias compensation); add norms or lora")
     model.train()
 
     from transformers import TrainingArguments
@@ -574,7 +632,7 @@ def recover(
     entries = training_log(trainer.state.log_history)
     write_log(staging / LOG_FILE, entries)
 
-    merged = model.merge_and_unload() if not config.full else model
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     merged.eval()
     if t_model is not None and t_home is not None:
         t_model.to(t_home)
@@ -588,7 +646,7 @@ def recover(
         "first_loss": entries[0]["loss"] if entries else None,
         "last_loss": entries[-1]["loss"] if entries else None,
         "teacher": t_name,
-        "trainable": "full" if config.full else f"lora r={config.lora_r} alpha={config.lora_alpha}",
+        "trainable": "full" if config.full else config.train or f"lora r={config.lora_r} alpha={config.lora_alpha}",
         "processes": trainer.args.world_size,  # data-parallel processes (accelerate launch / torchrun)
         "seconds": round(time.perf_counter() - started, 2),
     })

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from tiny_models import ARCHS
-from tiny_pipeline import CALIB, cli, logits_on, loaded, save_folder, smol_tokenizer, tiny_lm
+from tiny_pipeline import CALIB, VOCAB, cli, logits_on, loaded, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune import faults
 from domainprune.adapters import get_adapter
@@ -21,7 +21,7 @@ from domainprune.plan import Plan, dense_plan
 from domainprune.surgery import apply_plan
 from domainprune.training_aware import atp, common, loraprune
 
-IDS = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(3))
+IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
 # tiny training: 8 calibration and 4 validation sequences of 16 tokens, batches of 2, a fast decision generator
 TRAIN = dict(time_budget=None, samples=8, seq_len=16, batch_size=2, save_steps=100)
 ATP = dict(TRAIN, max_steps=8, pdg_samples=4, pdg_lr=0.05)

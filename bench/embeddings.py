@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 
 import torch
+from rows import load_rows, save_rows
 
-from domainprune.encoders import retrieval
 from domainprune import cache
+from domainprune.encoders import retrieval
 from domainprune.encoders.criteria import Calibration, LayerScores, get_criterion
 from domainprune.encoders.model import BertUnits, load_encoder
 from domainprune.encoders.pipeline import EncoderRecipe, apply_plan, plan_units
 from domainprune.encoders.train import recover
-from rows import load_rows, save_rows
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = "magnitude,wanda-sp,flap,fisher,gaprune,shrp,shortgpt,wanda-sp@general,fisher@general"
@@ -56,8 +56,9 @@ def measure(model, tasks: dict[str, retrieval.RetrievalSplit], batch_size: int) 
 
 def method_scores(dense, name: str, stream: str, domain: list, general: list, args) -> tuple[object, float]:
     """The criterion's scores on the dense model, cached on disk (keyed by everything they depend on)."""
-    key = cache.fingerprint(name, stream, domain, general, args.model, args.max_seq_length, args.calib_batch,
-                            str(args.device))
+    key = cache.fingerprint(
+        name, stream, domain, general, args.model, args.max_seq_length, args.calib_batch, str(args.device)
+    )
     path = cache.entry("bench-encoder-scores", key)
     if (entry := cache.load_tensors(path)) is not None:
         tensors, meta = entry
@@ -68,8 +69,9 @@ def method_scores(dense, name: str, stream: str, domain: list, general: list, ar
     torch.manual_seed(0)
     started = time.perf_counter()
     texts = [t for p in domain for t in p[:2]]
-    scores = get_criterion(name).score(copy.deepcopy(dense), Calibration(texts, domain, general,
-                                                                          batch_size=args.calib_batch))
+    scores = get_criterion(name).score(
+        copy.deepcopy(dense), Calibration(texts, domain, general, batch_size=args.calib_batch)
+    )
     seconds = time.perf_counter() - started
     if isinstance(scores, torch.Tensor):
         tensors = {"layers": scores}
@@ -82,8 +84,9 @@ def method_scores(dense, name: str, stream: str, domain: list, general: list, ar
 def export_data(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("code", "general"):
-        rows = [json.dumps({"query": p.query, "positive": p.positive, "group": p.group})
-                for p in retrieval.load_pairs(name)]
+        rows = [
+            json.dumps({"query": p.query, "positive": p.positive, "group": p.group}) for p in retrieval.load_pairs(name)
+        ]
         (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
         print(f"wrote {folder / f'{name}.jsonl'} ({len(rows)} pairs)")
 
@@ -98,11 +101,17 @@ def run(args) -> None:
     tasks = {name: retrieval.build_split(name, p, "test", max_queries=args.max_queries) for name, p in pairs.items()}
     calib = {name: calibration_pairs(p, args.calib_samples) for name, p in pairs.items()}
     train = calibration_pairs(pairs["code"], 10**9)
-    machine = f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'CPU'}, " \
-              f"torch {torch.__version__.split('+')[0]}"
+    machine = (
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'CPU'}, "
+        f"torch {torch.__version__.split('+')[0]}"
+    )
     if "dense" not in done:
-        done["dense"] = {"key": "dense", "machine": machine, **measure(dense, tasks, args.batch_size),
-                         "tasks": {n: repr(t) for n, t in tasks.items()}}
+        done["dense"] = {
+            "key": "dense",
+            "machine": machine,
+            **measure(dense, tasks, args.batch_size),
+            "tasks": {n: repr(t) for n, t in tasks.items()},
+        }
         save_rows(raw, done)
     recover_levels = {float(x) for x in (args.recover_levels or args.levels).split(",")}
     recover_methods = set((args.recover_methods or args.methods).split(","))
@@ -124,18 +133,29 @@ def run(args) -> None:
             units = BertUnits(model)
             apply_plan(units, plan_units(units, scores, EncoderRecipe(model=args.model, sparsity=level)))
             if row is None:
-                row = {"key": key, "method": method, "level": level, "machine": machine,
-                       "score_seconds": round(score_seconds, 2), "per_layer": units.per_layer(),
-                       **measure(model, tasks, args.batch_size)}
+                row = {
+                    "key": key,
+                    "method": method,
+                    "level": level,
+                    "machine": machine,
+                    "score_seconds": round(score_seconds, 2),
+                    "per_layer": units.per_layer(),
+                    **measure(model, tasks, args.batch_size),
+                }
                 row["sparsity"] = 1 - row["attention_mlp_params"] / done["dense"]["attention_mlp_params"]
             if wants_recovery:
-                row["recovery"] = recover(model, train, steps=args.recover_steps, batch_size=args.recover_batch,
-                                          lr=args.lr, seed=0)
+                row["recovery"] = recover(
+                    model, train, steps=args.recover_steps, batch_size=args.recover_batch, lr=args.lr, seed=0
+                )
                 row["recovered"] = measure(model, tasks, args.batch_size)
             done[key] = row
             save_rows(raw, done)
-            print(key, f"code nDCG@10 {row['code']['ndcg@10']:.4f}",
-                  f"-> {row['recovered']['code']['ndcg@10']:.4f}" if "recovered" in row else "", flush=True)
+            print(
+                key,
+                f"code nDCG@10 {row['code']['ndcg@10']:.4f}",
+                f"-> {row['recovered']['code']['ndcg@10']:.4f}" if "recovered" in row else "",
+                flush=True,
+            )
     write_markdown(Path(args.out), done, args)
 
 
@@ -173,12 +193,18 @@ def write_markdown(path: Path, done: dict, args) -> None:
             f"| {100 * r['code']['ndcg@10'] / d_code:.1f} | {r['code']['mrr@10']:.4f} | "
             f"{r['general']['ndcg@10']:.4f} | {100 * r['general']['ndcg@10'] / d_gen:.1f} | "
             f"{r['code']['sentences_per_s']:.0f} | "
-            + (f"{rec['code']['ndcg@10']:.4f} | {rec['general']['ndcg@10']:.4f} |" if rec else "- | - |"))
-    lines += ["", "## GAPrune's claim, row by row", "",
-              "Claim: at the same sparsity, GAPrune's DAI (domain Fisher minus general Fisher, alignment, magnitude) "
-              "keeps domain retrieval better than general-importance criteria (scores without domain data: "
-              f"{', '.join(GENERAL_IMPORTANCE)}). Code nDCG@10 without recovery (with recovery in brackets); "
-              f"|Δ| < {NOISE} is called inconclusive:", ""]
+            + (f"{rec['code']['ndcg@10']:.4f} | {rec['general']['ndcg@10']:.4f} |" if rec else "- | - |")
+        )
+    lines += [
+        "",
+        "## GAPrune's claim, row by row",
+        "",
+        "Claim: at the same sparsity, GAPrune's DAI (domain Fisher minus general Fisher, alignment, magnitude) "
+        "keeps domain retrieval better than general-importance criteria (scores without domain data: "
+        f"{', '.join(GENERAL_IMPORTANCE)}). Code nDCG@10 without recovery (with recovery in brackets); "
+        f"|Δ| < {NOISE} is called inconclusive:",
+        "",
+    ]
     for level in sorted({r["level"] for r in rows}):
         g = done.get(f"gaprune|{level:.2f}")
         if g is None:
@@ -192,13 +218,18 @@ def write_markdown(path: Path, done: dict, args) -> None:
             if "recovered" in g and "recovered" in b:
                 rec = f" [{g['recovered']['code']['ndcg@10']:.4f} vs {b['recovered']['code']['ndcg@10']:.4f}]"
             verdict = "inconclusive" if abs(diff) < NOISE else "shown" if diff > 0 else "refuted"
-            lines.append(f"- {level:.0%}: gaprune {g['code']['ndcg@10']:.4f} vs {base} {b['code']['ndcg@10']:.4f}"
-                         f"{rec}: {diff:+.4f}, **{verdict}**")
+            lines.append(
+                f"- {level:.0%}: gaprune {g['code']['ndcg@10']:.4f} vs {base} {b['code']['ndcg@10']:.4f}"
+                f"{rec}: {diff:+.4f}, **{verdict}**"
+            )
     best35 = max((r for r in rows if abs(r["level"] - 0.35) < 1e-9), key=lambda r: r["code"]["ndcg@10"], default=None)
     if best35:
         ratio = best35["code"]["ndcg@10"] / d_code
-        lines += ["", f"Target (35 %, no recovery, code nDCG@10 within 5 % of dense): best {best35['method']} at "
-                      f"{100 * ratio:.1f} % of dense: **{'met' if ratio >= 0.95 else 'not met'}**."]
+        lines += [
+            "",
+            f"Target (35 %, no recovery, code nDCG@10 within 5 % of dense): best {best35['method']} at "
+            f"{100 * ratio:.1f} % of dense: **{'met' if ratio >= 0.95 else 'not met'}**.",
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")

@@ -30,8 +30,15 @@ from domainprune.models import LoadedModel  # noqa: E402
 from domainprune.pipeline import prune  # noqa: E402
 
 LLAMA3_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
 )
 
 
@@ -58,7 +65,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--round-to", default="none,128", help="comma-separated: none (exact budget) or a multiple for kept MLP widths")
+    ap.add_argument(
+        "--round-to", default="none,128", help="comma-separated: none (exact budget) or a multiple for kept MLP widths"
+    )
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--export", action="store_true", help="also save and verify the first pruned model")
@@ -69,12 +78,20 @@ def main() -> None:
     device = "cuda"
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     dense = build(len(tok), args.layers, device)
-    rows = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "shape": {**LLAMA3_8B, "num_hidden_layers": args.layers, "vocab_size": len(tok)}, "dtype": "bfloat16",
-            "sparsity": args.sparsity, "calibration": f"{args.calib_samples}x{args.seq_len} code", "runs": []}
+    rows = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "shape": {**LLAMA3_8B, "num_hidden_layers": args.layers, "vocab_size": len(tok)},
+        "dtype": "bfloat16",
+        "sparsity": args.sparsity,
+        "calibration": f"{args.calib_samples}x{args.seq_len} code",
+        "runs": [],
+    }
     import transformers
 
     rows["transformers"] = transformers.__version__
+
     def speed_of(model):
         return throughput(model, repeats=args.repeats, prefill_len=args.prefill_len)
 
@@ -89,16 +106,34 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         started = time.perf_counter()
-        result = prune(LoadedModel(model, tok, None, "llama3-8b-shape-random"), data="code", method=method, sparsity=args.sparsity,
-                       calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=8, seed=0, progress=False,
-                       round_to=round_to)
+        result = prune(
+            LoadedModel(model, tok, None, "llama3-8b-shape-random"),
+            data="code",
+            method=method,
+            sparsity=args.sparsity,
+            calib_samples=args.calib_samples,
+            seq_len=args.seq_len,
+            batch_size=8,
+            seed=0,
+            progress=False,
+            round_to=round_to,
+        )
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated()
-        row = {"method": method, "allocation": result.recipe.allocation, "round_to": round_to, "prune_seconds": round(seconds, 1),
-               "peak_gpu_bytes": peak, "peak_over_model_bytes": peak - base, "model_bytes": base,
-               "sparsity_achieved": result.plan.params.sparsity, "params": parameter_count(model),
-               "uniform": result.report["uniform"], **speed_of(model)}
+        row = {
+            "method": method,
+            "allocation": result.recipe.allocation,
+            "round_to": round_to,
+            "prune_seconds": round(seconds, 1),
+            "peak_gpu_bytes": peak,
+            "peak_over_model_bytes": peak - base,
+            "model_bytes": base,
+            "sparsity_achieved": result.plan.params.sparsity,
+            "params": parameter_count(model),
+            "uniform": result.report["uniform"],
+            **speed_of(model),
+        }
         row["decode_speedup"] = row["decode_tokens_per_s"] / speed["decode_tokens_per_s"]
         row["prefill_speedup"] = row["prefill_tokens_per_s"] / speed["prefill_tokens_per_s"]
         if args.export and not rows["runs"]:

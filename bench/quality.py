@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 import torch
+from rows import load_rows, save_rows
 
 from domainprune.evaluate import checkpoint_bytes
 from domainprune.export import save_pruned
 from domainprune.measure import BENCH_TASKS, Measurement, measure, ratios
 from domainprune.models import LoadedModel, load_model
 from domainprune.pipeline import prune
-from rows import load_rows, save_rows
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -80,7 +80,11 @@ def row_key(method: str, allocation: str, level: float, variant: str = "") -> st
 
 def is_issue4(row: dict) -> bool:
     """Rows made with what issue 4 adds (reconstruction, allocations, depth, hidden) rather than a baseline."""
-    return row.get("method") in ISSUE4_METHODS or row.get("allocation", "").split("+")[0] in ISSUE4_ALLOCATIONS or "+" in row.get("allocation", "")
+    return (
+        row.get("method") in ISSUE4_METHODS
+        or row.get("allocation", "").split("+")[0] in ISSUE4_ALLOCATIONS
+        or "+" in row.get("allocation", "")
+    )
 
 
 def run(args) -> None:
@@ -88,7 +92,9 @@ def run(args) -> None:
     done = load_rows(raw, args.fresh)
     tasks = tuple(t for t in args.tasks.split(",") if t)
     dense = load_model(args.model, dtype="float32", device=args.device)
-    settings = dict(samples=args.samples, seq_len=256, tasks=tasks, limit=args.limit, batch_size=8, speed_repeats=args.speed_repeats)
+    settings = dict(
+        samples=args.samples, seq_len=256, tasks=tasks, limit=args.limit, batch_size=8, speed_repeats=args.speed_repeats
+    )
     if "dense" not in done:
         m = measure(dense, "dense", **{**settings, "speed": False})
         with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +104,12 @@ def run(args) -> None:
         save_rows(raw, done)
     models_dir = Path(args.models_dir)
     # Phase 1: prune, export, perplexity and speed for every row (checkpoints kept for phase 2).
-    combos = [(m, a, v) for m in args.methods.split(",") for a in args.allocations.split(",") for v in args.variants.split(",")]
+    combos = [
+        (m, a, v)
+        for m in args.methods.split(",")
+        for a in args.allocations.split(",")
+        for v in args.variants.split(",")
+    ]
     for method, allocation, variant in combos:
         for level in (float(x) for x in args.levels.split(",")):
             key = row_key(method, allocation, level, variant)
@@ -109,19 +120,40 @@ def run(args) -> None:
             loaded = LoadedModel(model, dense.tokenizer, None, args.model)
             started = time.perf_counter()
             with PeakRSS() as mem:
-                result = prune(loaded, data="code", method=method, allocation=None if allocation == "-" else allocation, sparsity=level,
-                               calib_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0, progress=False,
-                               **VARIANTS[variant])
+                result = prune(
+                    loaded,
+                    data="code",
+                    method=method,
+                    allocation=None if allocation == "-" else allocation,
+                    sparsity=level,
+                    calib_samples=args.calib_samples,
+                    seq_len=args.calib_seq_len,
+                    seed=0,
+                    progress=False,
+                    **VARIANTS[variant],
+                )
             seconds = time.perf_counter() - started
             m = measure(loaded, key, **{**settings, "tasks": (), "speed": False})
             folder = models_dir / key.replace("|", "_")
-            plan_files = {"plan.json": result.plan.model_dump_json(indent=1) + "\n", "recipe.json": result.recipe.model_dump_json(indent=1) + "\n"}
-            save_pruned(model, dense.tokenizer, folder, force=True, verify=True, extra_files=plan_files)  # plan.json: report's layer plot
+            plan_files = {
+                "plan.json": result.plan.model_dump_json(indent=1) + "\n",
+                "recipe.json": result.recipe.model_dump_json(indent=1) + "\n",
+            }
+            save_pruned(
+                model, dense.tokenizer, folder, force=True, verify=True, extra_files=plan_files
+            )  # plan.json: report's layer plot
             m.checkpoint_bytes = checkpoint_bytes(folder)
             done[key] = {
-                "key": key, "method": method, "allocation": allocation + ("+" + variant if variant else ""), "level": level,
-                "achieved": result.plan.params.sparsity, "prune_seconds": seconds, "peak_rss_bytes": mem.peak,
-                "recipe": result.recipe.model_dump(), "uniform": result.report["uniform"], "checkpoint": str(folder),
+                "key": key,
+                "method": method,
+                "allocation": allocation + ("+" + variant if variant else ""),
+                "level": level,
+                "achieved": result.plan.params.sparsity,
+                "prune_seconds": seconds,
+                "peak_rss_bytes": mem.peak,
+                "recipe": result.recipe.model_dump(),
+                "uniform": result.report["uniform"],
+                "checkpoint": str(folder),
                 "measurement": m.to_dict(),
             }
             save_rows(raw, done)
@@ -132,7 +164,9 @@ def run(args) -> None:
         from domainprune.tasks import evaluate_task
 
         order = {m: i for i, m in enumerate(args.zero_shot_order.split(","))}
-        for key, row in sorted(done.items(), key=lambda kv: (order.get(kv[1].get("method"), len(order)), kv[1].get("level", 0))):
+        for key, row in sorted(
+            done.items(), key=lambda kv: (order.get(kv[1].get("method"), len(order)), kv[1].get("level", 0))
+        ):
             zero_shot = row["measurement"].get("zero_shot") or {}
             if key == "dense" or all(t in zero_shot for t in tasks):
                 continue
@@ -164,7 +198,11 @@ def run(args) -> None:
             if m.get("decode_tokens_per_s") and not args.remeasure_speed:
                 continue
             print(f"== speed {key}", file=sys.stderr, flush=True)
-            model = dense.model if key == "dense" else load_model(done[key]["checkpoint"], dtype="float32", device=args.device).model
+            model = (
+                dense.model
+                if key == "dense"
+                else load_model(done[key]["checkpoint"], dtype="float32", device=args.device).model
+            )
             t = throughput(model, repeats=args.speed_repeats)
             m["decode_tokens_per_s"], m["prefill_tokens_per_s"] = t["decode_tokens_per_s"], t["prefill_tokens_per_s"]
             save_rows(raw, done)
@@ -187,12 +225,30 @@ def reprune(dense: LoadedModel, row: dict, args) -> None:
     allocation, _, variant = allocation.partition("+")
     print(f"== re-prune {row['key']}", file=sys.stderr, flush=True)
     loaded = LoadedModel(copy.deepcopy(dense.model), dense.tokenizer, None, args.model)
-    prune(loaded, data="code", method=method, allocation=None if allocation == "-" else allocation,
-          sparsity=float(level), calib_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0, progress=False,
-          **VARIANTS[variant])
+    prune(
+        loaded,
+        data="code",
+        method=method,
+        allocation=None if allocation == "-" else allocation,
+        sparsity=float(level),
+        calib_samples=args.calib_samples,
+        seq_len=args.calib_seq_len,
+        seed=0,
+        progress=False,
+        **VARIANTS[variant],
+    )
     samples = row["measurement"]["test_sequences"]["code"]  # the row's own test set, whatever --samples says now
-    m = measure(loaded, row["key"], sources=("code",), samples=samples, seq_len=256, tasks=(), speed=False,
-                batch_size=8, progress=False)
+    m = measure(
+        loaded,
+        row["key"],
+        sources=("code",),
+        samples=samples,
+        seq_len=256,
+        tasks=(),
+        speed=False,
+        batch_size=8,
+        progress=False,
+    )
     want, got = row["measurement"]["perplexity"]["code"], m.perplexity["code"]
     if abs(got / want - 1) > 1e-5:
         raise SystemExit(f"re-pruned {row['key']} has code ppl {got:.4f}, the row says {want:.4f}: not the same model")
@@ -227,7 +283,11 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
         f"Dense: code ppl {dense.perplexity['code']:.3f}, general ppl {dense.perplexity['general']:.3f}, "
-        + (f"zero-shot mean {dense.zero_shot_mean:.4f} ({', '.join(f'{t} {v:.3f}' for t, v in dense.zero_shot.items())}), " if dense.zero_shot else "")
+        + (
+            f"zero-shot mean {dense.zero_shot_mean:.4f} ({', '.join(f'{t} {v:.3f}' for t, v in dense.zero_shot.items())}), "
+            if dense.zero_shot
+            else ""
+        )
         + f"{dense.params:,} parameters, {dense.checkpoint_bytes / 1e6:.1f} MB, decode {_fmt(dense.decode_tokens_per_s, 1)} tok/s, "
         f"prefill {_fmt(dense.prefill_tokens_per_s, 1)} tok/s.",
         "",
@@ -239,7 +299,11 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
     for r in rows:
         m = _measurement(r["measurement"])
         q = ratios(m, dense)
-        zs = f"{m.zero_shot_mean:.4f} ({-q['zero_shot_drop']:+.4f})" if tasks and all(t in m.zero_shot for t in tasks) else "-"
+        zs = (
+            f"{m.zero_shot_mean:.4f} ({-q['zero_shot_drop']:+.4f})"
+            if tasks and all(t in m.zero_shot for t in tasks)
+            else "-"
+        )
         lines.append(
             f"| {r['method']} | {r['allocation']} | {r['level']:.0%} | {r['achieved']:.2%} | {m.params / 1e6:.1f}M | "
             f"{m.checkpoint_bytes / 1e6:.1f} | {m.perplexity['code']:.3f} ({q['ppl_code']:.2f}×) | "
@@ -262,7 +326,12 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         "(phase 3 was run for the dense model, every FLAP row and every 35 % row). `export`: `stock` loads with "
         "`AutoModelForCausalLM`, `per_layer_config` with `domainprune.load_pretrained`.",
     ]
-    lines += ["", "Lowest code perplexity per level: " + "; ".join(f"{lvl:.0%}: {k} ({p:.3f})" for lvl, (k, p) in sorted(best.items())), ""]
+    lines += [
+        "",
+        "Lowest code perplexity per level: "
+        + "; ".join(f"{lvl:.0%}: {k} ({p:.3f})" for lvl, (k, p) in sorted(best.items())),
+        "",
+    ]
     lines += domain_claim(done, dense, tasks)
     lines += issue4_targets(done, dense)
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
@@ -277,10 +346,13 @@ def issue4_targets(done: dict, dense: Measurement) -> list[str]:
         return []
     limits = {0.35: 1.4, 0.5: 2.0}
     lines = [
-        "", "## Reconstruction, allocation, depth and hidden pruning against the baselines (issue 4)", "",
+        "",
+        "## Reconstruction, allocation, depth and hidden pruning against the baselines (issue 4)",
+        "",
         "Per level, the lowest code perplexity among issue 4's recipes (OBS reconstruction, owl/cfsp/search allocation, "
         "depth, hidden channels) and among the baselines (every other row); target without training: within 1.4× dense "
-        "at 35 % and 2.0× at 50 %.", "",
+        "at 35 % and 2.0× at 50 %.",
+        "",
         "| level | best issue-4 recipe | code ppl (×dense) | best baseline | code ppl (×dense) | beats baselines | target |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -341,26 +413,43 @@ def main() -> None:
     # (nirvana's own allocation: --methods nirvana --allocations nirvana-ratio). dpruner/gaprune read the bundled
     # `general` corpus as their second stream; all of them run forward+backward (micro-batch 1) on calibration data.
     p.add_argument("--methods", default="magnitude,wanda-sp,flap")
-    p.add_argument("--allocations", default="uniform,global", help="comma-separated; '-' for none (depth methods alone: shortgpt, finercut)")
+    p.add_argument(
+        "--allocations",
+        default="uniform,global",
+        help="comma-separated; '-' for none (depth methods alone: shortgpt, finercut)",
+    )
     p.add_argument("--levels", default="0.2,0.35,0.5")
-    p.add_argument("--variants", default="", help=f"comma-separated recipe additions per row ('' = none): {', '.join(v for v in VARIANTS if v)}")
+    p.add_argument(
+        "--variants",
+        default="",
+        help=f"comma-separated recipe additions per row ('' = none): {', '.join(v for v in VARIANTS if v)}",
+    )
     p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seq-len", type=int, default=128, help="FLAP and Wanda-sp both calibrate on 128-token sequences")
+    p.add_argument(
+        "--calib-seq-len", type=int, default=128, help="FLAP and Wanda-sp both calibrate on 128-token sequences"
+    )
     p.add_argument("--samples", type=int, default=128, help="test sequences per source")
     p.add_argument("--tasks", default=",".join(BENCH_TASKS))
     p.add_argument("--limit", type=int, default=500, help="items per zero-shot task")
     p.add_argument("--speed-repeats", type=int, default=3, help="timed throughput runs (median) after a warm-up")
     p.add_argument("--device", default="auto")
     p.add_argument("--zero-shot-order", default="flap,wanda-sp,magnitude", help="phase 2 runs methods in this order")
-    p.add_argument("--zero-shot-rows", default="", help="phase 2 only for rows whose key contains one of these (comma-separated)")
-    p.add_argument("--reprune", action="store_true",
-                   help="phase 2: rebuild missing checkpoints (checked against the row)")
+    p.add_argument(
+        "--zero-shot-rows", default="", help="phase 2 only for rows whose key contains one of these (comma-separated)"
+    )
+    p.add_argument(
+        "--reprune", action="store_true", help="phase 2: rebuild missing checkpoints (checked against the row)"
+    )
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip phase 3 (throughput)")
-    p.add_argument("--speed-rows", default="", help="phase 3 only for rows whose key contains one of these (comma-separated)")
+    p.add_argument(
+        "--speed-rows", default="", help="phase 3 only for rows whose key contains one of these (comma-separated)"
+    )
     p.add_argument("--remeasure-speed", action="store_true", help="measure phase 3 again for every row")
     p.add_argument("--models-dir", default="runs/bench", help="where the pruned checkpoints are kept for phase 2")
     p.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
-    p.add_argument("--no-report", dest="report", action="store_false", help="skip bench/results/report/ (report.html, report.md)")
+    p.add_argument(
+        "--no-report", dest="report", action="store_false", help="skip bench/results/report/ (report.html, report.md)"
+    )
     p.add_argument("--report-prompts", type=int, default=3, help="generation samples in the report per model (0: none)")
     run(p.parse_args())
 

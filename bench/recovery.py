@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from rows import load_rows, save_rows
 
 from domainprune.measure import BENCH_TASKS, Measurement, measure, ratios
 from domainprune.models import LoadedModel, load_model
 from domainprune.pipeline import prune
 from domainprune.recover import recover
-from rows import load_rows, save_rows
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
@@ -51,9 +51,17 @@ def run(args) -> None:
         save_rows(raw, done)
     models_dir = Path(args.models_dir)
     recovery = dict(
-        data="code", samples=args.train_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, max_steps=args.max_steps, time_budget=args.time_budget, save_steps=args.save_steps,
-        lr=args.lr, device=args.device, seed=0,
+        data="code",
+        samples=args.train_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.max_steps,
+        time_budget=args.time_budget,
+        save_steps=args.save_steps,
+        lr=args.lr,
+        device=args.device,
+        seed=0,
     )
     for level in (float(x) for x in args.levels.split(",")):
         base = f"flap|global|{level:.2f}"
@@ -63,13 +71,29 @@ def run(args) -> None:
             model = copy.deepcopy(dense.model)
             loaded = LoadedModel(model, dense.tokenizer, None, args.model)
             started = time.perf_counter()
-            result = prune(loaded, out=folder, force=True, data="code", method="flap", allocation="global",
-                           sparsity=level, calib_samples=args.calib_samples, seed=0, progress=False)
+            result = prune(
+                loaded,
+                out=folder,
+                force=True,
+                data="code",
+                method="flap",
+                allocation="global",
+                sparsity=level,
+                calib_samples=args.calib_samples,
+                seed=0,
+                progress=False,
+            )
             seconds = time.perf_counter() - started
             if base not in done:
                 m = measure(load_model(folder, dtype="float32", device=args.device), base, **settings)
-                done[base] = {"key": base, "level": level, "variant": "none", "prune_seconds": seconds,
-                              "achieved": result.plan.params.sparsity, "measurement": m.to_dict()}
+                done[base] = {
+                    "key": base,
+                    "level": level,
+                    "variant": "none",
+                    "prune_seconds": seconds,
+                    "achieved": result.plan.params.sparsity,
+                    "measurement": m.to_dict(),
+                }
                 save_rows(raw, done)
             del model, loaded, result
             gc.collect()
@@ -86,12 +110,19 @@ def run(args) -> None:
             teacher_device = next(dense.model.parameters()).device
             m = measure(load_model(out, dtype="float32", device=str(teacher_device)), key, **settings)
             done[key] = {
-                "key": key, "level": level, "variant": variant, "wall_seconds": seconds,
-                "train_seconds": rec.report["train_seconds"], "steps": rec.report["steps"],
+                "key": key,
+                "level": level,
+                "variant": variant,
+                "wall_seconds": seconds,
+                "train_seconds": rec.report["train_seconds"],
+                "steps": rec.report["steps"],
                 "stopped_by_time_budget": rec.report["stopped_by_time_budget"],
-                "first_loss": rec.report.get("first_loss"), "last_loss": rec.report.get("last_loss"),
-                "self_distill_seconds": rec.report.get("self_distill_seconds"), "checkpoint": str(out),
-                "config": rec.config.model_dump(), "measurement": m.to_dict(),
+                "first_loss": rec.report.get("first_loss"),
+                "last_loss": rec.report.get("last_loss"),
+                "self_distill_seconds": rec.report.get("self_distill_seconds"),
+                "checkpoint": str(out),
+                "config": rec.config.model_dump(),
+                "measurement": m.to_dict(),
             }
             save_rows(raw, done)
             del rec
@@ -120,16 +151,21 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
         f"Dense: code ppl {dense.perplexity['code']:.3f}, general ppl {dense.perplexity['general']:.3f}"
-        + (f", zero-shot mean {dense.zero_shot_mean:.4f}" if dense.zero_shot else "") + ".",
+        + (f", zero-shot mean {dense.zero_shot_mean:.4f}" if dense.zero_shot else "")
+        + ".",
         "",
         "| level | recovery | code ppl (×dense) | general ppl (×dense) | zero-shot (Δ dense) | steps | loss first → last | train s | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = sorted((r for k, r in done.items() if k != "dense"), key=lambda r: (r["level"], r["variant"] != "none", r["variant"]))
+    rows = sorted(
+        (r for k, r in done.items() if k != "dense"), key=lambda r: (r["level"], r["variant"] != "none", r["variant"])
+    )
     for r in rows:
         m = _measurement(r["measurement"])
         q = ratios(m, dense)
-        zs = f"{m.zero_shot_mean:.4f} ({-q['zero_shot_drop']:+.4f})" if tasks and len(m.zero_shot) == len(tasks) else "-"
+        zs = (
+            f"{m.zero_shot_mean:.4f} ({-q['zero_shot_drop']:+.4f})" if tasks and len(m.zero_shot) == len(tasks) else "-"
+        )
         loss = f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r.get("first_loss") is not None else "-"
         steps = f"{r['steps']}{' (budget)' if r.get('stopped_by_time_budget') else ''}" if "steps" in r else "-"
         wall = r.get("wall_seconds", r.get("prune_seconds"))
@@ -138,8 +174,12 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
             f"{m.perplexity['code']:.3f} ({q['ppl_code']:.2f}×) | {m.perplexity['general']:.3f} ({q['ppl_general']:.2f}×) | "
             f"{zs} | {steps} | {loss} | {r.get('train_seconds', 0):.0f} | {wall:.0f} |"
         )
-    lines += ["", "wall s: recovery including data preparation (self-distillation generation) and the verified export; "
-              "for the unrecovered rows, the pruning time.", ""]
+    lines += [
+        "",
+        "wall s: recovery including data preparation (self-distillation generation) and the verified export; "
+        "for the unrecovered rows, the pruning time.",
+        "",
+    ]
     (RESULTS / "recovery.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -34,10 +34,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LLAMA3_8B = dict(
-    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
-    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-    max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=128000, eos_token_id=128001,
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
     dtype="bfloat16",
 )
 
@@ -50,9 +64,14 @@ def layer_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     d, hd, i = c["hidden_size"], c["head_dim"], c["intermediate_size"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
     return {
-        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
-        "self_attn.o_proj.weight": (d, q), "mlp.gate_proj.weight": (i, d), "mlp.up_proj.weight": (i, d),
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q),
+        "mlp.gate_proj.weight": (i, d),
+        "mlp.up_proj.weight": (i, d),
         "mlp.down_proj.weight": (d, i),
     }
 
@@ -77,9 +96,11 @@ def write_model(folder: Path, tokenizer: Path, seed: int = 0) -> None:
         save_file(tensors, str(folder / _shard(i + 1, n)), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, _shard(i + 1, n)))
         print(f"  wrote layer {i}", file=sys.stderr, flush=True)
-    rest = {"model.embed_tokens.weight": _random((c["vocab_size"], c["hidden_size"]), g),
-            "model.norm.weight": _random((c["hidden_size"],), g),
-            "lm_head.weight": _random((c["vocab_size"], c["hidden_size"]), g)}
+    rest = {
+        "model.embed_tokens.weight": _random((c["vocab_size"], c["hidden_size"]), g),
+        "model.norm.weight": _random((c["hidden_size"],), g),
+        "lm_head.weight": _random((c["vocab_size"], c["hidden_size"]), g),
+    }
     save_file(rest, str(folder / _shard(n, n)), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(rest, _shard(n, n)))
     _finish_folder(folder, c, weight_map, tokenizer)
@@ -170,8 +191,12 @@ def main() -> None:
                 cut_model(full, src, layers, args.tokenizer)
             out = args.workdir / f"pruned-{layers}"
             shutil.rmtree(out, ignore_errors=True)
-            run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), args.device, json.dumps(calib)],
-                                 capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), **_env()})
+            run = subprocess.run(
+                [sys.executable, "-c", CHILD, str(src), str(out), args.device, json.dumps(calib)],
+                capture_output=True,
+                text=True,
+                env={"PYTHONPATH": str(ROOT), **_env()},
+            )
             if run.returncode:
                 raise SystemExit(f"prune failed for {layers} layers:\n{run.stderr[-3000:]}")
             result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -50,9 +50,17 @@ def build(layers: int, folder: Path, tokenizer: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=1024, intermediate_size=4096,
-                                  num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-                                  tie_word_embeddings=False)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=49152,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        tie_word_embeddings=False,
+    )
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder, max_shard_size="100MB")
     AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
 
@@ -66,8 +74,13 @@ def main() -> None:
         for layers in (4, 32):
             src, out = args.workdir / f"m{layers}", args.workdir / f"o{layers}"
             build(layers, src, args.tokenizer)
-            run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out)], capture_output=True, text=True,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+            run = subprocess.run(
+                [sys.executable, "-c", CHILD, str(src), str(out)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                check=True,
+            )
             result = json.loads(run.stdout.strip().splitlines()[-1])
             print(json.dumps({"layers": layers, **result}))
     finally:

@@ -45,8 +45,17 @@ def make_runs(args) -> dict[str, Path]:
         if not (out / "config.json").is_file():
             print(f"== prune {name}", file=sys.stderr, flush=True)
             dense = load_model("smollm2-135m", dtype="float32", device="cpu")
-            prune(dense, data="code", calib_samples=args.calib_samples, seq_len=256, batch_size=8, out=out,
-                  force=True, progress=False, **RECIPES[name])
+            prune(
+                dense,
+                data="code",
+                calib_samples=args.calib_samples,
+                seq_len=256,
+                batch_size=8,
+                out=out,
+                force=True,
+                progress=False,
+                **RECIPES[name],
+            )
         runs[name] = out
     return runs
 
@@ -64,8 +73,9 @@ def export_all(runs: dict[str, Path], work: Path) -> dict[tuple[str, str], dict]
             path = work / "gguf" / f"{name}.{quant}.gguf"
             print(f"== export {name} {quant}", file=sys.stderr, flush=True)
             r = export_gguf(loaded.model, loaded.tokenizer, path, quant=quant, force=True)
-            files[name, quant] = dict(path=str(path), arch=r.arch, bytes=r.bytes, params=params,
-                                      fallbacks=len(r.fallbacks))
+            files[name, quant] = dict(
+                path=str(path), arch=r.arch, bytes=r.bytes, params=params, fallbacks=len(r.fallbacks)
+            )
     return files
 
 
@@ -97,8 +107,12 @@ def measure(files: dict[tuple[str, str], dict], args) -> list[dict]:
     rows = []
     for quant in QUANTS:
         names = [n for (n, q) in files if q == quant]
-        llms = {n: llama_cpp.Llama(model_path=files[n, quant]["path"], n_ctx=512, n_batch=256, n_threads=args.threads,
-                                   verbose=False) for n in names}
+        llms = {
+            n: llama_cpp.Llama(
+                model_path=files[n, quant]["path"], n_ctx=512, n_batch=256, n_threads=args.threads, verbose=False
+            )
+            for n in names
+        }
         got: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
         for r in range(args.rounds + 1):  # round 0 warms up (page cache, thread pool) and is discarded
             for n in names:
@@ -109,21 +123,30 @@ def measure(files: dict[tuple[str, str], dict], args) -> list[dict]:
             llm.close()
         for n in names:
             f = files[n, quant]
-            rows.append(dict(model=n, quant=quant, **f, decode=statistics.median(x[0] for x in got[n]),
-                             prefill=statistics.median(x[1] for x in got[n])))
+            rows.append(
+                dict(
+                    model=n,
+                    quant=quant,
+                    **f,
+                    decode=statistics.median(x[0] for x in got[n]),
+                    prefill=statistics.median(x[1] for x in got[n]),
+                )
+            )
     return rows
 
 
 def markdown(rows: list[dict], args) -> str:
     dense = {r["quant"]: r for r in rows if r["model"] == "dense"}
     lines = [
-        "# SmolLM2-135M in llama.cpp: dense vs pruned (`bench/serve.py`)", "",
+        "# SmolLM2-135M in llama.cpp: dense vs pruned (`bench/serve.py`)",
+        "",
         f"llama-cpp-python {args.llama_version}, {args.threads} threads, {platform.processor() or platform.machine()}; "
         f"{args.rounds} rounds, models in turn; calibration "
         + (f"{args.calib_samples}×256 code tokens" if not args.runs else "as the given runs were pruned")
         + " (speed depends on the widths, not on the calibration size). Decode: batch 1, "
         f"{args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt (median gap). Prefill: one "
-        f"{args.prefill_tokens}-token prompt.", "",
+        f"{args.prefill_tokens}-token prompt.",
+        "",
         "| model | quant | arch | GGUF MB | params ratio | decode tok/s | decode × | prefill tok/s | prefill × | fallbacks |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]

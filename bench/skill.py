@@ -33,12 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quality import PeakRSS  # noqa: E402
+from rows import load_rows, save_rows  # noqa: E402
+
 from domainprune.mbpp import MAX_NEW_TOKENS, evaluate_mbpp, standard_error  # noqa: E402
 from domainprune.measure import measure  # noqa: E402
 from domainprune.models import LoadedModel, load_model  # noqa: E402
 from domainprune.pipeline import prune  # noqa: E402
-from quality import PeakRSS  # noqa: E402
-from rows import load_rows, save_rows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # In order of what the issue needs first: the best recipe and the default, then every baseline, then the levels.
@@ -57,8 +58,13 @@ def parse_recipe(text: str) -> dict:
     head, _, level = text.partition("@")
     obs = head.endswith("+obs")
     method, _, allocation = head.removesuffix("+obs").partition("/")
-    return {"method": method, "allocation": allocation or None, "reconstruct": "obs" if obs else None,
-            "sparsity": float(level), "recovery": recovery or None}
+    return {
+        "method": method,
+        "allocation": allocation or None,
+        "reconstruct": "obs" if obs else None,
+        "sparsity": float(level),
+        "recovery": recovery or None,
+    }
 
 
 def main() -> None:
@@ -86,8 +92,9 @@ def main() -> None:
         answers_file.unlink(missing_ok=True)
     dense = load_model(args.model, dtype="float32", device=args.device)
     cuda = next(dense.model.parameters()).device.type == "cuda"
-    machine = (torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU") + \
-        f", torch {torch.__version__}, Python {platform.python_version()}"
+    machine = (
+        torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU"
+    ) + f", torch {torch.__version__}, Python {platform.python_version()}"
     for key in args.recipes.split(","):
         if key in done:
             continue
@@ -115,32 +122,61 @@ def run_recipe(key: str, dense: LoadedModel, done: dict, machine: str, raw: Path
     if recipe:
         started = time.perf_counter()
         with PeakRSS() as mem:
-            result = prune(loaded, data="code", calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
-                           seed=0, progress=False,
-                           **{k: v for k, v in recipe.items() if v is not None and k != "recovery"})
+            result = prune(
+                loaded,
+                data="code",
+                calib_samples=args.calib_samples,
+                seq_len=args.calib_seq_len,
+                seed=0,
+                progress=False,
+                **{k: v for k, v in recipe.items() if v is not None and k != "recovery"},
+            )
         if cuda:
             torch.cuda.synchronize()
-        row.update(prune_seconds=time.perf_counter() - started, peak_rss_bytes=mem.peak,
-                   achieved=result.plan.params.sparsity, recipe=result.recipe.model_dump(mode="json"))
+        row.update(
+            prune_seconds=time.perf_counter() - started,
+            peak_rss_bytes=mem.peak,
+            achieved=result.plan.params.sparsity,
+            recipe=result.recipe.model_dump(mode="json"),
+        )
         if cuda:
             row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         if recipe["recovery"]:
             loaded, row["recovery_report"] = recovered(loaded, dense, recipe["recovery"], args)
-    m = measure(loaded, key, sources=("code", "general"), samples=args.samples, seq_len=256, tasks=(), speed=False,
-                progress=False)
+    m = measure(
+        loaded,
+        key,
+        sources=("code", "general"),
+        samples=args.samples,
+        seq_len=256,
+        tasks=(),
+        speed=False,
+        progress=False,
+    )
     row["params"], row["perplexity"] = m.params, m.perplexity
     started = time.perf_counter()
-    mbpp = evaluate_mbpp(loaded.model, loaded.tokenizer, limit=args.limit, max_new_tokens=args.code_tokens,
-                          batch_size=args.code_batch)
-    row.update(mbpp_seconds=time.perf_counter() - started, pass_at_1=mbpp["pass_at_1"], problems=mbpp["n"],
-               stderr=mbpp["stderr"], isolation=mbpp["isolation"], code_tokens=args.code_tokens)
+    mbpp = evaluate_mbpp(
+        loaded.model, loaded.tokenizer, limit=args.limit, max_new_tokens=args.code_tokens, batch_size=args.code_batch
+    )
+    row.update(
+        mbpp_seconds=time.perf_counter() - started,
+        pass_at_1=mbpp["pass_at_1"],
+        problems=mbpp["n"],
+        stderr=mbpp["stderr"],
+        isolation=mbpp["isolation"],
+        code_tokens=args.code_tokens,
+    )
     with gzip.open(answers_file, "at", encoding="utf-8") as f:
         for r in mbpp["results"]:
             f.write(json.dumps({"key": key, **r}) + "\n")
     done[key] = row
     save_rows(raw, done)
-    print(f"   pass@1 {row['pass_at_1']:.3f} ± {row['stderr']:.3f}  code ppl {row['perplexity']['code']:.3f}  "
-          f"general ppl {row['perplexity']['general']:.3f}", file=sys.stderr, flush=True)
+    print(
+        f"   pass@1 {row['pass_at_1']:.3f} ± {row['stderr']:.3f}  code ppl {row['perplexity']['code']:.3f}  "
+        f"general ppl {row['perplexity']['general']:.3f}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def recovered(loaded: LoadedModel, dense: LoadedModel, train_format: str, args) -> tuple[LoadedModel, dict]:
@@ -150,11 +186,22 @@ def recovered(loaded: LoadedModel, dense: LoadedModel, train_format: str, args) 
     from domainprune.recover import recover
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = recover(loaded, out=Path(tmp) / "recovered", teacher=dense, data="code", train_format=train_format,
-                         samples=args.recover_samples, batch_size=args.recover_batch, seq_len=args.recover_seq_len,
-                         answer_tokens=args.code_tokens,
-                         max_steps=args.recover_steps, time_budget=None, device=args.device, progress=False,
-                         verify=False)
+        result = recover(
+            loaded,
+            out=Path(tmp) / "recovered",
+            teacher=dense,
+            data="code",
+            train_format=train_format,
+            samples=args.recover_samples,
+            batch_size=args.recover_batch,
+            seq_len=args.recover_seq_len,
+            answer_tokens=args.code_tokens,
+            max_steps=args.recover_steps,
+            time_budget=None,
+            device=args.device,
+            progress=False,
+            verify=False,
+        )
     return LoadedModel(result.model, dense.tokenizer, None, loaded.source), result.report
 
 

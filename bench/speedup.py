@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from rows import load_rows, save_rows
 
 from domainprune.errors import DomainpruneError
 from domainprune.evaluate import throughput
@@ -35,14 +36,15 @@ from domainprune.latency import latency_table
 from domainprune.measure import Measurement, measure
 from domainprune.models import LoadedModel, load_model
 from domainprune.pipeline import prune
-from rows import load_rows, save_rows
 
 RESULTS = Path(__file__).parent / "results"
 TOLERANCE = 0.05
 
 
 def row_key(args, target: float) -> str:
-    return f"{args.method}|{args.allocation}|x{target:.2f}|{args.phase}" + (f"|round{args.round_to}" if args.round_to else "")
+    return f"{args.method}|{args.allocation}|x{target:.2f}|{args.phase}" + (
+        f"|round{args.round_to}" if args.round_to else ""
+    )
 
 
 def speeds(model: torch.nn.Module, args, warmup: bool = False) -> dict[str, float]:
@@ -74,12 +76,29 @@ def run(args) -> None:
         loaded = LoadedModel(model, dense.tokenizer, None, args.model)
         started = time.perf_counter()
         try:
-            result = prune(loaded, data="code", method=args.method, allocation=args.allocation, target_speedup=target,
-                           speedup_phase=args.phase, prefill_tokens=args.prefill_tokens, calib_samples=args.calib_samples, round_to=args.round_to,
-                           seed=0, progress=False)
+            result = prune(
+                loaded,
+                data="code",
+                method=args.method,
+                allocation=args.allocation,
+                target_speedup=target,
+                speedup_phase=args.phase,
+                prefill_tokens=args.prefill_tokens,
+                calib_samples=args.calib_samples,
+                round_to=args.round_to,
+                seed=0,
+                progress=False,
+            )
         except DomainpruneError as e:  # predicted out of reach: the tool refuses, and the table says so
-            done[key] = {"key": key, "method": args.method, "allocation": args.allocation, "target": target,
-                         "phase": args.phase, "refused": str(e), "machine": machine()}
+            done[key] = {
+                "key": key,
+                "method": args.method,
+                "allocation": args.allocation,
+                "target": target,
+                "phase": args.phase,
+                "refused": str(e),
+                "machine": machine(),
+            }
             save_rows(raw, done)
             continue
         seconds = time.perf_counter() - started
@@ -90,16 +109,30 @@ def run(args) -> None:
             a, b = speeds(first, args), speeds(second, args)
             d, p = (a, b) if r % 2 == 0 else (b, a)
             rounds.append({"dense": d, "pruned": p})
-        ratio = {ph: statistics.median(x["pruned"][ph] / x["dense"][ph] for x in rounds) for ph in ("decode", "prefill")}
+        ratio = {
+            ph: statistics.median(x["pruned"][ph] / x["dense"][ph] for x in rounds) for ph in ("decode", "prefill")
+        }
         m = measure(loaded, key, **settings)
         recipe = result.recipe
         done[key] = {
-            "key": key, "method": args.method, "allocation": args.allocation, "target": target, "phase": args.phase,
-            "sparsity": recipe.sparsity, "achieved": result.plan.params.sparsity, "predicted": recipe.predicted_speedup,
-            "measured": ratio[args.phase], "measured_decode": ratio["decode"], "measured_prefill": ratio["prefill"],
-            "prune_measured": result.report["speedup"]["measured"], "rounds": rounds,
-            "within": abs(ratio[args.phase] / target - 1) <= TOLERANCE, "prune_seconds": seconds,
-            "uniform": result.report["uniform"], "recipe": recipe.model_dump(), "machine": machine(),
+            "key": key,
+            "method": args.method,
+            "allocation": args.allocation,
+            "target": target,
+            "phase": args.phase,
+            "sparsity": recipe.sparsity,
+            "achieved": result.plan.params.sparsity,
+            "predicted": recipe.predicted_speedup,
+            "measured": ratio[args.phase],
+            "measured_decode": ratio["decode"],
+            "measured_prefill": ratio["prefill"],
+            "prune_measured": result.report["speedup"]["measured"],
+            "rounds": rounds,
+            "within": abs(ratio[args.phase] / target - 1) <= TOLERANCE,
+            "prune_seconds": seconds,
+            "uniform": result.report["uniform"],
+            "recipe": recipe.model_dump(),
+            "machine": machine(),
             "measurement": m.to_dict(),
         }
         save_rows(raw, done)
@@ -116,7 +149,10 @@ def rounded(row: dict) -> str:
 
 def write_markdown(done: dict, args, table) -> None:
     dense = Measurement.from_dict(done["dense"]["measurement"])
-    rows = sorted((r for k, r in done.items() if k != "dense"), key=lambda r: (r["phase"], r["method"], r["allocation"], r["target"]))
+    rows = sorted(
+        (r for k, r in done.items() if k != "dense"),
+        key=lambda r: (r["phase"], r["method"], r["allocation"], r["target"]),
+    )
     fixed = {ph: table.fixed[ph] / table.dense[ph] for ph in ("decode", "prefill")}
     lines = [
         "# Latency budgets: `--target-speedup` against measured speed",
@@ -141,7 +177,10 @@ def write_markdown(done: dict, args, table) -> None:
     ]
     for r in rows:
         if "refused" in r:
-            lines.append(f"| {r['method']} | {r['allocation']} | {r['phase']} | {r['target']:.2f}× | refused: {r['refused']} |" + " |" * 10)
+            lines.append(
+                f"| {r['method']} | {r['allocation']} | {r['phase']} | {r['target']:.2f}× | refused: {r['refused']} |"
+                + " |" * 10
+            )
             continue
         m = Measurement.from_dict(r["measurement"])
         lines.append(
@@ -158,8 +197,10 @@ def write_markdown(done: dict, args, table) -> None:
     lines += [
         "",
         f"Claim (`--target-speedup` meets its target within 5 % in measured {args.phase} throughput on this machine): "
-        f"{len(met)} of {len(solved)} solved targets within 5 %" + (f"; off: {', '.join(off)}" if off else "")
-        + (f"; refused as predicted out of reach: {', '.join(refused)}" if refused else "") + ".",
+        f"{len(met)} of {len(solved)} solved targets within 5 %"
+        + (f"; off: {', '.join(off)}" if off else "")
+        + (f"; refused as predicted out of reach: {', '.join(refused)}" if refused else "")
+        + ".",
         "",
     ]
     (RESULTS / "speedup.md").write_text("\n".join(lines) + "\n")
@@ -174,10 +215,20 @@ def main() -> None:
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--method", default="flap")
     p.add_argument("--allocation", default="global")
-    p.add_argument("--round-to", type=int, default=None, help="kept MLP widths rounded to a multiple of this (96: the latency table's grid on SmolLM2)")
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        help="kept MLP widths rounded to a multiple of this (96: the latency table's grid on SmolLM2)",
+    )
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--samples", type=int, default=128, help="code test sequences for perplexity")
-    p.add_argument("--rounds", type=int, default=12, help="dense/pruned speed rounds per target, alternating which goes first (median of the ratios)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=12,
+        help="dense/pruned speed rounds per target, alternating which goes first (median of the ratios)",
+    )
     p.add_argument("--speed-repeats", type=int, default=1, help="timed runs per model and round")
     p.add_argument("--device", default="auto")
     p.add_argument("--fresh", action="store_true", help="discard finished rows and start over")

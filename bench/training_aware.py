@@ -35,11 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rows import load_rows, save_rows  # noqa: E402
+
 from domainprune.measure import measure  # noqa: E402
 from domainprune.models import LoadedModel, load_model  # noqa: E402
 from domainprune.pipeline import prune  # noqa: E402
 from domainprune.recover import recover  # noqa: E402
-from rows import load_rows, save_rows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 RECIPES = "two-stage,atp,loraprune,iterative4,perp-light"
@@ -47,44 +48,94 @@ RESERVE = 20.0  # seconds kept back from a training budget for merging, surgery 
 
 
 def train_options(args, seconds: float, **extra) -> dict:
-    return dict(time_budget=max(seconds, 1.0), samples=args.train_samples, seq_len=args.seq_len,
-                batch_size=args.batch_size, save_steps=10**6, **extra)
+    return dict(
+        time_budget=max(seconds, 1.0),
+        samples=args.train_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        save_steps=10**6,
+        **extra,
+    )
 
 
 def one_shot(loaded: LoadedModel, args, level: float):
-    return prune(loaded, data=args.data, sparsity=level, calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
-                 seed=0, progress=False)
+    return prune(
+        loaded,
+        data=args.data,
+        sparsity=level,
+        calib_samples=args.calib_samples,
+        seq_len=args.calib_seq_len,
+        seed=0,
+        progress=False,
+    )
 
 
 def run_recipe(name: str, loaded: LoadedModel, args, level: float, started: float) -> tuple[LoadedModel, dict]:
     left = lambda: args.budget - (time.perf_counter() - started) - RESERVE  # noqa: E731
     if name in ("two-stage", "perp-light"):
         result = one_shot(loaded, args, level)
-        info = {"prune_seconds": round(time.perf_counter() - started, 1), "plan": result.plan.summary(),
-                "recipe": result.recipe.model_dump(mode="json")}
+        info = {
+            "prune_seconds": round(time.perf_counter() - started, 1),
+            "plan": result.plan.summary(),
+            "recipe": result.recipe.model_dump(mode="json"),
+        }
         light = {"train": "norms,biases"} if name == "perp-light" else {}
         with tempfile.TemporaryDirectory() as tmp:
-            rec = recover(LoadedModel(result.model, loaded.tokenizer, None, loaded.source), out=Path(tmp) / "r",
-                          data=args.data, samples=args.train_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                          max_steps=None, epochs=1000, time_budget=max(left(), 1.0), save_steps=10**6,
-                          device=args.device, progress=False, verify=False, **light)
-        info["training"] = {k: rec.report.get(k) for k in ("steps", "train_seconds", "first_loss", "last_loss",
-                                                           "trained_params", "trainable")}
+            rec = recover(
+                LoadedModel(result.model, loaded.tokenizer, None, loaded.source),
+                out=Path(tmp) / "r",
+                data=args.data,
+                samples=args.train_samples,
+                seq_len=args.seq_len,
+                batch_size=args.batch_size,
+                max_steps=None,
+                epochs=1000,
+                time_budget=max(left(), 1.0),
+                save_steps=10**6,
+                device=args.device,
+                progress=False,
+                verify=False,
+                **light,
+            )
+        info["training"] = {
+            k: rec.report.get(k)
+            for k in ("steps", "train_seconds", "first_loss", "last_loss", "trained_params", "trainable")
+        }
         return LoadedModel(rec.model, loaded.tokenizer, None, loaded.source), info
     if name in ("atp", "loraprune"):
         extra = {"pdg_lr": args.pdg_lr} if name == "atp" else {}
-        result = prune(loaded, data=args.data, method=name, sparsity=level, seed=0, progress=False,
-                       train=train_options(args, left(), **extra))
+        result = prune(
+            loaded,
+            data=args.data,
+            method=name,
+            sparsity=level,
+            seed=0,
+            progress=False,
+            train=train_options(args, left(), **extra),
+        )
     elif name.startswith("iterative"):
         stages = int(name.removeprefix("iterative"))
         # the stages' statistics passes count against the budget too: the tunes get `--iterative-train-share` of it
-        result = prune(loaded, data=args.data, method="cfsp", sparsity=level, iterative=stages,
-                       calib_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0, progress=False,
-                       train=train_options(args, left() * args.iterative_train_share))
+        result = prune(
+            loaded,
+            data=args.data,
+            method="cfsp",
+            sparsity=level,
+            iterative=stages,
+            calib_samples=args.calib_samples,
+            seq_len=args.calib_seq_len,
+            seed=0,
+            progress=False,
+            train=train_options(args, left() * args.iterative_train_share),
+        )
     else:
         raise SystemExit(f"unknown recipe {name!r}; known: {RECIPES}")
-    info = {"recipe": result.recipe.model_dump(mode="json"), "plan": result.plan.summary(),
-            "training": result.report.get("training", {}), "training_log": result.training_log}
+    info = {
+        "recipe": result.recipe.model_dump(mode="json"),
+        "plan": result.plan.summary(),
+        "training": result.report.get("training", {}),
+        "training_log": result.training_log,
+    }
     return LoadedModel(result.model, loaded.tokenizer, None, loaded.source), info
 
 
@@ -116,17 +167,30 @@ def main() -> None:
     raw = out / "training-aware.jsonl"
     done = load_rows(raw, args.fresh)
     tasks = tuple(t for t in args.tasks.split(",") if t)
-    settings = dict(sources=("code", "general"), samples=args.samples, seq_len=256, tasks=tasks, limit=args.limit,
-                    speed=False, progress=False)
+    settings = dict(
+        sources=("code", "general"),
+        samples=args.samples,
+        seq_len=256,
+        tasks=tasks,
+        limit=args.limit,
+        speed=False,
+        progress=False,
+    )
     dense = load_model(args.model, dtype="float32", device=args.device)
     cuda = next(dense.model.parameters()).device.type == "cuda"
     threads = torch.get_num_threads()
-    machine = (torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {threads} threads") \
-        + f", torch {torch.__version__}"
+    machine = (
+        torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {threads} threads"
+    ) + f", torch {torch.__version__}"
     if f"{args.model}|dense" not in done:
         m = measure(dense, "dense", **settings)
-        done[f"{args.model}|dense"] = {"key": f"{args.model}|dense", "model": args.model, "recipe_name": "dense",
-                                       "machine": machine, "measurement": m.to_dict()}
+        done[f"{args.model}|dense"] = {
+            "key": f"{args.model}|dense",
+            "model": args.model,
+            "recipe_name": "dense",
+            "machine": machine,
+            "measurement": m.to_dict(),
+        }
         save_rows(raw, done)
     for level in (float(x) for x in args.levels.split(",")):
         for name in args.recipes.split(","):
@@ -142,11 +206,24 @@ def main() -> None:
                 torch.cuda.synchronize()
             all_in = time.perf_counter() - started
             m = measure(trained, name, **settings)
-            done[key] = {"key": key, "model": args.model, "recipe_name": name, "level": level, "budget": args.budget,
-                         "all_in_seconds": round(all_in, 1), "machine": machine, **info, "measurement": m.to_dict()}
+            done[key] = {
+                "key": key,
+                "model": args.model,
+                "recipe_name": name,
+                "level": level,
+                "budget": args.budget,
+                "all_in_seconds": round(all_in, 1),
+                "machine": machine,
+                **info,
+                "measurement": m.to_dict(),
+            }
             save_rows(raw, done)
-            print(f"   {all_in:.0f} s all-in, code ppl {m.perplexity['code']:.3f}, general ppl "
-                  f"{m.perplexity['general']:.3f}", file=sys.stderr, flush=True)
+            print(
+                f"   {all_in:.0f} s all-in, code ppl {m.perplexity['code']:.3f}, general ppl "
+                f"{m.perplexity['general']:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
             del loaded, trained
             gc.collect()
     write_markdown(done, out / "training-aware.md")
@@ -157,31 +234,48 @@ NOTES = "<!-- notes: kept when the table is rewritten -->"
 
 def write_markdown(done: dict, path: Path) -> None:
     notes = path.read_text().partition(NOTES)[2] if path.is_file() else ""
-    lines = ["# Training-aware pruning vs two-stage at equal wall budget", "",
-             "Generated by `bench/training_aware.py`; every figure from `domainprune.measure.measure` (held-out test "
-             "split). Ratios are to the dense model of the same table.", ""]
+    lines = [
+        "# Training-aware pruning vs two-stage at equal wall budget",
+        "",
+        "Generated by `bench/training_aware.py`; every figure from `domainprune.measure.measure` (held-out test "
+        "split). Ratios are to the dense model of the same table.",
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in done.values()):
         dense = done.get(f"{model}|dense")
         if dense is None:
             continue
         d = dense["measurement"]
         extra = sorted({*d["zero_shot"], *d["pass_at_1"]})
-        lines += [f"## {model} ({dense['machine']})", "",
-                  "| recipe | level | budget s | all-in s | train steps | trained params | params | code ppl "
-                  "(× dense) | general ppl (× dense) |" + "".join(f" {t} |" for t in extra),
-                  "|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+        lines += [
+            f"## {model} ({dense['machine']})",
+            "",
+            "| recipe | level | budget s | all-in s | train steps | trained params | params | code ppl "
+            "(× dense) | general ppl (× dense) |" + "".join(f" {t} |" for t in extra),
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra),
+        ]
         rows = [dense] + [r for r in done.values() if r["model"] == model and r["recipe_name"] != "dense"]
         for r in rows:
             m = r["measurement"]
             t = r.get("training", {})
             trained = t.get("trained_params") or t.get("trainable_params")
-            trained = (trained.get("total") or sum(v for k, v in trained.items() if k != "model")) if isinstance(
-                trained, dict) else "" if not t else "LoRA"
+            trained = (
+                (trained.get("total") or sum(v for k, v in trained.items() if k != "model"))
+                if isinstance(trained, dict)
+                else ""
+                if not t
+                else "LoRA"
+            )
             steps = t.get("steps", sum(s.get("steps", 0) for s in t.get("stages", [])) or "")
-            cells = [r["recipe_name"], f"{r['level']:.0%}" if "level" in r else "",
-                     str(int(r.get("budget", 0)) or ""), str(r.get("all_in_seconds", "")), str(steps),
-                     f"{trained:,}" if isinstance(trained, int) else trained,
-                     f"{m['params']:,}"]
+            cells = [
+                r["recipe_name"],
+                f"{r['level']:.0%}" if "level" in r else "",
+                str(int(r.get("budget", 0)) or ""),
+                str(r.get("all_in_seconds", "")),
+                str(steps),
+                f"{trained:,}" if isinstance(trained, int) else trained,
+                f"{m['params']:,}",
+            ]
             for src in ("code", "general"):
                 cells.append(f"{m['perplexity'][src]:.3f} ({m['perplexity'][src] / d['perplexity'][src]:.3f}×)")
             for task in extra:

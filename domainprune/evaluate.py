@@ -58,9 +58,7 @@ def nll(
         for start in tqdm(starts, desc="nll", unit="batch", file=sys.stderr, disable=not progress):
             batch = sequences[start : start + batch_size].to(device=device, dtype=torch.long)
             logits = model(input_ids=batch, use_cache=False).logits
-            losses = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
-            )
+            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
             total += losses.double().sum().item()
             count += losses.numel()
     return total, count
@@ -125,7 +123,12 @@ def throughput(
     forward pass that, like the prefill inside `generate`, computes logits for the last position only. One untimed
     warm-up run of each precedes the `repeats` timed ones, unless `warmup` is False (a model just timed needs none).
     """
-    for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("prefill_len", prefill_len), ("repeats", repeats)):
+    for name, value in (
+        ("prompt_len", prompt_len),
+        ("new_tokens", new_tokens),
+        ("prefill_len", prefill_len),
+        ("repeats", repeats),
+    ):
         if value < 1:
             raise DomainpruneError(f"throughput: {name} must be at least 1, got {value}")
     if new_tokens < 2:

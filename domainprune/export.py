@@ -54,7 +54,9 @@ def _state_dict_files(path: Path) -> list[Path]:
     return files
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_pretrained(
+    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """Load any checkpoint written by domainprune (heterogeneous widths and extra biases included); a sentence
     encoder's comes back as a `SentenceTransformer`."""
     from safetensors.torch import load_file

@@ -56,8 +56,15 @@ def continuations(loaded: LoadedModel, prompts: list[str], new_tokens: int = NEW
     """Greedy continuation (up to `new_tokens` tokens, stopping at EOS) of each prompt, batch 1, as text."""
     if new_tokens < 1:
         raise DomainpruneError(f"new tokens must be at least 1, got {new_tokens}")
-    answers = greedy_answers(loaded.model, loaded.tokenizer, [(p, "") for p in prompts], new_tokens, batch_size=1,
-                             add_special_tokens=True, progress=False)
+    answers = greedy_answers(
+        loaded.model,
+        loaded.tokenizer,
+        [(p, "") for p in prompts],
+        new_tokens,
+        batch_size=1,
+        add_special_tokens=True,
+        progress=False,
+    )
     return [text for text, _ in answers]
 
 
@@ -128,8 +135,9 @@ def greedy_answers(
         starts = [prompts[i][1] for i in batch]
         stop = StoppingCriteriaList([CodeBlockClosed(tokenizer, width, starts)] if stop_after_code_block else [])
         started = time.perf_counter()
-        out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             stopping_criteria=stop)
+        out = model.generate(
+            ids.to(device), attention_mask=mask.to(device), generation_config=config, stopping_criteria=stop
+        )
         seconds = (time.perf_counter() - started) / len(batch)
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         for row, i in enumerate(batch):
@@ -156,12 +164,17 @@ class Samples:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Samples":
-        return cls(d["data"], int(d["new_tokens"]), list(d["prompts"]), {k: list(v) for k, v in d["continuations"].items()})
+        return cls(
+            d["data"], int(d["new_tokens"]), list(d["prompts"]), {k: list(v) for k, v in d["continuations"].items()}
+        )
 
     def markdown(self) -> str:
         """Each prompt, then every model's continuation, in fenced blocks."""
-        lines = [f"Greedy continuations ({self.new_tokens} new tokens at most) of the first {len(self.prompts)} held-out "
-                 f"`{self.data}` test documents' opening characters.", ""]
+        lines = [
+            f"Greedy continuations ({self.new_tokens} new tokens at most) of the first {len(self.prompts)} held-out "
+            f"`{self.data}` test documents' opening characters.",
+            "",
+        ]
         for i, prompt in enumerate(self.prompts):
             lines += [f"### Prompt {i + 1}", "", fence(prompt), ""]
             for name, texts in self.continuations.items():

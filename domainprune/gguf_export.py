@@ -287,10 +287,14 @@ def build(model: torch.nn.Module) -> Built:
             # deci's n_ff = 0 drops the attention output (see the module docstring): one zero channel instead
             layer.n_ff = 1
             norm = adapter.layers[i].post_attention_layernorm.weight
-            layer.tensors.update({
-                "ffn_norm.weight": _f32(norm), "ffn_gate.weight": torch.zeros(1, d),
-                "ffn_up.weight": torch.zeros(1, d), "ffn_down.weight": torch.zeros(d, 1),
-            })
+            layer.tensors.update(
+                {
+                    "ffn_norm.weight": _f32(norm),
+                    "ffn_gate.weight": torch.zeros(1, d),
+                    "ffn_up.weight": torch.zeros(1, d),
+                    "ffn_down.weight": torch.zeros(d, 1),
+                }
+            )
             slot = (layer, "ffn_down.bias")
             if _nonzero(adapter.mlp(i).bias):
                 add_to_slot(adapter.mlp(i).bias)
@@ -438,6 +442,7 @@ def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:
     import gguf
 
     with open(path, "rb") as f:
+
         def read(fmt: str) -> tuple:
             return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))
 
@@ -487,7 +492,12 @@ def check_out(out: Path, force: bool, inputs: list[Path] | tuple = ()) -> Path:
 
 
 def export_gguf(
-    model: torch.nn.Module, tokenizer: Any, out: str | Path, *, quant: str = "f32", force: bool = False,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out: str | Path,
+    *,
+    quant: str = "f32",
+    force: bool = False,
     threads: int | None = None,
 ) -> GGUFExport:
     """Write `out` (a .gguf file) from an in-memory model and its tokenizer; moved into place only when complete."""

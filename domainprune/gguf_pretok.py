@@ -6,10 +6,10 @@ regenerate from a newer converter. Where the converter lists a hash twice, its l
 """
 
 CHKTXT = (
-    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple '
-    'emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333'
-    ' 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天'
-    '～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!'
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple "
+    "emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333"
+    " 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天"
+    "～ ------======= нещо на Български ''''''```````\"\"\"\"......!!!"
     "!!!?????? I've been 'told he's there, 'RE you sure? 'M not s"
     "ure I'll make it, 'D you like some tea? We'Ve a'lL"
 )

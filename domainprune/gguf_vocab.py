@@ -41,8 +41,9 @@ def _backend_json(tokenizer: Any) -> dict[str, Any]:
 
 
 def definition_hash(spec: dict[str, Any]) -> str:
-    canonical = json.dumps({"normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer")},
-                           sort_keys=True)
+    canonical = json.dumps(
+        {"normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer")}, sort_keys=True
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -45,8 +45,13 @@ GRADS_VERSION = 1
 PROJS = ("q", "k", "v", "o", "gate", "up", "down")
 # projection -> (slice along rows (True) or columns (False), unit kind)
 LAYOUT = {
-    "q": (True, "head"), "k": (True, "kv"), "v": (True, "kv"), "o": (False, "head"),
-    "gate": (True, "channel"), "up": (True, "channel"), "down": (False, "channel"),
+    "q": (True, "head"),
+    "k": (True, "kv"),
+    "v": (True, "kv"),
+    "o": (False, "head"),
+    "gate": (True, "channel"),
+    "up": (True, "channel"),
+    "down": (False, "channel"),
 }
 STEP_QUANTITIES = ("wg", "w2g2", "absw_g2", "dpruner")  # folded in from each micro-batch gradient
 FINAL_QUANTITIES = ("abs_wgbar", "mix", "gbar_dot_ref", "gbar_sq", "ref_sq")  # from the summed gradient
@@ -75,16 +80,26 @@ def check_backprop(model: torch.nn.Module, adapter: DecoderAdapter, method: str)
     """One-line errors for models that cannot give the gradients `method` needs."""
     for i in range(adapter.num_layers):
         if adapter.attention_removed(i) or not adapter.has_dense_mlp(i):
-            raise DomainpruneError(f"method {method!r} needs every layer's attention and MLP; layer {i} has one removed")
+            raise DomainpruneError(
+                f"method {method!r} needs every layer's attention and MLP; layer {i} has one removed"
+            )
         for name, w in target_weights(adapter, i).items():
             if not w.is_floating_point() or w.is_meta:
-                raise DomainpruneError(f"method {method!r} needs gradients, but layer {i} {name}_proj has {w.dtype} weights on {w.device.type}; load the model in float32 or bfloat16")
+                raise DomainpruneError(
+                    f"method {method!r} needs gradients, but layer {i} {name}_proj has {w.dtype} weights on {w.device.type}; load the model in float32 or bfloat16"
+                )
             if w.is_inference():
-                raise DomainpruneError(f"method {method!r} needs gradients, but the model's weights were created in inference mode; load it outside torch.inference_mode()")
+                raise DomainpruneError(
+                    f"method {method!r} needs gradients, but the model's weights were created in inference mode; load it outside torch.inference_mode()"
+                )
             if not w.requires_grad:
-                raise DomainpruneError(f"method {method!r} needs gradients, but layer {i} {name}_proj has requires_grad=False; call model.requires_grad_(True) first")
+                raise DomainpruneError(
+                    f"method {method!r} needs gradients, but layer {i} {name}_proj has requires_grad=False; call model.requires_grad_(True) first"
+                )
             if w.device.type == "cpu" and w.dtype == torch.float16:
-                raise DomainpruneError(f"method {method!r} needs gradients, which float16 on CPU cannot give; use --dtype float32 (or bfloat16)")
+                raise DomainpruneError(
+                    f"method {method!r} needs gradients, which float16 on CPU cannot give; use --dtype float32 (or bfloat16)"
+                )
 
 
 @contextmanager
@@ -104,7 +119,9 @@ def _backprop_mode(model: torch.nn.Module, adapter: DecoderAdapter, checkpointin
         elif hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
-            raise DomainpruneError("--gradient-checkpointing needs a transformers model (gradient_checkpointing_enable)")
+            raise DomainpruneError(
+                "--gradient-checkpointing needs a transformers model (gradient_checkpointing_enable)"
+            )
         for layer in adapter.layers:  # HF checkpoints only `if self.training`; children (dropout) stay in eval
             layer.training = True
     try:
@@ -246,7 +263,9 @@ def accumulate(
 
 
 @torch.inference_mode()
-def input_hessians(model: torch.nn.Module, adapter: DecoderAdapter, sequences: torch.Tensor, batch_size: int = 8, progress: bool = True) -> list[dict[str, torch.Tensor]]:
+def input_hessians(
+    model: torch.nn.Module, adapter: DecoderAdapter, sequences: torch.Tensor, batch_size: int = 8, progress: bool = True
+) -> list[dict[str, torch.Tensor]]:
     """H = 2XXᵀ/N (float32, N tokens) of the inputs of q/k/v (shared), o, gate/up (shared) and down of every layer."""
     device = next(model.parameters()).device
     sums: list[dict[str, torch.Tensor]] = [{} for _ in range(adapter.num_layers)]
@@ -288,17 +307,28 @@ def sparsegpt_importance(w: torch.Tensor, h: torch.Tensor, damping: float = 0.01
         hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
         u = torch.linalg.cholesky(hinv, upper=True)
     except RuntimeError as e:  # torch.linalg.LinAlgError subclasses RuntimeError
-        raise DomainpruneError(f"the calibration Hessian is not positive definite ({e}); use more general calibration data") from None
+        raise DomainpruneError(
+            f"the calibration Hessian is not positive definite ({e}); use more general calibration data"
+        ) from None
     return (w * w / torch.diag(u).pow(2)).float()
 
 
-def general_importance(model: torch.nn.Module, adapter: DecoderAdapter, sequences: torch.Tensor, batch_size: int = 8, damping: float = 0.01, progress: bool = True) -> list[dict[str, torch.Tensor]]:
+def general_importance(
+    model: torch.nn.Module,
+    adapter: DecoderAdapter,
+    sequences: torch.Tensor,
+    batch_size: int = 8,
+    damping: float = 0.01,
+    progress: bool = True,
+) -> list[dict[str, torch.Tensor]]:
     """D-Pruner step 1 per weight (one-shot, not layer-sequential): G for every target weight."""
     hess = input_hessians(model, adapter, sequences, batch_size, progress)
     out = []
     source = dict(q="qkv", k="qkv", v="qkv", o="o", gate="gateup", up="gateup", down="down")
     for i in range(adapter.num_layers):
-        out.append({p: sparsegpt_importance(w, hess[i][source[p]], damping) for p, w in target_weights(adapter, i).items()})
+        out.append(
+            {p: sparsegpt_importance(w, hess[i][source[p]], damping) for p, w in target_weights(adapter, i).items()}
+        )
         hess[i] = {}
     return out
 

@@ -54,13 +54,17 @@ def hidden_scores(adapter: DecoderAdapter, stats: list[dict]) -> torch.Tensor:
     for i, s in enumerate(stats):
         keys = [k for k in NORM_OUTPUT_KEYS if k in s]
         if not keys and not (adapter.attention_removed(i) and adapter.mlp_removed(i)):
-            raise DomainpruneError("hidden pruning needs statistics of the norm outputs; clear the statistics cache and rerun")
+            raise DomainpruneError(
+                "hidden pruning needs statistics of the norm outputs; clear the statistics cache and rerun"
+            )
         for k in keys:
             score += (s[k].double().cpu() / float(s["tokens"])).sqrt()
     return score
 
 
-def choose_hidden(adapter: DecoderAdapter, stats: list[dict], hidden_sparsity: float, round_to: int | None = None) -> list[int]:
+def choose_hidden(
+    adapter: DecoderAdapter, stats: list[dict], hidden_sparsity: float, round_to: int | None = None
+) -> list[int]:
     """The kept residual channels: the highest-scoring `hidden_width` ones (ties to the lower index), sorted."""
     if not adapter.prunable_hidden:
         raise DomainpruneError(

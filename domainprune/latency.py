@@ -213,12 +213,30 @@ def table_key(model: nn.Module, context: int, prefill_tokens: int, repeats: int)
     shapes = [(n, list(p.shape)) for n, p in model.named_parameters()]
     attn = getattr(model.config, "_attn_implementation", None)
     return cache.fingerprint(
-        "latency", LATENCY_VERSION, model.config.model_type, shapes, str(param.dtype), attn, device_name(param.device),
-        torch.__version__, transformers.__version__, context, prefill_tokens, repeats,
+        "latency",
+        LATENCY_VERSION,
+        model.config.model_type,
+        shapes,
+        str(param.dtype),
+        attn,
+        device_name(param.device),
+        torch.__version__,
+        transformers.__version__,
+        context,
+        prefill_tokens,
+        repeats,
     )
 
 
-def latency_table(model: nn.Module, *, context: int = 128, prefill_tokens: int = 256, repeats: int = 3, progress: bool = True, use_cache: bool = True) -> LatencyTable:
+def latency_table(
+    model: nn.Module,
+    *,
+    context: int = 128,
+    prefill_tokens: int = 256,
+    repeats: int = 3,
+    progress: bool = True,
+    use_cache: bool = True,
+) -> LatencyTable:
     """The model's latency table on its device and dtype, from the cache when it was measured before."""
     for name, value in (("context", context), ("prefill_tokens", prefill_tokens), ("repeats", repeats)):
         if value < 1:
@@ -275,7 +293,9 @@ def _model_seconds(model: nn.Module, context: int, prefill_tokens: int) -> dict[
     from .evaluate import throughput
 
     prompt = max(1, context - DECODE_TOKENS // 2)
-    t = throughput(model, prompt_len=prompt, new_tokens=DECODE_TOKENS, prefill_len=prefill_tokens, repeats=1, warmup=False)
+    t = throughput(
+        model, prompt_len=prompt, new_tokens=DECODE_TOKENS, prefill_len=prefill_tokens, repeats=1, warmup=False
+    )
     return {"decode": t["decode_step_s"], "prefill": t["prefill_s"]}
 
 
@@ -290,7 +310,9 @@ def check_speedup_model(model: nn.Module, target: float | None = None, depth: bo
 
     adapter = get_adapter(model)
     if adapter.has_experts():
-        raise DomainpruneError("--target-speedup times dense attention and MLP blocks; mixture-of-experts models are not supported yet")
+        raise DomainpruneError(
+            "--target-speedup times dense attention and MLP blocks; mixture-of-experts models are not supported yet"
+        )
     if len(set(adapter.shapes())) > 1:
         raise DomainpruneError(
             "--target-speedup times every layer cut to the same width, so it needs a model whose layers all have one "
@@ -310,8 +332,9 @@ def check_speedup_model(model: nn.Module, target: float | None = None, depth: bo
     return adapter
 
 
-def table_from_seconds(seconds: dict[tuple[str, int], dict[str, float]], dense: dict[str, float], s: LayerShape,
-                       n: int, **fields: Any) -> LatencyTable:
+def table_from_seconds(
+    seconds: dict[tuple[str, int], dict[str, float]], dense: dict[str, float], s: LayerShape, n: int, **fields: Any
+) -> LatencyTable:
     """The table of an `n`-layer model of layer shape `s` from whole-model seconds per phase: `seconds[("skeleton",
     0)]` with every block removed, `seconds[("attention", k)]` with every attention cut to k KV groups (k below the
     full count), `seconds[("mlp", c)]` likewise for c MLP channels, and `dense`, the whole model."""
@@ -342,7 +365,9 @@ def table_from_seconds(seconds: dict[tuple[str, int], dict[str, float]], dense: 
 
 
 @torch.inference_mode()
-def measure_table(model: nn.Module, *, context: int = 128, prefill_tokens: int = 256, repeats: int = 3, progress: bool = True) -> LatencyTable:
+def measure_table(
+    model: nn.Module, *, context: int = 128, prefill_tokens: int = 256, repeats: int = 3, progress: bool = True
+) -> LatencyTable:
     """Measure the latency table of `model` (see the module docstring). Needs one cut copy of the attention or MLP
     weights at a time beside the model."""
     adapter = check_speedup_model(model)
@@ -352,7 +377,11 @@ def measure_table(model: nn.Module, *, context: int = 128, prefill_tokens: int =
     step = max(1, s.intermediate_size // MLP_GRID)
     channels = [0, *range(step, s.intermediate_size, step)] if s.intermediate_size else []
     # (table key, KV groups kept, MLP channels kept) of every variant; None: that block whole
-    jobs = [(("skeleton", 0), 0, 0)] + [(("attention", k), k, None) for k in groups] + [(("mlp", c), None, c) for c in channels]
+    jobs = (
+        [(("skeleton", 0), 0, 0)]
+        + [(("attention", k), k, None) for k in groups]
+        + [(("mlp", c), None, c) for c in channels]
+    )
     ratios: dict[tuple[str, int], list[dict[str, float]]] = {}
     dense_runs = []
     with tqdm(total=repeats * len(jobs), desc="latency table", unit="variant", disable=not progress) as bar:
@@ -371,13 +400,26 @@ def measure_table(model: nn.Module, *, context: int = 128, prefill_tokens: int =
                 bar.update()
     dense = {p: statistics.median(r[p] for r in dense_runs) for p in PHASES}
     seconds = {key: {p: dense[p] * statistics.median(r[p] for r in rs) for p in PHASES} for key, rs in ratios.items()}
-    table = table_from_seconds(seconds, dense, s, n, context=context, prefill_tokens=prefill_tokens,
-                               device=device_name(param.device), dtype=str(param.dtype).removeprefix("torch."))
+    table = table_from_seconds(
+        seconds,
+        dense,
+        s,
+        n,
+        context=context,
+        prefill_tokens=prefill_tokens,
+        device=device_name(param.device),
+        dtype=str(param.dtype).removeprefix("torch."),
+    )
     fixed = table.fixed
     log.info(
         "latency table (%s, %s): decode %.2f ms/token (%.0f%% outside attention+MLP), prefill of %d tokens %.1f ms (%.0f%%)",
-        table.device, table.dtype, 1e3 * dense["decode"], 100 * min(1, fixed["decode"] / dense["decode"]),
-        prefill_tokens, 1e3 * dense["prefill"], 100 * min(1, fixed["prefill"] / dense["prefill"]),
+        table.device,
+        table.dtype,
+        1e3 * dense["decode"],
+        100 * min(1, fixed["decode"] / dense["decode"]),
+        prefill_tokens,
+        1e3 * dense["prefill"],
+        100 * min(1, fixed["prefill"] / dense["prefill"]),
     )
     return table
 
@@ -442,8 +484,11 @@ def confirm_speedup(model: nn.Module, recipe, dense_speed: float) -> dict[str, A
     off = measured / recipe.target_speedup - 1
     within = abs(off) <= SPEEDUP_TOLERANCE
     log.info(
-        "speedup: measured %.3f× %s (target %.3f×, predicted %.3f×): %s", measured, recipe.speedup_phase,
-        recipe.target_speedup, recipe.predicted_speedup or float("nan"),
+        "speedup: measured %.3f× %s (target %.3f×, predicted %.3f×): %s",
+        measured,
+        recipe.speedup_phase,
+        recipe.target_speedup,
+        recipe.predicted_speedup or float("nan"),
         "within 5 % of the target" if within else f"{100 * off:+.1f} % off the target (more than 5 %)",
     )
     return {

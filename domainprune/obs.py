@@ -125,7 +125,12 @@ def _cholesky(a: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def refit(
-    weight: torch.Tensor, hess: InputHessian, kept: torch.Tensor, *, bias: bool = False, damping: float = OBS_DAMPING,
+    weight: torch.Tensor,
+    hess: InputHessian,
+    kept: torch.Tensor,
+    *,
+    bias: bool = False,
+    damping: float = OBS_DAMPING,
     what: str = "refit",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W′_K = W_K + W_P·H_PK·(H_KK + λI)⁻¹ for the kept input columns `kept` (sorted); with `bias`, the constant input
@@ -225,8 +230,17 @@ def greedy_remove(
 
 
 def choose_attention(
-    weight: torch.Tensor, hess: InputHessian, num_heads: int, num_kv_heads: int, head_dim: int, n_remove: int, mode: str,
-    *, bias: bool, damping: float, what: str,
+    weight: torch.Tensor,
+    hess: InputHessian,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    n_remove: int,
+    mode: str,
+    *,
+    bias: bool,
+    damping: float,
+    what: str,
 ) -> tuple[list[int], list[int]]:
     """Kept (query heads, KV heads) after greedy OBS removal of `n_remove` KV groups or query-head rank slices."""
     group = num_heads // num_kv_heads
@@ -237,15 +251,26 @@ def choose_attention(
         kv = [k for k in range(num_kv_heads) if k not in gone]
         return [h for h in range(num_heads) if h // group in kv], kv
     gone, _ = greedy_remove(
-        weight, hess, heads_cols, n_remove * num_kv_heads, groups=[h // group for h in range(num_heads)],
-        per_group=n_remove, bias=bias, damping=damping, what=what,
+        weight,
+        hess,
+        heads_cols,
+        n_remove * num_kv_heads,
+        groups=[h // group for h in range(num_heads)],
+        per_group=n_remove,
+        bias=bias,
+        damping=damping,
+        what=what,
     )
     return [h for h in range(num_heads) if h not in gone], list(range(num_kv_heads))
 
 
-def choose_channels(weight: torch.Tensor, hess: InputHessian, n_remove: int, *, bias: bool, damping: float, what: str) -> list[int]:
+def choose_channels(
+    weight: torch.Tensor, hess: InputHessian, n_remove: int, *, bias: bool, damping: float, what: str
+) -> list[int]:
     step = max(1, math.ceil(n_remove / OBS_CHANNEL_STEPS))
-    gone, _ = greedy_remove(weight, hess, [[c] for c in range(weight.shape[1])], n_remove, bias=bias, damping=damping, step=step, what=what)
+    gone, _ = greedy_remove(
+        weight, hess, [[c] for c in range(weight.shape[1])], n_remove, bias=bias, damping=damping, step=step, what=what
+    )
     gone_set = set(gone)
     return [c for c in range(weight.shape[1]) if c not in gone_set]
 
@@ -320,7 +345,15 @@ class ScoredUniform(LayerChooser):
 class GreedyOBS(LayerChooser):
     """`--method obs`: the uniform counts, filled by greedy structured OBS on each module's input Hessian."""
 
-    def __init__(self, adapter: DecoderAdapter, counts: list[tuple[int, int]], mode: str, *, bias: bool, damping: float = OBS_DAMPING):
+    def __init__(
+        self,
+        adapter: DecoderAdapter,
+        counts: list[tuple[int, int]],
+        mode: str,
+        *,
+        bias: bool,
+        damping: float = OBS_DAMPING,
+    ):
         self.adapter, self.counts, self.mode, self.bias, self.damping = adapter, counts, mode, bias, damping
 
     def attention(self, i, hess):
@@ -329,8 +362,16 @@ class GreedyOBS(LayerChooser):
         if n == 0:
             return list(range(s.num_heads)), list(range(s.num_kv_heads))
         return choose_attention(
-            self.adapter.o_proj(i).weight, hess(), s.num_heads, s.num_kv_heads, self.adapter.head_dim, n, self.mode,
-            bias=self.bias, damping=self.damping, what=f"layer {i} o_proj",
+            self.adapter.o_proj(i).weight,
+            hess(),
+            s.num_heads,
+            s.num_kv_heads,
+            self.adapter.head_dim,
+            n,
+            self.mode,
+            bias=self.bias,
+            damping=self.damping,
+            what=f"layer {i} o_proj",
         )
 
     def mlp(self, i, hess):
@@ -338,7 +379,14 @@ class GreedyOBS(LayerChooser):
         n = self.counts[i][1]
         if n == 0:
             return list(range(n_channels))
-        return choose_channels(self.adapter.down_proj(i).weight, hess(), n, bias=self.bias, damping=self.damping, what=f"layer {i} down_proj")
+        return choose_channels(
+            self.adapter.down_proj(i).weight,
+            hess(),
+            n,
+            bias=self.bias,
+            damping=self.damping,
+            what=f"layer {i} down_proj",
+        )
 
 
 class _Stop(Exception):
@@ -380,8 +428,13 @@ def hessian_of(inputs: list[torch.Tensor]) -> InputHessian:
 
 
 @torch.inference_mode()
-def record_mlp(adapter: DecoderAdapter, i: int, hidden: list[torch.Tensor], kwargs: list[dict],
-               attention: torch.nn.Module | None = None):
+def record_mlp(
+    adapter: DecoderAdapter,
+    i: int,
+    hidden: list[torch.Tensor],
+    kwargs: list[dict],
+    attention: torch.nn.Module | None = None,
+):
     """Run layer i (with `attention` standing in for its attention block) on every batch up to its down_proj: what
     the attention block returned and what down_proj gets. The refitted layer's outputs are then assembled from these
     (`_Replay`, `_DownProj`) instead of running the attention and the gate/up projections again."""
@@ -467,7 +520,9 @@ def reconstruct_layers(
     from . import cache
 
     if adapter.has_experts():
-        raise DomainpruneError("--reconstruct obs refits dense heads and MLP channels; mixture-of-experts models are not supported, leave it out")
+        raise DomainpruneError(
+            "--reconstruct obs refits dense heads and MLP channels; mixture-of-experts models are not supported, leave it out"
+        )
     runner = LayerwiseRunner(model, adapter, sequences, batch_size)
     hidden, kwargs = runner.capture()
     layers: list[LayerPlan] = []
@@ -482,7 +537,15 @@ def reconstruct_layers(
         s = adapter.shape(i)
         biased = {"attention": False, "mlp": False}
         if chooser.drop(i):
-            layers.append(LayerPlan(index=i, drop=True, kv_heads=list(range(s.num_kv_heads)), query_heads=list(range(s.num_heads)), mlp_channels=list(range(s.intermediate_size))))
+            layers.append(
+                LayerPlan(
+                    index=i,
+                    drop=True,
+                    kv_heads=list(range(s.num_kv_heads)),
+                    query_heads=list(range(s.num_heads)),
+                    mlp_channels=list(range(s.intermediate_size)),
+                )
+            )
             _checkpoint(adapter, folder, i, layers[-1], biased, None, hidden)
             continue
         stats = None
@@ -500,10 +563,14 @@ def reconstruct_layers(
                 adapter.slice_attention(i, q_heads, kv_heads)
             elif (len(q_heads), len(kv_heads)) != (s.num_heads, s.num_kv_heads):
                 kept = _head_columns(q_heads, adapter.head_dim)
-                new, b = refit(adapter.o_proj(i).weight, attn_hess(), kept, bias=bias, damping=damping, what=f"layer {i} o_proj")
+                new, b = refit(
+                    adapter.o_proj(i).weight, attn_hess(), kept, bias=bias, damping=damping, what=f"layer {i} o_proj"
+                )
                 if kept.numel():
                     _write_columns(adapter.o_proj(i), kept, new)
-                adapter.slice_attention(i, q_heads, kv_heads, None if b is None else b.to(adapter.o_proj(i).weight.dtype))
+                adapter.slice_attention(
+                    i, q_heads, kv_heads, None if b is None else b.to(adapter.o_proj(i).weight.dtype)
+                )
                 biased["attention"] = b is not None
             if not adapter.attention_removed(i):  # each kept head's o_proj input is what it was before the cut
                 unchanged = (len(q_heads), len(kv_heads)) == (s.num_heads, s.num_kv_heads)
@@ -521,7 +588,14 @@ def reconstruct_layers(
             if "mlp" in chooser.skipped(i):
                 adapter.slice_mlp(i, channels)
             elif kept is not None:
-                new, b = refit(adapter.down_proj(i).weight, mlp_hess(), kept, bias=bias, damping=damping, what=f"layer {i} down_proj")
+                new, b = refit(
+                    adapter.down_proj(i).weight,
+                    mlp_hess(),
+                    kept,
+                    bias=bias,
+                    damping=damping,
+                    what=f"layer {i} down_proj",
+                )
                 if kept.numel():
                     _write_columns(adapter.down_proj(i), kept, new)
                 adapter.slice_mlp(i, channels, None if b is None else b.to(adapter.down_proj(i).weight.dtype))
@@ -529,7 +603,9 @@ def reconstruct_layers(
             stand_ins["attention"] = _Replay(attention_out)
             if adapter.has_dense_mlp(i):
                 stand_ins["mlp"] = _DownProj(adapter.down_proj(i), mlp_in, kept)
-        layers.append(LayerPlan(index=i, kv_heads=sorted(kv_heads), query_heads=sorted(q_heads), mlp_channels=sorted(channels)))
+        layers.append(
+            LayerPlan(index=i, kv_heads=sorted(kv_heads), query_heads=sorted(q_heads), mlp_channels=sorted(channels))
+        )
         with adapter.swapped(i, **stand_ins):
             hidden = runner.outputs(i, hidden, kwargs[i])
         stand_ins.clear()

@@ -29,8 +29,9 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output(out: str | Path, *, force: bool, inputs: Iterable[Path] = (), kind: str = "folder",
-                 option: str = "--out") -> Path:
+def check_output(
+    out: str | Path, *, force: bool, inputs: Iterable[Path] = (), kind: str = "folder", option: str = "--out"
+) -> Path:
     """Refuse, in one line naming the fix, an output that is, contains or lies inside an input; that exists without
     `force`; that has the wrong kind (folder/file); or whose location cannot be written. Returns `out`."""
     out = Path(out).expanduser()
@@ -70,4 +71,6 @@ def _check_writable(out: Path, option: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise DomainpruneError(f"{option} {out} cannot be written ({e.strerror} in {parent}); choose another {option}") from None
+        raise DomainpruneError(
+            f"{option} {out} cannot be written ({e.strerror} in {parent}); choose another {option}"
+        ) from None

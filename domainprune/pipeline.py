@@ -19,24 +19,35 @@ from pydantic import BaseModel, Field, model_validator
 
 from .adapters import DecoderAdapter, get_adapter
 from .allocation import (
-    ALLOCATIONS, ATTENTION_UNITS, align_counts, align_widths, allocate, allocation_needs_statistics, budget_tolerance,
-    cfsp_mlp_fraction, keep_top_experts, max_width_sparsity, uniform_counts, uniform_layer,
+    ALLOCATIONS,
+    ATTENTION_UNITS,
+    align_counts,
+    align_widths,
+    allocate,
+    allocation_needs_statistics,
+    budget_tolerance,
+    cfsp_mlp_fraction,
+    keep_top_experts,
+    max_width_sparsity,
+    uniform_counts,
+    uniform_layer,
 )
 from .criteria import CRITERIA, get_criterion
 from .criteria.gradient import TAYLOR_MODES, GradientContext
 from .data import load_corpus
+from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
 from .errors import DomainpruneError
 from .evaluate import parameter_count
-from .latency import PHASES as SPEEDUP_PHASES
 from .export import save_pruned
+from .latency import PHASES as SPEEDUP_PHASES
 from .models import LoadedModel, check_prunable, check_seq_len, load_model
 from .outputs import check_output, local_inputs
-from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
 from .plan import Plan, dense_plan, validate_plan
 from .stats import collect_statistics, derived
 from .surgery import apply_plan, finish, prune_layer
-from .training_aware import TRAINING_METHODS, check_recipe as check_training_recipe, clean as clean_training
-from .training_aware import is_training, prune_training
+from .training_aware import TRAINING_METHODS, is_training, prune_training
+from .training_aware import check_recipe as check_training_recipe
+from .training_aware import clean as clean_training
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +149,35 @@ class Recipe(BaseModel):
     def _check(self) -> "Recipe":
         if self.experts_keep is not None:  # expert pruning alone: sparsity and target_params may be left out
             if not (0 < self.experts_keep < 1 or float(self.experts_keep).is_integer() and self.experts_keep >= 1):
-                raise ValueError(f"--experts-keep must be a whole count ≥ 1 or a fraction in (0, 1), got {self.experts_keep}")
+                raise ValueError(
+                    f"--experts-keep must be a whole count ≥ 1 or a fraction in (0, 1), got {self.experts_keep}"
+                )
             if self.experts_keep >= 1:
                 self.experts_keep = int(self.experts_keep)
         # a planned --target-speedup recipe records the sparsity it solved for beside the target (predicted_speedup)
         solved = self.target_speedup is not None and self.predicted_speedup is not None
-        budgets = [n for n, v in (("sparsity", None if solved else self.sparsity), ("target_params", self.target_params),
-                                  ("target_speedup", self.target_speedup)) if v is not None]
+        budgets = [
+            n
+            for n, v in (
+                ("sparsity", None if solved else self.sparsity),
+                ("target_params", self.target_params),
+                ("target_speedup", self.target_speedup),
+            )
+            if v is not None
+        ]
         if len(budgets) != 1 and not (self.experts_keep is not None and self.sparsity is None):
-            if not budgets and self.experts_keep is None and getattr(CRITERIA.get(self.method), "scores_experts", False):
+            if (
+                not budgets
+                and self.experts_keep is None
+                and getattr(CRITERIA.get(self.method), "scores_experts", False)
+            ):
                 raise ValueError(EXPERTS_KEEP_MISSING.format(method=self.method))
             given = f" (got {' and '.join(budgets)})" if budgets else ""
             raise ValueError(f"give exactly one of sparsity, target_params and target_speedup{given}")
         if self.target_speedup is not None and not self.target_speedup > 1:
-            raise ValueError(f"--target-speedup must be above 1 (e.g. 1.5 for 1.5× the dense model's speed), got {self.target_speedup}")
+            raise ValueError(
+                f"--target-speedup must be above 1 (e.g. 1.5 for 1.5× the dense model's speed), got {self.target_speedup}"
+            )
         if self.speedup_phase not in SPEEDUP_PHASES:  # what the latency table times
             raise ValueError(f"--speedup-phase must be one of {', '.join(SPEEDUP_PHASES)}, not {self.speedup_phase!r}")
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
@@ -159,9 +185,13 @@ class Recipe(BaseModel):
         if (self.depth is None) != (self.depth_sparsity is None):
             raise ValueError("give --depth and --depth-sparsity together, e.g. --depth shortgpt --depth-sparsity 0.1")
         if self.depth_sparsity is not None and self.sparsity is not None and self.depth_sparsity > self.sparsity:
-            raise ValueError(f"--depth-sparsity {self.depth_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger")
+            raise ValueError(
+                f"--depth-sparsity {self.depth_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger"
+            )
         if self.hidden_sparsity is not None and self.sparsity is not None and self.hidden_sparsity > self.sparsity:
-            raise ValueError(f"--hidden-sparsity {self.hidden_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger")
+            raise ValueError(
+                f"--hidden-sparsity {self.hidden_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger"
+            )
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; available: {', '.join(sorted(ALLOCATIONS))}")
         if self.attention_unit not in ATTENTION_UNITS:
@@ -175,16 +205,22 @@ class Recipe(BaseModel):
         if self.vocab_coverage is not None and self.vocab_size is not None:
             raise ValueError("give at most one of --vocab-coverage and --vocab-size")
         if self.calib_candidate >= self.calib_candidates:
-            raise ValueError(f"calib_candidate {self.calib_candidate} is not below calib_candidates {self.calib_candidates}")
+            raise ValueError(
+                f"calib_candidate {self.calib_candidate} is not below calib_candidates {self.calib_candidates}"
+            )
         return self
 
     def fallback(self, why: str) -> "Recipe":
         """The recipe with FALLBACK_METHOD in place of the default one, which cannot apply for reason `why`."""
         log.warning("the default recipe (cfsp + OBS) cannot apply: %s; running method %s instead", why, FALLBACK_METHOD)
         stock = self.deploy in STOCK_TARGETS  # uniform widths, and no biases most stock configs lack
-        undo = {"method": FALLBACK_METHOD, "default_recipe": True, "reconstruct": None,
-                "bias_compensation": False if stock else None,
-                "allocation": ("uniform" if stock else None) if self.allocation in (None, "cfsp") else self.allocation}
+        undo = {
+            "method": FALLBACK_METHOD,
+            "default_recipe": True,
+            "reconstruct": None,
+            "bias_compensation": False if stock else None,
+            "allocation": ("uniform" if stock else None) if self.allocation in (None, "cfsp") else self.allocation,
+        }
         return self.model_copy(update=undo).resolved()
 
     def search_defaults(self) -> dict[str, int]:
@@ -202,8 +238,11 @@ class Recipe(BaseModel):
         """Fill the method-dependent defaults so the saved recipe says exactly what ran."""
         if self.method is None:
             best = DEFAULT_UNIFORM_RECIPE if self.deploy in STOCK_TARGETS else DEFAULT_RECIPE
-            best = {**best, "reconstruct": self.reconstruct or best["reconstruct"],
-                    "allocation": self.allocation or best.get("allocation")}
+            best = {
+                **best,
+                "reconstruct": self.reconstruct or best["reconstruct"],
+                "allocation": self.allocation or best.get("allocation"),
+            }
             try:
                 return self.model_copy(update={**best, "default_recipe": True}).resolved()
             except DomainpruneError as e:
@@ -211,8 +250,10 @@ class Recipe(BaseModel):
         if self.method in TRAINING_METHODS:
             return self.model_copy(update={"train": check_training_recipe(self)})
         if self.train is not None and not self.iterative:
-            raise DomainpruneError("training options (--time-budget, --max-steps, --save-steps, --train-opt) need "
-                                   "--method atp, --method loraprune or --iterative N")
+            raise DomainpruneError(
+                "training options (--time-budget, --max-steps, --save-steps, --train-opt) need "
+                "--method atp, --method loraprune or --iterative N"
+            )
         criterion = get_criterion(self.method)
         if self.target_speedup is not None:
             from .latency import check_speedup_recipe
@@ -226,7 +267,9 @@ class Recipe(BaseModel):
                     f"method {self.method!r} scores experts only; leave out --sparsity and --target-params"
                 )
             if self.hidden_sparsity:
-                raise DomainpruneError(f"method {self.method!r} scores experts only; prune hidden channels in a second run")
+                raise DomainpruneError(
+                    f"method {self.method!r} scores experts only; prune hidden channels in a second run"
+                )
         elif self.experts_keep is not None:
             raise DomainpruneError(
                 f"--experts-keep needs an expert method (expert-frequency, easy-ep, tcess), not {self.method!r}; to "
@@ -248,13 +291,19 @@ class Recipe(BaseModel):
         allocation = self.allocation or (None if depth_method else "uniform" if stock else criterion.default_allocation)
         if stock:
             if allocation not in ("uniform", None):
-                raise DomainpruneError(f"--deploy {self.deploy} runs checkpoints whose layers are all alike: use "
-                                       f"--allocation uniform (not {allocation}), or --deploy llamacpp")
+                raise DomainpruneError(
+                    f"--deploy {self.deploy} runs checkpoints whose layers are all alike: use "
+                    f"--allocation uniform (not {allocation}), or --deploy llamacpp"
+                )
             if "finercut" in (self.method, self.depth):
-                raise DomainpruneError(f"--deploy {self.deploy} cannot run layers without attention or MLP "
-                                       "(finercut): use --depth shortgpt, or --deploy llamacpp")
+                raise DomainpruneError(
+                    f"--deploy {self.deploy} cannot run layers without attention or MLP "
+                    "(finercut): use --depth shortgpt, or --deploy llamacpp"
+                )
         if reconstruct == "obs" and criterion.scores_experts:
-            raise DomainpruneError("--reconstruct obs refits dense heads and MLP channels, not experts; leave it out with an expert method")
+            raise DomainpruneError(
+                "--reconstruct obs refits dense heads and MLP channels, not experts; leave it out with an expert method"
+            )
         train = check_training_recipe(self) if self.iterative else None
         return self.model_copy(
             update={
@@ -264,7 +313,9 @@ class Recipe(BaseModel):
                 "taylor_mode": self.taylor_mode or ("vector" if self.method == "taylor" else None),
                 "allocation": allocation,
                 **(self.search_defaults() if allocation == "search" else {}),
-                "bias_compensation": criterion.default_bias_compensation if self.bias_compensation is None else self.bias_compensation,
+                "bias_compensation": criterion.default_bias_compensation
+                if self.bias_compensation is None
+                else self.bias_compensation,
             }
         )
 
@@ -278,12 +329,27 @@ def search_context(loaded: LoadedModel, recipe: Recipe, sequences: torch.Tensor,
     held_out = load_corpus(recipe.data, text_field=recipe.text_field).sequences(
         loaded.tokenizer, "validation", recipe.search_samples, recipe.seq_len, samples_option="--search-samples"
     )
-    settings = SearchSettings(generations=recipe.search_generations, offspring=recipe.search_offspring,
-                              rounds=recipe.search_rounds, batch_size=recipe.batch_size)
+    settings = SearchSettings(
+        generations=recipe.search_generations,
+        offspring=recipe.search_offspring,
+        rounds=recipe.search_rounds,
+        batch_size=recipe.batch_size,
+    )
     key = cache.fingerprint(
-        "search", SEARCH_VERSION, model_fingerprint(loaded.model), tensor_fingerprint(sequences), tensor_fingerprint(held_out),
-        recipe.method, recipe.sparsity, recipe.target_params, recipe.attention_unit, recipe.bias_compensation, recipe.seed,
-        recipe.taylor_mode, recipe.general_ratio, repr(settings),
+        "search",
+        SEARCH_VERSION,
+        model_fingerprint(loaded.model),
+        tensor_fingerprint(sequences),
+        tensor_fingerprint(held_out),
+        recipe.method,
+        recipe.sparsity,
+        recipe.target_params,
+        recipe.attention_unit,
+        recipe.bias_compensation,
+        recipe.seed,
+        recipe.taylor_mode,
+        recipe.general_ratio,
+        repr(settings),
     )
     means = [derived(s) for s in stats] if recipe.bias_compensation else None
     return SearchContext(loaded.model, held_out, settings, means, key, seed=recipe.seed, progress=progress)
@@ -332,10 +398,14 @@ def check_reachable(recipe: Recipe, adapter: DecoderAdapter, criterion, sparsity
     if recipe.target_params is not None:
         attn_mlp = sum(adapter.layer_params(s) for s in adapter.shapes())
         smallest = total_params - int(reachable * attn_mlp)
-        raise DomainpruneError(f"--target-params {recipe.target_params:,} is out of reach: the smallest model width "
-                               f"pruning reaches has {smallest:,} parameters ({why})")
-    raise DomainpruneError(f"--sparsity {sparsity:g} is out of reach: at most {reachable:.4f} of attention+MLP "
-                           f"parameters can be removed ({why})")
+        raise DomainpruneError(
+            f"--target-params {recipe.target_params:,} is out of reach: the smallest model width "
+            f"pruning reaches has {smallest:,} parameters ({why})"
+        )
+    raise DomainpruneError(
+        f"--sparsity {sparsity:g} is out of reach: at most {reachable:.4f} of attention+MLP "
+        f"parameters can be removed ({why})"
+    )
 
 
 def budget(recipe: Recipe, adapter: DecoderAdapter, total_params: int) -> tuple[float, float] | None:
@@ -344,8 +414,10 @@ def budget(recipe: Recipe, adapter: DecoderAdapter, total_params: int) -> tuple[
     if recipe.target_speedup is not None or recipe.experts_keep is not None:
         return None
     depth = bool(recipe.depth) or getattr(CRITERIA.get(recipe.method), "depth", False)
-    return (target_sparsity(recipe, adapter, total_params),
-            budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, depth))
+    return (
+        target_sparsity(recipe, adapter, total_params),
+        budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, depth),
+    )
 
 
 def check_budget(recipe: Recipe, plan: Plan, wanted: tuple[float, float] | None) -> None:
@@ -402,7 +474,10 @@ def _sequences(source: str, recipe: Recipe, tokenizer: Any, n: int) -> torch.Ten
 def general_source(recipe: Recipe) -> str:
     """The general corpus: `general_data`, else the bundled `general` preset (with a warning)."""
     if recipe.general_data is None:
-        log.warning("method %r uses general calibration data; no --general-data given, so the bundled 'general' preset is used", recipe.method)
+        log.warning(
+            "method %r uses general calibration data; no --general-data given, so the bundled 'general' preset is used",
+            recipe.method,
+        )
         return "general"
     return recipe.general_data
 
@@ -439,28 +514,38 @@ def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
     kind = adapter.config.model_type
     if recipe.deploy in STOCK_TARGETS:
         if recipe.bias_compensation and not (adapter.attention_bias_flag and adapter.mlp_bias_flag):
-            raise DomainpruneError(f"--deploy {recipe.deploy}: a stock {kind} config has no place for the "
-                                   "o_proj/down_proj biases bias compensation adds; add --no-bias-compensation")
+            raise DomainpruneError(
+                f"--deploy {recipe.deploy}: a stock {kind} config has no place for the "
+                "o_proj/down_proj biases bias compensation adds; add --no-bias-compensation"
+            )
     elif recipe.deploy == "llamacpp":
         from .gguf_export import KERNEL_MULTIPLE, OWN_ARCH
 
         if kind not in OWN_ARCH or adapter.has_experts():
-            raise DomainpruneError(f"--deploy llamacpp: the GGUF export runs dense {', '.join(OWN_ARCH)} models, "
-                                   f"not this {kind} model")
+            raise DomainpruneError(
+                f"--deploy llamacpp: the GGUF export runs dense {', '.join(OWN_ARCH)} models, not this {kind} model"
+            )
         if kind == "qwen3":  # llama.cpp's per-layer `deci` graph has no q/k norms: Qwen3 runs only with equal layers
             if recipe.bias_compensation:
-                raise DomainpruneError("--deploy llamacpp: llama.cpp's qwen3 graph reads no o_proj/down_proj bias; "
-                                       "add --no-bias-compensation")
+                raise DomainpruneError(
+                    "--deploy llamacpp: llama.cpp's qwen3 graph reads no o_proj/down_proj bias; "
+                    "add --no-bias-compensation"
+                )
             if recipe.depth or (recipe.allocation != "uniform" and not recipe.default_recipe):
-                raise DomainpruneError("--deploy llamacpp: llama.cpp runs Qwen3 only with the same widths in every "
-                                       "layer; use --allocation uniform and no --depth")
+                raise DomainpruneError(
+                    "--deploy llamacpp: llama.cpp runs Qwen3 only with the same widths in every "
+                    "layer; use --allocation uniform and no --depth"
+                )
             if recipe.allocation != "uniform":  # the default recipe: its uniform form
                 recipe = recipe.model_copy(update={**DEFAULT_UNIFORM_RECIPE, "bias_compensation": None}).resolved()
         widths = [adapter.shape(i).intermediate_size for i in range(adapter.num_layers) if adapter.has_dense_mlp(i)]
         # kernel-friendly widths by default, where the step is fine enough (≥ 16 steps per MLP) not to cost quality
         if recipe.round_to is None and widths and min(widths) >= 16 * KERNEL_MULTIPLE:
-            log.info("--deploy llamacpp: MLP widths rounded to multiples of %d for llama.cpp's kernels "
-                     "(--round-to 1 keeps exact widths; --round-to 256 for K-quants)", KERNEL_MULTIPLE)
+            log.info(
+                "--deploy llamacpp: MLP widths rounded to multiples of %d for llama.cpp's kernels "
+                "(--round-to 1 keeps exact widths; --round-to 256 for K-quants)",
+                KERNEL_MULTIPLE,
+            )
             recipe = recipe.model_copy(update={"round_to": KERNEL_MULTIPLE})
     return recipe
 
@@ -513,7 +598,12 @@ def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> 
         plan, stats, pruned = _make_plan_once(work, cand, progress=progress)
         pruned_model = work.model if pruned else copy.deepcopy(work.model)
         if not pruned:
-            apply(LoadedModel(pruned_model, loaded.tokenizer, loaded.path, loaded.source), plan, stats=stats, progress=progress)
+            apply(
+                LoadedModel(pruned_model, loaded.tokenizer, loaded.path, loaded.source),
+                plan,
+                stats=stats,
+                progress=progress,
+            )
         kls.append(kl_divergence(loaded.model, pruned_model, held_out, batch_size=recipe.batch_size))
         log.info("calibration candidate %d/%d: KL(dense‖pruned) = %.6f", c + 1, recipe.calib_candidates, kls[-1])
         results.append((plan, stats, pruned, work.model if pruned else None))
@@ -523,12 +613,16 @@ def make_plan(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> 
     if pruned:
         loaded.model = model
     # the winner's own recipe: what its planning recorded (search_kl; the sparsity a --target-speedup solved for)
-    chosen = Recipe.model_validate(plan.recipe).model_copy(update={"calib_candidate": best, "calib_kl": [round(k, 8) for k in kls]})
+    chosen = Recipe.model_validate(plan.recipe).model_copy(
+        update={"calib_candidate": best, "calib_kl": [round(k, 8) for k in kls]}
+    )
     return plan.model_copy(update={"recipe": chosen.model_dump()}), stats, pruned
 
 
 @torch.no_grad()
-def kl_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> float:
+def kl_divergence(
+    dense: torch.nn.Module, pruned: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 8
+) -> float:
     """Mean per-token KL(P_dense ‖ Q_pruned) of the next-token distributions on `sequences` (float64 sums)."""
     device = next(dense.parameters()).device
     total, count = 0.0, 0
@@ -541,7 +635,9 @@ def kl_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences: to
     return total / count
 
 
-def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = True) -> tuple[Plan, list[dict] | None, bool]:
+def _make_plan_once(
+    loaded: LoadedModel, recipe: Recipe, *, progress: bool = True
+) -> tuple[Plan, list[dict] | None, bool]:
     torch.manual_seed(recipe.seed)
     model, adapter = loaded.model, get_adapter(loaded.model)
     criterion = get_criterion(recipe.method)
@@ -552,9 +648,13 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
     if recipe.hidden_sparsity:  # scored on the dense model; the stages below prune the rest of the budget
         dense, sparsity = _hidden_stage(loaded, recipe, adapter, dense, sparsity, progress)
     stats = None
-    need_stats = criterion.needs_statistics or recipe.bias_compensation or allocation_needs_statistics(recipe.allocation)
+    need_stats = (
+        criterion.needs_statistics or recipe.bias_compensation or allocation_needs_statistics(recipe.allocation)
+    )
     if criterion.scores_experts and not adapter.has_experts():
-        raise DomainpruneError(f"method {recipe.method!r} prunes experts, but this {adapter.model_type!r} model has no mixture-of-experts layers")
+        raise DomainpruneError(
+            f"method {recipe.method!r} prunes experts, but this {adapter.model_type!r} model has no mixture-of-experts layers"
+        )
     if adapter.has_experts() and not (criterion.scores_experts or criterion.scores_moe_channels):
         raise DomainpruneError(
             f"this {adapter.model_type!r} model is a mixture of experts; method {recipe.method!r} cannot score its "
@@ -582,11 +682,19 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
     two_streams = getattr(criterion, "two_streams", False)
     sequences = calibration_sequences(recipe, loaded.tokenizer, mix=not two_streams) if need_stats or gradient else None
     if gradient:
-        criterion.prepare(GradientContext(
-            model, adapter, sequences, lambda: general_sequences(recipe, loaded.tokenizer),
-            micro_batch=recipe.micro_batch or 1, gradient_checkpointing=recipe.gradient_checkpointing,
-            batch_size=recipe.batch_size, taylor_mode=recipe.taylor_mode, progress=progress,
-        ))
+        criterion.prepare(
+            GradientContext(
+                model,
+                adapter,
+                sequences,
+                lambda: general_sequences(recipe, loaded.tokenizer),
+                micro_batch=recipe.micro_batch or 1,
+                gradient_checkpointing=recipe.gradient_checkpointing,
+                batch_size=recipe.batch_size,
+                taylor_mode=recipe.taylor_mode,
+                progress=progress,
+            )
+        )
     if criterion.scores_experts:
         stats = collect_statistics(model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
         scores = [criterion.score_experts(adapter, i, stats[i]) for i in range(adapter.num_layers)]
@@ -604,18 +712,30 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
         else:
             chooser = ScoredUniform(criterion, adapter, counts, recipe.attention_unit)
         key = obs_key(model, sequences, recipe.batch_size, bias, recipe.method, recipe.attention_unit, counts)
-        layers, stats = reconstruct_layers(model, adapter, sequences, chooser, batch_size=recipe.batch_size, bias=bias,
-                                           resume_key=key, progress=progress)
+        layers, stats = reconstruct_layers(
+            model,
+            adapter,
+            sequences,
+            chooser,
+            batch_size=recipe.batch_size,
+            bias=bias,
+            resume_key=key,
+            progress=progress,
+        )
         plan = dense.model_copy(update={"layers": layers})
         plan.params = plan.count_params(adapter, total_before)  # before `finish` adds zero q/k/v biases
         finish(adapter, plan, bias)
         pruned = True
     elif criterion.sequential and recipe.allocation == "uniform":
-        counts = align_counts(adapter, uniform_counts(adapter, sparsity, recipe.attention_unit, frozen), recipe.round_to or 1)
+        counts = align_counts(
+            adapter, uniform_counts(adapter, sparsity, recipe.attention_unit, frozen), recipe.round_to or 1
+        )
         layers = []
 
         def after_layer(i: int, layer_stats: dict) -> bool:
-            lp = uniform_layer(adapter, i, criterion.score_layer(adapter, i, layer_stats), counts[i], recipe.attention_unit)
+            lp = uniform_layer(
+                adapter, i, criterion.score_layer(adapter, i, layer_stats), counts[i], recipe.attention_unit
+            )
             lp = depth.mark_layer(lp, dense.layers[i]) if depth is not None else lp
             layers.append(lp)
             if lp.drop:  # zeroed: already the identity, dropped by `finish`
@@ -623,7 +743,9 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
             prune_layer(adapter, lp, derived(layer_stats) if recipe.bias_compensation else None)
             return True
 
-        stats = collect_statistics(model, adapter, sequences, batch_size=recipe.batch_size, after_layer=after_layer, progress=progress)
+        stats = collect_statistics(
+            model, adapter, sequences, batch_size=recipe.batch_size, after_layer=after_layer, progress=progress
+        )
         plan = dense.model_copy(update={"layers": layers})
         plan.params = plan.count_params(adapter, total_before)  # before `finish` adds zero q/k/v biases
         finish(adapter, plan, bool(recipe.bias_compensation))
@@ -637,20 +759,38 @@ def _make_plan_once(loaded: LoadedModel, recipe: Recipe, *, progress: bool = Tru
             from .latency import plan_shapes
 
             def allocated_shapes(s: float):
-                p = allocate(recipe.allocation, dense, adapter, scores, s, attention_unit=recipe.attention_unit,
-                             standardized=criterion.standardized, stats=stats, frozen=frozen)
+                p = allocate(
+                    recipe.allocation,
+                    dense,
+                    adapter,
+                    scores,
+                    s,
+                    attention_unit=recipe.attention_unit,
+                    standardized=criterion.standardized,
+                    stats=stats,
+                    frozen=frozen,
+                )
                 return plan_shapes(align_widths(p, scores, recipe.round_to or 1))
 
             sparsity, recipe = _solve_speedup(loaded, recipe, sparsity, allocated_shapes, progress)
         plan = allocate(
-            recipe.allocation, dense, adapter, scores, sparsity,
-            attention_unit=recipe.attention_unit, standardized=criterion.standardized, stats=stats, context=context,
+            recipe.allocation,
+            dense,
+            adapter,
+            scores,
+            sparsity,
+            attention_unit=recipe.attention_unit,
+            standardized=criterion.standardized,
+            stats=stats,
+            context=context,
             frozen=frozen,
         )
         plan = align_widths(plan, scores, recipe.round_to or 1)
         plan = depth.mark(plan, dense) if depth is not None else plan
         if context is not None:
-            recipe = recipe.model_copy(update={"search_kl": [round(context.summary["start_kl"], 8), round(context.summary["kl"], 8)]})
+            recipe = recipe.model_copy(
+                update={"search_kl": [round(context.summary["start_kl"], 8), round(context.summary["kl"], 8)]}
+            )
         plan.params = plan.count_params(adapter, total_before)
         pruned = False
     return plan.model_copy(update={"recipe": recipe.model_dump()}), stats, pruned
@@ -662,22 +802,38 @@ def _solve_speedup(loaded: LoadedModel, recipe: Recipe, lo: float, shapes_at, pr
     from .latency import latency_table, solve_sparsity
 
     table = latency_table(loaded.model, prefill_tokens=recipe.prefill_tokens, progress=progress)
-    more = "raise --depth-sparsity" if recipe.depth else "add depth pruning (e.g. --depth shortgpt --depth-sparsity 0.2)"
+    more = (
+        "raise --depth-sparsity" if recipe.depth else "add depth pruning (e.g. --depth shortgpt --depth-sparsity 0.2)"
+    )
     quiet = logging.getLogger("domainprune.allocation")  # allocations that log (owl) would log every bisection step
     level = quiet.level
     quiet.setLevel(max(level, logging.WARNING))
     try:
-        sparsity, predicted = solve_sparsity(shapes_at, table, recipe.target_speedup, recipe.speedup_phase, lo=lo,
-                                             hint=f"lower --target-speedup or {more}")
+        sparsity, predicted = solve_sparsity(
+            shapes_at,
+            table,
+            recipe.target_speedup,
+            recipe.speedup_phase,
+            lo=lo,
+            hint=f"lower --target-speedup or {more}",
+        )
     finally:
         quiet.setLevel(level)
-    log.info("--target-speedup %g (%s): sparsity %.2f%%, predicted %.3f× on %s", recipe.target_speedup,
-             recipe.speedup_phase, 100 * sparsity, predicted, table.device)
+    log.info(
+        "--target-speedup %g (%s): sparsity %.2f%%, predicted %.3f× on %s",
+        recipe.target_speedup,
+        recipe.speedup_phase,
+        100 * sparsity,
+        predicted,
+        table.device,
+    )
     recorded = round(predicted, 4) if round(predicted, 4) >= recipe.target_speedup else predicted
     return sparsity, recipe.model_copy(update={"sparsity": sparsity, "predicted_speedup": recorded})
 
 
-def _hidden_stage(loaded: LoadedModel, recipe: Recipe, adapter: DecoderAdapter, dense: Plan, sparsity: float, progress: bool) -> tuple[Plan, float]:
+def _hidden_stage(
+    loaded: LoadedModel, recipe: Recipe, adapter: DecoderAdapter, dense: Plan, sparsity: float, progress: bool
+) -> tuple[Plan, float]:
     """Choose the kept residual channels (domainprune.hidden); returns the dense plan carrying them and the
     attention+MLP sparsity left for the width and depth stages."""
     from .hidden import choose_hidden, width_sparsity
@@ -686,7 +842,12 @@ def _hidden_stage(loaded: LoadedModel, recipe: Recipe, adapter: DecoderAdapter, 
     stats = collect_statistics(loaded.model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
     keep = choose_hidden(adapter, stats, recipe.hidden_sparsity, recipe.round_to)  # refuses unsupported architectures
     rest = width_sparsity(sparsity, len(keep) / adapter.hidden_size)
-    log.info("hidden: keeping %d/%d residual channels; width and depth remove %.1f%% of the rest", len(keep), adapter.hidden_size, 100 * rest)
+    log.info(
+        "hidden: keeping %d/%d residual channels; width and depth remove %.1f%% of the rest",
+        len(keep),
+        adapter.hidden_size,
+        100 * rest,
+    )
     return dense.model_copy(update={"hidden_channels": keep}), rest
 
 
@@ -704,8 +865,16 @@ def apply(loaded: LoadedModel, plan: Plan, *, stats: list[dict] | None = None, p
         bias = bool(recipe.bias_compensation)
         sequences = calibration_sequences(recipe, loaded.tokenizer)
         key = obs_key(loaded.model, sequences, recipe.batch_size, bias, plan.model_dump(include={"layers"}))
-        reconstruct_layers(loaded.model, adapter, sequences, FixedPlan(plan), batch_size=recipe.batch_size, bias=bias,
-                           resume_key=key, progress=progress)
+        reconstruct_layers(
+            loaded.model,
+            adapter,
+            sequences,
+            FixedPlan(plan),
+            batch_size=recipe.batch_size,
+            bias=bias,
+            resume_key=key,
+            progress=progress,
+        )
         finish(adapter, plan, bias)
         return adapter
     means = None
@@ -714,7 +883,9 @@ def apply(loaded: LoadedModel, plan: Plan, *, stats: list[dict] | None = None, p
             adapter = get_adapter(loaded.model)
             zero_removed(adapter, plan_frozen(plan))  # statistics of the depth-pruned model, as make_plan saw it
             sequences = calibration_sequences(recipe, loaded.tokenizer)
-            stats = collect_statistics(loaded.model, adapter, sequences, batch_size=recipe.batch_size, progress=progress)
+            stats = collect_statistics(
+                loaded.model, adapter, sequences, batch_size=recipe.batch_size, progress=progress
+            )
         means = [derived(s) for s in stats]
     return apply_plan(loaded.model, plan, means)
 
@@ -725,7 +896,12 @@ def trim_vocab_stage(loaded: LoadedModel, recipe: Recipe):
 
     corpus = load_corpus(recipe.data, recipe.text_field)
     model, tokenizer, report = trim_vocabulary(
-        loaded, corpus, coverage=recipe.vocab_coverage, size=recipe.vocab_size, text_field=recipe.text_field, inplace=True
+        loaded,
+        corpus,
+        coverage=recipe.vocab_coverage,
+        size=recipe.vocab_size,
+        text_field=recipe.text_field,
+        inplace=True,
     )
     loaded.model, loaded.tokenizer = model, tokenizer
     return report
@@ -783,13 +959,17 @@ def prune(
         if isinstance(model, LoadedModel):
             raise DomainpruneError(f"--offload {offload} loads the model itself: give its folder, not a loaded model")
         if is_training(recipe):
-            raise DomainpruneError(f"--offload {offload}: training-aware pruning (atp, loraprune, --iterative) tunes the "
-                                   "whole model in memory; use --offload none")
+            raise DomainpruneError(
+                f"--offload {offload}: training-aware pruning (atp, loraprune, --iterative) tunes the "
+                "whole model in memory; use --offload none"
+            )
         from .streaming import prune_streamed
 
         return prune_streamed(source, offload, out=out, force=force, verify=verify, progress=progress, **recipe_fields)
     started = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+    loaded = (
+        model if isinstance(model, LoadedModel) else load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+    )
     check_seq_len(loaded.model, recipe.seq_len)
     if recipe.target_speedup is not None:  # the dense model's speed, measured before it is pruned in place
         from .latency import check_speedup_model, phase_speed
@@ -835,8 +1015,14 @@ def prune(
 
         report["speedup"] = confirm_speedup(loaded.model, recipe, dense_speed)
     plan.params.total_after = total_after
-    result = PruneResult(loaded.model, loaded.tokenizer, plan, recipe, report=report,
-                         training_log=trained.get("log") if trained is not None else None)
+    result = PruneResult(
+        loaded.model,
+        loaded.tokenizer,
+        plan,
+        recipe,
+        report=report,
+        training_log=trained.get("log") if trained is not None else None,
+    )
     if out is not None:
         files = {
             "plan.json": plan.model_dump_json(indent=1) + "\n",

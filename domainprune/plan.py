@@ -93,7 +93,9 @@ class LayerPlan(BaseModel):
             expert_width = len(next(iter(self.expert_channels.values())))
         if self.shared_channels is not None:
             shared_width = len(self.shared_channels)
-        return LayerShape(len(self.query_heads), len(self.kv_heads), len(self.mlp_channels), kept, expert_width, shared_width)
+        return LayerShape(
+            len(self.query_heads), len(self.kv_heads), len(self.mlp_channels), kept, expert_width, shared_width
+        )
 
 
 class ModelRef(BaseModel):
@@ -117,9 +119,7 @@ class ModelRef(BaseModel):
         now = adapter.shapes() if self.experts and (self.expert_widths is None or self.shared_widths is None) else None
         expert_w = self.expert_widths or ([s.expert_width for s in now] if now else [0] * len(self.layers))
         shared_w = self.shared_widths or ([s.shared_width for s in now] if now else [0] * len(self.layers))
-        return [
-            LayerShape(*s, e, w, sw) for s, e, w, sw in zip(self.layers, self.experts_before(), expert_w, shared_w)
-        ]
+        return [LayerShape(*s, e, w, sw) for s, e, w, sw in zip(self.layers, self.experts_before(), expert_w, shared_w)]
 
 
 class ParamCounts(BaseModel):
@@ -205,10 +205,7 @@ class Plan(BaseModel):
         heads0 = sum(s[0] for s in self.model.layers)
         ch = sum(len(lp.mlp_channels) for lp in kept)
         ch0 = sum(s[2] for s in self.model.layers)
-        text = (
-            f"layers {len(kept)}/{len(self.layers)}, query heads {heads}/{heads0}, "
-            f"MLP channels {ch}/{ch0}"
-        )
+        text = f"layers {len(kept)}/{len(self.layers)}, query heads {heads}/{heads0}, MLP channels {ch}/{ch0}"
         if self.model.experts:
             before = self.model.experts_before()
             ex = sum(before[lp.index] if lp.experts is None else len(lp.experts) for lp in kept)
@@ -268,7 +265,9 @@ def validate_plan(plan: Plan, adapter: DecoderAdapter) -> None:
     """Raise a one-line DomainpruneError if the plan cannot be applied to this model."""
     shapes = adapter.shapes()
     if plan.model.model_type != adapter.model_type:
-        raise DomainpruneError(f"plan is for a {plan.model.model_type!r} model but this model is {adapter.model_type!r}")
+        raise DomainpruneError(
+            f"plan is for a {plan.model.model_type!r} model but this model is {adapter.model_type!r}"
+        )
     actual = [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes]
     if [tuple(s) for s in plan.model.layers] != actual or plan.model.hidden_size != adapter.hidden_size:
         raise DomainpruneError(
@@ -281,7 +280,9 @@ def validate_plan(plan: Plan, adapter: DecoderAdapter) -> None:
         ("shared_widths", plan.model.shared_widths, [s.shared_width for s in shapes]),
     ):
         if widths is not None and widths != actual_widths:
-            raise DomainpruneError(f"plan does not match this model's {name.replace('_', ' ')} per layer; make the plan from this model")
+            raise DomainpruneError(
+                f"plan does not match this model's {name.replace('_', ' ')} per layer; make the plan from this model"
+            )
     if sorted(lp.index for lp in plan.layers) != list(range(len(shapes))):
         raise DomainpruneError(f"plan must list every layer 0..{len(shapes) - 1} exactly once")
     if all(lp.drop for lp in plan.layers):
@@ -301,7 +302,9 @@ def validate_plan(plan: Plan, adapter: DecoderAdapter) -> None:
         _validate_experts(lp, s, where, getattr(adapter, "expert_width_multiple", 1))
         if not adapter.prunable_heads and (len(lp.query_heads), len(lp.kv_heads)) != (s.num_heads, s.num_kv_heads):
             why = f" ({adapter.heads_not_prunable_reason})" if adapter.heads_not_prunable_reason else ""
-            raise DomainpruneError(f"{where}: attention heads of {adapter.model_type!r} models cannot be pruned exactly{why}; keep them all")
+            raise DomainpruneError(
+                f"{where}: attention heads of {adapter.model_type!r} models cannot be pruned exactly{why}; keep them all"
+            )
         for name, kept, n in (
             ("query_heads", lp.query_heads, s.num_heads),
             ("kv_heads", lp.kv_heads, s.num_kv_heads),
@@ -312,9 +315,11 @@ def validate_plan(plan: Plan, adapter: DecoderAdapter) -> None:
             if any(not 0 <= k < n for k in kept):
                 raise DomainpruneError(f"{where}: {name} has an index outside 0..{n - 1}")
         if set(lp.skip) - {"self_attn", "mlp"} or len(set(lp.skip)) != len(lp.skip):
-            raise DomainpruneError(f"{where}: skip may list \"self_attn\" and \"mlp\" once each, got {lp.skip}")
+            raise DomainpruneError(f'{where}: skip may list "self_attn" and "mlp" once each, got {lp.skip}')
         if "self_attn" in lp.skip and (lp.query_heads or lp.kv_heads) or "mlp" in lp.skip and lp.mlp_channels:
-            raise DomainpruneError(f"{where}: a sublayer named in skip keeps nothing; empty its heads or channels, or remove it from skip")
+            raise DomainpruneError(
+                f"{where}: a sublayer named in skip keeps nothing; empty its heads or channels, or remove it from skip"
+            )
         if lp.drop:
             continue
         group = s.group_size

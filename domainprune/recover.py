@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from typing import Literal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -85,14 +84,17 @@ class RecoveryConfig(BaseModel):
         if self.kd_top_k is not None and self.kd_weight == 0:
             raise ValueError("--kd-top-k needs --kd-weight > 0")
         if self.train_format != "text" and (self.self_distill or self.select):
-            raise ValueError(f"--self-distill and --select work on raw text; drop them with --train-format "
-                             f"{self.train_format}")
+            raise ValueError(
+                f"--self-distill and --select work on raw text; drop them with --train-format {self.train_format}"
+            )
         if self.train_format == "chat" and not self.train_file:
             raise ValueError("--train-format chat needs --train-file FILE.jsonl with prompt/response rows")
         if self.train is not None:
             parts = [p.strip() for p in self.train.split(",") if p.strip()]
             if not parts or set(parts) - set(LIGHT_PARTS):
-                raise ValueError(f"--train takes a comma-separated subset of {','.join(LIGHT_PARTS)}, not {self.train!r}")
+                raise ValueError(
+                    f"--train takes a comma-separated subset of {','.join(LIGHT_PARTS)}, not {self.train!r}"
+                )
             if self.full:
                 raise ValueError("--train trains a few parts; --full trains everything: give one of them")
             self.train = ",".join(p for p in LIGHT_PARTS if p in parts)
@@ -253,7 +255,9 @@ def allocate_budget(degradation: torch.Tensor, assign: torch.Tensor, budget: int
     return chosen
 
 
-def select_sequences(student, teacher, candidates: torch.Tensor, budget: int, clusters: int, batch_size: int, seed: int = 0):
+def select_sequences(
+    student, teacher, candidates: torch.Tensor, budget: int, clusters: int, batch_size: int, seed: int = 0
+):
     """Indices of `budget` candidates chosen PASER-style, and a summary for recovery.json."""
     loss_s, _ = sequence_losses(student, candidates, batch_size)
     loss_t, pooled = sequence_losses(teacher, candidates, batch_size, hidden=True)
@@ -267,8 +271,11 @@ def select_sequences(student, teacher, candidates: torch.Tensor, budget: int, cl
         "mean_degradation_all": round(float(degradation.mean()), 4),
         "mean_degradation_selected": round(float(degradation[chosen].mean()), 4),
         "clusters": {
-            int(c): {"size": int((assign == c).sum()), "mean_degradation": round(float(degradation[assign == c].mean()), 4),
-                     "selected": int(sum(1 for i in chosen if assign[i] == c))}
+            int(c): {
+                "size": int((assign == c).sum()),
+                "mean_degradation": round(float(degradation[assign == c].mean()), 4),
+                "selected": int(sum(1 for i in chosen if assign[i] == c)),
+            }
             for c in assign.unique().tolist()
         },
     }
@@ -276,7 +283,9 @@ def select_sequences(student, teacher, candidates: torch.Tensor, budget: int, cl
 
 
 @torch.no_grad()
-def self_distill(teacher: torch.nn.Module, seqs: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def self_distill(
+    teacher: torch.nn.Module, seqs: torch.Tensor, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-data distillation for plain text: keep each sequence's first half as the prompt and let the teacher
     regenerate the second half greedily (exactly as many tokens, EOS suppressed). Labels cover the regenerated
     half only (-100 on the prompt), as in supervised fine-tuning on responses."""
@@ -289,8 +298,12 @@ def self_distill(teacher: torch.nn.Module, seqs: torch.Tensor, batch_size: int =
     for start in range(0, len(seqs), batch_size):
         prompt = seqs[start : start + batch_size, :half].to(device)
         gen = teacher.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
-            do_sample=False, pad_token_id=pad,
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=pad,
         )
         out.append(gen[:, : seqs.shape[1]].cpu())
     ids = torch.cat(out)
@@ -325,8 +338,13 @@ def _trainer_classes():
                 with torch.no_grad():
                     t_logits = self.teacher(input_ids=inputs["input_ids"], use_cache=False).logits
                 mask = labels[:, 1:] != -100
-                kd = kd_loss(outputs.logits[:, :-1], t_logits[:, :-1], mask,
-                             temperature=self.rconfig.kd_temperature, top_k=self.rconfig.kd_top_k)
+                kd = kd_loss(
+                    outputs.logits[:, :-1],
+                    t_logits[:, :-1],
+                    mask,
+                    temperature=self.rconfig.kd_temperature,
+                    top_k=self.rconfig.kd_top_k,
+                )
                 loss = (1 - w) * ce + w * kd
             if model.training:
                 self._parts["ce"] += float(ce.detach())
@@ -382,9 +400,16 @@ def _trainer_classes():
 
 def training_log(history: list[dict]) -> list[dict]:
     return [
-        {"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate"), "elapsed": e.get("elapsed"),
-         "ce": e.get("ce"), "kd": e.get("kd")}
-        for e in history if "loss" in e and "step" in e
+        {
+            "step": e["step"],
+            "loss": e["loss"],
+            "lr": e.get("learning_rate"),
+            "elapsed": e.get("elapsed"),
+            "ce": e.get("ce"),
+            "kd": e.get("kd"),
+        }
+        for e in history
+        if "loss" in e and "step" in e
     ]
 
 
@@ -431,8 +456,9 @@ def trained_counts(model: torch.nn.Module, parts: set[str]) -> dict[str, int]:
         kind = "lora" if "lora_" in name else "biases" if name.rsplit(".", 1)[-1] == "bias" else "norms"
         counts[kind] += p.numel()
     counts["total"] = sum(counts.values())
-    counts["model"] = sum(p.numel() for n, p in model.named_parameters()
-                          if "lora_" not in n and "modules_to_save" not in n)
+    counts["model"] = sum(
+        p.numel() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n
+    )
     return counts
 
 
@@ -552,8 +578,9 @@ def recover(
             if not (staging / ANSWERS_FILE).is_file():  # teacher answers are worth resuming; nothing else is yet
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        cache.save_tensors(data_path, {"input_ids": input_ids, "labels": labels},
-                           {"fingerprint": fingerprint, "report": report})
+        cache.save_tensors(
+            data_path, {"input_ids": input_ids, "labels": labels}, {"fingerprint": fingerprint, "report": report}
+        )
     report["data_seconds"] = round(time.perf_counter() - started, 2)
 
     model = student
@@ -567,9 +594,15 @@ def recover(
         if not targets:
             raise DomainpruneError("the pruned model has no q/k/v/o/gate/up/down projections for LoRA; use --full")
         # PERP with LoRA: peft trains and checkpoints the norms (modules_to_save) and biases (bias="all") beside it
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=targets, bias="all" if "biases" in parts else "none", task_type="CAUSAL_LM",
-                          modules_to_save=sorted(norm_names(student)) if "norms" in parts else None)
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=targets,
+            bias="all" if "biases" in parts else "none",
+            task_type="CAUSAL_LM",
+            modules_to_save=sorted(norm_names(student)) if "norms" in parts else None,
+        )
         torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here: same seed, same weights
         model = get_peft_model(student, lora)
     else:  # norms and/or biases alone: the plain model with everything else frozen (Trainer checkpoints it whole)
@@ -579,8 +612,10 @@ def recover(
     if config.train:
         report["trained_params"] = trained_counts(model, parts)
         if report["trained_params"]["total"] == 0:
-            raise DomainpruneError(f"--train {config.train}: this model has none of those parameters (e.g. no biases "
-                                   "without bias compensation); add norms or lora")
+            raise DomainpruneError(
+                f"--train {config.train}: this model has none of those parameters (e.g. no biases "
+                "without bias compensation); add norms or lora"
+            )
     model.train()
 
     from transformers import TrainingArguments
@@ -611,7 +646,11 @@ def recover(
         use_cpu=device.type == "cpu",
     )
     trainer = RecoveryTrainer(
-        model=model, args=args, train_dataset=SequenceDataset(input_ids, labels), teacher=t_model, config=config,
+        model=model,
+        args=args,
+        train_dataset=SequenceDataset(input_ids, labels),
+        teacher=t_model,
+        config=config,
     )
     trainer.stopped_by_budget = False
     if t_model is not None:
@@ -637,19 +676,21 @@ def recover(
     if t_model is not None and t_home is not None:
         t_model.to(t_home)
     trainer.teacher = t_model = None
-    report.update({
-        "steps": trainer.state.global_step,
-        "resumed": has_checkpoint,
-        "stopped_by_time_budget": trainer.stopped_by_budget,
-        "train_seconds": round(train_seconds, 2),
-        "train_loss": round(float(output.training_loss), 6) if output.training_loss is not None else None,
-        "first_loss": entries[0]["loss"] if entries else None,
-        "last_loss": entries[-1]["loss"] if entries else None,
-        "teacher": t_name,
-        "trainable": "full" if config.full else config.train or f"lora r={config.lora_r} alpha={config.lora_alpha}",
-        "processes": trainer.args.world_size,  # data-parallel processes (accelerate launch / torchrun)
-        "seconds": round(time.perf_counter() - started, 2),
-    })
+    report.update(
+        {
+            "steps": trainer.state.global_step,
+            "resumed": has_checkpoint,
+            "stopped_by_time_budget": trainer.stopped_by_budget,
+            "train_seconds": round(train_seconds, 2),
+            "train_loss": round(float(output.training_loss), 6) if output.training_loss is not None else None,
+            "first_loss": entries[0]["loss"] if entries else None,
+            "last_loss": entries[-1]["loss"] if entries else None,
+            "teacher": t_name,
+            "trainable": "full" if config.full else config.train or f"lora r={config.lora_r} alpha={config.lora_alpha}",
+            "processes": trainer.args.world_size,  # data-parallel processes (accelerate launch / torchrun)
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    )
     files = {
         **extra,
         "recovery.json": json.dumps({"config": config.model_dump(), "report": report}, indent=1) + "\n",
@@ -678,8 +719,9 @@ def prepare_data(
     if config.select:
         stream = corpus.token_stream(tokenizer, "calibration")
         pool = min(config.samples * config.pool_factor, len(stream) // config.sequence_length)
-        candidates = corpus.sequences(tokenizer, "calibration", max(pool, 1), config.sequence_length,
-                                      samples_option="--samples")
+        candidates = corpus.sequences(
+            tokenizer, "calibration", max(pool, 1), config.sequence_length, samples_option="--samples"
+        )
         was_training = student.training
         student.eval()
         chosen, report["selection"] = select_sequences(
@@ -688,8 +730,9 @@ def prepare_data(
         student.train(was_training)
         seqs = candidates[chosen]
     else:
-        seqs = corpus.sequences(tokenizer, "calibration", config.samples, config.sequence_length,
-                                samples_option="--samples")
+        seqs = corpus.sequences(
+            tokenizer, "calibration", config.samples, config.sequence_length, samples_option="--samples"
+        )
     if config.self_distill:
         t0 = time.perf_counter()
         input_ids, labels = self_distill(teacher, seqs, config.batch_size)
@@ -705,14 +748,22 @@ ANSWERS_FILE = "answers.json"
 ANSWER_CHUNK = 64  # teacher answers saved after every chunk, so an interrupted run keeps what it generated
 
 
-def teacher_answers(config: RecoveryConfig, prompts: list[str], tokenizer, teacher, staging: Path | None,
-                    stop_after_code_block: bool, progress: bool) -> list[str]:
+def teacher_answers(
+    config: RecoveryConfig,
+    prompts: list[str],
+    tokenizer,
+    teacher,
+    staging: Path | None,
+    stop_after_code_block: bool,
+    progress: bool,
+) -> list[str]:
     """The dense teacher's greedy answers to `prompts`, resumed from `staging/answers.json` when it matches."""
     from .generation import default_batch, greedy_answers
     from .task_data import chat_prompt, is_chat
 
-    key = cache.fingerprint({"prompts": prompts, "tokens": config.answer_tokens, "teacher": config.teacher,
-                             "stop": stop_after_code_block})
+    key = cache.fingerprint(
+        {"prompts": prompts, "tokens": config.answer_tokens, "teacher": config.teacher, "stop": stop_after_code_block}
+    )
     path = staging / ANSWERS_FILE if staging is not None else None
     saved = cache.load_json(path) if path is not None else None
     answers: list[str] = saved["answers"] if isinstance(saved, dict) and saved.get("key") == key else []
@@ -721,9 +772,17 @@ def teacher_answers(config: RecoveryConfig, prompts: list[str], tokenizer, teach
     for first in range(len(answers), len(prompts), ANSWER_CHUNK):
         batch = max(config.batch_size, default_batch(teacher))
         chunk = [(chat_prompt(tokenizer, p), "") for p in prompts[first : first + ANSWER_CHUNK]]
-        got = greedy_answers(teacher, tokenizer, chunk, config.answer_tokens, batch_size=batch,
-                             add_special_tokens=not is_chat(tokenizer), stop_after_code_block=stop_after_code_block,
-                             progress=progress, desc=f"teacher answers {first + len(chunk)}/{len(prompts)}")
+        got = greedy_answers(
+            teacher,
+            tokenizer,
+            chunk,
+            config.answer_tokens,
+            batch_size=batch,
+            add_special_tokens=not is_chat(tokenizer),
+            stop_after_code_block=stop_after_code_block,
+            progress=progress,
+            desc=f"teacher answers {first + len(chunk)}/{len(prompts)}",
+        )
         answers += [text for text, _ in got]
         if path is not None:
             cache.save_json(path, {"key": key, "answers": answers})
@@ -752,12 +811,13 @@ def task_format_data(config: RecoveryConfig, tokenizer, teacher, staging: Path |
             if not prompts:
                 raise DomainpruneError(
                     f"corpus {config.data!r} has no documented Python functions to build requests from; give "
-                    "--train-file FILE.jsonl with one {\"prompt\": ...} per line (or use --train-format text)"
+                    '--train-file FILE.jsonl with one {"prompt": ...} per line (or use --train-format text)'
                 )
         report["prompts_available"] = len(prompts)
         prompts = sample(prompts, config.samples, config.seed)
-        answers = teacher_answers(config, prompts, tokenizer, teacher, staging,
-                                  stop_after_code_block=not config.train_file, progress=progress)
+        answers = teacher_answers(
+            config, prompts, tokenizer, teacher, staging, stop_after_code_block=not config.train_file, progress=progress
+        )
         pairs = list(zip(prompts, answers))
         report["answer_seconds"] = round(time.perf_counter() - t0, 2)
     examples = [training_example(tokenizer, p, a, config.sequence_length) for p, a in pairs]
@@ -771,6 +831,10 @@ def task_format_data(config: RecoveryConfig, tokenizer, teacher, staging: Path |
     for row, (ids, lab) in enumerate(kept):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(lab)] = torch.tensor(lab)
-    report.update(sequences=len(kept), skipped_too_long=len(examples) - len(kept),
-                  answer_tokens_trained=int((labels != IGNORE).sum()), tokens=int(input_ids.numel()))
+    report.update(
+        sequences=len(kept),
+        skipped_too_long=len(examples) - len(kept),
+        answer_tokens_trained=int((labels != IGNORE).sum()),
+        tokens=int(input_ids.numel()),
+    )
     return input_ids, labels, report

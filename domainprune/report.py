@@ -43,11 +43,13 @@ def shapes_from_config(config: dict[str, Any]) -> list[tuple[int, int, int]]:
     for i in range(n):
         o = per_layer.get(str(i), {})
         skip = set(o.get("skip", []))
-        shapes.append((
-            0 if "self_attn" in skip else int(o.get("num_attention_heads", q)),
-            0 if "self_attn" in skip else int(o.get("num_key_value_heads", kv)),
-            0 if "mlp" in skip else int(o.get("intermediate_size", mlp)),
-        ))
+        shapes.append(
+            (
+                0 if "self_attn" in skip else int(o.get("num_attention_heads", q)),
+                0 if "self_attn" in skip else int(o.get("num_key_value_heads", kv)),
+                0 if "mlp" in skip else int(o.get("intermediate_size", mlp)),
+            )
+        )
     return shapes
 
 
@@ -103,7 +105,9 @@ def kept_fractions(entry: Entry, dense: list[tuple[int, int, int]] | None) -> li
             i = lp["index"]
             channels = lp["mlp_channels"]
             n_ch = len(parse_ranges(channels)) if isinstance(channels, str) else len(channels)
-            out[i] = tuple(k / b if b else 0.0 for k, b in zip((len(lp["query_heads"]), len(lp["kv_heads"]), n_ch), before[i][:3]))
+            out[i] = tuple(
+                k / b if b else 0.0 for k, b in zip((len(lp["query_heads"]), len(lp["kv_heads"]), n_ch), before[i][:3])
+            )
         return out
     config = _config(entry.path)
     if config is None or dense is None:
@@ -162,13 +166,24 @@ def pareto_png(c: Comparison) -> bytes:
     ax = fig.subplots()
     points = [(e.measurement.params / 1e6, e.measurement.perplexity[domain]) for e in entries]
     front = pareto_front(points)
-    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="#999", lw=1, ls="--", label="Pareto front", zorder=1)
+    ax.step(
+        [points[i][0] for i in front],
+        [points[i][1] for i in front],
+        where="post",
+        color="#999",
+        lw=1,
+        ls="--",
+        label="Pareto front",
+        zorder=1,
+    )
     groups: dict[str, list[int]] = {}
     for i, e in enumerate(entries):
         groups.setdefault("dense" if e.role == "dense" else e.label() or e.name, []).append(i)
     markers = "osD^v<>ph*"
     for g, (label, idx) in enumerate(groups.items()):
-        style = dict(marker="*", s=220, color="black") if label == "dense" else dict(marker=markers[g % len(markers)], s=60)
+        style = (
+            dict(marker="*", s=220, color="black") if label == "dense" else dict(marker=markers[g % len(markers)], s=60)
+        )
         ax.scatter([points[i][0] for i in idx], [points[i][1] for i in idx], label=label, zorder=3, **style)
     # Names beside every point while they stay legible; beyond that the legend and the x position tell them apart.
     annotate = range(len(entries)) if len(entries) <= 8 else [i for i, e in enumerate(entries) if e.role == "dense"]
@@ -181,7 +196,9 @@ def pareto_png(c: Comparison) -> bytes:
         ax.set_yscale("log")
         plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")  # 20, 50, 1,000 rather than 2×10¹
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain if max(ys) / min(ys) < 30 else NullFormatter())  # label 2..9 over few decades only
+        ax.yaxis.set_minor_formatter(
+            plain if max(ys) / min(ys) < 30 else NullFormatter()
+        )  # label 2..9 over few decades only
         ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel("total parameters (millions)")
     ax.set_ylabel(f"{domain} test perplexity (lower is better)")
@@ -229,19 +246,32 @@ def throughput_png(c: Comparison) -> bytes:
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.2f}×", ha="center", va="bottom", fontsize=8)
         ax.set_ylabel("parameter bytes dense/pruned")
-        ax.set_title("Throughput not measured in these figures: parameter-bytes ratio\n(the memory-bound limit of decode speed-up)", fontsize=9)
+        ax.set_title(
+            "Throughput not measured in these figures: parameter-bytes ratio\n(the memory-bound limit of decode speed-up)",
+            fontsize=9,
+        )
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         return _png(fig)
     dense = c.dense.measurement
     fig = _figure(9, 3.6)
     axes = fig.subplots(1, 2)
     names = [e.name for e in entries]
-    for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode (batch 1, 128 new tokens)"), (axes[1], "prefill_tokens_per_s", "prefill (batch 1, 256 tokens)")):
+    for ax, key, title in (
+        (axes[0], "decode_tokens_per_s", "decode (batch 1, 128 new tokens)"),
+        (axes[1], "prefill_tokens_per_s", "prefill (batch 1, 256 tokens)"),
+    ):
         values = [getattr(e.measurement, key) or 0.0 for e in entries]
         ax.bar(names, values, color=["#444" if e.role == "dense" else "#4c72b0" for e in entries])
         base = getattr(dense, key)
         for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.0f}" + (f"\n{v / base:.2f}×" if base and entries[i].role != "dense" else ""), ha="center", va="bottom", fontsize=7)
+            ax.text(
+                i,
+                v,
+                f"{v:.0f}" + (f"\n{v / base:.2f}×" if base and entries[i].role != "dense" else ""),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("tokens/s")
         ax.margins(y=0.2)
@@ -267,7 +297,9 @@ def recipe_rows(e: Entry) -> list[tuple[str, str]]:
         rows.append(("peak memory", f"{p['peak_memory_bytes'] / 2**30:.2f} GiB"))
     if (s := p.get("speedup")) and s.get("measured") is not None:  # --target-speedup: prune()'s own confirmation
         predicted = f", predicted {s['predicted']:.3f}×" if s.get("predicted") is not None else ""
-        rows.append(("speedup measured at pruning", f"{s['measured']:.3f}× {s['phase']} (target {s['target']:g}×{predicted})"))
+        rows.append(
+            ("speedup measured at pruning", f"{s['measured']:.3f}× {s['phase']} (target {s['target']:g}×{predicted})")
+        )
     return rows
 
 
@@ -317,25 +349,32 @@ def _html_table(header: list[str], rows: list[list[str]], dense_first: bool = Tr
 def render_html(c: Comparison, images: list[bytes], title: str) -> str:
     header, rows = c.table()
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>", f'<p class="note">{_inline(c.describe())}</p>',
-        "<h2>Figures and ratios to dense</h2>", _html_table(header, rows),
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="note">{_inline(c.describe())}</p>',
+        "<h2>Figures and ratios to dense</h2>",
+        _html_table(header, rows),
         '<p class="note">(×dense) is pruned/dense: below 1 is better for perplexity, above 1 for speed; Δ is the '
         "change in mean zero-shot accuracy; bytes dense/pruned is the memory-bound limit of decode speed-up.</p>",
         "<h2>Plots</h2>",
     ]
     for (name, caption), png in zip(PLOTS, images):
         data = base64.b64encode(png).decode("ascii")
-        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" data-plot="{name}">'
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" data-plot="{name}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     parts.append("<h2>Recipes</h2>")
     if c.runs:
         parts.append('<div class="recipes">')
         for e in c.runs:
             rows_r = recipe_rows(e) or [("recipe", "not recorded")]
-            body = "".join(f'<tr><td class="l">{html.escape(k)}</td><td class="l">{html.escape(v)}</td></tr>' for k, v in rows_r)
+            body = "".join(
+                f'<tr><td class="l">{html.escape(k)}</td><td class="l">{html.escape(v)}</td></tr>' for k, v in rows_r
+            )
             parts.append(f'<table><tr><th colspan="2">{html.escape(e.name)}</th></tr>{body}</table>')
         parts.append("</div>")
     samples = _samples(c)
@@ -345,10 +384,12 @@ def render_html(c: Comparison, images: list[bytes], title: str) -> str:
         parts.append(f'<p class="note">{_inline(c.samples.markdown().splitlines()[0])}</p>')
         cols = f"grid-template-columns:repeat({min(len(models), 4)},minmax(0,1fr))"
         for i, prompt in enumerate(prompts):
-            parts.append(f"<h3>Prompt {i + 1}</h3><pre class=\"prompt\">{html.escape(prompt)}</pre>")
+            parts.append(f'<h3>Prompt {i + 1}</h3><pre class="prompt">{html.escape(prompt)}</pre>')
             parts.append(f'<div class="samples" style="{cols}">')
             for name, texts in models:
-                parts.append(f'<div><div class="model">{html.escape(name)}</div><pre>{html.escape(texts[i])}</pre></div>')
+                parts.append(
+                    f'<div><div class="model">{html.escape(name)}</div><pre>{html.escape(texts[i])}</pre></div>'
+                )
             parts.append("</div>")
     else:
         parts.append('<p class="note">No generation samples (run with --prompts above 0).</p>')
@@ -357,11 +398,27 @@ def render_html(c: Comparison, images: list[bytes], title: str) -> str:
 
 
 def render_markdown(c: Comparison, title: str) -> str:
-    lines = [f"# {title}", "", c.describe(), "", "## Figures and ratios to dense", "", markdown_table(*c.table()), "", "## Plots", ""]
+    lines = [
+        f"# {title}",
+        "",
+        c.describe(),
+        "",
+        "## Figures and ratios to dense",
+        "",
+        markdown_table(*c.table()),
+        "",
+        "## Plots",
+        "",
+    ]
     lines += [f"![{caption}]({name})\n" for name, caption in PLOTS]
     lines += ["## Recipes", ""]
     for e in c.runs:
-        lines += [f"### {e.name}", "", markdown_table(["field", "value"], [list(r) for r in recipe_rows(e)] or [["recipe", "not recorded"]]), ""]
+        lines += [
+            f"### {e.name}",
+            "",
+            markdown_table(["field", "value"], [list(r) for r in recipe_rows(e)] or [["recipe", "not recorded"]]),
+            "",
+        ]
     lines += ["## Generation samples", ""]
     samples = _samples(c)
     if samples:

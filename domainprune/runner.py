@@ -56,8 +56,14 @@ class CpuOffload(LayerSource):
         adapter.layers[i].to("cpu")
 
 
-def walk(adapter: DecoderAdapter, source: LayerSource | None = None, *, start: int = 0, desc: str = "layers",
-         progress: bool = True) -> Iterator[int]:
+def walk(
+    adapter: DecoderAdapter,
+    source: LayerSource | None = None,
+    *,
+    start: int = 0,
+    desc: str = "layers",
+    progress: bool = True,
+) -> Iterator[int]:
     """Layer indices start..n-1 in order, each loaded by `source` before the loop body runs and released after it."""
     source = source or RESIDENT
     n = adapter.num_layers
@@ -70,4 +76,3 @@ def walk(adapter: DecoderAdapter, source: LayerSource | None = None, *, start: i
             bar.update(1)
     finally:
         bar.close()
-

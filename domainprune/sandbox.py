@@ -137,8 +137,9 @@ def run_program(
     """Run `source` as a Python program in a fresh sandboxed process (see the module docstring)."""
     outcome = _run(source, isolation() == "namespaces", timeout, memory_bytes, file_bytes, processes)
     if outcome.returncode == LAUNCH_FAILED and outcome.stderr.startswith("domainprune-sandbox:"):
-        raise DomainpruneError(f"the code sandbox could not start ({outcome.stderr.strip()}); "
-                               "report it with this message")
+        raise DomainpruneError(
+            f"the code sandbox could not start ({outcome.stderr.strip()}); report it with this message"
+        )
     return outcome
 
 
@@ -156,13 +157,31 @@ def _run(source: str, fenced: bool, timeout: float, memory_bytes: int, file_byte
             os.chmod(folder, 0o711)
             os.chown(work, NOBODY, NOBODY)  # nobody may write in the working folder, and only there
         cpu = max(1, int(timeout + 0.999))
-        launcher = [sys.executable, "-I", "-c", _LAUNCHER, folder, str(uid), str(memory_bytes), str(cpu),
-                    str(file_bytes), str(processes), str(int(fenced))]
+        launcher = [
+            sys.executable,
+            "-I",
+            "-c",
+            _LAUNCHER,
+            folder,
+            str(uid),
+            str(memory_bytes),
+            str(cpu),
+            str(file_bytes),
+            str(processes),
+            str(int(fenced)),
+        ]
         if fenced:
             launcher = [shutil.which("unshare"), *UNSHARE, *launcher]
         start = time.perf_counter()
-        proc = subprocess.Popen(launcher, cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            launcher,
+            cwd=work,
+            env={},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
             timed_out = False

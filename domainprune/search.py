@@ -140,7 +140,9 @@ def layer_weights(adapter: DecoderAdapter) -> list[int]:
     return [adapter.layer_params(adapter.shape(i)) for i in range(adapter.num_layers)]
 
 
-def mutate(parent: list[int], centre: list[float], step: float, weights: list[int], levels: int, rng: random.Random) -> list[int] | None:
+def mutate(
+    parent: list[int], centre: list[float], step: float, weights: list[int], levels: int, rng: random.Random
+) -> list[int] | None:
     """Move k ∈ 1..4 steps of pruning from one layer to another; None if no legal move was found. A step is
     Δ·mean(weights) parameters, so layer l's sparsity moves by Δ·mean/w_l and the weighted total never changes."""
     n = len(parent)
@@ -161,7 +163,9 @@ def mutate(parent: list[int], centre: list[float], step: float, weights: list[in
     return None
 
 
-def sparsities(offsets: list[int], centre: list[float], step: float, weights: list[int], mean_w: float | None = None) -> list[float]:
+def sparsities(
+    offsets: list[int], centre: list[float], step: float, weights: list[int], mean_w: float | None = None
+) -> list[float]:
     mean_w = mean_w if mean_w is not None else sum(weights) / len(weights)
     return [c + d * step * mean_w / w for c, d, w in zip(centre, offsets, weights)]
 
@@ -189,8 +193,13 @@ def search(adapter: DecoderAdapter, budget: float, make_plan, context: SearchCon
             rng = random.Random(context.seed)
             start = [budget] * adapter.num_layers
             state = {
-                "round": 0, "generation": 0, "centre": start, "offsets": [0] * len(start),
-                "fitness": evaluate(start, 2), "history": [], "done": False,
+                "round": 0,
+                "generation": 0,
+                "centre": start,
+                "offsets": [0] * len(start),
+                "fitness": evaluate(start, 2),
+                "history": [],
+                "done": False,
             }
             state["start_fitness"] = state["fitness"]
         else:
@@ -199,14 +208,26 @@ def search(adapter: DecoderAdapter, budget: float, make_plan, context: SearchCon
             rng.setstate((version, tuple(internal), gauss))
             log.info("search: resuming at round %d, generation %d", state["round"] + 1, state["generation"] + 1)
         total = st.rounds * st.generations
-        bar = tqdm(total=total, initial=state["round"] * st.generations + state["generation"], desc="search", unit="gen", disable=not context.progress)
+        bar = tqdm(
+            total=total,
+            initial=state["round"] * st.generations + state["generation"],
+            desc="search",
+            unit="gen",
+            disable=not context.progress,
+        )
         while not state["done"]:
             step = st.step / 2 ** state["round"]
             centre, parent = state["centre"], state["offsets"]
-            children = [c for c in (mutate(parent, centre, step, weights, st.levels, rng) for _ in range(st.offspring)) if c is not None]
+            children = [
+                c
+                for c in (mutate(parent, centre, step, weights, st.levels, rng) for _ in range(st.offspring))
+                if c is not None
+            ]
             pool = sorted((evaluate(sparsities(c, centre, step, weights), 0), i) for i, c in enumerate(children))
             for stage, keep in zip((1, 2), STAGE_KEEP):  # the best of each stage go on to more tokens
-                pool = sorted((evaluate(sparsities(children[i], centre, step, weights), stage), i) for _, i in pool[:keep])
+                pool = sorted(
+                    (evaluate(sparsities(children[i], centre, step, weights), stage), i) for _, i in pool[:keep]
+                )
             best_fit, best = pool[0] if pool else (float("inf"), -1)
             if best_fit < state["fitness"]:
                 state["offsets"], state["fitness"] = children[best], best_fit
@@ -229,7 +250,11 @@ def search(adapter: DecoderAdapter, budget: float, make_plan, context: SearchCon
 
 def _result(state: dict, weights: list[int]) -> tuple[list[float], dict]:
     result = sparsities(state["offsets"], state["centre"], 0.0, weights)
-    summary = {"start_kl": state["start_fitness"], "kl": state["fitness"], "history": state["history"],
-               "layer_sparsity": [round(s, 5) for s in result]}
+    summary = {
+        "start_kl": state["start_fitness"],
+        "kl": state["fitness"],
+        "history": state["history"],
+        "layer_sparsity": [round(s, 5) for s in result],
+    }
     log.info("search: KL %.6f (uniform start) → %.6f", state["start_fitness"], state["fitness"])
     return result, summary

@@ -122,7 +122,9 @@ class LayerwiseRunner:
         return rec.inputs, rec.kwargs
 
     @torch.inference_mode()
-    def layer_stats(self, i: int, hidden: list[torch.Tensor], kwargs: list[dict]) -> tuple[LayerStats, list[torch.Tensor]]:
+    def layer_stats(
+        self, i: int, hidden: list[torch.Tensor], kwargs: list[dict]
+    ) -> tuple[LayerStats, list[torch.Tensor]]:
         """Run layer i over every batch, returning its statistics and its outputs."""
         a = self.adapter
         acc: dict[str, torch.Tensor] = {}

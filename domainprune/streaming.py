@@ -60,8 +60,10 @@ class Checkpoint:
             with safe_open(str(file), framework="pt") as f:
                 self.files.update({name: file for name in f.keys()})
         if not self.files:
-            raise DomainpruneError(f"{folder} has no *.safetensors weights; --offload disk streams safetensors shards "
-                                   "(use --offload none for other formats)")
+            raise DomainpruneError(
+                f"{folder} has no *.safetensors weights; --offload disk streams safetensors shards "
+                "(use --offload none for other formats)"
+            )
 
     def read(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """The named tensors, floating ones cast to `dtype`, on `device`; each file opened once and closed after."""
@@ -169,8 +171,9 @@ def _read_in(model: nn.Module, names: list[str], checkpoint: Checkpoint, dtype, 
     wanted = [n for n in names if params[n].device.type == "meta"]
     missing = [n for n in wanted if n not in checkpoint.files]
     if missing:
-        raise DomainpruneError(f"{checkpoint.folder}: no tensor {missing[0]}; it cannot be streamed: use --offload "
-                               "none")
+        raise DomainpruneError(
+            f"{checkpoint.folder}: no tensor {missing[0]}; it cannot be streamed: use --offload none"
+        )
     _materialize(model, checkpoint.read(wanted, dtype, device))
 
 
@@ -201,8 +204,14 @@ class DiskStream(LayerSource):
 
     name = "disk"
 
-    def __init__(self, model: nn.Module, adapter: DecoderAdapter, checkpoint: Checkpoint, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: DecoderAdapter,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
         names = {id(m): n for n, m in model.named_modules()}
         self.prefixes = [names[id(layer)] + "." for layer in adapter.layers]
@@ -214,8 +223,10 @@ class DiskStream(LayerSource):
         for i, prefix in enumerate(self.prefixes):  # a checkpoint that does not match is refused before any work
             missing = [n for n in _param_names(adapter.layers[i]) if prefix + n not in checkpoint.files]
             if missing:
-                raise DomainpruneError(f"{checkpoint.folder}: no tensor {prefix + missing[0]} for layer {i}; its names "
-                                       "do not match the architecture, so it cannot be streamed: use --offload none")
+                raise DomainpruneError(
+                    f"{checkpoint.folder}: no tensor {prefix + missing[0]} for layer {i}; its names "
+                    "do not match the architecture, so it cannot be streamed: use --offload none"
+                )
 
     def load(self, adapter, i):
         self._turn = time.perf_counter()
@@ -242,8 +253,16 @@ class DiskStream(LayerSource):
 
     def summary(self) -> dict[str, Any]:
         return {
-            "walks": [{"layers": len(w), "seconds": round(sum(w), 2), "mean_layer_seconds": round(sum(w) / len(w), 3),
-                       "max_layer_seconds": round(max(w), 3)} for w in self.walks if w],
+            "walks": [
+                {
+                    "layers": len(w),
+                    "seconds": round(sum(w), 2),
+                    "mean_layer_seconds": round(sum(w) / len(w), 3),
+                    "max_layer_seconds": round(max(w), 3),
+                }
+                for w in self.walks
+                if w
+            ],
             "read_seconds": round(self.read_seconds, 2),
             "write_seconds": round(self.write_seconds, 2),
         }
@@ -282,8 +301,9 @@ def _outside_layers(model: nn.Module, adapter: DecoderAdapter) -> list[str]:
     return [n for n, p in model.named_parameters() if id(p) not in layer_params]
 
 
-def _prepare(model: nn.Module, adapter: DecoderAdapter, checkpoint: Checkpoint, device: torch.device,
-             dtype: torch.dtype) -> None:
+def _prepare(
+    model: nn.Module, adapter: DecoderAdapter, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
+) -> None:
     """Buffers to the compute device, and the input embedding read in: what capturing layer 0's inputs needs."""
     layer_modules = {id(m) for layer in adapter.layers for m in layer.modules()}
     for module in model.modules():
@@ -357,8 +377,16 @@ def choose_offload(path: Path | str, recipe, device: torch.device, dtype: torch.
     return mode
 
 
-def prune_streamed(model: str, offload: str, *, out: str | Path | None, force: bool = False, verify: bool = True,
-                   progress: bool = True, **recipe_fields: Any):
+def prune_streamed(
+    model: str,
+    offload: str,
+    *,
+    out: str | Path | None,
+    force: bool = False,
+    verify: bool = True,
+    progress: bool = True,
+    **recipe_fields: Any,
+):
     """`pipeline.prune` one layer at a time (`offload` cpu or disk); see the module docstring."""
     from transformers import AutoTokenizer
 
@@ -387,11 +415,14 @@ def prune_streamed(model: str, offload: str, *, out: str | Path | None, force: b
     check_data(recipe)
     path = resolve_source(recipe.model)
     if not isinstance(path, Path):
-        raise DomainpruneError(f"--offload {offload} reads a local model folder; download {model!r} first (e.g. "
-                               "`huggingface-cli download`) and give its folder")
+        raise DomainpruneError(
+            f"--offload {offload} reads a local model folder; download {model!r} first (e.g. "
+            "`huggingface-cli download`) and give its folder"
+        )
     if is_domainprune_checkpoint(path):
-        raise DomainpruneError(f"{path} is a domainprune checkpoint with per-layer widths; prune it with --offload "
-                               "none")
+        raise DomainpruneError(
+            f"{path} is a domainprune checkpoint with per-layer widths; prune it with --offload none"
+        )
     started = time.perf_counter()
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.dtype, device)
@@ -452,13 +483,22 @@ def prune_streamed(model: str, offload: str, *, out: str | Path | None, force: b
     if out is not None:
         from .export import save_pruned
 
-        result.out = save_pruned(net, tokenizer, out, extra_files=_side_files(plan, recipe, report), force=force,
-                                 verify=verify)
+        result.out = save_pruned(
+            net, tokenizer, out, extra_files=_side_files(plan, recipe, report), force=force, verify=verify
+        )
     return result
 
 
-def _plan_and_cut(loaded, adapter: DecoderAdapter, recipe, source: LayerSource, wanted, total_before: int,
-                  writer: ShardWriter | None, progress: bool):
+def _plan_and_cut(
+    loaded,
+    adapter: DecoderAdapter,
+    recipe,
+    source: LayerSource,
+    wanted,
+    total_before: int,
+    writer: ShardWriter | None,
+    progress: bool,
+):
     """What `pipeline._make_plan_once` and `apply` do, as one or two layer walks through `source`; the last walk hands
     every finished layer to `writer` (disk). Returns (plan, recipe); the layers are cut, `surgery.finish` not run."""
     from .allocation import (
@@ -499,8 +539,16 @@ def _plan_and_cut(loaded, adapter: DecoderAdapter, recipe, source: LayerSource, 
                 chooser = GreedyOBS(adapter, counts, recipe.attention_unit, bias=bias)
             else:
                 chooser = ScoredUniform(criterion, adapter, counts, recipe.attention_unit)
-            layers, _ = reconstruct_layers(loaded.model, adapter, sequences, chooser, batch_size=recipe.batch_size,
-                                           bias=bias, progress=progress, source=source)
+            layers, _ = reconstruct_layers(
+                loaded.model,
+                adapter,
+                sequences,
+                chooser,
+                batch_size=recipe.batch_size,
+                bias=bias,
+                progress=progress,
+                source=source,
+            )
         else:
             layers = []
 
@@ -511,8 +559,15 @@ def _plan_and_cut(loaded, adapter: DecoderAdapter, recipe, source: LayerSource, 
                 prune_layer(adapter, lp, derived(layer_stats) if bias else None)
                 return True
 
-            collect_statistics(loaded.model, adapter, sequences, batch_size=recipe.batch_size,
-                               after_layer=after_layer, progress=progress, source=source)
+            collect_statistics(
+                loaded.model,
+                adapter,
+                sequences,
+                batch_size=recipe.batch_size,
+                after_layer=after_layer,
+                progress=progress,
+                source=source,
+            )
         plan = dense.model_copy(update={"layers": layers})
         plan.params = plan.count_params(adapter, total_before)
     else:  # two walks: statistics and scores of every layer, the allocation, then the cuts
@@ -525,10 +580,25 @@ def _plan_and_cut(loaded, adapter: DecoderAdapter, recipe, source: LayerSource, 
                 layer_stats[OWL_RATIO_KEY] = torch.tensor(outlier_ratio(adapter, i, layer_stats), dtype=torch.float64)
             return False
 
-        stats = collect_statistics(loaded.model, adapter, sequences, batch_size=recipe.batch_size, after_layer=score,
-                                   progress=progress, source=source)
-        plan = allocate(recipe.allocation, dense, adapter, scores, sparsity, attention_unit=recipe.attention_unit,
-                        standardized=criterion.standardized, stats=stats if need_stats else None)
+        stats = collect_statistics(
+            loaded.model,
+            adapter,
+            sequences,
+            batch_size=recipe.batch_size,
+            after_layer=score,
+            progress=progress,
+            source=source,
+        )
+        plan = allocate(
+            recipe.allocation,
+            dense,
+            adapter,
+            scores,
+            sparsity,
+            attention_unit=recipe.attention_unit,
+            standardized=criterion.standardized,
+            stats=stats if need_stats else None,
+        )
         plan = align_widths(plan, scores, recipe.round_to or 1)
         plan.params = plan.count_params(adapter, total_before)
         check_budget(recipe, plan, wanted)
@@ -536,8 +606,16 @@ def _plan_and_cut(loaded, adapter: DecoderAdapter, recipe, source: LayerSource, 
         if recipe.reconstruct:
             from .obs import FixedPlan, reconstruct_layers
 
-            reconstruct_layers(loaded.model, adapter, sequences, FixedPlan(plan), batch_size=recipe.batch_size,
-                               bias=bias, progress=progress, source=source)
+            reconstruct_layers(
+                loaded.model,
+                adapter,
+                sequences,
+                FixedPlan(plan),
+                batch_size=recipe.batch_size,
+                bias=bias,
+                progress=progress,
+                source=source,
+            )
         else:
             means = [derived(s) for s in stats] if bias else None
             for i in walk(adapter, source, desc="pruning", progress=progress):
@@ -621,6 +699,7 @@ def _verify(net, probe: _Probe, folder: Path, device: torch.device, dtype: torch
     diff = float((got - reference).abs().max()) if got.shape == reference.shape else float("inf")
     atol = 1e-4 if dtype == torch.float32 else 5e-2
     if not diff <= atol * max(1.0, float(reference.abs().max())):
-        raise DomainpruneError(f"export verification failed: the written layers' logits differ by {diff:.3g}; nothing "
-                               "was written")
+        raise DomainpruneError(
+            f"export verification failed: the written layers' logits differ by {diff:.3g}; nothing was written"
+        )
     return diff

@@ -62,7 +62,9 @@ def finish(adapter: DecoderAdapter, plan: Plan, compensated: bool) -> None:
     adapter.sync_config()
 
 
-def apply_plan(model: torch.nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]] | None = None) -> DecoderAdapter:
+def apply_plan(
+    model: torch.nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]] | None = None
+) -> DecoderAdapter:
     """Prune `model` in place to the plan (see `prune_layer` for `means`). Returns the pruned model's adapter."""
     adapter = get_adapter(model)
     validate_plan(plan, adapter)

@@ -66,8 +66,7 @@ def read_jsonl(path: str | Path, *, response: bool) -> list[dict[str, str]]:
     """The rows of a JSONL file: each an object with a non-empty string "prompt" (and "response" when asked)."""
     path = Path(path)
     if not path.is_file():
-        raise DomainpruneError(f"--train-file {path} not found; give a JSONL file with one {{\"prompt\": ...}} "
-                               "per line")
+        raise DomainpruneError(f'--train-file {path} not found; give a JSONL file with one {{"prompt": ...}} per line')
     fields = ("prompt", "response") if response else ("prompt",)
     rows = []
     with path.open(encoding="utf-8") as f:
@@ -77,8 +76,9 @@ def read_jsonl(path: str | Path, *, response: bool) -> list[dict[str, str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DomainpruneError(f"{path}:{lineno} is not JSON ({e.msg}); give one JSON object per "
-                                       "line") from None
+                raise DomainpruneError(
+                    f"{path}:{lineno} is not JSON ({e.msg}); give one JSON object per line"
+                ) from None
             if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip() for k in fields):
                 raise DomainpruneError(f"{path}:{lineno} needs non-empty string field(s) {', '.join(fields)}")
             rows.append({k: row[k] for k in fields})

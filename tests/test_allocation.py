@@ -20,7 +20,9 @@ from domainprune.stats import collect_statistics
 
 
 def stats_of(model, length: int = 16):
-    return collect_statistics(model, get_adapter(model), input_ids(batch=4, length=length), batch_size=2, use_cache=False, progress=False)
+    return collect_statistics(
+        model, get_adapter(model), input_ids(batch=4, length=length), batch_size=2, use_cache=False, progress=False
+    )
 
 
 def test_statistics_hold_the_inputs_of_every_linear():
@@ -35,7 +37,10 @@ def test_statistics_hold_the_inputs_of_every_linear():
 
         return fn
 
-    handles = [a.attention_in_projs(0)[0].register_forward_pre_hook(hook("qkv")), a.mlp_in_projs(0)[1].register_forward_pre_hook(hook("up"))]
+    handles = [
+        a.attention_in_projs(0)[0].register_forward_pre_hook(hook("qkv")),
+        a.mlp_in_projs(0)[1].register_forward_pre_hook(hook("up")),
+    ]
     with torch.inference_mode():
         for batch in input_ids(batch=4, length=16).split(2):
             model(input_ids=batch)
@@ -113,7 +118,15 @@ def test_cfsp_scores_depend_on_weights_not_only_on_activations():
 def test_prune_with_layerwise_allocation_exports_and_meets_the_budget(allocation, tmp_path):
     tok = smol_tokenizer()
     method = "cfsp" if allocation == "cfsp" else "wanda-sp"
-    result = prune(loaded(tiny_lm(), tok), method=method, allocation=allocation, sparsity=0.3, out=tmp_path / "out", progress=False, **CALIB)
+    result = prune(
+        loaded(tiny_lm(), tok),
+        method=method,
+        allocation=allocation,
+        sparsity=0.3,
+        out=tmp_path / "out",
+        progress=False,
+        **CALIB,
+    )
     assert result.recipe.allocation == allocation
     assert abs(result.plan.params.sparsity - 0.3) < 0.02
     widths = [lp.shape() for lp in result.plan.layers]
@@ -121,7 +134,9 @@ def test_prune_with_layerwise_allocation_exports_and_meets_the_budget(allocation
         assert all(w.num_heads == result.plan.model.layers[0][0] for w in widths)
     assert len({w.intermediate_size for w in widths}) > 1
     ids = torch.arange(5, 500, 37)[None]
-    torch.testing.assert_close(logits_on(load_pretrained(tmp_path / "out"), ids), logits_on(result.model, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits_on(load_pretrained(tmp_path / "out"), ids), logits_on(result.model, ids), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_cfsp_is_the_default_allocation_of_cfsp_and_unknown_allocations_fail():
@@ -129,7 +144,9 @@ def test_cfsp_is_the_default_allocation_of_cfsp_and_unknown_allocations_fail():
     with pytest.raises(DomainpruneError, match="unknown allocation 'bogus'"):
         make_recipe(method="flap", allocation="bogus", sparsity=0.2)
     with pytest.raises(DomainpruneError, match="cannot remove|out of reach"):
-        plan, _, _ = make_plan(loaded(tiny_lm(), smol_tokenizer()), make_recipe(method="cfsp", sparsity=0.9, **CALIB), progress=False)
+        plan, _, _ = make_plan(
+            loaded(tiny_lm(), smol_tokenizer()), make_recipe(method="cfsp", sparsity=0.9, **CALIB), progress=False
+        )
 
 
 # --- evolutionary search -------------------------------------------------------------------------------------------
@@ -158,16 +175,24 @@ def _search_prune(tmp_path, **extra):
     # SmolLM2's whole vocabulary: with the 512-token cut the search ends at sparsity 0.249 (within the pipeline's
     # budget tolerance, outside the 0.02 asserted below), so this test keeps the calibration it was written for
     tok = smol_tokenizer(full=True)
-    fields = dict(method="wanda-sp", allocation="search", sparsity=0.3, search_generations=2, search_offspring=4,
-                  search_rounds=2, search_samples=4, **CALIB)
+    fields = dict(
+        method="wanda-sp",
+        allocation="search",
+        sparsity=0.3,
+        search_generations=2,
+        search_offspring=4,
+        search_rounds=2,
+        search_samples=4,
+        **CALIB,
+    )
     return prune(loaded(tiny_lm(vocab_size=FULL_VOCAB), tok), progress=False, **fields, **extra)
 
 
 def test_search_meets_the_budget_improves_kl_and_resumes_identically(tmp_path, monkeypatch):
     """Also: a finished search is read back from its state file, not run again."""
-    from domainprune import cache, search
-
     import shutil
+
+    from domainprune import cache, search
 
     searches = cache.cache_dir() / "search"  # search states only: tokens and statistics stay cached
     shutil.rmtree(searches, ignore_errors=True)
@@ -229,7 +254,9 @@ def test_round_to_gives_aligned_widths_near_the_budget(method, tmp_path):
     assert [aligned(k, 64, 16) for k in (0, 5, 8, 9, 24, 57, 64)] == [0, 16, 16, 16, 32, 64, 64]
     tok = smol_tokenizer()
     plain = prune(loaded(tiny_lm(), tok), method=method, sparsity=0.3, progress=False, **CALIB)
-    result = prune(loaded(tiny_lm(), tok), method=method, sparsity=0.3, round_to=8, out=tmp_path / "out", progress=False, **CALIB)
+    result = prune(
+        loaded(tiny_lm(), tok), method=method, sparsity=0.3, round_to=8, out=tmp_path / "out", progress=False, **CALIB
+    )
     widths = [lp.shape().intermediate_size for lp in result.plan.layers]
     assert all(w % 8 == 0 for w in widths) and any(lp.shape().intermediate_size % 8 for lp in plain.plan.layers)
     a = get_adapter(tiny_lm())
@@ -240,4 +267,6 @@ def test_round_to_gives_aligned_widths_near_the_budget(method, tmp_path):
         e, r = set(exact.mlp_channels), set(rounded.mlp_channels)
         assert e <= r or r <= e
     ids = torch.arange(5, 500, 37)[None]
-    torch.testing.assert_close(logits_on(load_pretrained(tmp_path / "out"), ids), logits_on(result.model, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits_on(load_pretrained(tmp_path / "out"), ids), logits_on(result.model, ids), rtol=1e-5, atol=1e-5
+    )

@@ -18,7 +18,15 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_model
 from tiny_pipeline import (
-    CALIB, FULL_VOCAB, VOCAB, assert_same_state, cli, logits_on, save_folder, smol_tokenizer, tiny_lm,
+    CALIB,
+    FULL_VOCAB,
+    VOCAB,
+    assert_same_state,
+    cli,
+    logits_on,
+    save_folder,
+    smol_tokenizer,
+    tiny_lm,
 )
 from transformers import AutoModelForCausalLM
 
@@ -31,7 +39,15 @@ from domainprune.plan import Plan
 
 HD = 8
 SMALL = ["--calib-samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
-CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "plan.json", "recipe.json", "report.json"}
+CHECKPOINT_FILES = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "plan.json",
+    "recipe.json",
+    "report.json",
+}
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +139,30 @@ def test_prune_with_vocabulary_trimming(capsys, tmp_path):
 
     folder = save_folder(tiny_lm(vocab_size=FULL_VOCAB), smol_tokenizer(full=True), tmp_path / "model")
     out = tmp_path / "pruned-vocab"
-    err = ok(capsys, "prune", "--model", folder, "--method", "wanda-sp", "--sparsity", "0.35", "--vocab-coverage", "0.99", "--out", out, *SMALL)
+    err = ok(
+        capsys,
+        "prune",
+        "--model",
+        folder,
+        "--method",
+        "wanda-sp",
+        "--sparsity",
+        "0.35",
+        "--vocab-coverage",
+        "0.99",
+        "--out",
+        out,
+        *SMALL,
+    )
     assert "vocabulary 49,152 →" in err.replace("\n", "")
     assert {"vocab_report.json", "vocab_map.json"} <= {p.name for p in out.iterdir()}
     report, vocab = json.loads((out / "report.json").read_text()), json.loads((out / "vocab_report.json").read_text())
     kept = json.loads((out / "vocab_map.json").read_text())["kept_old_ids"]
     assert report["vocab"]["kept_vocab"] == vocab["kept_vocab"] == len(kept) < FULL_VOCAB // 2
-    assert vocab["calibration_coverage"] >= 0.99 and json.loads((out / "recipe.json").read_text())["vocab_coverage"] == 0.99
+    assert (
+        vocab["calibration_coverage"] >= 0.99
+        and json.loads((out / "recipe.json").read_text())["vocab_coverage"] == 0.99
+    )
     assert report["total_params"][1] == parameter_count(load_pretrained(out))
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # uniform wanda-sp: a stock checkpoint
     assert reloaded.config.vocab_size == len(kept) and len(AutoTokenizer.from_pretrained(out)) == len(kept)
@@ -138,8 +171,36 @@ def test_prune_with_vocabulary_trimming(capsys, tmp_path):
     new_ids = torch.arange(3, len(kept), 41)[None, :24]
     want = logits_on(pruned, torch.tensor(kept)[new_ids])[..., kept]
     torch.testing.assert_close(logits_on(reloaded, new_ids), want, rtol=1e-5, atol=1e-5)
-    fails(capsys, "prune", "--model", folder, "--sparsity", "0.35", "--vocab-coverage", "0.99", "--vocab-size", "900", "--out", tmp_path / "x", *SMALL, match="at most one of --vocab-coverage and --vocab-size")
-    fails(capsys, "prune", "--model", folder, "--sparsity", "0.35", "--vocab-coverage", "1.5", "--out", tmp_path / "x", *SMALL, match="vocab_coverage")
+    fails(
+        capsys,
+        "prune",
+        "--model",
+        folder,
+        "--sparsity",
+        "0.35",
+        "--vocab-coverage",
+        "0.99",
+        "--vocab-size",
+        "900",
+        "--out",
+        tmp_path / "x",
+        *SMALL,
+        match="at most one of --vocab-coverage and --vocab-size",
+    )
+    fails(
+        capsys,
+        "prune",
+        "--model",
+        folder,
+        "--sparsity",
+        "0.35",
+        "--vocab-coverage",
+        "1.5",
+        "--out",
+        tmp_path / "x",
+        *SMALL,
+        match="vocab_coverage",
+    )
 
 
 def test_uniform_widths_with_extra_biases_need_the_domainprune_loader(capsys, tokenizer, tmp_path):
@@ -152,12 +213,17 @@ def test_uniform_widths_with_extra_biases_need_the_domainprune_loader(capsys, to
     err = ok(capsys, "prune", "--model", folder, *args, "--out", out, *SMALL)
     report = json.loads((out / "report.json").read_text())
     assert report["uniform"] and not report["stock_loadable"]
-    assert json.loads((out / "config.json").read_text())["domainprune"]["extra_biases"] == ["self_attn.o_proj", "mlp.down_proj"]
+    assert json.loads((out / "config.json").read_text())["domainprune"]["extra_biases"] == [
+        "self_attn.o_proj",
+        "mlp.down_proj",
+    ]
     flat = err.replace("\n", "")
     assert "domainprune.load_pretrained(" in flat and "AutoModelForCausalLM" not in flat
     expected = prune(str(folder), method="wanda-sp", bias_compensation=True, sparsity=0.35, progress=False, **CALIB)
     ids = calibration_sequences(make_recipe(sparsity=0.35, **CALIB), tokenizer)
-    torch.testing.assert_close(logits_on(load_pretrained(out), ids), logits_on(expected.model, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits_on(load_pretrained(out), ids), logits_on(expected.model, ids), rtol=1e-5, atol=1e-5
+    )
     stock = AutoModelForCausalLM.from_pretrained(out).eval()  # drops the compensation biases
     assert not torch.allclose(logits_on(stock, ids), logits_on(expected.model, ids), atol=1e-3)
 
@@ -182,7 +248,9 @@ def test_hand_edited_plan_is_applied_exactly(capsys, folder, tmp_path):
     plan_file.write_text(json.dumps(data))
     out = tmp_path / "edited"
     ok(capsys, "apply", plan_file, "--out", out, "--quiet")
-    assert {"config.json", "model.safetensors", "tokenizer.json", "plan.json", "recipe.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "plan.json", "recipe.json"} <= {
+        p.name for p in out.iterdir()
+    }
 
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 3
@@ -190,7 +258,11 @@ def test_hand_edited_plan_is_applied_exactly(capsys, folder, tmp_path):
     orig = load_file(folder / "model.safetensors")
     channels1 = [3, 5, 6, 7, 8, 9, 17, *range(30, 39)]
     # new layer index -> (original layer, query heads, kv heads, channels)
-    expected = {0: (0, [3, 4, 5], [1], list(range(40))), 1: (1, list(range(6)), [0, 1], channels1), 2: (3, [0, 2, 4, 5], [0, 1], [1, 2, 39])}
+    expected = {
+        0: (0, [3, 4, 5], [1], list(range(40))),
+        1: (1, list(range(6)), [0, 1], channels1),
+        2: (3, [0, 2, 4, 5], [0, 1], [1, 2, 39]),
+    }
     for new, (old, heads, kv, ch) in expected.items():
         w = lambda name: weights[f"model.layers.{new}.{name}"]  # noqa: E731
         o = lambda name: orig[f"model.layers.{old}.{name}"]  # noqa: E731
@@ -227,7 +299,9 @@ def test_plans_that_do_not_fit_fail_in_one_line(capsys, folder, tokenizer, tmp_p
     ok(capsys, "plan", "--model", folder, "--method", "magnitude", "--sparsity", "0.3", "--out", plan_file, "--quiet")
     other = save_folder(tiny_model("llama", intermediate_size=32, vocab_size=VOCAB), tokenizer, tmp_path / "other")
     out = tmp_path / "out"
-    fails(capsys, "apply", plan_file, "--model", other, "--out", out, "-q", match="plan does not match this model's shape")
+    fails(
+        capsys, "apply", plan_file, "--model", other, "--out", out, "-q", match="plan does not match this model's shape"
+    )
     data = json.loads(plan_file.read_text())
     data["layers"][1].update(kv_heads=[0, 1], query_heads=[0, 1, 3])  # 2 heads in group 0, 1 in group 1
     bad = tmp_path / "bad.json"
@@ -249,7 +323,9 @@ def test_plans_that_do_not_fit_fail_in_one_line(capsys, folder, tokenizer, tmp_p
     assert Plan.load(flap_plan).recipe["bias_compensation"] is True
     stats_dir = cache.cache_dir() / "stats"
     entries = set(stats_dir.iterdir())
-    fails(capsys, "apply", flap_plan, "--model", other, "--out", out, "-q", match="plan does not match this model's shape")
+    fails(
+        capsys, "apply", flap_plan, "--model", other, "--out", out, "-q", match="plan does not match this model's shape"
+    )
     assert set(stats_dir.iterdir()) == entries
     assert leftovers(tmp_path, "out") == []
 
@@ -262,11 +338,46 @@ def test_bad_model_folders(capsys, folder, tokenizer, tmp_path):
 
     out = tmp_path / "out"
     missing = tmp_path / "no-such-model"
-    fails(capsys, "prune", "--model", missing, "--sparsity", "0.3", "--out", out, *SMALL, match=f"model '{missing}' not found")
-    gpt2 = save_folder(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB)), tokenizer, tmp_path / "gpt2")
-    msg = fails(capsys, "prune", "--model", gpt2, "--sparsity", "0.3", "--out", out, *SMALL, match="architecture 'gpt2' is not supported")
+    fails(
+        capsys,
+        "prune",
+        "--model",
+        missing,
+        "--sparsity",
+        "0.3",
+        "--out",
+        out,
+        *SMALL,
+        match=f"model '{missing}' not found",
+    )
+    gpt2 = save_folder(
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB)), tokenizer, tmp_path / "gpt2"
+    )
+    msg = fails(
+        capsys,
+        "prune",
+        "--model",
+        gpt2,
+        "--sparsity",
+        "0.3",
+        "--out",
+        out,
+        *SMALL,
+        match="architecture 'gpt2' is not supported",
+    )
     assert "llama" in msg and "qwen2" in msg
-    fails(capsys, "plan", "--model", gpt2, "--sparsity", "0.3", "--out", tmp_path / "p.json", *SMALL, match="'gpt2' is not supported")
+    fails(
+        capsys,
+        "plan",
+        "--model",
+        gpt2,
+        "--sparsity",
+        "0.3",
+        "--out",
+        tmp_path / "p.json",
+        *SMALL,
+        match="'gpt2' is not supported",
+    )
     no_config = tmp_path / "empty-model"
     no_config.mkdir()
     fails(capsys, "prune", "--model", no_config, "--sparsity", "0.3", "--out", out, *SMALL, match="without config.json")
@@ -277,14 +388,44 @@ def test_bad_corpora(capsys, folder, tokenizer, tmp_path):
     out = tmp_path / "out"
     empty = tmp_path / "empty-corpus"
     empty.mkdir()
-    fails(capsys, "prune", "--model", folder, "--data", empty, "--sparsity", "0.3", "--out", out, *SMALL, match=f"no supported files in {empty}")
+    fails(
+        capsys,
+        "prune",
+        "--model",
+        folder,
+        "--data",
+        empty,
+        "--sparsity",
+        "0.3",
+        "--out",
+        out,
+        *SMALL,
+        match=f"no supported files in {empty}",
+    )
     small = tmp_path / "small-corpus"
     small.mkdir()
     for i in range(12):
         (small / f"doc{i}.txt").write_text(f"Document {i}: a few words about rivers and stones.\n")
     found = len(load_corpus(str(small)).token_stream(tokenizer, "calibration"))
     assert 0 < found < 64 * 32
-    msg = fails(capsys, "prune", "--model", folder, "--data", small, "--sparsity", "0.3", "--calib-samples", "64", "--seq-len", "32", "--out", out, "-q", match="give more text or lower --calib-samples")
+    msg = fails(
+        capsys,
+        "prune",
+        "--model",
+        folder,
+        "--data",
+        small,
+        "--sparsity",
+        "0.3",
+        "--calib-samples",
+        "64",
+        "--seq-len",
+        "32",
+        "--out",
+        out,
+        "-q",
+        match="give more text or lower --calib-samples",
+    )
     assert f"has {found:,} tokens" in msg and f"64 sequences need {64 * 32:,} tokens" in msg
     assert leftovers(tmp_path, "out") == []
 
@@ -296,8 +437,29 @@ def test_bad_budgets(capsys, folder, tmp_path):
     fails(capsys, "plan", "--sparsity", "1.5", "--out", out, match="--sparsity must be in [0, 1)")
     fails(capsys, "prune", "--out", out, match="give exactly one of sparsity, target_params and target_speedup")
     fails(capsys, "prune", "--target-params", "lots", "--out", out, match="'lots' is not a positive count")
-    fails(capsys, "prune", "--model", folder, "--target-params", "10", "--out", out, *SMALL, match="--target-params 10 is out of reach")
-    fails(capsys, "prune", "--sparsity", "0.3", "--attention-unit", "head", "--out", out, match="--attention-unit must be one of kv_group, query_head")
+    fails(
+        capsys,
+        "prune",
+        "--model",
+        folder,
+        "--target-params",
+        "10",
+        "--out",
+        out,
+        *SMALL,
+        match="--target-params 10 is out of reach",
+    )
+    fails(
+        capsys,
+        "prune",
+        "--sparsity",
+        "0.3",
+        "--attention-unit",
+        "head",
+        "--out",
+        out,
+        match="--attention-unit must be one of kv_group, query_head",
+    )
     fails(capsys, "prune", "--sparsity", "0.3", "--method", "nope", "--out", out, match="unknown method 'nope'")
     assert leftovers(tmp_path, "out") == []
 
@@ -314,9 +476,24 @@ def test_existing_output_needs_force(capsys, folder, tmp_path):
     assert leftovers(tmp_path, "out") == ["out"]
     plan_file = tmp_path / "plan.json"
     plan_file.write_text("{}")
-    fails(capsys, "plan", "--model", folder, "--sparsity", "0.3", "--out", plan_file, *SMALL, match=f"{plan_file} exists")
+    fails(
+        capsys, "plan", "--model", folder, "--sparsity", "0.3", "--out", plan_file, *SMALL, match=f"{plan_file} exists"
+    )
     assert plan_file.read_text() == "{}"
-    ok(capsys, "plan", "--model", folder, "--method", "magnitude", "--sparsity", "0.3", "--out", plan_file, "--force", *SMALL)
+    ok(
+        capsys,
+        "plan",
+        "--model",
+        folder,
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.3",
+        "--out",
+        plan_file,
+        "--force",
+        *SMALL,
+    )
     assert Plan.load(plan_file).recipe["method"] == "magnitude"
     fails(capsys, "apply", plan_file, "--out", out, "-q", match=f"--out {out} exists")
     assert CHECKPOINT_FILES <= {p.name for p in out.iterdir()}
@@ -329,8 +506,13 @@ def test_console_script_prints_one_error_line(tmp_path):
     exe = Path(sys.executable).parent / "domainprune"  # the venv's console script
     command = [str(exe)] if exe.is_file() else [sys.executable, "-c", "from domainprune.cli import main; main()"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "80"}
-    run = subprocess.run([*command, "prune", "--model", str(missing), "--sparsity", "0.3", "--out", str(tmp_path / "out"), "-q"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    run = subprocess.run(
+        [*command, "prune", "--model", str(missing), "--sparsity", "0.3", "--out", str(tmp_path / "out"), "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines() == [
         f"error: model '{missing}' not found: give an existing folder, a .gguf file, a hub id, or a preset (smollm2-135m, "

@@ -34,11 +34,15 @@ def test_compare_writes_a_table_with_every_model(capsys, root, runs):
         assert m["params"] < dense["measurement"]["params"] and m["checkpoint_bytes"] > 0
         assert m["test_sequences"] == {domain: 2} and set(m["zero_shot"]) == {str(runs["task"])}
         assert m["decode_tokens_per_s"] is None  # --no-speed
-        assert run["ratios"][f"ppl_{domain}"] == pytest.approx(m["perplexity"][domain] / dense["measurement"]["perplexity"][domain])
+        assert run["ratios"][f"ppl_{domain}"] == pytest.approx(
+            m["perplexity"][domain] / dense["measurement"]["perplexity"][domain]
+        )
         assert run["recipe"]["method"] in ("flap", "wanda-sp") and 0.3 < run["prune"]["sparsity_achieved"] < 0.55
     gen = data["generation"]
     assert gen["data"] == domain and gen["new_tokens"] == 6 and len(gen["prompts"]) == 2
-    assert set(gen["continuations"]) == {"dense", "flap35", "wanda50"} and all(len(v) == 2 for v in gen["continuations"].values())
+    assert set(gen["continuations"]) == {"dense", "flap35", "wanda50"} and all(
+        len(v) == 2 for v in gen["continuations"].values()
+    )
     md = (out / "compare.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert table[0].startswith(f"| model | method | sparsity | params | MB | {domain} ppl (×dense) |")
@@ -60,10 +64,19 @@ def test_benchmark_rows_are_the_same_figures(capsys, root, runs):
     data = json.loads((compared(capsys, root) / "compare.json").read_text())
     dense, *pruned = data["models"]
     rows = [{"key": "dense", "measurement": dense["measurement"]}] + [
-        {"key": f"{r['recipe']['method']}|{r['recipe']['allocation']}|0.35", "method": r["recipe"]["method"],
-         "allocation": r["recipe"]["allocation"], "level": 0.35, "achieved": r["prune"]["sparsity_achieved"],
-         "prune_seconds": 1.0, "peak_rss_bytes": 2**30, "recipe": r["recipe"], "uniform": False,
-         "checkpoint": r["path"], "measurement": r["measurement"]}
+        {
+            "key": f"{r['recipe']['method']}|{r['recipe']['allocation']}|0.35",
+            "method": r["recipe"]["method"],
+            "allocation": r["recipe"]["allocation"],
+            "level": 0.35,
+            "achieved": r["prune"]["sparsity_achieved"],
+            "prune_seconds": 1.0,
+            "peak_rss_bytes": 2**30,
+            "recipe": r["recipe"],
+            "uniform": False,
+            "checkpoint": r["path"],
+            "measurement": r["measurement"],
+        }
         for r in pruned
     ]
     c = from_bench_rows(rows)
@@ -81,7 +94,9 @@ def test_domain_prompts_are_deterministic_and_short():
 
 def test_compare_errors_are_one_line(capsys, runs, tmp_path):
     assert "not a model folder" in fails(capsys, "compare", tmp_path, "--baseline", runs["dense"], "--quiet")
-    assert "give them with --tasks" in fails(capsys, "compare", runs["flap35"], "--baseline", runs["dense"], "--lm-eval", "--quiet")
+    assert "give them with --tasks" in fails(
+        capsys, "compare", runs["flap35"], "--baseline", runs["dense"], "--lm-eval", "--quiet"
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")

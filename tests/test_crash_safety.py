@@ -62,8 +62,25 @@ def prune_args(model, corpus, *extra):
 SCENARIOS = {
     "statistics": (["--method", "flap", "--sparsity", "0.3"], "statistics:1"),
     "obs": (["--method", "cfsp", "--reconstruct", "obs", "--sparsity", "0.3"], "obs:1"),
-    "search": (["--method", "magnitude", "--allocation", "search", "--sparsity", "0.3", "--search-generations", "2",
-                "--search-offspring", "2", "--search-rounds", "1", "--search-samples", "2"], "search:1"),
+    "search": (
+        [
+            "--method",
+            "magnitude",
+            "--allocation",
+            "search",
+            "--sparsity",
+            "0.3",
+            "--search-generations",
+            "2",
+            "--search-offspring",
+            "2",
+            "--search-rounds",
+            "1",
+            "--search-samples",
+            "2",
+        ],
+        "search:1",
+    ),
     "export": (["--method", "magnitude", "--sparsity", "0.3"], "export"),
 }
 
@@ -87,11 +104,31 @@ def test_kill_9_then_rerun_gives_the_same_weights(inputs, tmp_path, stage):
 
 def test_kill_9_during_recovery_then_rerun_gives_the_same_weights(inputs, tmp_path):
     model, corpus = inputs
-    pruned = run(prune_args(model, corpus, "--method", "magnitude", "--sparsity", "0.3", "--out", "run"),
-                 tmp_path / "cache", tmp_path)
+    pruned = run(
+        prune_args(model, corpus, "--method", "magnitude", "--sparsity", "0.3", "--out", "run"),
+        tmp_path / "cache",
+        tmp_path,
+    )
     assert pruned.returncode == 0, pruned.stderr
-    recover = ["recover", "run", "--data", corpus, "--samples", "8", "--seq-len", "32",
-               "--batch-size", "2", "--max-steps", "4", "--save-steps", "2", "--time-budget", "0", "--quiet"]
+    recover = [
+        "recover",
+        "run",
+        "--data",
+        corpus,
+        "--samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--time-budget",
+        "0",
+        "--quiet",
+    ]
     reference = run([*recover, "--out", "ref"], tmp_path / "cache", tmp_path)
     assert reference.returncode == 0, reference.stderr
     killed = run([*recover, "--out", "out"], tmp_path / "cache", tmp_path, kill_at="recovery:2")
@@ -126,8 +163,25 @@ def test_planted_pickles_run_nothing_and_damaged_entries_are_rebuilt(inputs, tmp
     for folder in {p.parent for p in entries}:  # ... and old-style resume files appear beside them
         for name in ("resume.pt", "state.pt", "units.pt", "recovery_data.pt"):
             torch.save({"x": _Plant(marker)}, folder / name)
-    loud = ["prune", "--model", model, "--data", corpus, "--method", "flap", "--sparsity", "0.3", "--calib-samples", "4",
-            "--seq-len", "32", "--batch-size", "2", "--out", "out"]  # not --quiet: the warnings are checked
+    loud = [
+        "prune",
+        "--model",
+        model,
+        "--data",
+        corpus,
+        "--method",
+        "flap",
+        "--sparsity",
+        "0.3",
+        "--calib-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--out",
+        "out",
+    ]  # not --quiet: the warnings are checked
     again = run(loud, tmp_path / "cache", tmp_path)
     assert again.returncode == 0, again.stderr
     assert not marker.exists()
@@ -138,8 +192,29 @@ def test_planted_pickles_run_nothing_and_damaged_entries_are_rebuilt(inputs, tmp
     staging.mkdir()
     (staging / "recovery_data.safetensors").write_bytes(payload)
     torch.save({"x": _Plant(marker)}, staging / "recovery_data.pt")
-    rec = run(["recover", "out", "--data", corpus, "--samples", "8", "--seq-len", "32", "--batch-size", "2",
-               "--max-steps", "2", "--time-budget", "0", "--quiet", "--out", "rec"], tmp_path / "cache", tmp_path)
+    rec = run(
+        [
+            "recover",
+            "out",
+            "--data",
+            corpus,
+            "--samples",
+            "8",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--time-budget",
+            "0",
+            "--quiet",
+            "--out",
+            "rec",
+        ],
+        tmp_path / "cache",
+        tmp_path,
+    )
     assert rec.returncode == 0, rec.stderr
     assert not marker.exists()
 

@@ -35,8 +35,12 @@ def inputs_of(model, layer: int, ids=None):
     a = get_adapter(model)
     got = {}
     hooks = [
-        a.o_proj(layer).register_forward_pre_hook(lambda m, args: got.update(attn=args[0].reshape(-1, args[0].shape[-1]).double())),
-        a.down_proj(layer).register_forward_pre_hook(lambda m, args: got.update(mlp=args[0].reshape(-1, args[0].shape[-1]).double())),
+        a.o_proj(layer).register_forward_pre_hook(
+            lambda m, args: got.update(attn=args[0].reshape(-1, args[0].shape[-1]).double())
+        ),
+        a.down_proj(layer).register_forward_pre_hook(
+            lambda m, args: got.update(mlp=args[0].reshape(-1, args[0].shape[-1]).double())
+        ),
     ]
     with torch.inference_mode():
         model(input_ids=ids, use_cache=False)
@@ -53,7 +57,20 @@ def test_registry():
     # expert criteria for mixture-of-experts models are tested in test_moe.py
     # gradient criteria (taylor, fisher, dpruner, gaprune, nirvana) are tested in test_gradients.py, cfsp in
     # test_allocation.py; depth and OBS methods in their own files
-    expected = {"flap", "magnitude", "wanda-sp", "cfsp", "expert-frequency", "easy-ep", "tcess", "taylor", "fisher", "dpruner", "gaprune", "nirvana"}
+    expected = {
+        "flap",
+        "magnitude",
+        "wanda-sp",
+        "cfsp",
+        "expert-frequency",
+        "easy-ep",
+        "tcess",
+        "taylor",
+        "fisher",
+        "dpruner",
+        "gaprune",
+        "nirvana",
+    }
     assert expected <= set(CRITERIA)
     with pytest.raises(DomainpruneError, match=f"unknown method 'nope'; available: {', '.join(sorted(CRITERIA))}$"):
         get_criterion("nope")
@@ -90,7 +107,9 @@ def test_magnitude_hand_computed_and_zeroed_units_score_lowest():
     assert s.channels[7] == 0 and int(s.channels.argmin()) == 7 and (s.channels > 0).sum() == I - 1
     w = lambda t: t.detach().double()  # noqa: E731
     head_sq = lambda h: w(q)[cols([h])].pow(2).sum() + w(o)[:, cols([h])].pow(2).sum()  # noqa: E731
-    expected_group1 = (sum(head_sq(h) for h in (3, 4, 5)) + w(k)[cols([1])].pow(2).sum() + w(v)[cols([1])].pow(2).sum()).sqrt()
+    expected_group1 = (
+        sum(head_sq(h) for h in (3, 4, 5)) + w(k)[cols([1])].pow(2).sum() + w(v)[cols([1])].pow(2).sum()
+    ).sqrt()
     torch.testing.assert_close(s.groups[1], expected_group1)
     torch.testing.assert_close(s.heads[3], head_sq(3).sqrt())
     expected_ch = (w(gate)[11].pow(2).sum() + w(up)[11].pow(2).sum() + w(down)[:, 11].pow(2).sum()).sqrt()

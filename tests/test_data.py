@@ -223,8 +223,11 @@ def test_too_few_tokens_names_the_counts(tmp_path, tokenizer, token_cache):
         corpus.sequences(tokenizer, "train", 1, 8)
     # A split with no documents at all reports 0 tokens.
     only_test = Corpus("tiny", [Document("k", "some text", group="f")])
-    with pytest.raises(DomainpruneError, match=r"'tiny' has no document in its calibration split \(0 calibration, "
-                       r"0 validation, 1 test; .*\): give more documents"):
+    with pytest.raises(
+        DomainpruneError,
+        match=r"'tiny' has no document in its calibration split \(0 calibration, "
+        r"0 validation, 1 test; .*\): give more documents",
+    ):
         only_test.sequences(tokenizer, "calibration", 1, 8)
 
 

@@ -60,7 +60,10 @@ def test_zero_output_sublayers_and_layer_removed_export_and_reload(arch, tmp_pat
     plan = removal.mark(dense, dense)
     validate_plan(plan, get_adapter(model))
     assert [(lp.drop, lp.skip, len(lp.kv_heads), len(lp.mlp_channels)) for lp in plan.layers] == [
-        (False, ["self_attn"], 0, 40), (False, ["mlp"], 2, 0), (True, [], 2, 40), (False, [], 2, 40)
+        (False, ["self_attn"], 0, 40),
+        (False, ["mlp"], 2, 0),
+        (True, [], 2, 40),
+        (False, [], 2, 40),
     ]
     assert Plan.model_validate_json(plan.model_dump_json()) == plan  # skip survives plan.json
     apply_plan(model, plan)
@@ -97,7 +100,9 @@ def test_block_influence_is_one_minus_cos_of_layer_input_and_output():
     hidden state has the final norm applied, which METHODS.md flags, so BI never uses it)."""
     model = tiny_model("llama")
     ids = input_ids(batch=2, length=12)
-    bi = block_influence(collect_statistics(model, get_adapter(model), ids, batch_size=2, use_cache=False, progress=False))
+    bi = block_influence(
+        collect_statistics(model, get_adapter(model), ids, batch_size=2, use_cache=False, progress=False)
+    )
     with torch.inference_mode():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
     for i in range(3):
@@ -196,13 +201,27 @@ def test_finercut_resumes_after_an_interruption(tmp_path, monkeypatch):
     "fields",
     [
         dict(method="magnitude", allocation="global", depth="finercut", depth_sparsity=0.1, sparsity=0.35),
-        dict(method="magnitude", allocation="uniform", attention_unit="query_head", depth="shortgpt", depth_sparsity=0.2, sparsity=0.4),
+        dict(
+            method="magnitude",
+            allocation="uniform",
+            attention_unit="query_head",
+            depth="shortgpt",
+            depth_sparsity=0.2,
+            sparsity=0.4,
+        ),
         dict(method="wanda-sp", depth="finercut", depth_sparsity=0.15, sparsity=0.3),  # sequential, uniform
         dict(method="wanda-sp", depth="shortgpt", depth_sparsity=0.25, sparsity=0.4),  # sequential past a dropped layer
         dict(method="flap", depth="shortgpt", depth_sparsity=0.2, sparsity=0.45),  # global, bias compensation
         dict(method="finercut", sparsity=0.3),  # depth alone
     ],
-    ids=["finercut+magnitude-global", "shortgpt+magnitude-uniform", "finercut+wanda-sp", "shortgpt+wanda-sp", "shortgpt+flap", "finercut"],
+    ids=[
+        "finercut+magnitude-global",
+        "shortgpt+magnitude-uniform",
+        "finercut+wanda-sp",
+        "shortgpt+wanda-sp",
+        "shortgpt+flap",
+        "finercut",
+    ],
 )
 def test_depth_and_width_meet_one_budget(fields, tmp_path):
     tok = smol_tokenizer()
@@ -238,14 +257,23 @@ def test_width_statistics_are_those_of_the_depth_pruned_model():
     tok = smol_tokenizer()
     recipe = make_recipe(model="tiny", method="flap", depth="shortgpt", depth_sparsity=0.25, sparsity=0.4, **CALIB)
     model = tiny_lm("llama", seed=3)
-    dense_stats = collect_statistics(copy.deepcopy(model), get_adapter(model), calibration_sequences(recipe, tok), batch_size=2, use_cache=False, progress=False)
+    dense_stats = collect_statistics(
+        copy.deepcopy(model),
+        get_adapter(model),
+        calibration_sequences(recipe, tok),
+        batch_size=2,
+        use_cache=False,
+        progress=False,
+    )
     reduced = copy.deepcopy(model)
     plan, stats, pruned = make_plan(loaded(model, tok), recipe, progress=False)
     assert not pruned
     (gone,) = [lp.index for lp in plan.layers if lp.drop]
     dense = dense_plan(get_adapter(reduced), "tiny")
     apply_plan(reduced, DepthRemoval("shortgpt", layers=[gone]).mark(dense, dense))
-    want = collect_statistics(reduced, get_adapter(reduced), calibration_sequences(recipe, tok), batch_size=2, use_cache=False, progress=False)
+    want = collect_statistics(
+        reduced, get_adapter(reduced), calibration_sequences(recipe, tok), batch_size=2, use_cache=False, progress=False
+    )
     kept = [i for i in range(4) if i != gone]
     for new_i, i in enumerate(kept):
         for key in ("attn_in_sum", "mlp_in_sqsum"):

@@ -20,15 +20,23 @@ from domainprune.recover import recover
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = str(ROOT / "tests" / "golden" / "code.jsonl")  # small and fixed: each process tokenises it quickly
 # LoRA dropout off: each process would draw its own dropout masks
-TRAIN = dict(data=CORPUS, samples=8, seq_len=16, max_steps=3, time_budget=None, lr=5e-3,
-             lora_dropout=0.0)
+TRAIN = dict(data=CORPUS, samples=8, seq_len=16, max_steps=3, time_budget=None, lr=5e-3, lora_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "pruned"
-    prune(loaded(tiny_lm("llama"), smol_tokenizer()), out=out, method="flap", sparsity=0.35, data=CORPUS,
-          calib_samples=2, seq_len=16, batch_size=2, progress=False)
+    prune(
+        loaded(tiny_lm("llama"), smol_tokenizer()),
+        out=out,
+        method="flap",
+        sparsity=0.35,
+        data=CORPUS,
+        calib_samples=2,
+        seq_len=16,
+        batch_size=2,
+        progress=False,
+    )
     return out
 
 
@@ -38,9 +46,25 @@ def launch(run_dir: Path, out: Path, processes: int, batch_size: int) -> subproc
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # this checkout's domainprune
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items() if v is not None]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
-           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "domainprune.cli", "recover",
-           str(run_dir), "--out", str(out), f"--batch-size={batch_size}", "--time-budget=0", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        f"--num_processes={processes}",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        "-m",
+        "domainprune.cli",
+        "recover",
+        str(run_dir),
+        "--out",
+        str(out),
+        f"--batch-size={batch_size}",
+        "--time-budget=0",
+        "--quiet",
+    ]
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -61,4 +85,3 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(run_di
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
     log = json.loads((tmp_path / "ddp" / "recovery_log.json").read_text())  # losses averaged over both processes
     assert [e["loss"] for e in log] == pytest.approx([e["loss"] for e in single.log], rel=1e-5)
-

@@ -21,7 +21,13 @@ def smollm2():
 
 def test_preset_loads_the_real_model(smollm2):
     c = smollm2.model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (30, 576, 9, 3, 49152)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (
+        30,
+        576,
+        9,
+        3,
+        49152,
+    )
     assert sum(p.numel() for p in smollm2.model.parameters()) == 134_515_008
 
 
@@ -30,8 +36,17 @@ def test_flap_prune_export_reload_and_eval(smollm2, tmp_path):
 
     model = copy.deepcopy(smollm2.model)
     loaded = LoadedModel(model, smollm2.tokenizer, None, "smollm2-135m")
-    result = prune(loaded, data="code", method="flap", sparsity=0.35, calib_samples=8, seq_len=64, batch_size=4,
-                   out=tmp_path / "code35", progress=False)
+    result = prune(
+        loaded,
+        data="code",
+        method="flap",
+        sparsity=0.35,
+        calib_samples=8,
+        seq_len=64,
+        batch_size=4,
+        out=tmp_path / "code35",
+        progress=False,
+    )
     p = result.plan.params
     kept = p.attention_mlp_after / p.attention_mlp_before
     assert abs(kept - 0.65) <= 0.01
@@ -45,11 +60,21 @@ def test_flap_prune_export_reload_and_eval(smollm2, tmp_path):
     with torch.inference_mode():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
     # The pruned model is smaller and still a usable code model on held-out code.
-    pruned = measure(LoadedModel(reloaded, smollm2.tokenizer, out, str(out)), "pruned", sources=["code"], samples=4, speed=False, progress=False)
+    pruned = measure(
+        LoadedModel(reloaded, smollm2.tokenizer, out, str(out)),
+        "pruned",
+        sources=["code"],
+        samples=4,
+        speed=False,
+        progress=False,
+    )
     dense = measure(smollm2, "dense", sources=["code"], samples=4, speed=False, progress=False)
     assert pruned.params < 0.75 * dense.params
     assert pruned.checkpoint_bytes < 0.75 * 538_090_408
-    assert math.isfinite(pruned.perplexity["code"]) and dense.perplexity["code"] < pruned.perplexity["code"] < 20 * dense.perplexity["code"]
+    assert (
+        math.isfinite(pruned.perplexity["code"])
+        and dense.perplexity["code"] < pruned.perplexity["code"] < 20 * dense.perplexity["code"]
+    )
 
 
 def test_general_test_split_is_evaluated_whole(smollm2):

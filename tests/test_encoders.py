@@ -19,8 +19,12 @@ from domainprune.encoders.model import BertUnits, load_encoder, preset_folder
 from domainprune.encoders.pipeline import prune_encoder, uniform_widths
 from domainprune.errors import DomainpruneError
 
-TEXTS = ["def add(a, b): return a + b", "Return the sum of two numbers.", "Paris is the capital of France.",
-         "class Stack: pass"]
+TEXTS = [
+    "def add(a, b): return a + b",
+    "Return the sum of two numbers.",
+    "Paris is the capital of France.",
+    "class Stack: pass",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +35,14 @@ def tiny_folder(tmp_path_factory):
     source = preset_folder("all-minilm-l6-v2")
     folder = tmp_path_factory.mktemp("tiny-encoder")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     model = BertModel(config, add_pooling_layer=False)
     with torch.no_grad():  # larger weights than the init, so that differences show
         for name, p in model.named_parameters():
@@ -74,8 +84,11 @@ def test_zero_contribution_removal_tiny(tiny):
 def test_zero_contribution_layer_removal_tiny(tiny):
     units = BertUnits(tiny)
     with torch.no_grad():  # layer 2 adds nothing and the LayerNorms around it are plain normalisations
-        for ln in (units.layers[1].output.LayerNorm, units.layers[2].attention.output.LayerNorm,
-                   units.layers[2].output.LayerNorm):
+        for ln in (
+            units.layers[1].output.LayerNorm,
+            units.layers[2].attention.output.LayerNorm,
+            units.layers[2].output.LayerNorm,
+        ):
             ln.weight.fill_(1)
             ln.bias.zero_()
         for dense in (units.layers[2].attention.output.dense, units.layers[2].output.dense):
@@ -124,8 +137,10 @@ def test_export_reload_stock_and_per_layer(tiny, tiny_folder, tmp_path):
     expected = probe_embeddings(tiny)
     save_encoder(tiny, tmp_path / "heads")
     config = json.loads((tmp_path / "heads" / "config.json").read_text())
-    assert config["domainprune"]["encoder_layers"] == [{"heads": 2, "intermediate": 24},
-                                                       {"heads": 4, "intermediate": 24}]
+    assert config["domainprune"]["encoder_layers"] == [
+        {"heads": 2, "intermediate": 24},
+        {"heads": 4, "intermediate": 24},
+    ]
     with pytest.raises(Exception):  # stock loaders refuse rather than misload
         SentenceTransformer(str(tmp_path / "heads"), device="cpu")
     reloaded = load_pretrained(tmp_path / "heads")
@@ -146,8 +161,15 @@ def test_rank_metrics_by_hand():
 
 
 def _write_pairs(path, n=60, groups=30):
-    rows = [{"query": f"how do I compute item {i} of the sequence", "positive": f"def item_{i}(): return {i} * {i}",
-             "negatives": [f"unrelated text number {i}"], "group": f"file{i % groups}.py"} for i in range(n)]
+    rows = [
+        {
+            "query": f"how do I compute item {i} of the sequence",
+            "positive": f"def item_{i}(): return {i} * {i}",
+            "negatives": [f"unrelated text number {i}"],
+            "group": f"file{i % groups}.py",
+        }
+        for i in range(n)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
@@ -167,11 +189,14 @@ def test_user_jsonl_split_and_toy_evaluation(tiny, tmp_path):
     assert 0 <= result["ndcg@10"] <= 1 and 0 <= result["mrr@10"] <= 1 and result["sentences_per_s"] > 0
 
 
-@pytest.mark.parametrize("line, fix", [
-    ('{"query": "q"}', "needs string fields"),
-    ('{"query": "q", "positive": "p", "negatives": "n"}', "must be a list of strings"),
-    ("not json", "is not JSON"),
-])
+@pytest.mark.parametrize(
+    "line, fix",
+    [
+        ('{"query": "q"}', "needs string fields"),
+        ('{"query": "q", "positive": "p", "negatives": "n"}', "must be a list of strings"),
+        ("not json", "is not JSON"),
+    ],
+)
 def test_bad_jsonl_one_line(tmp_path, line, fix):
     path = tmp_path / "bad.jsonl"
     path.write_text(line + "\n")
@@ -218,9 +243,29 @@ def test_cli_prune_eval_recover_tiny(tiny_folder, tmp_path):
     data = str(_write_pairs(tmp_path / "pairs.jsonl", n=120, groups=120))
     runner = CliRunner()
     out = tmp_path / "run"
-    r = runner.invoke(app, ["prune", "--model", str(tiny_folder), "--data", data, "--general-data", data,
-                            "--method", "gaprune", "--sparsity", "0.5", "--calib-samples", "16", "--batch-size",
-                            "8", "--out", str(out), "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(tiny_folder),
+            "--data",
+            data,
+            "--general-data",
+            data,
+            "--method",
+            "gaprune",
+            "--sparsity",
+            "0.5",
+            "--calib-samples",
+            "16",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     assert abs(report["sparsity_achieved"] - 0.5) < 0.02 and not report["stock_loadable"]
@@ -234,11 +279,38 @@ def test_cli_prune_eval_recover_tiny(tiny_folder, tmp_path):
     compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())["results"]
     assert [c["name"] for c in compared] == [str(tiny_folder), str(out)]
     assert compared[1]["tasks"][data] == figures | {"sentences_per_s": compared[1]["tasks"][data]["sentences_per_s"]}
-    r = runner.invoke(app, ["recover", str(out), "--out", str(tmp_path / "rec"), "--data", data, "--max-steps", "2",
-                            "--batch-size", "4", "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "recover",
+            str(out),
+            "--out",
+            str(tmp_path / "rec"),
+            "--data",
+            data,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "rec" / "recover.json").read_text())["steps"] == 2
-    r = runner.invoke(app, ["prune", "--model", str(tiny_folder), "--data", data, "--depth", "shortgpt",
-                            "--out", str(tmp_path / "x"), "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(tiny_folder),
+            "--data",
+            data,
+            "--depth",
+            "shortgpt",
+            "--out",
+            str(tmp_path / "x"),
+            "-q",
+        ],
+    )
     assert isinstance(r.exception, DomainpruneError) and "--depth applies to decoders only" in str(r.exception)
     assert not (tmp_path / "x").exists()

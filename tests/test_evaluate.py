@@ -55,7 +55,9 @@ def test_perplexity_does_not_depend_on_batch_size(model, sequences):
     assert ppls[2] == pytest.approx(ppls[0], rel=1e-5)
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(4, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 5)])
+@pytest.mark.parametrize(
+    "bad", [torch.zeros(4, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 5)]
+)
 def test_nll_rejects_malformed_sequences(model, bad):
     with pytest.raises(DomainpruneError):
         nll(model, bad, progress=False)

@@ -73,8 +73,17 @@ def ws(tmp_path_factory):
     stdlib = Path(os.__file__).parent
     for name in sorted(p.name for p in stdlib.glob("*.py"))[:40]:
         shutil.copy(stdlib / name, corpus / name)
-    prune(str(model), data=str(corpus), method="magnitude", sparsity=0.3, calib_samples=4, seq_len=32, batch_size=2,
-          out=root / "run", progress=False)
+    prune(
+        str(model),
+        data=str(corpus),
+        method="magnitude",
+        sparsity=0.3,
+        calib_samples=4,
+        seq_len=32,
+        batch_size=2,
+        out=root / "run",
+        progress=False,
+    )
 
     def damaged(name: str, edit) -> None:
         shutil.copytree(model, root / name)
@@ -85,6 +94,7 @@ def ws(tmp_path_factory):
             config = json.loads((folder / "config.json").read_text())
             config.update(changes)
             (folder / "config.json").write_text(json.dumps(config))
+
         return edit
 
     weights = "model.safetensors"
@@ -94,8 +104,12 @@ def ws(tmp_path_factory):
     damaged("custom_code", config_edit(model_type="frobnicator", auto_map={"AutoModelForCausalLM": "m.Frob"}))
     damaged("bad_json", lambda f: (f / "config.json").write_text('{"model_type": "llama",'))
     damaged("no_weights", lambda f: (f / weights).unlink())
-    damaged("gpt2", lambda f: (f / "config.json").write_text(json.dumps({
-        "model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "vocab_size": 49152})))
+    damaged(
+        "gpt2",
+        lambda f: (f / "config.json").write_text(
+            json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "vocab_size": 49152})
+        ),
+    )
     (root / "no_config").mkdir()
     (root / "fake.gguf").write_bytes(b"GGUF" + b"\0" * 64)
     (root / "nul").mkdir()
@@ -131,8 +145,11 @@ def cases(ws: Path) -> list[Case]:
         Case("out-inside-model", [*base, "--out", f"{m}/sub"], "lies inside the input folder"),
         Case("out-is-corpus", [*base, "--out", c, "--force"], "is the input"),
         Case("out-inside-corpus", [*base, "--out", f"{c}/pruned"], "lies inside the input folder"),
-        Case("out-contains-gguf", [*PRUNE, "--model", str(gguf), "--data", c, *SMALL, "--out", str(gguf.parent),
-                                   "--force"], "contains the input"),
+        Case(
+            "out-contains-gguf",
+            [*PRUNE, "--model", str(gguf), "--data", c, *SMALL, "--out", str(gguf.parent), "--force"],
+            "contains the input",
+        ),
         Case("apply-into-plan-run", ["apply", f"{run}/plan.json", "--out", run, "--force", "-q"], "contains the input"),
         Case("apply-inside-run", ["apply", f"{run}/plan.json", "--out", f"{run}/again", "-q"], "lies inside"),
         Case("vocab-over-model", ["vocab", m, "--data", c, "--out", m, "--force", "-q"], "is the input"),
@@ -150,31 +167,61 @@ def cases(ws: Path) -> list[Case]:
         Case("out-parent-is-a-file", [*base, "--out", str(ws / "afile" / "sub")], "is a file, not a folder"),
         Case("out-read-only", [*base, "--out", "{mount}/out"], "cannot be written", mount="ro"),
         Case("out-disk-full", [*base, "--out", "{mount}/out"], "No space left on device", mount="full"),
-        Case("cache-disk-full", ["prune", "--method", "flap", "--sparsity", "0.3", *base[5:], "--out", "out"],
-             "No space left on device",
-             env={"DOMAINPRUNE_CACHE": "{mount}/cache"}, mount="full"),
+        Case(
+            "cache-disk-full",
+            ["prune", "--method", "flap", "--sparsity", "0.3", *base[5:], "--out", "out"],
+            "No space left on device",
+            env={"DOMAINPRUNE_CACHE": "{mount}/cache"},
+            mount="full",
+        ),
         # models: refused from the folder, before any weight is loaded
-        Case("truncated-weights", [*PRUNE, "--model", str(ws / "truncated"), "--data", c, *SMALL, "--out", "o"],
-             "is damaged"),
-        Case("garbage-weights", [*PRUNE, "--model", str(ws / "garbage"), "--data", c, *SMALL, "--out", "o"],
-             "is damaged"),
-        Case("unknown-model-type", [*PRUNE, "--model", str(ws / "unknown_type"), "--data", c, "--out", "o"],
-             "unknown to transformers"),
-        Case("custom-code", [*PRUNE, "--model", str(ws / "custom_code"), "--data", c, "--out", "o"],
-             "never runs a model's code"),
-        Case("malformed-config", [*PRUNE, "--model", str(ws / "bad_json"), "--data", c, "--out", "o"],
-             "is not valid JSON"),
+        Case(
+            "truncated-weights",
+            [*PRUNE, "--model", str(ws / "truncated"), "--data", c, *SMALL, "--out", "o"],
+            "is damaged",
+        ),
+        Case(
+            "garbage-weights", [*PRUNE, "--model", str(ws / "garbage"), "--data", c, *SMALL, "--out", "o"], "is damaged"
+        ),
+        Case(
+            "unknown-model-type",
+            [*PRUNE, "--model", str(ws / "unknown_type"), "--data", c, "--out", "o"],
+            "unknown to transformers",
+        ),
+        Case(
+            "custom-code",
+            [*PRUNE, "--model", str(ws / "custom_code"), "--data", c, "--out", "o"],
+            "never runs a model's code",
+        ),
+        Case(
+            "malformed-config",
+            [*PRUNE, "--model", str(ws / "bad_json"), "--data", c, "--out", "o"],
+            "is not valid JSON",
+        ),
         Case("no-config", [*PRUNE, "--model", str(ws / "no_config"), "--data", c, "--out", "o"], "without config.json"),
         Case("no-weights", [*PRUNE, "--model", str(ws / "no_weights"), "--data", c, "--out", "o"], "has no weights"),
-        Case("unsupported-arch", [*PRUNE, "--model", str(ws / "gpt2"), "--data", c, "--out", "o"],
-             "architecture 'gpt2' is not supported"),
+        Case(
+            "unsupported-arch",
+            [*PRUNE, "--model", str(ws / "gpt2"), "--data", c, "--out", "o"],
+            "architecture 'gpt2' is not supported",
+        ),
         Case("missing-model-path", [*PRUNE, "--model", "./nope", "--data", c, "--out", "o"], "not found"),
-        Case("hub-like-typo", ["eval", "out/nope", "--data", c, "-q"], "no local folder out/nope",
-             env={"HF_HUB_OFFLINE": "1"}),
-        Case("not-a-model-file", [*PRUNE, "--model", str(ws / "afile"), "--data", c, "--out", "o"],
-             "neither a model folder nor a .gguf file"),
-        Case("corrupt-gguf", [*PRUNE, "--model", str(ws / "fake.gguf"), "--data", c, *SMALL, "--out", "o"],
-             "could not read GGUF file"),
+        Case(
+            "hub-like-typo",
+            ["eval", "out/nope", "--data", c, "-q"],
+            "no local folder out/nope",
+            env={"HF_HUB_OFFLINE": "1"},
+        ),
+        Case(
+            "not-a-model-file",
+            [*PRUNE, "--model", str(ws / "afile"), "--data", c, "--out", "o"],
+            "neither a model folder nor a .gguf file",
+        ),
+        Case(
+            "corrupt-gguf",
+            [*PRUNE, "--model", str(ws / "fake.gguf"), "--data", c, *SMALL, "--out", "o"],
+            "could not read GGUF file",
+        ),
         # data: refused before the model is loaded
         Case("missing-corpus", [*PRUNE, "--model", m, "--data", "./no-corpus", "--out", "o"], "not found"),
         Case("empty-corpus", [*PRUNE, "--model", m, "--data", str(ws / "empty"), "--out", "o"], "no supported files"),
@@ -182,18 +229,43 @@ def cases(ws: Path) -> list[Case]:
         Case("latin1-corpus", [*PRUNE, "--model", m, "--data", str(ws / "latin1"), "--out", "o"], "not UTF-8"),
         Case("bad-jsonl", [*PRUNE, "--model", m, "--data", str(ws / "bad.jsonl"), "--out", "o"], "is not JSON"),
         Case("jsonl-field", [*PRUNE, "--model", m, "--data", str(ws / "field.jsonl"), "--out", "o"], "--text-field"),
-        Case("eval-empty-test-split", ["eval", m, "--data", str(ws / "no_test"), "--seq-len", "32", "--no-speed", "-q"],
-             "no document in its test split"),
+        Case(
+            "eval-empty-test-split",
+            ["eval", m, "--data", str(ws / "no_test"), "--seq-len", "32", "--no-speed", "-q"],
+            "no document in its test split",
+        ),
         # budgets: met, or refused with the closest reachable one
         Case("sparsity-unreachable", [*base[:3], "--sparsity", "0.999", *base[5:], "--out", "o"], "at most 0."),
-        Case("target-params-tiny", ["prune", "--model", m, "--data", c, "--target-params", "10", *SMALL, "--out", "o"],
-             "out of reach"),
+        Case(
+            "target-params-tiny",
+            ["prune", "--model", m, "--data", c, "--target-params", "10", *SMALL, "--out", "o"],
+            "out of reach",
+        ),
         # the tiny Llama: 49,584 parameters outside attention+MLP, 62,448 left at the smallest widths
-        Case("target-params-unreachable", ["prune", "--method", "magnitude", "--model", m, "--data", c,
-                                           "--target-params", "55000", *SMALL, "--out", "o"], "smallest model"),
+        Case(
+            "target-params-unreachable",
+            [
+                "prune",
+                "--method",
+                "magnitude",
+                "--model",
+                m,
+                "--data",
+                c,
+                "--target-params",
+                "55000",
+                *SMALL,
+                "--out",
+                "o",
+            ],
+            "smallest model",
+        ),
         Case("target-params-inf", ["prune", "--model", m, "--target-params", "infM", "--out", "o"], "positive count"),
-        Case("target-speedup-100", ["prune", "--model", m, "--data", c, "--target-speedup", "100", *SMALL,
-                                    "--out", "o"], "--target-speedup 100 is out of reach"),
+        Case(
+            "target-speedup-100",
+            ["prune", "--model", m, "--data", c, "--target-speedup", "100", *SMALL, "--out", "o"],
+            "--target-speedup 100 is out of reach",
+        ),
         Case("seq-len-over-context", [*base[:7], "--seq-len", "100000", "--out", "o", "-q"], "context length"),
         Case("sparsity-one", [*base[:3], "--sparsity", "1.0", "--out", "o"], "--sparsity must be in [0, 1)"),
         Case("unknown-method", ["prune", "--method", "nope", "--sparsity", "0.3", "--out", "o"], "unknown method"),
@@ -235,8 +307,9 @@ def outcomes(ws, tmp_path_factory):
             (mount / "filler").unlink()
         # any file, and anything beside the mount point (an output folder, even empty); the cache case's empty
         # cache folders on the mount are not leftovers
-        leftovers = sorted(str(p.relative_to(home)) for p in home.rglob("*")
-                           if p.is_file() or (p.parent == home and p != mount))
+        leftovers = sorted(
+            str(p.relative_to(home)) for p in home.rglob("*") if p.is_file() or (p.parent == home and p != mount)
+        )
         extra = f"\nLEFT BEHIND: {leftovers}" if leftovers else ""
         return Outcome(done.returncode, done.stderr + extra)
 

@@ -14,8 +14,8 @@ import os
 
 import numpy as np
 import pytest
-import torch
 import tiny_pipeline
+import torch
 from tiny_pipeline import FULL_VOCAB, cli, logits_on
 
 from domainprune.adapters import get_adapter
@@ -57,8 +57,14 @@ TEXTS = [
 def run_llama(path, ids: list[int] = PROBE) -> np.ndarray:
     """Logits at every position of `ids`, computed by llama.cpp (F32 KV cache, so only the weights' type counts)."""
     llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=1,
-        type_k=0, type_v=0,  # GGML_TYPE_F32
+        model_path=str(path),
+        n_ctx=64,
+        n_batch=64,
+        logits_all=True,
+        verbose=False,
+        n_threads=1,
+        type_k=0,
+        type_v=0,  # GGML_TYPE_F32
     )
     try:
         llm.eval(ids)
@@ -94,7 +100,9 @@ def bias(seed: int) -> torch.Tensor:
 # ----- logits ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch,gguf_arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")])
+@pytest.mark.parametrize(
+    "arch,gguf_arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")]
+)
 def test_dense_model_exports_to_its_own_architecture_with_same_logits(arch, gguf_arch, tmp_path):
     check(tiny_lm(arch), tmp_path, gguf_arch)
 
@@ -282,8 +290,9 @@ def test_q4_k_m_on_block_multiples(tmp_path):
     """Widths that are multiples of 256 keep Q4_K_M's own types; one layer's 40 MLP channels (not even a multiple
     of 32) make exactly its ffn_down fall back, to F16. Four-bit logits follow the HF ones (weights drawn smaller
     than the other tests' so that 4-bit rounding does not flip the random model's attention: corr 0.955 measured)."""
-    model = tiny_lm("llama", hidden_size=256, head_dim=32, num_attention_heads=8, num_key_value_heads=2,
-                    intermediate_size=512)
+    model = tiny_lm(
+        "llama", hidden_size=256, head_dim=32, num_attention_heads=8, num_key_value_heads=2, intermediate_size=512
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -324,8 +333,26 @@ def test_prune_export_stage_writes_the_gguf_beside_the_run_folder(capsys, tmp_pa
 
     runs = build_runs(tmp_path / "runs")
     out = tmp_path / "pruned"
-    args = ["prune", "--model", runs["dense"], "--data", runs["corpus"], "--method", "flap", "--sparsity", "0.35",
-            "--calib-samples", "2", "--seq-len", "16", "--batch-size", "2", "--out", out, "--quiet"]
+    args = [
+        "prune",
+        "--model",
+        runs["dense"],
+        "--data",
+        runs["corpus"],
+        "--method",
+        "flap",
+        "--sparsity",
+        "0.35",
+        "--calib-samples",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--out",
+        out,
+        "--quiet",
+    ]
     assert "gguf:q4_k_m" in one_line_error(capsys, *args, "--export", "onnx")
     assert not out.exists()  # refused before any work
     code, _, err = cli(capsys, *args, "--export", "gguf:f32")
@@ -409,20 +436,36 @@ def test_smollm2_cfsp_obs_35_greedy_continuations_and_q8_0_perplexity(tmp_path):
     from domainprune.pipeline import prune
 
     dense = load_model("smollm2-135m", dtype="float32", device="cpu")
-    result = prune(dense, data="code", method="cfsp", reconstruct="obs", sparsity=0.35, calib_samples=8, seq_len=64,
-                   batch_size=4, out=tmp_path / "cfsp35", progress=False)
+    result = prune(
+        dense,
+        data="code",
+        method="cfsp",
+        reconstruct="obs",
+        sparsity=0.35,
+        calib_samples=8,
+        seq_len=64,
+        batch_size=4,
+        out=tmp_path / "cfsp35",
+        progress=False,
+    )
     model, tok = load_pretrained(result.out), dense.tokenizer
     f32 = export_gguf(model, tok, tmp_path / "f32.gguf")
     q8 = export_gguf(model, tok, tmp_path / "q8.gguf", quant="q8_0")
     assert f32.arch == "deci" and f32.layers == 30
-    llm = llama_cpp.Llama(model_path=str(f32.path), n_ctx=512, logits_all=True, verbose=False, n_threads=2,
-                          type_k=0, type_v=0)
+    llm = llama_cpp.Llama(
+        model_path=str(f32.path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0
+    )
     try:
         for prompt in domain_prompts("code"):
             ids = tok(prompt).input_ids
             with torch.inference_mode():
-                want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+                want = model.generate(
+                    torch.tensor([ids]),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    max_new_tokens=32,
+                    min_new_tokens=32,
+                    do_sample=False,
+                )[0, len(ids) :].tolist()
             assert llama_greedy(llm, ids, 32) == want, prompt
         seqs = heldout_sequences("code", tok, 8, 256)
         nll_f32 = llama_nll(llm, seqs)
@@ -433,6 +476,8 @@ def test_smollm2_cfsp_obs_35_greedy_continuations_and_q8_0_perplexity(tmp_path):
         nll_q8 = llama_nll(llm, seqs)
     finally:
         llm.close()
-    print(f"\nSmolLM2 cfsp+obs 35 %: code perplexity F32 {math.exp(nll_f32):.3f}, Q8_0 {math.exp(nll_q8):.3f}; "
-          f"fallbacks {len(q8.fallbacks)}; sizes {f32.bytes / 1e6:.1f} / {q8.bytes / 1e6:.1f} MB")
+    print(
+        f"\nSmolLM2 cfsp+obs 35 %: code perplexity F32 {math.exp(nll_f32):.3f}, Q8_0 {math.exp(nll_q8):.3f}; "
+        f"fallbacks {len(q8.fallbacks)}; sizes {f32.bytes / 1e6:.1f} / {q8.bytes / 1e6:.1f} MB"
+    )
     assert abs(math.exp(nll_q8 - nll_f32) - 1) < 0.02

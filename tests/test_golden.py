@@ -46,14 +46,16 @@ RECORD = HERE / "weights.json"
 RECORDING = os.environ.get("DOMAINPRUNE_GOLDEN") == "record"
 RTOL = 1e-6  # float64 sums of the same float32 weights rounded differently: far below any real change
 MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
-CALIB = dict(data=str(HERE / "code.jsonl"), general_data=str(HERE / "general.jsonl"), calib_samples=4, seq_len=16,
-             batch_size=2)
+CALIB = dict(
+    data=str(HERE / "code.jsonl"), general_data=str(HERE / "general.jsonl"), calib_samples=4, seq_len=16, batch_size=2
+)
 WIDTH_METHODS = ["magnitude", "wanda-sp", "flap", "cfsp", "taylor", "fisher", "nirvana", "dpruner", "gaprune"]
 
 
 def dense_recipes() -> dict[str, dict]:
-    recipes = {f"{m}-{a}": dict(method=m, allocation=a, sparsity=0.3)
-               for m in WIDTH_METHODS for a in ("uniform", "global")}
+    recipes = {
+        f"{m}-{a}": dict(method=m, allocation=a, sparsity=0.3) for m in WIDTH_METHODS for a in ("uniform", "global")
+    }
     recipes |= {
         "obs": dict(method="obs", sparsity=0.3),  # greedy OBS: uniform only
         "default": dict(sparsity=0.3),  # cfsp + OBS
@@ -82,13 +84,21 @@ def machine() -> dict[str, str]:
     """What decides float rounding: the CPU and its kernels' dispatch, and the libraries doing the arithmetic."""
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "arch": platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": str(torch.get_num_threads()), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "cpu": cpu,
+        "arch": platform.machine(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def group(name: str) -> str:
@@ -109,15 +119,21 @@ def fingerprint(out: Path) -> dict:
             s[1] += float(t.double().abs().sum())
     plan = json.loads((out / "plan.json").read_text())
     units = json.dumps({"hidden": plan.get("hidden_channels"), "layers": plan["layers"]}, sort_keys=True)
-    return {"sha256": digest.hexdigest(), "plan": hashlib.sha256(units.encode()).hexdigest()[:16],
-            "params": plan["params"]["attention_mlp_after"], "shapes": shapes.hexdigest()[:16],
-            "sums": {g: [float(f"{v:.10g}") for v in s] for g, s in sums.items()}}
+    return {
+        "sha256": digest.hexdigest(),
+        "plan": hashlib.sha256(units.encode()).hexdigest()[:16],
+        "params": plan["params"]["attention_mlp_after"],
+        "shapes": shapes.hexdigest()[:16],
+        "sums": {g: [float(f"{v:.10g}") for v in s] for g, s in sums.items()},
+    }
 
 
 def dump(record: dict) -> str:
     """One line per recipe, so that a changed recipe is one line of a diff."""
-    lines = [f" {json.dumps(k)}: {json.dumps(v, sort_keys=True, separators=(',', ':'))}"
-             for k, v in record["recipes"].items()]
+    lines = [
+        f" {json.dumps(k)}: {json.dumps(v, sort_keys=True, separators=(',', ':'))}"
+        for k, v in record["recipes"].items()
+    ]
     head = f'{{\n "machine": {json.dumps(record["machine"], sort_keys=True)},\n "recipes": {{\n'
     return head + ",\n".join(lines) + "\n }\n}\n"
 

@@ -18,7 +18,15 @@ from domainprune.allocation import ALLOCATIONS, allocate, nirvana_fractions
 from domainprune.criteria import CRITERIA, LayerScores, get_criterion
 from domainprune.criteria.gradient import GradientContext
 from domainprune.errors import DomainpruneError
-from domainprune.pipeline import _make_plan_once, apply, calibration_sequences, general_sequences, kl_divergence, make_plan, make_recipe
+from domainprune.pipeline import (
+    _make_plan_once,
+    apply,
+    calibration_sequences,
+    general_sequences,
+    kl_divergence,
+    make_plan,
+    make_recipe,
+)
 from domainprune.plan import dense_plan
 
 HD, H, K, G, I = 8, 6, 2, 3, 40
@@ -59,8 +67,15 @@ def test_accumulation_matches_brute_force():
     G = [{p: torch.rand_like(w) for p, w in gr.target_weights(a, i).items()} for i in range(a.num_layers)]
     ref = [{p: torch.randn_like(w) for p, w in gr.target_weights(a, i).items()} for i in range(a.num_layers)]
     got, mean_g = gr.accumulate(
-        model, a, ids, quantities={"wg", "w2g2", "absw_g2", "abs_wgbar", "mix", "dpruner", "gbar_dot_ref"},
-        micro_batch=1, general_importance=G, reference=ref, keep_mean_gradient=True, progress=False,
+        model,
+        a,
+        ids,
+        quantities={"wg", "w2g2", "absw_g2", "abs_wgbar", "mix", "dpruner", "gbar_dot_ref"},
+        micro_batch=1,
+        general_importance=G,
+        reference=ref,
+        keep_mean_gradient=True,
+        progress=False,
     )
     # brute force: the full gradient of every sample, kept
     per_sample = []
@@ -76,13 +91,20 @@ def test_accumulation_matches_brute_force():
         gp = gs + 2 * lam * G[i][p] * (-eta * gs)
         dp = ((gp * w) + 0.5 * (gp * w) ** 2).abs()
         expect = {
-            "wg": _slice_sum(w * gbar, p), "w2g2": _slice_sum(w * w * fisher, p), "absw_g2": _slice_sum(w.abs() * fisher, p),
-            "abs_wgbar": _slice_sum((w * gbar).abs(), p), "mix": _slice_sum((w * gbar - 0.5 * w * w * fisher).abs(), p),
+            "wg": _slice_sum(w * gbar, p),
+            "w2g2": _slice_sum(w * w * fisher, p),
+            "absw_g2": _slice_sum(w.abs() * fisher, p),
+            "abs_wgbar": _slice_sum((w * gbar).abs(), p),
+            "mix": _slice_sum((w * gbar - 0.5 * w * w * fisher).abs(), p),
             "dpruner": torch.stack([_slice_sum(d, p) for d in dp]).mean(0),
-            "gbar_dot_ref": _slice_sum(gbar * ref[i][p], p), "gbar_sq": _slice_sum(gbar * gbar, p), "ref_sq": _slice_sum(ref[i][p] ** 2, p),
+            "gbar_dot_ref": _slice_sum(gbar * ref[i][p], p),
+            "gbar_sq": _slice_sum(gbar * gbar, p),
+            "ref_sq": _slice_sum(ref[i][p] ** 2, p),
         }
         for q, v in expect.items():
-            torch.testing.assert_close(got[i][q][p], v, rtol=1e-4, atol=1e-5 * float(v.abs().max()), msg=f"{q} {p} layer {i}")
+            torch.testing.assert_close(
+                got[i][q][p], v, rtol=1e-4, atol=1e-5 * float(v.abs().max()), msg=f"{q} {p} layer {i}"
+            )
         torch.testing.assert_close(mean_g[i][p], gbar, rtol=1e-4, atol=1e-9)
     assert all(w.grad is None for w in weights)  # released
 
@@ -98,12 +120,16 @@ def test_micro_batches_and_checkpointing(monkeypatch):
     calls = []
     real = mu.checkpoint
     monkeypatch.setattr(mu, "checkpoint", lambda *args, **kw: calls.append(1) or real(*args, **kw))
-    ckpt, _ = gr.accumulate(model, a, ids, quantities={"w2g2", "wg"}, micro_batch=3, gradient_checkpointing=True, progress=False)
+    ckpt, _ = gr.accumulate(
+        model, a, ids, quantities={"w2g2", "wg"}, micro_batch=3, gradient_checkpointing=True, progress=False
+    )
     assert len(calls) == a.num_layers  # one checkpointed call per decoder layer
     w = gr.target_weights(a, 2)["down"]
     with torch.enable_grad():
         (g,) = torch.autograd.grad(gr.objective_value(model, ids, "loss"), [w])
-    torch.testing.assert_close(plain[2]["w2g2"]["down"], _slice_sum(w.detach() ** 2 * g * g, "down"), rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(
+        plain[2]["w2g2"]["down"], _slice_sum(w.detach() ** 2 * g * g, "down"), rtol=1e-4, atol=1e-10
+    )
     for q in ("w2g2", "wg"):
         for p in gr.PROJS:
             torch.testing.assert_close(plain[1][q][p], ckpt[1][q][p], rtol=1e-5, atol=1e-10)
@@ -134,10 +160,23 @@ def constructed_model():
 
 def context(model, tok, recipe, **kw):
     seqs = calibration_sequences(recipe, tok, mix=False)
-    return GradientContext(model, get_adapter(model), seqs, lambda: general_sequences(recipe, tok), use_cache=False, progress=False, **kw)
+    return GradientContext(
+        model, get_adapter(model), seqs, lambda: general_sequences(recipe, tok), use_cache=False, progress=False, **kw
+    )
 
 
-@pytest.mark.parametrize("method,mode", [("taylor", "vector"), ("taylor", "element"), ("taylor", "param_mix"), ("fisher", None), ("dpruner", None), ("gaprune", None), ("nirvana", None)])
+@pytest.mark.parametrize(
+    "method,mode",
+    [
+        ("taylor", "vector"),
+        ("taylor", "element"),
+        ("taylor", "param_mix"),
+        ("fisher", None),
+        ("dpruner", None),
+        ("gaprune", None),
+        ("nirvana", None),
+    ],
+)
 def test_constructed_ranking(method, mode):
     tok = smol_tokenizer()
     model = constructed_model()
@@ -187,7 +226,11 @@ def test_deterministic_and_gqa_grouping():
         crit.prepare(context(model, tok, recipe, taylor_mode="element"))
         runs.append((crit, [crit.score_layer(get_adapter(model), i, None) for i in range(4)]))
     for s1, s2 in zip(runs[0][1], runs[1][1]):
-        assert torch.equal(s1.heads, s2.heads) and torch.equal(s1.groups, s2.groups) and torch.equal(s1.channels, s2.channels)
+        assert (
+            torch.equal(s1.heads, s2.heads)
+            and torch.equal(s1.groups, s2.groups)
+            and torch.equal(s1.channels, s2.channels)
+        )
     crit, scores = runs[0]
     for i, sc in enumerate(scores):
         u = crit.units[i]["abs_wgbar"]
@@ -209,21 +252,30 @@ def test_two_stream_methods_fall_back_to_general(method, caplog):
         plan, _, _ = make_plan(loaded(tiny_lm("llama"), tok), recipe, progress=False)
     assert any("bundled 'general' preset" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     assert plan.params.sparsity == pytest.approx(0.2, abs=0.03)
-    assert torch.equal(general_sequences(recipe, tok), calibration_sequences(make_recipe(data="general", sparsity=0.2, **{k: v for k, v in CALIB.items() if k != "data"}), tok))
+    assert torch.equal(
+        general_sequences(recipe, tok),
+        calibration_sequences(
+            make_recipe(data="general", sparsity=0.2, **{k: v for k, v in CALIB.items() if k != "data"}), tok
+        ),
+    )
 
 
 def test_general_ratio_mixes_the_single_stream():
     tok = smol_tokenizer()
     mixed = calibration_sequences(make_recipe(method="taylor", sparsity=0.2, general_ratio=0.5, **CALIB), tok)
     code = calibration_sequences(make_recipe(method="taylor", sparsity=0.2, **{**CALIB, "calib_samples": 2}), tok)
-    gen = calibration_sequences(make_recipe(method="taylor", sparsity=0.2, **{**CALIB, "data": "general", "calib_samples": 2}), tok)
+    gen = calibration_sequences(
+        make_recipe(method="taylor", sparsity=0.2, **{**CALIB, "data": "general", "calib_samples": 2}), tok
+    )
     assert torch.equal(mixed, torch.cat([code, gen]))
 
 
 def test_no_gradient_model_gives_clear_error():
     tok = smol_tokenizer()
     model = tiny_lm("llama").requires_grad_(False)
-    with pytest.raises(DomainpruneError, match=r"method 'fisher' needs gradients, but layer 0 q_proj has requires_grad=False") as e:
+    with pytest.raises(
+        DomainpruneError, match=r"method 'fisher' needs gradients, but layer 0 q_proj has requires_grad=False"
+    ) as e:
         make_plan(loaded(model, tok), make_recipe(method="fisher", sparsity=0.2, **CALIB), progress=False)
     assert "\n" not in str(e.value)
     half = tiny_model("llama").half()
@@ -239,7 +291,10 @@ def test_nirvana_ratio_allocation(sparsity):
     model = tiny_model("llama", intermediate_size=64)
     a = get_adapter(model)
     g = torch.Generator().manual_seed(0)
-    scores = [LayerScores(torch.rand(H, generator=g), torch.rand(K, generator=g), torch.rand(64, generator=g)) for _ in range(4)]
+    scores = [
+        LayerScores(torch.rand(H, generator=g), torch.rand(K, generator=g), torch.rand(64, generator=g))
+        for _ in range(4)
+    ]
     plan = allocate("nirvana-ratio", dense_plan(a, "tiny"), a, scores, sparsity)
     attn_total = 4 * a.attention_params(H, K)
     mlp_total = 4 * a.mlp_params(64)
@@ -277,7 +332,9 @@ def test_calib_candidates_pick_lowest_kl():
     chosen = plan.recipe["calib_candidate"] if "calib_candidate" in plan.recipe else 0
     kls = plan.recipe["calib_kl"]
     assert len(kls) == 2 and plan.recipe["calib_candidates"] == 2
-    held_out = __import__("domainprune.data", fromlist=["load_corpus"]).load_corpus("code").sequences(tok, "validation", 4, 32)
+    held_out = (
+        __import__("domainprune.data", fromlist=["load_corpus"]).load_corpus("code").sequences(tok, "validation", 4, 32)
+    )
     recomputed, plans = [], []
     for c in range(2):
         work = loaded(copy.deepcopy(dense), tok)
@@ -308,9 +365,34 @@ def test_cli_plan_with_gradient_options(capsys, tmp_path):
     folder = save_folder(tiny_lm("llama"), smol_tokenizer(), tmp_path / "model")
     out = tmp_path / "plan.json"
     argv = sys.argv
-    sys.argv = ["domainprune", "plan", "--model", str(folder), "--out", str(out), "--method", "taylor", "--taylor-mode", "element",
-                "--sparsity", "0.3", "--general-data", "general", "--general-ratio", "0.5", "--micro-batch", "2",
-                "--gradient-checkpointing", "--calib-samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
+    sys.argv = [
+        "domainprune",
+        "plan",
+        "--model",
+        str(folder),
+        "--out",
+        str(out),
+        "--method",
+        "taylor",
+        "--taylor-mode",
+        "element",
+        "--sparsity",
+        "0.3",
+        "--general-data",
+        "general",
+        "--general-ratio",
+        "0.5",
+        "--micro-batch",
+        "2",
+        "--gradient-checkpointing",
+        "--calib-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     try:
         with pytest.raises(SystemExit) as exit_:
             main()
@@ -318,4 +400,10 @@ def test_cli_plan_with_gradient_options(capsys, tmp_path):
         sys.argv = argv
     assert exit_.value.code == 0, capsys.readouterr().err
     r = Plan.load(out).recipe
-    assert (r["taylor_mode"], r["general_data"], r["general_ratio"], r["micro_batch"], r["gradient_checkpointing"]) == ("element", "general", 0.5, 2, True)
+    assert (r["taylor_mode"], r["general_data"], r["general_ratio"], r["micro_batch"], r["gradient_checkpointing"]) == (
+        "element",
+        "general",
+        0.5,
+        2,
+        True,
+    )

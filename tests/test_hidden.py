@@ -132,7 +132,9 @@ def test_scores_follow_norm_output_activations():
     recipe = make_recipe(model="tiny", method="flap", sparsity=0.3, **CALIB)
     from domainprune.pipeline import calibration_sequences
 
-    stats = collect_statistics(model, a, calibration_sequences(recipe, tok), batch_size=2, use_cache=False, progress=False)
+    stats = collect_statistics(
+        model, a, calibration_sequences(recipe, tok), batch_size=2, use_cache=False, progress=False
+    )
     keep = choose_hidden(a, stats, 2 / D)
     assert keep == [c for c in range(D) if c not in (3, 11)]
     assert 20 in choose_hidden(a, stats, 0.9)
@@ -151,9 +153,19 @@ def test_pipeline_meets_one_budget_and_reloads(method, tmp_path):
     model = tiny_lm("llama")
     a = get_adapter(model)
     before = sum(a.layer_params(s) for s in a.shapes())
-    result = prune(loaded(model, tok), method=method, sparsity=0.4, hidden_sparsity=0.25, out=tmp_path / "out", progress=False, **CALIB)
+    result = prune(
+        loaded(model, tok),
+        method=method,
+        sparsity=0.4,
+        hidden_sparsity=0.25,
+        out=tmp_path / "out",
+        progress=False,
+        **CALIB,
+    )
     pruned = get_adapter(result.model)
-    assert pruned.hidden_size == 36 and result.plan.hidden_channels is not None and len(result.plan.hidden_channels) == 36
+    assert (
+        pruned.hidden_size == 36 and result.plan.hidden_channels is not None and len(result.plan.hidden_channels) == 36
+    )
     after = sum(pruned.layer_params(s) for s in pruned.shapes())
     assert abs(after / before - 0.6) < 0.04, after / before
     assert result.report["sparsity_achieved"] == pytest.approx(1 - after / before, abs=0.01)
@@ -176,8 +188,12 @@ def test_refusals_are_one_line():
         get_adapter(olmoe).slice_hidden(list(range(30)))
     model = tiny_model("llama")  # a uniform plan of 3 heads per layer cannot have 40 hidden channels in a LlamaConfig
     plan = dense_plan(get_adapter(model), "tiny")
-    plan = plan.model_copy(update={"hidden_channels": list(range(40)), "layers": [
-        lp.model_copy(update={"kv_heads": [0], "query_heads": [0, 1, 2]}) for lp in plan.layers]})
+    plan = plan.model_copy(
+        update={
+            "hidden_channels": list(range(40)),
+            "layers": [lp.model_copy(update={"kv_heads": [0], "query_heads": [0, 1, 2]}) for lp in plan.layers],
+        }
+    )
     with pytest.raises(DomainpruneError, match="divisible by the attention-head count"):
         apply_plan(model, plan)
     assert get_adapter(tiny_model("llama")).hidden_multiple() == 6  # lcm of {2,3,4,6} = 12 > 48/8: the head count
@@ -194,8 +210,18 @@ def test_moe_pipeline_scores_the_block_input_and_reloads(arch, tmp_path):
     from tiny_pipeline import VOCAB
 
     model = tiny_moe(arch, vocab_size=VOCAB)
-    result = prune(loaded(model, tok), method="flap", sparsity=0.4, hidden_sparsity=0.25, out=tmp_path / "out",
-                   progress=False, data="code", calib_samples=2, seq_len=16, batch_size=2)
+    result = prune(
+        loaded(model, tok),
+        method="flap",
+        sparsity=0.4,
+        hidden_sparsity=0.25,
+        out=tmp_path / "out",
+        progress=False,
+        data="code",
+        calib_samples=2,
+        seq_len=16,
+        batch_size=2,
+    )
     assert get_adapter(result.model).hidden_size == 24  # 32 · 0.75, a multiple of 8 for the experts kernel
     ids = input_ids(vocab=VOCAB)
     torch.testing.assert_close(logits(load_pretrained(result.out), ids), logits(result.model, ids), rtol=0, atol=1e-5)

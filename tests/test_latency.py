@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from tiny_models import tiny_model
 from tiny_pipeline import CALIB, assert_same_state, cli, loaded, smol_tokenizer, state, tiny_lm
 
@@ -31,8 +30,15 @@ from domainprune.pipeline import Recipe, make_plan, make_recipe, prune
 SMALL = dict(context=16, prefill_tokens=32, repeats=3, progress=False)
 # wide enough that a 256-token prefill is compute-bound on a CPU — its blocks far outweigh the embedding and LM head —
 # so pruning predicts a real speedup whatever the load on the cores; two layers to stay quick
-WIDE = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-            num_hidden_layers=2, max_position_embeddings=512)
+WIDE = dict(
+    hidden_size=256,
+    intermediate_size=1024,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_hidden_layers=2,
+    max_position_embeddings=512,
+)
 
 
 # --- the measured table ----------------------------------------------------------------------------------------
@@ -111,9 +117,12 @@ def synthetic(fixed: float = 4.0) -> LatencyTable:
     """Four layers; attention costs 2 s at full width, an MLP 2 s per 1000 channels, 4 s outside: dense = 20 s."""
     return LatencyTable(
         layers=[(4, 2, 1000)] * 4,
-        attention_widths=[0, 2, 4], attention_seconds={"decode": [0.0, 1.0, 2.0]},
-        mlp_widths=[0, 500, 1000], mlp_seconds={"decode": [0.0, 1.0, 2.0]},
-        fixed={"decode": fixed}, device="synthetic",
+        attention_widths=[0, 2, 4],
+        attention_seconds={"decode": [0.0, 1.0, 2.0]},
+        mlp_widths=[0, 500, 1000],
+        mlp_seconds={"decode": [0.0, 1.0, 2.0]},
+        fixed={"decode": fixed},
+        device="synthetic",
     )
 
 
@@ -188,7 +197,9 @@ def test_recipe_validation():
     r = make_recipe(target_speedup=1.5)
     dumped = r.model_dump()
     assert dumped["target_speedup"] == 1.5 and "speedup_phase" not in dumped and "prefill_tokens" not in dumped
-    assert make_recipe(target_speedup=1.5, speedup_phase="prefill", prefill_tokens=64).model_dump()["prefill_tokens"] == 64
+    assert (
+        make_recipe(target_speedup=1.5, speedup_phase="prefill", prefill_tokens=64).model_dump()["prefill_tokens"] == 64
+    )
     # a planned recipe records the solved sparsity beside the target, and is valid as it stands (apply, replay)
     planned = Recipe.model_validate({**dumped, "sparsity": 0.31, "predicted_speedup": 1.52})
     assert planned.sparsity == 0.31 and make_recipe(**planned.model_dump()).target_speedup == 1.5
@@ -220,9 +231,18 @@ def test_layers_of_different_shapes_refused():
 def test_mixture_of_experts_refused_before_any_timing():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("mixtral", vocab_size=97, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
-                                  num_experts_per_tok=2)
+    config = AutoConfig.for_model(
+        "mixtral",
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(DomainpruneError, match="mixture-of-experts models are not supported"):
         prune(loaded(model), method="magnitude", target_speedup=1.5, progress=False)
@@ -234,7 +254,14 @@ def test_report_page_lists_the_speedup():
     from domainprune.report import recipe_rows
 
     recipe = {"target_speedup": 1.5, "sparsity": 0.3, "predicted_speedup": 1.51}
-    speedup = {"target": 1.5, "phase": "decode", "predicted": 1.51, "measured": 1.48, "sparsity": 0.3, "within_5_percent": True}
+    speedup = {
+        "target": 1.5,
+        "phase": "decode",
+        "predicted": 1.51,
+        "measured": 1.48,
+        "sparsity": 0.3,
+        "within_5_percent": True,
+    }
     rows = dict(recipe_rows(Entry("run", Measurement("run", 1), recipe=recipe, prune={"speedup": speedup})))
     assert rows["sparsity"] == "0.3" and rows["predicted_speedup"] == "1.51"
     assert rows["speedup measured at pruning"] == "1.480× decode (target 1.5×, predicted 1.510×)"
@@ -246,8 +273,14 @@ def test_report_page_lists_the_speedup():
 def test_prune_to_target_speedup():
     tok = smol_tokenizer()
     target = 1.2
-    result = prune(loaded(tiny_lm("llama", **WIDE), tok), method="flap", target_speedup=target,
-                   speedup_phase="prefill", progress=False, **CALIB)
+    result = prune(
+        loaded(tiny_lm("llama", **WIDE), tok),
+        method="flap",
+        target_speedup=target,
+        speedup_phase="prefill",
+        progress=False,
+        **CALIB,
+    )
     recipe = result.plan.recipe
     assert recipe["target_speedup"] == target and recipe["speedup_phase"] == "prefill"
     assert recipe["predicted_speedup"] >= target and 0 < recipe["sparsity"] <= 0.95
@@ -265,11 +298,17 @@ def test_prune_to_target_speedup():
     assert recipe["predicted_speedup"] == pytest.approx(predicted_speedup(table, shapes, "prefill"), abs=1e-4)
 
     # uniform allocation (solved from shapes alone, before scoring) on the same shape: the table is cached
-    plan, _, _ = make_plan(loaded(tiny_lm("llama", **WIDE), tok), make_recipe(
-        method="magnitude", target_speedup=target, speedup_phase="prefill", **CALIB), progress=False)
+    plan, _, _ = make_plan(
+        loaded(tiny_lm("llama", **WIDE), tok),
+        make_recipe(method="magnitude", target_speedup=target, speedup_phase="prefill", **CALIB),
+        progress=False,
+    )
     assert plan.recipe["predicted_speedup"] >= target
-    assert 1 - plan.params.attention_mlp_after / plan.params.attention_mlp_before == pytest.approx(plan.recipe["sparsity"], abs=0.15)
+    assert 1 - plan.params.attention_mlp_after / plan.params.attention_mlp_before == pytest.approx(
+        plan.recipe["sparsity"], abs=0.15
+    )
     kept = {len(lp.mlp_channels) for lp in plan.layers}
     assert len(kept) == 1 and kept.pop() < 1024  # uniform: every layer alike, and pruned
     assert plan.recipe["predicted_speedup"] == pytest.approx(
-        predicted_speedup(table, [lp.shape() for lp in plan.layers], "prefill"), abs=1e-4)
+        predicted_speedup(table, [lp.shape() for lp in plan.layers], "prefill"), abs=1e-4
+    )

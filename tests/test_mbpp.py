@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 import domainprune
 from domainprune import mbpp, sandbox
-from domainprune.generation import CodeBlockClosed
 from domainprune.compare import Comparison, Entry
 from domainprune.errors import DomainpruneError
+from domainprune.generation import CodeBlockClosed
 from domainprune.measure import Measurement, ratios
 from domainprune.models import CHUNKED_PRESETS, resolve_source
 
@@ -214,8 +214,10 @@ def test_a_sandbox_that_cannot_start_is_an_error_not_a_failed_problem(monkeypatc
     [
         ("import re\ndef f(x):\n    return x\nassert f(1) == 2\nprint(f(3))\n", "import re\n\ndef f(x):\n    return x"),
         ("K = 3\nclass A:\n    pass\nif __name__ == '__main__':\n    f(2)\n", "K = 3\n\nclass A:\n    pass"),
-        ("from os import path\n@staticmethod\ndef g():\n    return 1\nfor i in range(3):\n    g()\n",
-         "from os import path\n\n@staticmethod\ndef g():\n    return 1"),
+        (
+            "from os import path\n@staticmethod\ndef g():\n    return 1\nfor i in range(3):\n    g()\n",
+            "from os import path\n\n@staticmethod\ndef g():\n    return 1",
+        ),
         # does not parse: kept as it is, and fails in the sandbox
         ("def f(:\n    pass\nassert f()\n", "def f(:\n    pass\nassert f()\n"),
         ("print('only a call')\n", "print('only a call')\n"),  # nothing to keep: left as it is

@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from tiny_pipeline import VOCAB, smol_tokenizer
 from safetensors.torch import load_file
+from tiny_pipeline import VOCAB, smol_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from domainprune import load_pretrained
@@ -31,7 +31,12 @@ MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 E, TOP_K = 8, 2
 DEAD = (6, 7)  # experts whose router rows are zero: they can never be selected (see `skew_routing`)
 LIVE = [e for e in range(E) if e not in DEAD]
-EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_local_experts", "olmoe": "num_experts"}
+EXPERTS_KEY = {
+    "mixtral": "num_local_experts",
+    "qwen2_moe": "num_experts",
+    "qwen3_moe": "num_local_experts",
+    "olmoe": "num_experts",
+}
 
 COMMON = dict(
     vocab_size=97,
@@ -177,7 +182,10 @@ def test_per_layer_expert_counts_and_top_k_cap_reload_through_load_pretrained(ar
     # written in transformers' published layout (one tensor per expert), which load_pretrained fuses back
     saved = load_file(out / "model.safetensors")
     block, gate = ("block_sparse_moe", "w1") if arch == "mixtral" else ("mlp", "gate_proj")
-    assert f"model.layers.0.{block}.experts.5.{gate}.weight" in saved and f"model.layers.0.{block}.experts.6.{gate}.weight" not in saved
+    assert (
+        f"model.layers.0.{block}.experts.5.{gate}.weight" in saved
+        and f"model.layers.0.{block}.experts.6.{gate}.weight" not in saved
+    )
     assert f"model.layers.1.{block}.experts.7.{gate}.weight" in saved
     reloaded = load_pretrained(out)
     assert [s.num_experts for s in get_adapter(reloaded).shapes()] == [6, 8, 7]
@@ -235,7 +243,9 @@ def test_shared_experts_are_never_removed(tmp_path):
     with pytest.raises(DomainpruneError, match="shared experts cannot be pruned"):
         validate_plan(with_experts(plan, {0: [0, 1, E]}), a)
     # so are MLP channels in a MoE layer (the shared expert's channels are not prunable units)
-    bad = plan.model_copy(update={"layers": [plan.layers[0].model_copy(update={"mlp_channels": list(range(20))}), *plan.layers[1:]]})
+    bad = plan.model_copy(
+        update={"layers": [plan.layers[0].model_copy(update={"mlp_channels": list(range(20))}), *plan.layers[1:]]}
+    )
     with pytest.raises(DomainpruneError, match="shared experts are never pruned"):
         validate_plan(bad, a)
     with pytest.raises(DomainpruneError, match="keep at least 1 expert"):
@@ -259,7 +269,16 @@ def test_qwen_dense_layers_keep_working(tmp_path):
         a.down_proj(1).weight[:, [0, 5]] = 0
     before = logits(model)
     plan = with_experts(dense_plan(a, "tiny"), {0: LIVE, 2: LIVE})
-    plan = plan.model_copy(update={"layers": [lp.model_copy(update={"mlp_channels": [c for c in range(24) if c not in (0, 5)]}) if lp.index == 1 else lp for lp in plan.layers]})
+    plan = plan.model_copy(
+        update={
+            "layers": [
+                lp.model_copy(update={"mlp_channels": [c for c in range(24) if c not in (0, 5)]})
+                if lp.index == 1
+                else lp
+                for lp in plan.layers
+            ]
+        }
+    )
     with pytest.raises(DomainpruneError, match="not a mixture-of-experts layer"):
         validate_plan(with_experts(plan, {1: [0]}), a)
     apply_plan(model, plan)
@@ -291,7 +310,9 @@ def test_attention_heads_use_the_base_machinery(arch, tmp_path):
             a.o_proj(i).weight[:, 16:32] = 0  # query heads 2, 3 = KV group 1
     before = logits(model)
     plan = with_experts(dense_plan(a, "tiny"), {i: LIVE for i in range(3)})
-    plan = plan.model_copy(update={"layers": [lp.model_copy(update={"kv_heads": [0], "query_heads": [0, 1]}) for lp in plan.layers]})
+    plan = plan.model_copy(
+        update={"layers": [lp.model_copy(update={"kv_heads": [0], "query_heads": [0, 1]}) for lp in plan.layers]}
+    )
     apply_plan(model, plan)
     assert torch.allclose(before, logits(model), atol=1e-5)
     assert [(s.num_heads, s.num_kv_heads, s.num_experts) for s in a.shapes()] == [(2, 1, 6)] * 3
@@ -334,7 +355,9 @@ def test_accumulate_expert_stats_hand_computed():
     top_k_weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
     h = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     routed = torch.tensor([[0.0, 1.0], [-1.0, 0.0], [0.0, 3.0]])  # cos(h, h+routed): 1/√2, (0 vector) 0, 1
-    outs = torch.tensor([[[3.0, 4.0], [0.0, 1.0]], [[0.0, 2.0], [1.0, 0.0]], [[6.0, 8.0], [1.0, 1.0]]])  # norms 5,1 / 2,1 / 10,√2
+    outs = torch.tensor(
+        [[[3.0, 4.0], [0.0, 1.0]], [[0.0, 2.0], [1.0, 0.0]], [[6.0, 8.0], [1.0, 1.0]]]
+    )  # norms 5,1 / 2,1 / 10,√2
     z = torch.tensor([[3.0, 1.0, 0.0, 0.0], [2.0, 0.0, 5.0, 0.0], [0.0, 4.0, 1.0, 0.0]])
     accumulate_expert_stats(acc, 4, h, z, top_k_index, top_k_weights, outs, routed)
     assert acc["expert_selected"].tolist() == [3, 2, 1, 0]
@@ -375,9 +398,15 @@ def test_easy_ep_statistics_match_an_independent_computation():
             outs[t, j] = experts.down_proj[top[t, j]].double() @ (torch.nn.functional.silu(gate) * up)
     routed = (g[..., None] * outs).sum(1)
     shift = (1 - torch.nn.functional.cosine_similarity(h, h + routed, dim=-1)).clamp_min(0)
-    expected = torch.zeros(E, dtype=torch.float64).index_add_(0, top.reshape(-1), (g * outs.norm(dim=-1) * shift[:, None]).reshape(-1))
+    expected = torch.zeros(E, dtype=torch.float64).index_add_(
+        0, top.reshape(-1), (g * outs.norm(dim=-1) * shift[:, None]).reshape(-1)
+    )
     assert torch.allclose(stats[0]["expert_easyep"], expected, rtol=1e-4, atol=1e-7)
-    assert torch.allclose(stats[0]["expert_gate_sum"], torch.zeros(E, dtype=torch.float64).index_add_(0, top.reshape(-1), g.reshape(-1)), atol=1e-6)
+    assert torch.allclose(
+        stats[0]["expert_gate_sum"],
+        torch.zeros(E, dtype=torch.float64).index_add_(0, top.reshape(-1), g.reshape(-1)),
+        atol=1e-6,
+    )
 
 
 def test_criteria_registered_and_checked():
@@ -431,10 +460,16 @@ def test_gradient_methods_refuse_moe_models_and_expert_methods_dense_models():
     from tiny_models import tiny_model
 
     loaded = LoadedModel(tiny_moe("olmoe"), None, None, "tiny")
-    with pytest.raises(DomainpruneError, match="mixture of experts; method 'taylor' cannot score its experts' channels"):
+    with pytest.raises(
+        DomainpruneError, match="mixture of experts; method 'taylor' cannot score its experts' channels"
+    ):
         make_plan(loaded, make_recipe(model="tiny", method="taylor", sparsity=0.2), progress=False)
     with pytest.raises(DomainpruneError, match="allocation nirvana-ratio does not handle mixture-of-experts"):
-        make_plan(loaded, make_recipe(model="tiny", method="magnitude", sparsity=0.2, allocation="nirvana-ratio"), progress=False)
+        make_plan(
+            loaded,
+            make_recipe(model="tiny", method="magnitude", sparsity=0.2, allocation="nirvana-ratio"),
+            progress=False,
+        )
     loaded = LoadedModel(tiny_model("llama"), None, None, "tiny")
     with pytest.raises(DomainpruneError, match="has no mixture-of-experts layers"):
         make_plan(loaded, make_recipe(model="tiny", method="easy-ep", experts_keep=2), progress=False)
@@ -443,14 +478,29 @@ def test_gradient_methods_refuse_moe_models_and_expert_methods_dense_models():
 # --- end to end ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch,method,keep", [("qwen2_moe", "easy-ep", 4), ("mixtral", "tcess", 0.5), ("olmoe", "expert-frequency", 6), ("qwen3_moe", "easy-ep", 3)])
+@pytest.mark.parametrize(
+    "arch,method,keep",
+    [
+        ("qwen2_moe", "easy-ep", 4),
+        ("mixtral", "tcess", 0.5),
+        ("olmoe", "expert-frequency", 6),
+        ("qwen3_moe", "easy-ep", 3),
+    ],
+)
 def test_pipeline_end_to_end_with_the_real_tokenizer(arch, method, keep, tmp_path):
     tokenizer = smol_tokenizer()
     model = tiny_moe(arch, vocab_size=VOCAB)
     n_before = sum(p.numel() for p in model.parameters())
     result = prune(
-        LoadedModel(model, tokenizer, None, "tiny"), data="code", method=method, experts_keep=keep,
-        calib_samples=2, seq_len=16, batch_size=2, out=tmp_path / "out", progress=False,
+        LoadedModel(model, tokenizer, None, "tiny"),
+        data="code",
+        method=method,
+        experts_keep=keep,
+        calib_samples=2,
+        seq_len=16,
+        batch_size=2,
+        out=tmp_path / "out",
+        progress=False,
     )
     kept = 4 if keep == 0.5 else keep
     a = get_adapter(result.model)
@@ -458,7 +508,11 @@ def test_pipeline_end_to_end_with_the_real_tokenizer(arch, method, keep, tmp_pat
     assert all(len(lp.experts) == kept for lp in result.plan.layers)
     assert result.recipe.experts_keep == keep and result.report["uniform"]
     n_after = sum(p.numel() for p in result.model.parameters())
-    assert result.plan.params.total_after == n_after == n_before - 3 * (E - kept) * (a.expert_params(2) - a.expert_params(1))
+    assert (
+        result.plan.params.total_after
+        == n_after
+        == n_before - 3 * (E - kept) * (a.expert_params(2) - a.expert_params(1))
+    )
     assert 0 < result.plan.params.sparsity < 1
     out = result.out
     config = json.loads((out / "config.json").read_text())
@@ -481,8 +535,25 @@ def test_cli_prunes_experts(tmp_path, capsys):
     tokenizer.save_pretrained(folder)
     out = tmp_path / "pruned"
     argv = sys.argv
-    sys.argv = ["domainprune", "prune", "--model", str(folder), "--method", "easy-ep", "--experts-keep", "4",
-                "--calib-samples", "2", "--seq-len", "16", "--batch-size", "2", "--out", str(out), "--quiet"]
+    sys.argv = [
+        "domainprune",
+        "prune",
+        "--model",
+        str(folder),
+        "--method",
+        "easy-ep",
+        "--experts-keep",
+        "4",
+        "--calib-samples",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     try:
         with pytest.raises(SystemExit) as exit_:
             main()
@@ -496,7 +567,12 @@ def test_cli_prunes_experts(tmp_path, capsys):
 
 # --- MLP channels inside experts --------------------------------------------------------------------------------
 
-WIDTH_KEY = {"mixtral": "intermediate_size", "qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size", "olmoe": "intermediate_size"}
+WIDTH_KEY = {
+    "mixtral": "intermediate_size",
+    "qwen2_moe": "moe_intermediate_size",
+    "qwen3_moe": "moe_intermediate_size",
+    "olmoe": "intermediate_size",
+}
 
 
 def zero_channels(model, drop: dict[int, int], shared_drop: int = 0) -> dict[int, dict]:
@@ -563,7 +639,10 @@ def test_zero_expert_channels_removed_leave_logits_unchanged_and_reload(arch, tm
     out = save_pruned(model, None, tmp_path / "hetero")
     config = json.loads((out / "config.json").read_text())
     key = WIDTH_KEY[arch]
-    assert config["per_layer_config"]["0"][key] == w - 8 and config["per_layer_config"].get("2", {}).get(key, w) == w - drop2
+    assert (
+        config["per_layer_config"]["0"][key] == w - 8
+        and config["per_layer_config"].get("2", {}).get(key, w) == w - drop2
+    )
     assert "1" not in config["per_layer_config"] and config[key] == w
     reloaded = load_pretrained(out)
     assert [(s.num_experts, s.expert_width, s.shared_width) for s in get_adapter(reloaded).shapes()] == [
@@ -578,7 +657,13 @@ def test_expert_channel_plans_round_trip_and_bad_plans_fail_in_one_line(tmp_path
     plan = dense_plan(a, "tiny")
     assert plan.model.expert_widths == [16, 0, 16] and plan.model.shared_widths == [20, 0, 20]
     eight = [0, 1, 2, 3, 4, 5, 6, 9]
-    good = {0: {"experts": [0, 3], "expert_channels": {0: eight, 3: list(range(4, 12))}, "shared_channels": [0, 1, 2, 3, 19]}}
+    good = {
+        0: {
+            "experts": [0, 3],
+            "expert_channels": {0: eight, 3: list(range(4, 12))},
+            "shared_channels": [0, 1, 2, 3, 19],
+        }
+    }
     plan = with_fields(plan, good)
     validate_plan(plan, a)
     plan.save(tmp_path / "plan.json")
@@ -590,7 +675,9 @@ def test_expert_channel_plans_round_trip_and_bad_plans_fail_in_one_line(tmp_path
     assert f"expert channels {2 * 8 + 5 + 8 * 16 + 20}/{2 * (8 * 16 + 20)}" in plan.summary()
 
     def bad(update: dict, match: str, layer: int = 0) -> None:
-        broken = plan.model_copy(update={"layers": [lp.model_copy(update=update) if lp.index == layer else lp for lp in plan.layers]})
+        broken = plan.model_copy(
+            update={"layers": [lp.model_copy(update=update) if lp.index == layer else lp for lp in plan.layers]}
+        )
         with pytest.raises(DomainpruneError, match=match) as err:
             validate_plan(broken, a)
         assert "\n" not in str(err.value)
@@ -652,7 +739,12 @@ def test_channel_statistics_match_an_independent_computation():
 
 @pytest.mark.parametrize(
     "arch,method,allocation,sparsity",
-    [("qwen2_moe", "flap", "global", 0.3), ("mixtral", "wanda-sp", "uniform", 0.3), ("olmoe", "magnitude", "uniform", 0.3), ("qwen3_moe", "wanda-sp", "global", 0.4)],
+    [
+        ("qwen2_moe", "flap", "global", 0.3),
+        ("mixtral", "wanda-sp", "uniform", 0.3),
+        ("olmoe", "magnitude", "uniform", 0.3),
+        ("qwen3_moe", "wanda-sp", "global", 0.4),
+    ],
 )
 def test_dense_criteria_prune_heads_and_expert_channels_end_to_end(arch, method, allocation, sparsity, tmp_path):
     tokenizer = smol_tokenizer()
@@ -660,8 +752,16 @@ def test_dense_criteria_prune_heads_and_expert_channels_end_to_end(arch, method,
     a0 = get_adapter(model)
     w, sw = a0.expert_width(0), a0.shared_width(0)
     result = prune(
-        LoadedModel(model, tokenizer, None, "tiny"), data="code", method=method, sparsity=sparsity, allocation=allocation,
-        calib_samples=2, seq_len=16, batch_size=2, out=tmp_path / "out", progress=False,
+        LoadedModel(model, tokenizer, None, "tiny"),
+        data="code",
+        method=method,
+        sparsity=sparsity,
+        allocation=allocation,
+        calib_samples=2,
+        seq_len=16,
+        batch_size=2,
+        out=tmp_path / "out",
+        progress=False,
     )
     a = get_adapter(result.model)
     shapes = a.shapes()
@@ -692,13 +792,24 @@ def test_experts_then_channels_in_two_runs(tmp_path):
     """The documented flow: prune experts, then prune channels (and heads) of the result loaded from disk."""
     tokenizer = smol_tokenizer()
     common = dict(data="code", calib_samples=2, seq_len=16, batch_size=2, progress=False)
-    first = prune(LoadedModel(tiny_moe("qwen2_moe", vocab_size=VOCAB), tokenizer, None, "tiny"), method="easy-ep", experts_keep=4, out=tmp_path / "experts", **common)
+    first = prune(
+        LoadedModel(tiny_moe("qwen2_moe", vocab_size=VOCAB), tokenizer, None, "tiny"),
+        method="easy-ep",
+        experts_keep=4,
+        out=tmp_path / "experts",
+        **common,
+    )
     second = prune(str(first.out), method="flap", sparsity=0.25, out=tmp_path / "channels", **common)
     a = get_adapter(second.model)
     assert [s.num_experts for s in a.shapes()] == [4] * 3 and a.expert_width(0) * 3 > 0
-    assert second.plan.model.experts == [4] * 3 and second.plan.params.attention_mlp_before == first.plan.params.attention_mlp_after
+    assert (
+        second.plan.model.experts == [4] * 3
+        and second.plan.params.attention_mlp_before == first.plan.params.attention_mlp_after
+    )
     assert any(s.expert_width < 16 or s.shared_width < 20 for s in a.shapes())
-    assert torch.allclose(logits(load_pretrained(second.out), ids(vocab=VOCAB)), logits(second.model, ids(vocab=VOCAB)), atol=1e-5)
+    assert torch.allclose(
+        logits(load_pretrained(second.out), ids(vocab=VOCAB)), logits(second.model, ids(vocab=VOCAB)), atol=1e-5
+    )
 
 
 def test_without_method_a_moe_model_gets_the_fallback_recipe(caplog):

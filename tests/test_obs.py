@@ -17,7 +17,15 @@ from transformers import AutoModelForCausalLM
 from domainprune import load_pretrained
 from domainprune.adapters import get_adapter
 from domainprune.errors import DomainpruneError
-from domainprune.obs import FixedPlan, InputHessian, choose_attention, choose_channels, greedy_remove, reconstruct_layers, refit
+from domainprune.obs import (
+    FixedPlan,
+    InputHessian,
+    choose_attention,
+    choose_channels,
+    greedy_remove,
+    reconstruct_layers,
+    refit,
+)
 from domainprune.pipeline import apply, calibration_sequences, kl_divergence, make_recipe, prune
 from domainprune.plan import dense_plan
 from domainprune.surgery import apply_plan, finish, removed_mean_output
@@ -38,7 +46,9 @@ def sq_error(w, x, kept, new, bias=None) -> float:
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5 + torch.eye(d, dtype=torch.float64)
-    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + 0.3 * torch.randn(
+        d, generator=g, dtype=torch.float64
+    )
 
 
 # --- the refit on matrices ------------------------------------------------------------------------------------
@@ -122,7 +132,15 @@ def test_greedy_obs_picks_the_analytically_cheapest_unit():
     order, w_greedy = greedy_remove(w, hessian(x), [[c] for c in range(12)], 5, damping=0)
     kept_now = list(range(12))
     for chosen in order:
-        errs = {c: sq_error(w, x, torch.tensor([k for k in kept_now if k != c]), refit(w, hessian(x), torch.tensor([k for k in kept_now if k != c]), damping=0)[0]) for c in kept_now}
+        errs = {
+            c: sq_error(
+                w,
+                x,
+                torch.tensor([k for k in kept_now if k != c]),
+                refit(w, hessian(x), torch.tensor([k for k in kept_now if k != c]), damping=0)[0],
+            )
+            for c in kept_now
+        }
         assert chosen == min(errs, key=lambda c: (errs[c], c))
         kept_now.remove(chosen)
     new, _ = refit(w, hessian(x), torch.tensor(kept_now), damping=0)
@@ -173,7 +191,10 @@ def test_reconstruction_reproduces_the_dense_model_when_removed_units_are_copies
     dense = logits(model, ids)
     a = get_adapter(model)
     plan = dense_plan(a, "tiny")
-    plan.layers = [lp.model_copy(update=dict(query_heads=[0, 1, 3, 4], mlp_channels=[c for c in range(40) if c != 7])) for lp in plan.layers]
+    plan.layers = [
+        lp.model_copy(update=dict(query_heads=[0, 1, 3, 4], mlp_channels=[c for c in range(40) if c != 7]))
+        for lp in plan.layers
+    ]
     plain = copy.deepcopy(model)
     apply_plan(plain, plan)
     layers, _ = reconstruct_layers(model, a, ids, FixedPlan(plan), batch_size=2, damping=0.0, progress=False)
@@ -193,14 +214,17 @@ def test_each_layer_is_refitted_on_the_true_outputs_of_the_refitted_layers_befor
     a = get_adapter(model)
     ids = input_ids(batch=4, length=16)
     plan = dense_plan(a, "tiny")
-    plan.layers = [lp.model_copy(update=dict(query_heads=[0, 1, 3, 4], mlp_channels=[c for c in range(40) if c % 3]))
-                   for lp in plan.layers]
+    plan.layers = [
+        lp.model_copy(update=dict(query_heads=[0, 1, 3, 4], mlp_channels=[c for c in range(40) if c % 3]))
+        for lp in plan.layers
+    ]
     seen: dict[int, list[torch.Tensor]] = {}
 
     def record(i):
         def hook(_m, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             seen.setdefault(i, []).append(hidden.detach().clone())
+
         return hook
 
     handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(a.layers)]
@@ -261,8 +285,24 @@ def test_obs_method_beats_wanda_sp(tok, calib_ids):
 
 
 def test_obs_is_deterministic_and_its_plan_applies_to_the_same_weights(tok):
-    first = prune(loaded(tiny_lm(seed=5), tok), method="obs", sparsity=0.4, attention_unit="query_head", seed=2, progress=False, **CALIB)
-    second = prune(loaded(tiny_lm(seed=5), tok), method="obs", sparsity=0.4, attention_unit="query_head", seed=2, progress=False, **CALIB)
+    first = prune(
+        loaded(tiny_lm(seed=5), tok),
+        method="obs",
+        sparsity=0.4,
+        attention_unit="query_head",
+        seed=2,
+        progress=False,
+        **CALIB,
+    )
+    second = prune(
+        loaded(tiny_lm(seed=5), tok),
+        method="obs",
+        sparsity=0.4,
+        attention_unit="query_head",
+        seed=2,
+        progress=False,
+        **CALIB,
+    )
     assert first.plan == second.plan
     assert_same_state(state(first.model), state(second.model))
     # plan -> apply on a fresh copy reruns the pass with the chosen units: the same weights
@@ -276,13 +316,19 @@ SMALL = ["--calib-samples", "4", "--seq-len", "32", "--batch-size", "2", "--quie
 
 @pytest.mark.parametrize(
     "args",
-    [["--method", "wanda-sp", "--reconstruct", "obs"], ["--method", "obs"], ["--method", "flap", "--reconstruct", "obs"]],
+    [
+        ["--method", "wanda-sp", "--reconstruct", "obs"],
+        ["--method", "obs"],
+        ["--method", "flap", "--reconstruct", "obs"],
+    ],
     ids=["wanda-sp", "obs", "flap-bias"],
 )
 def test_cli_prune_export_reload_gives_identical_logits(capsys, tmp_path, tok, calib_ids, args):
     folder = save_folder(tiny_lm(), tok, tmp_path / "model")
     out = tmp_path / "out"
-    code, _, err = cli(capsys, "prune", "--model", folder, "--data", "code", *args, "--sparsity", "0.35", "--out", out, *SMALL)
+    code, _, err = cli(
+        capsys, "prune", "--model", folder, "--data", "code", *args, "--sparsity", "0.35", "--out", out, *SMALL
+    )
     assert code == 0, err
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["reconstruct"] == "obs"

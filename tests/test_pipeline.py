@@ -88,7 +88,9 @@ def assert_gqa(plan, model) -> None:
 def test_budget_and_gqa_every_architecture(arch, allocation, unit, sparsity):
     model = tiny_model(arch)
     before = layer_params(model)
-    recipe = make_recipe(model="tiny", method="magnitude", allocation=allocation, sparsity=sparsity, attention_unit=unit)
+    recipe = make_recipe(
+        model="tiny", method="magnitude", allocation=allocation, sparsity=sparsity, attention_unit=unit
+    )
     plan, stats, pruned = make_plan(loaded(model), recipe, progress=False)
     assert stats is None and not pruned  # magnitude needs no data and prunes nothing yet
     validate_plan(plan, get_adapter(model))
@@ -174,8 +176,12 @@ def test_unreachable_budgets_name_the_closest_one_and_reached_ones_are_reported(
     model = tiny_model("llama")
     a = get_adapter(model)
     reachable = max_width_sparsity(a, "kv_group")
-    removable = sum(a.attention_params(s.num_heads, s.num_kv_heads) - a.attention_params(s.group_size, 1)
-                    + a.mlp_params(s.intermediate_size - 1) for s in a.shapes())
+    removable = sum(
+        a.attention_params(s.num_heads, s.num_kv_heads)
+        - a.attention_params(s.group_size, 1)
+        + a.mlp_params(s.intermediate_size - 1)
+        for s in a.shapes()
+    )
     assert reachable == pytest.approx(removable / sum(layer_params(model)))
     with pytest.raises(DomainpruneError, match=rf"at most {reachable:.4f} of attention\+MLP parameters"):
         make_plan(loaded(model), make_recipe(model="tiny", method="magnitude", sparsity=0.999), progress=False)
@@ -185,7 +191,9 @@ def test_unreachable_budgets_name_the_closest_one_and_reached_ones_are_reported(
         halfway = (smallest + total - sum(layer_params(model))) // 2  # between the fixed part and the smallest
         make_plan(loaded(model), make_recipe(model="tiny", method="magnitude", target_params=halfway), progress=False)
     # just inside the reach: met
-    plan, _, _ = make_plan(loaded(model), make_recipe(model="tiny", method="magnitude", sparsity=reachable), progress=False)
+    plan, _, _ = make_plan(
+        loaded(model), make_recipe(model="tiny", method="magnitude", sparsity=reachable), progress=False
+    )
     assert plan.params.sparsity == pytest.approx(reachable, abs=0.01)
 
     target = total - int(0.3 * sum(layer_params(model)))
@@ -240,6 +248,7 @@ def _hooked_inputs(model, ids):
     handles = []
     for i in range(a.num_layers):
         for key, mod in (("attn", a.o_proj(i)), ("mlp", a.down_proj(i))):
+
             def hook(_m, args, key=key, i=i):
                 seen[(key, i)] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
 
@@ -302,7 +311,11 @@ def test_statistics_cache_and_resume_after_a_crash(arch, tmp_path, monkeypatch):
         collect_statistics(model, a, ids, batch_size=2, progress=False)
     handle.remove()
     (folder,) = (tmp_path / "cache" / "stats").iterdir()
-    assert sorted(p.name for p in folder.iterdir()) == ["layer_000.safetensors", "layer_001.safetensors", "resume.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "layer_000.safetensors",
+        "layer_001.safetensors",
+        "resume.safetensors",
+    ]
     hidden, meta = cache.load_tensors(folder / "resume.safetensors")
     assert meta == {"next_layer": 2} and hidden["hidden"].shape == (4, 16, 48)
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
@@ -365,7 +378,9 @@ def test_a_resume_file_without_its_layers_starts_over(tmp_path, monkeypatch):
         collect_statistics(model, a, ids, batch_size=2, progress=False)
     handle.remove()
     (folder,) = (tmp_path / "cache" / "stats").iterdir()
-    assert sorted(p.name for p in folder.iterdir()) == [f"layer_{i:03d}.safetensors" for i in range(3)] + ["resume.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [f"layer_{i:03d}.safetensors" for i in range(3)] + [
+        "resume.safetensors"
+    ]
     (folder / "layer_001.safetensors").write_bytes(b"garbage")
     got = collect_statistics(model, a, ids, batch_size=2, progress=False)
     _assert_stats_equal(got, collect_statistics(model, a, ids, batch_size=2, use_cache=False, progress=False))
@@ -394,8 +409,15 @@ def test_bias_compensation_brings_the_output_closer_to_dense(unit, sparsity):
     err_plain = float(((logits_on(plain, ids) - reference) ** 2).mean())
     assert err_comp < err_plain, (err_comp, err_plain)
     # the pipeline without compensation is exactly the plain plan
-    off = prune(loaded(tiny_lm(), tok), method="flap", sparsity=sparsity, attention_unit=unit,
-                bias_compensation=False, progress=False, **CALIB)
+    off = prune(
+        loaded(tiny_lm(), tok),
+        method="flap",
+        sparsity=sparsity,
+        attention_unit=unit,
+        bias_compensation=False,
+        progress=False,
+        **CALIB,
+    )
     assert off.plan.layers == plan.layers
     assert_same_state(state(off.model), state(plain))
 
@@ -407,7 +429,9 @@ def test_compensation_bias_cancels_the_mean_of_removed_heads():
     ids = input_ids(batch=4, length=16)
     stats = collect_statistics(model, a, ids, batch_size=2, use_cache=False, progress=False)
     plan = dense_plan(a, "tiny")
-    plan.layers[0] = plan.layers[0].model_copy(update=dict(kv_heads=[0], query_heads=[0, 1, 2], mlp_channels=list(range(20))))
+    plan.layers[0] = plan.layers[0].model_copy(
+        update=dict(kv_heads=[0], query_heads=[0, 1, 2], mlp_channels=list(range(20)))
+    )
 
     def o_out(m):
         out = {}
@@ -432,8 +456,9 @@ def test_public_api(tmp_path):
     import domainprune
 
     tok = smol_tokenizer()
-    result = domainprune.prune(loaded(tiny_lm(), tok), method="flap", sparsity=0.35, out=tmp_path / "run",
-                               progress=False, **CALIB)
+    result = domainprune.prune(
+        loaded(tiny_lm(), tok), method="flap", sparsity=0.35, out=tmp_path / "run", progress=False, **CALIB
+    )
     assert isinstance(result, domainprune.PruneResult) and result.out == tmp_path / "run"
     reloaded = domainprune.load_pretrained(result.out)
     ids = input_ids(vocab=len(tok))
@@ -471,8 +496,23 @@ def test_the_cli_without_method_runs_the_default_too(tmp_path, capsys):
     from tiny_pipeline import cli, save_folder
 
     folder = save_folder(tiny_lm(), smol_tokenizer(), tmp_path / "model")
-    code, _, err = cli(capsys, "prune", "--model", folder, "--sparsity", "0.3", "--calib-samples", 2, "--seq-len", 16,
-                       "--batch-size", 2, "--out", tmp_path / "out", "-q")
+    code, _, err = cli(
+        capsys,
+        "prune",
+        "--model",
+        folder,
+        "--sparsity",
+        "0.3",
+        "--calib-samples",
+        2,
+        "--seq-len",
+        16,
+        "--batch-size",
+        2,
+        "--out",
+        tmp_path / "out",
+        "-q",
+    )
     assert code == 0, err
     recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
     assert (recipe["method"], recipe["reconstruct"]) == ("cfsp", "obs")
@@ -504,8 +544,14 @@ def test_deploy_transformers_gives_a_stock_checkpoint_with_the_same_logits(tmp_p
     from transformers import AutoModelForCausalLM
 
     tok = smol_tokenizer()
-    result = prune(loaded(tiny_lm("qwen2"), tok), sparsity=0.35, deploy="transformers", progress=False,
-                   out=tmp_path / "run", **CALIB)
+    result = prune(
+        loaded(tiny_lm("qwen2"), tok),
+        sparsity=0.35,
+        deploy="transformers",
+        progress=False,
+        out=tmp_path / "run",
+        **CALIB,
+    )
     r = result.recipe
     assert (r.method, r.allocation, r.reconstruct, r.deploy) == ("cfsp", "uniform", "obs", "transformers")
     assert result.report["stock_loadable"] and result.report["uniform"]
@@ -517,8 +563,11 @@ def test_deploy_transformers_gives_a_stock_checkpoint_with_the_same_logits(tmp_p
 def test_deploy_targets_refuse_what_they_cannot_run_in_one_line():
     assert make_recipe(sparsity=0.3, deploy="vllm", method="flap").allocation == "uniform"  # chosen, not refused
     assert make_recipe(sparsity=0.3, deploy="llamacpp").allocation == "cfsp"  # llama.cpp runs per-layer widths
-    with pytest.raises(DomainpruneError, match=r"--deploy vllm runs checkpoints whose layers are all alike: use "
-                                               r"--allocation uniform \(not global\)"):
+    with pytest.raises(
+        DomainpruneError,
+        match=r"--deploy vllm runs checkpoints whose layers are all alike: use "
+        r"--allocation uniform \(not global\)",
+    ):
         make_recipe(sparsity=0.3, deploy="vllm", method="flap", allocation="global")
     with pytest.raises(DomainpruneError, match="cannot run layers without attention or MLP"):
         make_recipe(sparsity=0.3, deploy="transformers", method="flap", depth="finercut", depth_sparsity=0.1)
@@ -536,16 +585,24 @@ def test_deploy_targets_refuse_what_they_cannot_run_in_one_line():
 def test_deploy_llamacpp_follows_what_the_gguf_export_runs():
     tok = smol_tokenizer()
     # Qwen3 runs in llama.cpp only with equal layers: the default recipe turns uniform, a named non-uniform one fails
-    plan, _, _ = make_plan(loaded(tiny_lm("qwen3"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB),
-                           progress=False)
+    plan, _, _ = make_plan(
+        loaded(tiny_lm("qwen3"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB), progress=False
+    )
     assert plan.recipe["allocation"] == "uniform" and plan.recipe["method"] == "cfsp"
     with pytest.raises(DomainpruneError, match="llama.cpp runs Qwen3 only with the same widths in every layer"):
-        make_plan(loaded(tiny_lm("qwen3"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", method="flap",
-                                                             bias_compensation=False, **CALIB), progress=False)
-    with pytest.raises(DomainpruneError, match="--deploy llamacpp: the GGUF export runs dense llama, mistral, qwen2, "
-                                               "qwen3 models, not this gemma3_text model"):
-        make_plan(loaded(tiny_lm("gemma3_text"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB),
-                  progress=False)
+        make_plan(
+            loaded(tiny_lm("qwen3"), tok),
+            make_recipe(sparsity=0.3, deploy="llamacpp", method="flap", bias_compensation=False, **CALIB),
+            progress=False,
+        )
+    with pytest.raises(
+        DomainpruneError,
+        match="--deploy llamacpp: the GGUF export runs dense llama, mistral, qwen2, "
+        "qwen3 models, not this gemma3_text model",
+    ):
+        make_plan(
+            loaded(tiny_lm("gemma3_text"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB), progress=False
+        )
     # Llama: per-layer widths are fine (llama.cpp's deci)
     recipe = make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB)
     plan, _, _ = make_plan(loaded(tiny_lm(), tok), recipe, progress=False)
@@ -558,11 +615,15 @@ def test_deploy_llamacpp_rounds_mlp_widths_to_the_kernels_multiple():
 
     tok = smol_tokenizer()
     model = tiny_lm("llama", intermediate_size=16 * KERNEL_MULTIPLE)
-    plan, _, _ = make_plan(loaded(model, tok), make_recipe(sparsity=0.3, deploy="llamacpp", method="flap", **CALIB),
-                           progress=False)
+    plan, _, _ = make_plan(
+        loaded(model, tok), make_recipe(sparsity=0.3, deploy="llamacpp", method="flap", **CALIB), progress=False
+    )
     widths = [len(lp.mlp_channels) for lp in plan.layers]
     assert plan.recipe["round_to"] == KERNEL_MULTIPLE
     assert all(w % KERNEL_MULTIPLE == 0 and 0 < w < 16 * KERNEL_MULTIPLE for w in widths), widths
-    exact, _, _ = make_plan(loaded(model, tok), make_recipe(sparsity=0.3, deploy="llamacpp", method="flap",
-                                                            round_to=1, **CALIB), progress=False)
+    exact, _, _ = make_plan(
+        loaded(model, tok),
+        make_recipe(sparsity=0.3, deploy="llamacpp", method="flap", round_to=1, **CALIB),
+        progress=False,
+    )
     assert exact.recipe["round_to"] == 1

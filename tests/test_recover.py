@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from tiny_models import tiny_model
-from tiny_pipeline import VOCAB, cli, logits_on, loaded, save_folder, smol_tokenizer, tiny_lm
+from tiny_pipeline import VOCAB, cli, loaded, logits_on, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune.errors import DomainpruneError
 from domainprune.export import load_pretrained
@@ -30,8 +30,17 @@ def tokenizer():
 def run_dir(tmp_path_factory, tokenizer):
     """A heterogeneous (global allocation) FLAP run of a tiny llama, written like `domainprune prune --out`."""
     out = tmp_path_factory.mktemp("runs") / "pruned"
-    prune(loaded(tiny_lm("llama"), tokenizer), out=out, method="flap", sparsity=0.35, data="code",
-          calib_samples=2, seq_len=16, batch_size=2, progress=False)
+    prune(
+        loaded(tiny_lm("llama"), tokenizer),
+        out=out,
+        method="flap",
+        sparsity=0.35,
+        data="code",
+        calib_samples=2,
+        seq_len=16,
+        batch_size=2,
+        progress=False,
+    )
     return out
 
 
@@ -65,8 +74,19 @@ def test_stock_loadable_run(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "uniform"
-    prune(loaded(tiny_lm("llama"), tokenizer), out=run, method="wanda-sp", allocation="uniform", sparsity=0.35,
-          bias_compensation=False, data="code", calib_samples=2, seq_len=16, batch_size=2, progress=False)
+    prune(
+        loaded(tiny_lm("llama"), tokenizer),
+        out=run,
+        method="wanda-sp",
+        allocation="uniform",
+        sparsity=0.35,
+        bias_compensation=False,
+        data="code",
+        calib_samples=2,
+        seq_len=16,
+        batch_size=2,
+        progress=False,
+    )
     result = recover(run, out=tmp_path / "rec", max_steps=1, progress=False, **FAST)
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "rec").eval()
     torch.testing.assert_close(logits_on(stock, PROBE), logits_on(result.model, PROBE), atol=1e-4, rtol=1e-4)
@@ -87,7 +107,9 @@ def test_full_finetuning(run_dir, tmp_path):
     pruned = load_pretrained(run_dir)
     result = recover(run_dir, out=tmp_path / "full", full=True, max_steps=2, progress=False, **{**FAST, "lr": 1e-3})
     assert shapes(result.model.state_dict()) == shapes(pruned.state_dict())
-    torch.testing.assert_close(logits_on(load_pretrained(tmp_path / "full"), PROBE), logits_on(result.model, PROBE), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits_on(load_pretrained(tmp_path / "full"), PROBE), logits_on(result.model, PROBE), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_kd_loss_against_itself_is_zero():
@@ -102,8 +124,15 @@ def test_kd_loss_against_itself_is_zero():
 
 def test_kd_with_teacher_equal_to_student_logs_zero(run_dir, tmp_path):
     teacher = load_pretrained(run_dir)  # the student itself as the teacher
-    result = recover(run_dir, out=tmp_path / "kd", teacher=teacher, kd_weight=0.5, max_steps=1, progress=False,
-                     **{**FAST, "lr": 1e-6})
+    result = recover(
+        run_dir,
+        out=tmp_path / "kd",
+        teacher=teacher,
+        kd_weight=0.5,
+        max_steps=1,
+        progress=False,
+        **{**FAST, "lr": 1e-6},
+    )
     # the first step's KD is computed before any update: student == teacher exactly (dropout aside, which LoRA
     # applies only to the adapter branch, whose B matrix starts at zero)
     assert result.log[0]["kd"] == pytest.approx(0.0, abs=1e-6)
@@ -111,8 +140,17 @@ def test_kd_with_teacher_equal_to_student_logs_zero(run_dir, tmp_path):
 
 
 def test_kd_top_k_and_self_distillation_with_dense_teacher(run_dir, dense, tmp_path):
-    result = recover(run_dir, out=tmp_path / "sdd", teacher=dense, kd_weight=0.5, kd_top_k=8, self_distill=True,
-                     max_steps=2, progress=False, **FAST)
+    result = recover(
+        run_dir,
+        out=tmp_path / "sdd",
+        teacher=dense,
+        kd_weight=0.5,
+        kd_top_k=8,
+        self_distill=True,
+        max_steps=2,
+        progress=False,
+        **FAST,
+    )
     assert result.log[0]["kd"] > 0
     assert result.report["sequences"] == FAST["samples"]
 
@@ -130,8 +168,17 @@ def test_selection_prefers_degraded_clusters():
 
 
 def test_selection_in_recovery(run_dir, dense, tmp_path):
-    result = recover(run_dir, out=tmp_path / "sel", teacher=dense, select=True, pool_factor=2, clusters=2,
-                     max_steps=1, progress=False, **FAST)
+    result = recover(
+        run_dir,
+        out=tmp_path / "sel",
+        teacher=dense,
+        select=True,
+        pool_factor=2,
+        clusters=2,
+        max_steps=1,
+        progress=False,
+        **FAST,
+    )
     sel = result.report["selection"]
     assert sel["candidates"] == 16 and sel["selected"] == 8
 
@@ -183,8 +230,24 @@ def test_teacher_with_other_vocabulary(run_dir, tmp_path):
 
 
 def test_cli_recover(run_dir, tmp_path, capsys):
-    code, _, err = cli(capsys, "recover", run_dir, "--out", tmp_path / "rec", "--samples", 4, "--seq-len", 16,
-                    "--batch-size", 2, "--max-steps", 2, "--time-budget", 0, "-q")
+    code, _, err = cli(
+        capsys,
+        "recover",
+        run_dir,
+        "--out",
+        tmp_path / "rec",
+        "--samples",
+        4,
+        "--seq-len",
+        16,
+        "--batch-size",
+        2,
+        "--max-steps",
+        2,
+        "--time-budget",
+        0,
+        "-q",
+    )
     assert code in (0, None), err
     assert "recovered" in err and (tmp_path / "rec" / "recovery_log.json").is_file()
 
@@ -195,11 +258,31 @@ def test_cli_prune_then_recover_in_place(tokenizer, tmp_path, capsys, monkeypatc
     import domainprune.recover as rec
 
     # `prune --recover` runs recovery with its defaults; shrink them here so the test takes seconds
-    monkeypatch.setattr(rec, "recover", functools.partial(rec.recover, samples=4, seq_len=16, batch_size=2, max_steps=1, time_budget=None))
+    monkeypatch.setattr(
+        rec,
+        "recover",
+        functools.partial(rec.recover, samples=4, seq_len=16, batch_size=2, max_steps=1, time_budget=None),
+    )
     folder = save_folder(tiny_lm("llama"), tokenizer, tmp_path / "dense")
     out = tmp_path / "run"
-    code, _, err = cli(capsys, "prune", "--model", folder, "--sparsity", 0.35, "--calib-samples", 2, "--seq-len", 16,
-                    "--batch-size", 2, "--out", out, "--recover", "-q")
+    code, _, err = cli(
+        capsys,
+        "prune",
+        "--model",
+        folder,
+        "--sparsity",
+        0.35,
+        "--calib-samples",
+        2,
+        "--seq-len",
+        16,
+        "--batch-size",
+        2,
+        "--out",
+        out,
+        "--recover",
+        "-q",
+    )
     assert code in (0, None), err
     assert "recovered" in err
     names = {p.name for p in out.iterdir()}
@@ -214,7 +297,9 @@ def test_cli_errors_are_one_line(run_dir, tokenizer, tmp_path, capsys):
     other = tmp_path / "small_vocab"
     tiny_model("llama").save_pretrained(other)
     tokenizer.save_pretrained(other)
-    code, _, err = cli(capsys, "recover", run_dir, "--out", tmp_path / "o", "--teacher", other, "--kd-weight", 0.5, "-q")
+    code, _, err = cli(
+        capsys, "recover", run_dir, "--out", tmp_path / "o", "--teacher", other, "--kd-weight", 0.5, "-q"
+    )
     assert code == 2 and err.strip().startswith("error:") and "vocabulary" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()

@@ -54,7 +54,18 @@ def report(capsys_module, runs, figures, tmp_path_factory) -> Path:
     from domainprune.cli import main
 
     argv = sys.argv
-    sys.argv = ["domainprune", "report", str(runs["flap35"]), str(runs["wanda50"]), "--figures", str(figures), "--out", str(out), "--force", "--quiet"]
+    sys.argv = [
+        "domainprune",
+        "report",
+        str(runs["flap35"]),
+        str(runs["wanda50"]),
+        "--figures",
+        str(figures),
+        "--out",
+        str(out),
+        "--force",
+        "--quiet",
+    ]
     try:
         with pytest.raises(SystemExit) as exit_:
             main()
@@ -82,14 +93,16 @@ def test_report_holds_figures_ratios_plots_recipes_and_samples(report, figures):
             assert f"<td>{html.escape(cell)}</td>" in page, cell
     flap = data["models"][1]
     assert f"({flap['ratios'][f'ppl_{c.domain}']:.2f}×)" in page and "(1.20×)" in page  # perplexity and decode ratios
-    assert "<td class=\"l\">wanda-sp</td>" in page and "<td class=\"l\">bias_compensation</td>" in page
+    assert '<td class="l">wanda-sp</td>' in page and '<td class="l">bias_compensation</td>' in page
     gen = data["generation"]
     for prompt in gen["prompts"]:
         assert html.escape(prompt) in page
     for texts in gen["continuations"].values():
         assert all(html.escape(t) in page for t in texts)
     md = (report / "report.md").read_text()
-    assert md.count("](") >= 3 and all((report / name).read_bytes().startswith(PNG) for name in ("pareto.png", "layers.png", "throughput.png"))
+    assert md.count("](") >= 3 and all(
+        (report / name).read_bytes().startswith(PNG) for name in ("pareto.png", "layers.png", "throughput.png")
+    )
     assert "| flap35 | flap/global |" in md and "| wanda50 | wanda-sp/uniform |" in md and "(1.20×)" in md
     assert all(t in md for texts in gen["continuations"].values() for t in texts)
 
@@ -113,22 +126,67 @@ def test_report_from_benchmark_rows(capsys, runs, figures, tmp_path):
     dense, flap, _ = data["models"]
     bare = tmp_path / "flap_global_0.35"  # as bench/quality.py saved checkpoints: no plan.json
     shutil.copytree(runs["flap35"], bare, ignore=shutil.ignore_patterns("plan.json"))
-    rows = [{"key": "dense", "measurement": dense["measurement"]},
-            {"key": "flap|global|0.35", "method": "flap", "allocation": "global", "level": 0.35,
-             "achieved": flap["prune"]["sparsity_achieved"], "prune_seconds": 3.0, "peak_rss_bytes": 2**30,
-             "recipe": flap["recipe"], "uniform": False, "checkpoint": str(bare), "measurement": flap["measurement"]}]
+    rows = [
+        {"key": "dense", "measurement": dense["measurement"]},
+        {
+            "key": "flap|global|0.35",
+            "method": "flap",
+            "allocation": "global",
+            "level": 0.35,
+            "achieved": flap["prune"]["sparsity_achieved"],
+            "prune_seconds": 3.0,
+            "peak_rss_bytes": 2**30,
+            "recipe": flap["recipe"],
+            "uniform": False,
+            "checkpoint": str(bare),
+            "measurement": flap["measurement"],
+        },
+    ]
     jsonl = tmp_path / "quality.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, _, err = cli(capsys, "report", "--figures", jsonl, "--baseline", runs["dense"], "--prompts", "0", "--out", tmp_path / "rep", "--quiet")
+    code, _, err = cli(
+        capsys,
+        "report",
+        "--figures",
+        jsonl,
+        "--baseline",
+        runs["dense"],
+        "--prompts",
+        "0",
+        "--out",
+        tmp_path / "rep",
+        "--quiet",
+    )
     assert code == 0, err
     page = (tmp_path / "rep" / "report.html").read_text()
     assert len(images(page)) == 3 and "flap|global|0.35" in page and "No generation samples" in page
-    assert "<td>3 s</td>" not in page and "<td class=\"l\">3 s</td>" in page  # pruning wall time from the row
+    assert "<td>3 s</td>" not in page and '<td class="l">3 s</td>' in page  # pruning wall time from the row
 
 
 def test_report_measures_when_no_figures_are_given(capsys, runs, tmp_path):
-    code, _, err = cli(capsys, "report", runs["wanda50"], "--baseline", runs["dense"], "--data", runs["corpus"], "--samples", "2",
-                       "--seq-len", "16", "--batch-size", "2", "--no-speed", "--prompts", "1", "--new-tokens", "4", "--out", tmp_path / "rep", "--quiet")
+    code, _, err = cli(
+        capsys,
+        "report",
+        runs["wanda50"],
+        "--baseline",
+        runs["dense"],
+        "--data",
+        runs["corpus"],
+        "--samples",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--no-speed",
+        "--prompts",
+        "1",
+        "--new-tokens",
+        "4",
+        "--out",
+        tmp_path / "rep",
+        "--quiet",
+    )
     assert code == 0, err
     page = (tmp_path / "rep" / "report.html").read_text()
     assert len(images(page)) == 3 and "wanda50" in page and "Prompt 1" in page and "Prompt 2" not in page
@@ -164,9 +222,18 @@ def chromium() -> str | None:
 
 def run_chromium(binary: str, *args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--hide-scrollbars"]
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--hide-scrollbars",
+        ]
         return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -190,7 +257,14 @@ def test_report_renders_in_chromium(browser, report, tmp_path):
     assert found, dom.stdout[-2000:]
     decoded = found.group(1).split()
     assert len(decoded) == 3 and all(d.startswith("ok:") for d in decoded), decoded
-    for text in ("Figures and ratios to dense", "flap35", "wanda50", "Generation samples", "Prompt 2", "bias_compensation"):
+    for text in (
+        "Figures and ratios to dense",
+        "flap35",
+        "wanda50",
+        "Generation samples",
+        "Prompt 2",
+        "bias_compensation",
+    ):
         assert text in dom.stdout, text
     shot = tmp_path / "report.png"
     result = run_chromium(binary, f"--screenshot={shot}", "--window-size=1280,2400", (report / "report.html").as_uri())

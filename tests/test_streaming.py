@@ -44,7 +44,7 @@ def folders(tmp_path_factory):
     """One saved tiny model per architecture (a Hugging Face folder: config, safetensors, tokenizer)."""
     tokenizer = smol_tokenizer()
     root = tmp_path_factory.mktemp("streaming-src")
-    return lambda arch: (root / arch if (root / arch).is_dir() else save_folder(tiny_lm(arch), tokenizer, root / arch))
+    return lambda arch: root / arch if (root / arch).is_dir() else save_folder(tiny_lm(arch), tokenizer, root / arch)
 
 
 def run_both(src: Path, tmp: Path, offload: str = "disk", **recipe) -> tuple[Path, Path]:
@@ -109,8 +109,9 @@ def test_cpu_offload_is_bit_identical(folders, tmp_path, name):
     ],
 )
 def test_refuses_what_needs_the_whole_model(folders, tmp_path, recipe, why):
-    with pytest.raises(DomainpruneError, match=f"--offload disk prunes one layer at a time, and .*{why}.*: use "
-                                               "--offload none") as e:
+    with pytest.raises(
+        DomainpruneError, match=f"--offload disk prunes one layer at a time, and .*{why}.*: use --offload none"
+    ) as e:
         prune(str(folders("llama")), out=tmp_path / "out", offload="disk", progress=False, **CALIB, **recipe)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
@@ -160,16 +161,28 @@ def test_disk_streaming_holds_less_memory(tmp_path):
     """Relative only: the growth of the peak resident memory while pruning a model whose 32 layers outweigh its
     embedding and LM head, in a fresh process each, streaming from disk against loading it whole. Stored in bfloat16
     and pruned in float32, so that loading it whole must convert (not map) every weight."""
-    model = tiny_lm("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=32, num_attention_heads=8,
-                    num_key_value_heads=4, head_dim=64).to(torch.bfloat16)
+    model = tiny_lm(
+        "llama",
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=32,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+    ).to(torch.bfloat16)
     src = save_folder(model, smol_tokenizer(), tmp_path / "src")
     layers_bytes = sum(p.numel() * 4 for p in model.model.layers.parameters())  # in float32
     path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     growth = {}
     for mode in ("none", "disk"):
-        out = subprocess.run([sys.executable, "-c", PEAK, str(src), str(tmp_path / mode), mode], env=env,
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK, str(src), str(tmp_path / mode), mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         growth[mode] = json.loads(out.strip().splitlines()[-1])
     assert_same_output(tmp_path / "none", tmp_path / "disk")
     assert growth["none"] > layers_bytes, (growth, layers_bytes)  # the whole model was resident
@@ -185,8 +198,9 @@ def test_smollm2_streams_bit_identically(tmp_path, recipe):
         src = resolve_source("smollm2-135m")
     except DomainpruneError as e:
         pytest.skip(f"SmolLM2 is not available: {e}")
-    memory, disk = run_both(src, tmp_path, sparsity=0.35, data="code", calib_samples=8, seq_len=64, batch_size=4,
-                            dtype="float32", **recipe)
+    memory, disk = run_both(
+        src, tmp_path, sparsity=0.35, data="code", calib_samples=8, seq_len=64, batch_size=4, dtype="float32", **recipe
+    )
     assert_same_output(memory, disk)
 
 
@@ -202,15 +216,44 @@ def test_cli_offload_disk(capsys, folders, tmp_path):
 
     out = tmp_path / "cli"
     with pytest.raises(SystemExit) as e:
-        app(["prune", "--model", str(folders("llama")), "--method", "flap", "--sparsity", "0.35", "--offload", "disk",
-             "--out", str(out), "--device", "cpu", "--calib-samples", "4", "--seq-len", "32", "--batch-size", "2",
-             "-q"])
+        app(
+            [
+                "prune",
+                "--model",
+                str(folders("llama")),
+                "--method",
+                "flap",
+                "--sparsity",
+                "0.35",
+                "--offload",
+                "disk",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--calib-samples",
+                "4",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "2",
+                "-q",
+            ]
+        )
     assert e.value.code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["offload"] == "disk" and len(report["stream"]["walks"]) == 2  # statistics, then cuts
     assert report["stream"]["verify_max_logit_diff"] < 1e-4
-    memory = prune(str(folders("llama")), out=tmp_path / "memory", offload="none", progress=False, method="flap",
-                   sparsity=0.35, device="cpu", **CALIB)
+    memory = prune(
+        str(folders("llama")),
+        out=tmp_path / "memory",
+        offload="none",
+        progress=False,
+        method="flap",
+        sparsity=0.35,
+        device="cpu",
+        **CALIB,
+    )
     assert memory.out is not None
     assert_same_output(tmp_path / "memory", out)
 

@@ -43,7 +43,9 @@ def test_zero_units_removed_leave_logits_unchanged_uniform(model, tmp_path):
             zero_head(model, i, h)
         for c in (0, 7):
             zero_channel(model, i, c)
-        plan = edit(plan, i, kv_heads=[0], query_heads=[0, 1, 2], mlp_channels=[c for c in range(40) if c not in (0, 7)])
+        plan = edit(
+            plan, i, kv_heads=[0], query_heads=[0, 1, 2], mlp_channels=[c for c in range(40) if c not in (0, 7)]
+        )
     before = logits(model)
     apply_plan(model, plan)
     after = logits(model)
@@ -77,7 +79,12 @@ def test_query_heads_within_groups_and_heterogeneous_export(model, tmp_path):
     after = logits(model)
     assert torch.allclose(before, after, atol=1e-5)
     shapes = get_adapter(model).shapes()
-    assert [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes] == [(4, 2, 40), (3, 1, 40), (6, 2, 26), (6, 2, 40)]
+    assert [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes] == [
+        (4, 2, 40),
+        (3, 1, 40),
+        (6, 2, 26),
+        (6, 2, 40),
+    ]
     for s in shapes:  # GQA stays consistent: equal query heads per KV group
         assert s.num_heads % s.num_kv_heads == 0
     out = save_pruned(model, None, tmp_path / "out")
@@ -143,7 +150,10 @@ def test_bias_compensation_exports_and_reloads(model, tmp_path):
     """FLAP compensation adds o_proj/down_proj biases; stock-expressible for Llama, extra biases otherwise."""
     adapter = get_adapter(model)
     plan = edit(dense_plan(adapter, "tiny"), 1, kv_heads=[0], query_heads=[0, 1, 2], mlp_channels=list(range(20)))
-    means = [{"attn_in_mean": torch.randn(48, dtype=torch.float64), "mlp_in_mean": torch.randn(40, dtype=torch.float64)} for _ in range(4)]
+    means = [
+        {"attn_in_mean": torch.randn(48, dtype=torch.float64), "mlp_in_mean": torch.randn(40, dtype=torch.float64)}
+        for _ in range(4)
+    ]
     apply_plan(model, plan, means)
     assert get_adapter(model).o_proj(1).bias is not None and get_adapter(model).down_proj(1).bias is not None
     out = save_pruned(model, None, tmp_path / "out")

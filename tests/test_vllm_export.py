@@ -40,16 +40,24 @@ def vllm_shapes(config) -> dict[str, list[int]]:
         p = f"model.layers.{i}"
         if not block.attention.no_op:
             kv = config.num_attention_heads // block.attention.n_heads_in_group
-            shapes |= {f"{p}.input_layernorm.weight": [D], f"{p}.self_attn.q_proj.weight": [H * HD, D],
-                       f"{p}.self_attn.k_proj.weight": [kv * HD, D], f"{p}.self_attn.v_proj.weight": [kv * HD, D],
-                       f"{p}.self_attn.o_proj.weight": [D, H * HD]}
+            shapes |= {
+                f"{p}.input_layernorm.weight": [D],
+                f"{p}.self_attn.q_proj.weight": [H * HD, D],
+                f"{p}.self_attn.k_proj.weight": [kv * HD, D],
+                f"{p}.self_attn.v_proj.weight": [kv * HD, D],
+                f"{p}.self_attn.o_proj.weight": [D, H * HD],
+            }
             if config.attention_bias:
                 shapes[f"{p}.self_attn.o_proj.bias"] = [D]
         if not block.ffn.no_op:
             assert not hasattr(block.ffn, "ffn_mult")  # else vLLM rounds the width up to a multiple of 256
             n = block.ffn.intermediate_size
-            shapes |= {f"{p}.post_attention_layernorm.weight": [D], f"{p}.mlp.gate_proj.weight": [n, D],
-                       f"{p}.mlp.up_proj.weight": [n, D], f"{p}.mlp.down_proj.weight": [D, n]}
+            shapes |= {
+                f"{p}.post_attention_layernorm.weight": [D],
+                f"{p}.mlp.gate_proj.weight": [n, D],
+                f"{p}.mlp.up_proj.weight": [n, D],
+                f"{p}.mlp.down_proj.weight": [D, n],
+            }
             if config.mlp_bias:
                 shapes |= {f"{p}.mlp.gate_proj.bias": [n], f"{p}.mlp.up_proj.bias": [n], f"{p}.mlp.down_proj.bias": [D]}
     return shapes
@@ -80,8 +88,9 @@ def test_per_layer_widths_and_removed_sublayers_export_as_decilm(arch, tmp_path)
     state = load_file(out / "model.safetensors")
     shapes = vllm_shapes(config)
     if config.qkv_bias:
-        shapes |= {f"model.layers.{i}.self_attn.{n}_proj.bias": [(H if n == "q" else 2) * HD]
-                   for i in (0, 1, 3) for n in "qkv"}
+        shapes |= {
+            f"model.layers.{i}.self_attn.{n}_proj.bias": [(H if n == "q" else 2) * HD] for i in (0, 1, 3) for n in "qkv"
+        }
     layer_state = {k: list(v.shape) for k, v in state.items() if k.startswith("model.layers.")}
     assert layer_state == shapes
     for name, tensor in state.items():  # the pruned model's values; the filled-in biases are zeros

@@ -42,8 +42,23 @@ from domainprune.vocab import (
 VOCAB = 49152
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Real Python for the domain: a few standard-library modules (~200 kB), split into calibration and test documents.
-DOMAIN_FILES = ["textwrap.py", "string.py", "json/encoder.py", "json/decoder.py", "shlex.py", "fnmatch.py", "glob.py",
-                "bisect.py", "heapq.py", "keyword.py", "colorsys.py", "calendar.py", "csv.py", "queue.py", "sched.py"]
+DOMAIN_FILES = [
+    "textwrap.py",
+    "string.py",
+    "json/encoder.py",
+    "json/decoder.py",
+    "shlex.py",
+    "fnmatch.py",
+    "glob.py",
+    "bisect.py",
+    "heapq.py",
+    "keyword.py",
+    "colorsys.py",
+    "calendar.py",
+    "csv.py",
+    "queue.py",
+    "sched.py",
+]
 
 # Strings that are not code: unicode, emoji (ZWJ sequences, skin tones), CJK, RTL, whitespace runs, tabs and
 # newlines, special-token text, control characters the original keeps.
@@ -116,8 +131,20 @@ def mapped(report, old_ids: list[int]) -> list[int]:
 
 def random_unicode(seed: int, n: int = 400) -> str:
     """Characters from many scripts and planes (the original tokenizer encodes all of them)."""
-    ranges = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x52F), (0x590, 0x6FF), (0x900, 0x97F), (0x3040, 0x30FF),
-              (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF), (0x20000, 0x2A6DF), (0x9, 0xA), (0xD, 0xD)]
+    ranges = [
+        (0x20, 0x7E),
+        (0xA0, 0x24F),
+        (0x370, 0x52F),
+        (0x590, 0x6FF),
+        (0x900, 0x97F),
+        (0x3040, 0x30FF),
+        (0x4E00, 0x9FFF),
+        (0xAC00, 0xD7A3),
+        (0x1F300, 0x1FAFF),
+        (0x20000, 0x2A6DF),
+        (0x9, 0xA),
+        (0xD, 0xD),
+    ]
     rng = random.Random(seed)
     return "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(n))
 
@@ -188,7 +215,9 @@ def test_tokenizer_files_are_consistent(tok, trimmed, tmp_path):
     got = [tuple(m) for m in spec["model"]["merges"]]
     expected = [m for m in original_merges if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
     assert got == expected and 0 < len(got) < len(original_merges)
-    assert [(a["content"], a["id"]) for a in spec["added_tokens"]] == [(c, mapped(report, [old[c]])[0]) for c in [a["content"] for a in spec["added_tokens"]]]
+    assert [(a["content"], a["id"]) for a in spec["added_tokens"]] == [
+        (c, mapped(report, [old[c]])[0]) for c in [a["content"] for a in spec["added_tokens"]]
+    ]
     config = json.loads((out / "config.json").read_text())
     generation = json.loads((out / "generation_config.json").read_text())
     assert config["vocab_size"] == report.kept_vocab == len(new_tok)
@@ -206,7 +235,10 @@ def test_tokenizer_files_are_consistent(tok, trimmed, tmp_path):
 # --- model -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("qwen2", False), ("gemma3_text", True), ("mistral", False), ("qwen3", True)])
+@pytest.mark.parametrize(
+    "arch,tie",
+    [("llama", True), ("llama", False), ("qwen2", False), ("gemma3_text", True), ("mistral", False), ("qwen3", True)],
+)
 def test_logits_over_kept_tokens_equal_the_original(arch, tie, trimmed):
     *_, report = trimmed
     original = tiny(arch, tie)
@@ -320,7 +352,9 @@ def test_optuna_strategy(tok, corpus):
 
 def test_report_figures(tok, corpus, trimmed):
     loaded, model, new_tok, report = trimmed
-    evaluation = evaluate_trim(loaded, model, new_tok, report, domain=corpus, general=None, chars=4000, seq_len=64, speed=False)
+    evaluation = evaluate_trim(
+        loaded, model, new_tok, report, domain=corpus, general=None, chars=4000, seq_len=64, speed=False
+    )
     fig = evaluation["sources"]["domain"]
     assert 0.7 < fig["test_coverage"] <= 1
     o, t = fig["original"], fig["trimmed"]
@@ -337,7 +371,9 @@ def test_report_figures(tok, corpus, trimmed):
     target = x[0, 1:]
     nll = -lp[torch.arange(len(target)), target][target != tok.eos_token_id].double().sum().item()
     by_hand = nll / np.log(2) / sum(len(p.encode()) for p in pieces)
-    assert text_figures(loaded.model, tok, pieces, seq_len=len(ids))["bits_per_byte"] == pytest.approx(by_hand, rel=1e-6)
+    assert text_figures(loaded.model, tok, pieces, seq_len=len(ids))["bits_per_byte"] == pytest.approx(
+        by_hand, rel=1e-6
+    )
 
 
 def test_speed_figures_use_valid_ids(trimmed):
@@ -372,7 +408,9 @@ def test_bad_input(tok, corpus, trimmed, tmp_path):
     # the input model's folder is refused even with force
     src = tmp_path / "src"
     src.mkdir()
-    one_line_error(lambda: save(model, new_tok, dataclasses.replace(report, model_path=str(src)), src, force=True), "input model")
+    one_line_error(
+        lambda: save(model, new_tok, dataclasses.replace(report, model_path=str(src)), src, force=True), "input model"
+    )
 
 
 def test_byte_fallback_bpe_without_byte_level(corpus):
@@ -383,7 +421,9 @@ def test_byte_fallback_bpe_without_byte_level(corpus):
 
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    bpe.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=900, special_tokens=specials, show_progress=False)
     bpe.train_from_iterator([(STDLIB / "textwrap.py").read_text()], trainer)
@@ -412,7 +452,10 @@ def test_non_bpe_tokenizer_is_refused():
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     word_level = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="b")
     loaded = LoadedModel(tiny_model("llama", vocab_size=3), word_level, None, "word-level")
-    one_line_error(lambda: trim_vocabulary(loaded, Corpus("c", [Document(keyed("d", "calibration"), "a b")]), coverage=0.5), "BPE tokenizers only")
+    one_line_error(
+        lambda: trim_vocabulary(loaded, Corpus("c", [Document(keyed("d", "calibration"), "a b")]), coverage=0.5),
+        "BPE tokenizers only",
+    )
 
 
 def test_cli(tok, corpus, tmp_path):
@@ -429,8 +472,26 @@ def test_cli(tok, corpus, tmp_path):
         name = next(f"d{n}_{i}.txt" for i in range(1000) if split_of(f"d{n}_{i}.txt") == split_of(doc.group))
         (data / name).write_text(doc.text)
     out = tmp_path / "out"
-    args = ["vocab", str(src), "--data", str(data), "--coverage", "0.99", "--out", str(out), "--general", "",
-            "--eval-chars", "2000", "--seq-len", "64", "--no-speed", "--device", "cpu", "--quiet"]
+    args = [
+        "vocab",
+        str(src),
+        "--data",
+        str(data),
+        "--coverage",
+        "0.99",
+        "--out",
+        str(out),
+        "--general",
+        "",
+        "--eval-chars",
+        "2000",
+        "--seq-len",
+        "64",
+        "--no-speed",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "vocab_report.json").read_text())

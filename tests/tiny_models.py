@@ -18,7 +18,9 @@ COMMON = dict(
 )
 EXTRA = {
     # a sliding window shorter than the test sequences, so sliding layers really differ from global ones
-    "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=8),
+    "gemma3_text": dict(
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=8
+    ),
     "mistral": dict(sliding_window=None),
     "qwen2": dict(),
     "qwen3": dict(),

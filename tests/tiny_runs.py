@@ -27,7 +27,20 @@ TASK = [
     {"context": "x = [1, 2", "choices": [", 3]", " dog"], "label": 1},
 ]
 # What the compare run measures (beside --data CORPUS): tiny settings, no throughput (seconds per model).
-SMALL = ["--samples", "2", "--seq-len", "16", "--batch-size", "2", "--prompts", "2", "--new-tokens", "6", "--no-speed", "--quiet"]
+SMALL = [
+    "--samples",
+    "2",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "2",
+    "--prompts",
+    "2",
+    "--new-tokens",
+    "6",
+    "--no-speed",
+    "--quiet",
+]
 
 
 def small_corpus(folder: Path, files: int = 24, test_files: int = 3, chars: int = 3000) -> Path:
@@ -58,8 +71,16 @@ def build_runs(root: Path) -> dict[str, Path]:
     paths["corpus"] = small_corpus(root / "corpus")
     paths["task"].write_text("".join(json.dumps(item) + "\n" for item in TASK))
     for name, recipe in RUNS.items():
-        paths[name] = prune(loaded(tiny_lm(**MODEL), tok), data=str(paths["corpus"]), calib_samples=2, seq_len=16,
-                            batch_size=2, out=root / name, progress=False, **recipe).out
+        paths[name] = prune(
+            loaded(tiny_lm(**MODEL), tok),
+            data=str(paths["corpus"]),
+            calib_samples=2,
+            seq_len=16,
+            batch_size=2,
+            out=root / name,
+            progress=False,
+            **recipe,
+        ).out
     return paths
 
 
@@ -68,8 +89,21 @@ def compared(capsys, root: Path) -> Path:
     out = root / "compare"
     if not (out / "compare.json").is_file():
         runs = build_runs(root)
-        code, _, err = cli(capsys, "compare", runs["flap35"], runs["wanda50"], "--baseline", runs["dense"],
-                           "--data", runs["corpus"], "--tasks", runs["task"], *SMALL, "--out", out)
+        code, _, err = cli(
+            capsys,
+            "compare",
+            runs["flap35"],
+            runs["wanda50"],
+            "--baseline",
+            runs["dense"],
+            "--data",
+            runs["corpus"],
+            "--tasks",
+            runs["task"],
+            *SMALL,
+            "--out",
+            out,
+        )
         assert code == 0, err
     return out
 

@@ -7,8 +7,8 @@ fails with one line naming the supported ones.
 from __future__ import annotations
 
 from ..errors import DomainpruneError
-from .base import ADAPTERS, DecoderAdapter, RemovedAttention, RemovedMLP, register
 from . import gemma3, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe  # noqa: F401  (registration)
+from .base import ADAPTERS, DecoderAdapter, RemovedAttention, RemovedMLP, register
 from .moe import MoEAdapter
 
 
@@ -23,4 +23,13 @@ def get_adapter(model) -> DecoderAdapter:
     return adapter_class_for(model.config.model_type)(model)
 
 
-__all__ = ["ADAPTERS", "DecoderAdapter", "MoEAdapter", "RemovedAttention", "RemovedMLP", "adapter_class_for", "get_adapter", "register"]
+__all__ = [
+    "ADAPTERS",
+    "DecoderAdapter",
+    "MoEAdapter",
+    "RemovedAttention",
+    "RemovedMLP",
+    "adapter_class_for",
+    "get_adapter",
+    "register",
+]

@@ -259,7 +259,11 @@ class DecoderAdapter:
         return rows * d + (rows if self._qkv_bias() else 0) + num_heads * hd * d
 
     def _qkv_bias(self) -> bool:
-        return any(self.attention_in_projs(i)[0].bias is not None for i in range(self.num_layers) if not self.attention_removed(i))
+        return any(
+            self.attention_in_projs(i)[0].bias is not None
+            for i in range(self.num_layers)
+            if not self.attention_removed(i)
+        )
 
     def mlp_params(self, channels: int) -> int:
         return 3 * self.hidden_size * channels
@@ -268,7 +272,9 @@ class DecoderAdapter:
         return self.attention_params(shape.num_heads, shape.num_kv_heads) + self.mlp_params(shape.intermediate_size)
 
     # ----- surgery -----------------------------------------------------------------------------------------
-    def slice_attention(self, i: int, keep_heads: list[int], keep_kv_heads: list[int], bias: torch.Tensor | None = None) -> None:
+    def slice_attention(
+        self, i: int, keep_heads: list[int], keep_kv_heads: list[int], bias: torch.Tensor | None = None
+    ) -> None:
         """Keep the given query heads and KV heads of layer i (indices into its current heads).
 
         `bias` (hidden_size,) is added to o_proj's output: FLAP's compensation for the removed heads' mean output.
@@ -312,7 +318,9 @@ class DecoderAdapter:
 
     def residual_norms(self) -> list[nn.Module]:
         """The RMSNorms over the residual stream: each layer's two and the final one."""
-        return [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [self.decoder.norm]
+        return [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [
+            self.decoder.norm
+        ]
 
     def hidden_multiple(self) -> int:
         """What a pruned hidden size of this (unpruned) model must be a multiple of: the experts kernel's alignment,
@@ -337,7 +345,9 @@ class DecoderAdapter:
         """
         d = self.hidden_size
         if not self.prunable_hidden:
-            raise DomainpruneError(f"hidden channels of {self.model_type!r} models cannot be pruned exactly ({self.hidden_not_prunable_reason})")
+            raise DomainpruneError(
+                f"hidden channels of {self.model_type!r} models cannot be pruned exactly ({self.hidden_not_prunable_reason})"
+            )
         keep = sorted(set(keep))
         if not keep or not all(0 <= c < d for c in keep):
             raise DomainpruneError(f"hidden channels to keep must be ≥1 distinct indices in 0..{d - 1}")
@@ -413,7 +423,9 @@ class DecoderAdapter:
 
         Called after bias compensation so all layers have the same parameter set, which stock loading needs.
         """
-        attn_bias = any(not self.attention_removed(i) and self.o_proj(i).bias is not None for i in range(self.num_layers))
+        attn_bias = any(
+            not self.attention_removed(i) and self.o_proj(i).bias is not None for i in range(self.num_layers)
+        )
         mlp_bias = any(self.has_dense_mlp(i) and self.down_proj(i).bias is not None for i in range(self.num_layers))
         for i in range(self.num_layers):
             if attn_bias and not self.attention_removed(i):

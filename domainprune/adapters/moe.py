@@ -163,8 +163,12 @@ class MoEAdapter(DecoderAdapter):
         = [gates; ups] and `down_proj` (E, d, I), no biases (transformers' `use_experts_implementation` flags)."""
         experts = self.experts(i)
         names = {n for n, _ in experts.named_parameters(recurse=False)}
-        flags = (getattr(experts, "has_gate", True), getattr(experts, "is_concatenated", True),
-                 getattr(experts, "is_transposed", False), getattr(experts, "has_bias", False))
+        flags = (
+            getattr(experts, "has_gate", True),
+            getattr(experts, "is_concatenated", True),
+            getattr(experts, "is_transposed", False),
+            getattr(experts, "has_bias", False),
+        )
         if names != {"gate_up_proj", "down_proj"} or flags != (True, True, False, False):
             raise DomainpruneError(
                 f"layer {i}: the experts' weights {sorted(names)} are not the fused [gate; up] layout this adapter "
@@ -210,7 +214,10 @@ class MoEAdapter(DecoderAdapter):
 
     def shape(self, i: int) -> LayerShape:
         return replace(
-            super().shape(i), num_experts=self.num_experts(i), expert_width=self.expert_width(i), shared_width=self.shared_width(i)
+            super().shape(i),
+            num_experts=self.num_experts(i),
+            expert_width=self.expert_width(i),
+            shared_width=self.shared_width(i),
         )
 
     # ----- parameter accounting ----------------------------------------------------------------------------
@@ -237,7 +244,9 @@ class MoEAdapter(DecoderAdapter):
         return num_experts * (width * per_channel + per_expert) + shared_width * per_shared + fixed
 
     def layer_params(self, shape: LayerShape) -> int:
-        return super().layer_params(shape) + self.expert_params(shape.num_experts, shape.expert_width, shape.shared_width)
+        return super().layer_params(shape) + self.expert_params(
+            shape.num_experts, shape.expert_width, shape.shared_width
+        )
 
     # ----- surgery -----------------------------------------------------------------------------------------
     def slice_mlp(self, i: int, keep_channels: list[int], bias: torch.Tensor | None = None) -> None:
@@ -260,7 +269,9 @@ class MoEAdapter(DecoderAdapter):
         for module in (router, experts):
             for name, p in list(module.named_parameters(recurse=False)):
                 if p.shape[0] != n:
-                    raise DomainpruneError(f"layer {i}: {name} {tuple(p.shape)} is not indexed by expert; adapter needs updating")
+                    raise DomainpruneError(
+                        f"layer {i}: {name} {tuple(p.shape)} is not indexed by expert; adapter needs updating"
+                    )
                 index = torch.tensor(keep, dtype=torch.long, device=p.device)
                 sliced = p.detach().index_select(0, index).clone()
                 setattr(module, name, nn.Parameter(sliced, requires_grad=p.requires_grad))
@@ -277,7 +288,9 @@ class MoEAdapter(DecoderAdapter):
         n, w = self.num_experts(i), self.expert_width(i)
         keep = [sorted(k) for k in keep]
         if (
-            len(keep) != n or len({len(k) for k in keep}) != 1 or not keep[0]
+            len(keep) != n
+            or len({len(k) for k in keep}) != 1
+            or not keep[0]
             or any(len(set(k)) != len(k) or not all(0 <= c < w for c in k) for k in keep)
         ):
             raise DomainpruneError(
@@ -387,7 +400,12 @@ class MoEAdapter(DecoderAdapter):
         return handles
 
     def _accumulate_expert_inputs(
-        self, i: int, acc: dict[str, torch.Tensor], x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        i: int,
+        acc: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
     ) -> None:
         """Add Σ_t g·a and Σ_t (g·a)² per routed expert and channel (module docstring), each expert run on the tokens
         routed to it only, with the module's own gating function."""
@@ -419,7 +437,9 @@ class MoEAdapter(DecoderAdapter):
         `experts.gate_up_proj` (E, 2·I, d) = [stacked gates; stacked ups] along dim 1 and `experts.down_proj`
         (E, d, I); the block is renamed to `mlp`. Tensors already in the fused layout pass through."""
         gate, up, down = self.checkpoint_projs
-        expert_key = re.compile(rf"^(.*\.layers\.\d+)\.{re.escape(self.checkpoint_block)}\.experts\.(\d+)\.(\w+)\.weight$")
+        expert_key = re.compile(
+            rf"^(.*\.layers\.\d+)\.{re.escape(self.checkpoint_block)}\.experts\.(\d+)\.(\w+)\.weight$"
+        )
         out: dict[str, torch.Tensor] = {}
         grouped: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
         for key, tensor in state.items():
@@ -444,7 +464,9 @@ class MoEAdapter(DecoderAdapter):
         heads = {(s.num_heads, s.num_kv_heads) for s in shapes}
         dense = {s.intermediate_size for i, s in enumerate(shapes) if i not in moe}
         experts = {(shapes[i].num_experts, self.top_k(i), shapes[i].expert_width, shapes[i].shared_width) for i in moe}
-        return len(heads) == 1 and 0 not in next(iter(heads)) and len(dense) <= 1 and 0 not in dense and len(experts) <= 1
+        return (
+            len(heads) == 1 and 0 not in next(iter(heads)) and len(dense) <= 1 and 0 not in dense and len(experts) <= 1
+        )
 
     def sync_config(self) -> None:
         self.config.head_dim = self.head_dim

@@ -16,6 +16,8 @@ class OlmoeAdapter(MoEAdapter):
         "q_norm/k_norm normalise all heads together, so removing a head rescales the kept ones on every token"
     )
     prunable_hidden = False
-    hidden_not_prunable_reason = "q_norm is built at hidden_size over the whole q projection, which hidden pruning does not shrink"
+    hidden_not_prunable_reason = (
+        "q_norm is built at hidden_size over the whole q projection, which hidden pruning does not shrink"
+    )
     experts_config_key = "num_experts"
     expert_width_key = "intermediate_size"

@@ -4,7 +4,7 @@ Allocation decides how many of each to keep."""
 
 from __future__ import annotations
 
-from .base import CRITERIA, Criterion, LayerScores, get_criterion, register
 from . import cfsp, depth, experts, flap, gradient, magnitude, obs, wanda_sp  # noqa: F401  (registration)
+from .base import CRITERIA, Criterion, LayerScores, get_criterion, register
 
 __all__ = ["CRITERIA", "Criterion", "LayerScores", "get_criterion", "register"]

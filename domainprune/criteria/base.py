@@ -88,7 +88,9 @@ def moe_channel_scores(adapter: DecoderAdapter, i: int, stats: LayerStats | None
         if stats is None:
             return None
         if key not in stats:
-            raise DomainpruneError(f"statistics lack {key!r} (written by an older version); clear the statistics cache and rerun")
+            raise DomainpruneError(
+                f"statistics lack {key!r} (written by an older version); clear the statistics cache and rerun"
+            )
         return stats[key].double()
 
     gate, up, down = (w.double().cpu() for w in adapter.expert_mlp_weights(i))

@@ -73,14 +73,24 @@ class GradientCriterion(Criterion):
 
     def layer_units(self, i: int) -> dict:
         if self.units is None:
-            raise DomainpruneError(f"method {self.name!r} needs gradient statistics: call prepare() first (make_plan does)")
+            raise DomainpruneError(
+                f"method {self.name!r} needs gradient statistics: call prepare() first (make_plan does)"
+            )
         return self.units[i]
 
-    def _one_stream(self, ctx: GradientContext, quantities: set[str], objective: str = "loss", extra: tuple = ()) -> list[dict]:
+    def _one_stream(
+        self, ctx: GradientContext, quantities: set[str], objective: str = "loss", extra: tuple = ()
+    ) -> list[dict]:
         def compute():
             units, _ = gr.accumulate(
-                ctx.model, ctx.adapter, ctx.domain, quantities=quantities, micro_batch=ctx.micro_batch,
-                objective=objective, gradient_checkpointing=ctx.gradient_checkpointing, progress=ctx.progress,
+                ctx.model,
+                ctx.adapter,
+                ctx.domain,
+                quantities=quantities,
+                micro_batch=ctx.micro_batch,
+                objective=objective,
+                gradient_checkpointing=ctx.gradient_checkpointing,
+                progress=ctx.progress,
             )
             return units
 
@@ -144,15 +154,28 @@ class DPruner(GradientCriterion):
             G = gr.general_importance(ctx.model, ctx.adapter, general, ctx.batch_size, self.damping, ctx.progress)
             g_units = [{p: gr.per_unit(t, p, gr.unit_width(ctx.adapter, p)) for p, t in layer.items()} for layer in G]
             units, _ = gr.accumulate(
-                ctx.model, ctx.adapter, ctx.domain, quantities={"dpruner"}, micro_batch=ctx.micro_batch,
-                gradient_checkpointing=ctx.gradient_checkpointing, general_importance=G,
-                dpruner_lambda=self.reg_lambda, dpruner_step=self.step, progress=ctx.progress,
+                ctx.model,
+                ctx.adapter,
+                ctx.domain,
+                quantities={"dpruner"},
+                micro_batch=ctx.micro_batch,
+                gradient_checkpointing=ctx.gradient_checkpointing,
+                general_importance=G,
+                dpruner_lambda=self.reg_lambda,
+                dpruner_step=self.step,
+                progress=ctx.progress,
             )
             for u, g in zip(units, g_units):
                 u["general"] = g
             return units
 
-        parts = [*gr.fingerprints(ctx.model, ctx.domain, general), ctx.micro_batch, self.reg_lambda, self.step, self.damping]
+        parts = [
+            *gr.fingerprints(ctx.model, ctx.domain, general),
+            ctx.micro_batch,
+            self.reg_lambda,
+            self.step,
+            self.damping,
+        ]
         return gr.cached(self.name, parts, run, ctx.use_cache)
 
     def score_layer(self, adapter, i, stats):
@@ -179,12 +202,23 @@ class GAPrune(GradientCriterion):
 
         def run():
             gen, ref = gr.accumulate(
-                ctx.model, ctx.adapter, general, quantities={"absw_g2"}, micro_batch=ctx.micro_batch,
-                gradient_checkpointing=ctx.gradient_checkpointing, keep_mean_gradient=True, progress=ctx.progress,
+                ctx.model,
+                ctx.adapter,
+                general,
+                quantities={"absw_g2"},
+                micro_batch=ctx.micro_batch,
+                gradient_checkpointing=ctx.gradient_checkpointing,
+                keep_mean_gradient=True,
+                progress=ctx.progress,
             )
             dom, _ = gr.accumulate(
-                ctx.model, ctx.adapter, ctx.domain, quantities={"absw_g2", "gbar_dot_ref", "gbar_sq", "ref_sq"},
-                micro_batch=ctx.micro_batch, gradient_checkpointing=ctx.gradient_checkpointing, reference=ref,
+                ctx.model,
+                ctx.adapter,
+                ctx.domain,
+                quantities={"absw_g2", "gbar_dot_ref", "gbar_sq", "ref_sq"},
+                micro_batch=ctx.micro_batch,
+                gradient_checkpointing=ctx.gradient_checkpointing,
+                reference=ref,
                 progress=ctx.progress,
             )
             for d, g in zip(dom, gen):

@@ -23,6 +23,8 @@ class WandaSP(Criterion):
             mlp = torch.zeros(0, dtype=torch.float64)
         heads = per_head(attn, adapter.head_dim)
         return LayerScores(
-            heads=heads, groups=per_group(heads, adapter.shape(i).num_kv_heads), channels=mlp,
+            heads=heads,
+            groups=per_group(heads, adapter.shape(i).num_kv_heads),
+            channels=mlp,
             **moe_channel_scores(adapter, i, stats, lambda g, u, down, s, sq, t: down.abs().mean(-2) * sq.sqrt()),
         )

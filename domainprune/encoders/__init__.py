@@ -4,5 +4,13 @@ evaluation and contrastive recovery. See docs/embeddings.md."""
 from .model import PRESETS, BertUnits, is_encoder, load_encoder
 from .pipeline import EncoderRecipe, evaluate_encoder, prune_encoder, recover_encoder
 
-__all__ = ["PRESETS", "BertUnits", "EncoderRecipe", "evaluate_encoder", "is_encoder", "load_encoder", "prune_encoder",
-           "recover_encoder"]
+__all__ = [
+    "PRESETS",
+    "BertUnits",
+    "EncoderRecipe",
+    "evaluate_encoder",
+    "is_encoder",
+    "load_encoder",
+    "prune_encoder",
+    "recover_encoder",
+]

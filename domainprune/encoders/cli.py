@@ -16,9 +16,20 @@ from ..outputs import check_output, local_inputs
 console = Console(stderr=True)
 # Decoder-only recipe options, with the value meaning "not given".
 DECODER_ONLY = {
-    "depth": None, "depth_sparsity": None, "hidden_sparsity": None, "experts_keep": None, "target_params": None,
-    "bias_compensation": None, "target_speedup": None, "vocab_coverage": None, "vocab_size": None, "round_to": None,
-    "micro_batch": None, "taylor_mode": None, "general_ratio": 0.0, "calib_candidates": 1,
+    "depth": None,
+    "depth_sparsity": None,
+    "hidden_sparsity": None,
+    "experts_keep": None,
+    "target_params": None,
+    "bias_compensation": None,
+    "target_speedup": None,
+    "vocab_coverage": None,
+    "vocab_size": None,
+    "round_to": None,
+    "micro_batch": None,
+    "taylor_mode": None,
+    "general_ratio": 0.0,
+    "calib_candidates": 1,
 }
 
 
@@ -26,8 +37,9 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def prune(model: str, recipe: dict, *, out: Path, recover: bool, export_to: str | None, force: bool,
-          quiet: bool) -> None:
+def prune(
+    model: str, recipe: dict, *, out: Path, recover: bool, export_to: str | None, force: bool, quiet: bool
+) -> None:
     from .pipeline import prune_encoder, recover_encoder
 
     for name, unset in DECODER_ONLY.items():
@@ -38,15 +50,20 @@ def prune(model: str, recipe: dict, *, out: Path, recover: bool, export_to: str 
     if recipe.get("reconstruct") not in (None, "none"):
         raise DomainpruneError("--reconstruct applies to decoders only; drop it for an encoder")
     if recipe.get("deploy") not in (None, "transformers"):
-        raise DomainpruneError("encoders deploy with sentence-transformers: use --deploy transformers (a stock "
-                               "config: FFN channels only) or leave --deploy out")
+        raise DomainpruneError(
+            "encoders deploy with sentence-transformers: use --deploy transformers (a stock "
+            "config: FFN channels only) or leave --deploy out"
+        )
     if export_to is not None:
         raise DomainpruneError("--export gguf is for decoders; an encoder output is a sentence-transformers folder")
     fields: dict[str, Any] = {
-        "data": recipe["data"], "general_data": recipe.get("general_data") or "general",
+        "data": recipe["data"],
+        "general_data": recipe.get("general_data") or "general",
         "sparsity": 0.35 if recipe.get("sparsity") is None else recipe["sparsity"],
         "units": "ffn" if recipe.get("deploy") == "transformers" else "all",
-        "calib_samples": recipe["calib_samples"], "batch_size": recipe["batch_size"], "seed": recipe["seed"],
+        "calib_samples": recipe["calib_samples"],
+        "batch_size": recipe["batch_size"],
+        "seed": recipe["seed"],
         "seq_len": recipe["seq_len"],
         "device": recipe["device"],
     }
@@ -54,14 +71,26 @@ def prune(model: str, recipe: dict, *, out: Path, recover: bool, export_to: str 
         fields["method"] = recipe["method"]
     result = prune_encoder(model, out=out, force=force, progress=not quiet, **fields)
     r = result.report
-    console.print(f"[bold green]pruned[/] {model} with {result.recipe.method}: attention+FFN parameters "
-                  f"{r['attention_mlp_params'][0]:,} → {r['attention_mlp_params'][1]:,} "
-                  f"({r['sparsity_achieved']:.1%}); wrote {out} in {r['prune_seconds']:.0f} s")
+    console.print(
+        f"[bold green]pruned[/] {model} with {result.recipe.method}: attention+FFN parameters "
+        f"{r['attention_mlp_params'][0]:,} → {r['attention_mlp_params'][1]:,} "
+        f"({r['sparsity_achieved']:.1%}); wrote {out} in {r['prune_seconds']:.0f} s"
+    )
     if recover:
-        rec = recover_encoder(out, out=out, in_place=True, force=True, data=recipe["data"], seed=recipe["seed"],
-                              device=recipe["device"], progress=not quiet)
-        console.print(f"[bold green]recovered[/] {rec.report['steps']} contrastive steps in "
-                      f"{rec.report['train_seconds']:.0f} s; wrote {out}")
+        rec = recover_encoder(
+            out,
+            out=out,
+            in_place=True,
+            force=True,
+            data=recipe["data"],
+            seed=recipe["seed"],
+            device=recipe["device"],
+            progress=not quiet,
+        )
+        console.print(
+            f"[bold green]recovered[/] {rec.report['steps']} contrastive steps in "
+            f"{rec.report['train_seconds']:.0f} s; wrote {out}"
+        )
     loader = "SentenceTransformer" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(out)!r})")
 
@@ -74,18 +103,22 @@ def _table(title: str, names: list[str], figures: list[dict[str, dict[str, float
     for task in figures[0]:
         first = figures[0][task]
         for key in ("ndcg@10", "mrr@10", "sentences_per_s"):
-            label = f"{task} {key} ({first['queries']} queries, {first['passages']} passages)" if key != \
-                "sentences_per_s" else f"{task} sentences/s"
-            table.add_row(label, *(f"{f[task][key]:.4f}" if key != "sentences_per_s" else f"{f[task][key]:.1f}"
-                                   for f in figures))
+            label = (
+                f"{task} {key} ({first['queries']} queries, {first['passages']} passages)"
+                if key != "sentences_per_s"
+                else f"{task} sentences/s"
+            )
+            table.add_row(
+                label, *(f"{f[task][key]:.4f}" if key != "sentences_per_s" else f"{f[task][key]:.1f}" for f in figures)
+            )
     table.add_row("parameters", *(f"{p:,}" for p in params))
     return table
 
 
 def _measure(names: list[str], data: list[str], batch_size: int, device: str, quiet: bool) -> list[dict]:
+    from ..models import resolve_device
     from .model import load_encoder
     from .pipeline import evaluate_encoder
-    from ..models import resolve_device
 
     results = []
     for name in names:
@@ -95,22 +128,46 @@ def _measure(names: list[str], data: list[str], batch_size: int, device: str, qu
     return results
 
 
-def evaluate(model: str, *, data: list[str], baseline: str | None, batch_size: int, device: str,
-             json_out: Path | None, force: bool, quiet: bool) -> None:
+def evaluate(
+    model: str,
+    *,
+    data: list[str],
+    baseline: str | None,
+    batch_size: int,
+    device: str,
+    json_out: Path | None,
+    force: bool,
+    quiet: bool,
+) -> None:
     if json_out is not None:
         check_output(json_out, force=force, kind="file", inputs=local_inputs(model, baseline, *data), option="--json")
     names = ([baseline] if baseline else []) + [model]
     results = _measure(names, data, batch_size, device, quiet)
-    Console().print(_table("domainprune eval (encoder retrieval, test split)", names,
-                           [r["tasks"] for r in results], [r["params"] for r in results]))
+    Console().print(
+        _table(
+            "domainprune eval (encoder retrieval, test split)",
+            names,
+            [r["tasks"] for r in results],
+            [r["params"] for r in results],
+        )
+    )
     if json_out is not None:
         from ..cache import atomic_write_bytes
 
         atomic_write_bytes(json_out, (json.dumps({"results": results}, indent=1) + "\n").encode())
 
 
-def compare(runs: list[str], *, baseline: str | None, data: list[str], batch_size: int, device: str, out: Path,
-            force: bool, quiet: bool) -> None:
+def compare(
+    runs: list[str],
+    *,
+    baseline: str | None,
+    data: list[str],
+    batch_size: int,
+    device: str,
+    out: Path,
+    force: bool,
+    quiet: bool,
+) -> None:
     from .. import cache
 
     check_output(out, force=force, inputs=local_inputs(*runs, baseline))
@@ -122,14 +179,19 @@ def compare(runs: list[str], *, baseline: str | None, data: list[str], batch_siz
         baseline = models.pop()
     names = [baseline, *runs]
     results = _measure(names, data, batch_size, device, quiet)
-    table = _table("domainprune compare (encoders)", names, [r["tasks"] for r in results],
-                   [r["params"] for r in results])
+    table = _table(
+        "domainprune compare (encoders)", names, [r["tasks"] for r in results], [r["params"] for r in results]
+    )
     Console(width=240).print(table)
-    lines = ["| model | params | " + " | ".join(f"{t} nDCG@10 | {t} MRR@10 | {t} sent/s" for t in data) + " |",
-             "|---|---:|" + "---:|" * (3 * len(data))]
+    lines = [
+        "| model | params | " + " | ".join(f"{t} nDCG@10 | {t} MRR@10 | {t} sent/s" for t in data) + " |",
+        "|---|---:|" + "---:|" * (3 * len(data)),
+    ]
     for r in results:
-        cells = [f"{r['tasks'][t]['ndcg@10']:.4f} | {r['tasks'][t]['mrr@10']:.4f} | "
-                 f"{r['tasks'][t]['sentences_per_s']:.1f}" for t in data]
+        cells = [
+            f"{r['tasks'][t]['ndcg@10']:.4f} | {r['tasks'][t]['mrr@10']:.4f} | {r['tasks'][t]['sentences_per_s']:.1f}"
+            for t in data
+        ]
         lines.append(f"| {r['name']} | {r['params']:,} | " + " | ".join(cells) + " |")
     with cache.atomic_dir(out, overwrite=force) as tmp:
         (tmp / "compare.json").write_text(json.dumps({"results": results}, indent=1) + "\n")
@@ -137,12 +199,35 @@ def compare(runs: list[str], *, baseline: str | None, data: list[str], batch_siz
     console.print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}")
 
 
-def recover(run_dir: Path, *, out: Path, data: str | None, steps: int, batch_size: int, lr: float, seed: int,
-            device: str, force: bool, quiet: bool) -> None:
+def recover(
+    run_dir: Path,
+    *,
+    out: Path,
+    data: str | None,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str,
+    force: bool,
+    quiet: bool,
+) -> None:
     from .pipeline import recover_encoder
 
-    result = recover_encoder(run_dir, out=out, force=force, data=data, steps=steps, batch_size=batch_size, lr=lr,
-                             seed=seed, device=device, progress=not quiet)
+    result = recover_encoder(
+        run_dir,
+        out=out,
+        force=force,
+        data=data,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        progress=not quiet,
+    )
     r = result.report
-    console.print(f"[bold green]recovered[/] {r['steps']} contrastive steps, loss {r['loss_first']:.3f} → "
-                  f"{r['loss_last']:.3f}, {r['train_seconds']:.0f} s; wrote {result.out}")
+    console.print(
+        f"[bold green]recovered[/] {r['steps']} contrastive steps, loss {r['loss_first']:.3f} → "
+        f"{r['loss_last']:.3f}, {r['train_seconds']:.0f} s; wrote {result.out}"
+    )

@@ -83,9 +83,13 @@ def unit_params(units: BertUnits, i: int) -> dict[str, torch.Tensor]:
 
 
 def unit_names() -> tuple[str, ...]:
-    return (*(f"attention.self.{p}.{t}" for p in ("query", "key", "value") for t in ("weight", "bias")),
-            "attention.output.dense.weight", "intermediate.dense.weight", "intermediate.dense.bias",
-            "output.dense.weight")
+    return (
+        *(f"attention.self.{p}.{t}" for p in ("query", "key", "value") for t in ("weight", "bias")),
+        "attention.output.dense.weight",
+        "intermediate.dense.weight",
+        "intermediate.dense.bias",
+        "output.dense.weight",
+    )
 
 
 @register("magnitude")
@@ -202,8 +206,9 @@ class SHRP(ActivationCriterion):
 # --- gradients of the contrastive loss -----------------------------------------------------------------------
 
 
-def gradient_stats(model: Any, pairs: list[tuple[str, str]], batch_size: int, progress: bool, desc: str
-                   ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+def gradient_stats(
+    model: Any, pairs: list[tuple[str, str]], batch_size: int, progress: bool, desc: str
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
     """Per layer and unit parameter: the empirical Fisher (1/B)·Σ_batches g² over micro-batches of InfoNCE with
     in-batch negatives, and the summed gradient ḡ (GAPrune's alignment). The model's weights are not changed."""
     units = BertUnits(model)
@@ -244,8 +249,10 @@ class Fisher(Criterion):
     def score(self, model, calib):
         units = BertUnits(model)
         fisher, _ = gradient_stats(model, calib.pairs, calib.batch_size, calib.progress, "fisher (domain)")
-        return [unit_sums(units, i, {n: f[n] * p.square() for n, p in unit_params(units, i).items()})
-                for i, f in enumerate(fisher)]
+        return [
+            unit_sums(units, i, {n: f[n] * p.square() for n, p in unit_params(units, i).items()})
+            for i, f in enumerate(fisher)
+        ]
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:
@@ -285,8 +292,12 @@ class GAPrune(Criterion):
                 m = m / (m.mean() if m.mean() > 0 else 1)
                 return torch.nn.functional.softplus(f * align + self.gamma * m)
 
-            out.append(LayerScores(dai(fisher.heads, dot.heads, dsq.heads, gsq.heads, mag.heads),
-                                   dai(fisher.channels, dot.channels, dsq.channels, gsq.channels, mag.channels)))
+            out.append(
+                LayerScores(
+                    dai(fisher.heads, dot.heads, dsq.heads, gsq.heads, mag.heads),
+                    dai(fisher.channels, dot.channels, dsq.channels, gsq.channels, mag.channels),
+                )
+            )
         return out
 
 
@@ -308,8 +319,12 @@ class ShortGPT(Criterion):
         for chunk in batches(calib.texts, calib.batch_size, calib.progress, "block influence"):
             features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model.preprocess(inputs=chunk).items()}
             mask = features["attention_mask"].bool()
-            out = units.bert(input_ids=features["input_ids"], attention_mask=features["attention_mask"],
-                             token_type_ids=features.get("token_type_ids"), output_hidden_states=True)
+            out = units.bert(
+                input_ids=features["input_ids"],
+                attention_mask=features["attention_mask"],
+                token_type_ids=features.get("token_type_ids"),
+                output_hidden_states=True,
+            )
             hidden = out.hidden_states
             for i in range(units.num_layers()):
                 cos = torch.nn.functional.cosine_similarity(hidden[i][mask], hidden[i + 1][mask], dim=-1)

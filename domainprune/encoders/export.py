@@ -26,8 +26,15 @@ def probe_embeddings(model: Any) -> torch.Tensor:
     return model.encode(list(PROBES), convert_to_tensor=True, show_progress_bar=False).float().cpu()
 
 
-def save_encoder(model: Any, out: str | Path, *, force: bool = False, extra_files: dict[str, str] | None = None,
-                 verify: bool = True, inputs: tuple[Path, ...] = ()) -> Path:
+def save_encoder(
+    model: Any,
+    out: str | Path,
+    *,
+    force: bool = False,
+    extra_files: dict[str, str] | None = None,
+    verify: bool = True,
+    inputs: tuple[Path, ...] = (),
+) -> Path:
     """Config, safetensors, tokenizer and pooling modules in `out`, moved into place once reloaded and checked."""
     out = check_output(out, force=force, inputs=inputs)
     units = BertUnits(model)
@@ -42,7 +49,8 @@ def save_encoder(model: Any, out: str | Path, *, force: bool = False, extra_file
             got = probe_embeddings(load_encoder(tmp, device=device))
             diff = float((got - reference).abs().max()) if got.shape == reference.shape else float("inf")
             if not diff <= 1e-4:  # also catches NaN
-                raise DomainpruneError(f"export verification failed: reloaded embeddings differ by {diff:.3g}; "
-                                       "nothing was written")
+                raise DomainpruneError(
+                    f"export verification failed: reloaded embeddings differ by {diff:.3g}; nothing was written"
+                )
             log.info("export verified: max embedding difference after reload %.2e", diff)
     return out

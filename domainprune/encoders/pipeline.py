@@ -53,8 +53,10 @@ class EncoderRecipe:
             raise DomainpruneError("encoders need --calib-samples and --batch-size of at least 2 (in-batch negatives)")
         for source in (self.data, self.general_data):
             if source not in retrieval.PRESETS and not Path(source).expanduser().is_file():
-                raise DomainpruneError(f"retrieval data {source!r} not found: give a preset "
-                                       f"({', '.join(retrieval.PRESETS)}) or a .jsonl file of query/positive rows")
+                raise DomainpruneError(
+                    f"retrieval data {source!r} not found: give a preset "
+                    f"({', '.join(retrieval.PRESETS)}) or a .jsonl file of query/positive rows"
+                )
 
 
 @dataclass
@@ -97,8 +99,10 @@ def uniform_widths(units: BertUnits, sparsity: float, which: str) -> tuple[int, 
     target = (1 - sparsity) * units.layer_params(i) - heads * units.head_params() - 2 * d
     channels = round(target / units.channel_params())
     if channels < 1:
-        raise DomainpruneError(f"--sparsity {sparsity} cannot be met by FFN channels alone with every head kept; "
-                               "use --encoder-units all or a lower sparsity")
+        raise DomainpruneError(
+            f"--sparsity {sparsity} cannot be met by FFN channels alone with every head kept; "
+            "use --encoder-units all or a lower sparsity"
+        )
     return heads, min(channels, units.channels(i))
 
 
@@ -124,8 +128,9 @@ def apply_plan(units: BertUnits, plan: dict) -> None:
         units.keep_channels(i, layer["channels"])
 
 
-def prune_encoder(model: str | Any, *, out: str | Path | None = None, force: bool = False, progress: bool = True,
-                  **fields: Any) -> EncoderResult:
+def prune_encoder(
+    model: str | Any, *, out: str | Path | None = None, force: bool = False, progress: bool = True, **fields: Any
+) -> EncoderResult:
     """Prune a sentence encoder (a preset, folder, or loaded SentenceTransformer with `source` in fields) for the
     retrieval data in `data`; with `out`, write the verified checkpoint plus plan.json, recipe.json, report.json."""
     source = fields.pop("source", None) if not isinstance(model, str) else model
@@ -163,28 +168,52 @@ def prune_encoder(model: str | Any, *, out: str | Path | None = None, force: boo
     }
     result = EncoderResult(model, plan, report, recipe=recipe)
     if out is not None:
-        extra = {"plan.json": json.dumps(plan) + "\n", "recipe.json": json.dumps(asdict(recipe), indent=1) + "\n",
-                 "report.json": json.dumps(report, indent=1) + "\n"}
-        result.out = save_encoder(model, out, force=force, extra_files=extra, inputs=tuple(
-            local_inputs(recipe.data, recipe.general_data)))
+        extra = {
+            "plan.json": json.dumps(plan) + "\n",
+            "recipe.json": json.dumps(asdict(recipe), indent=1) + "\n",
+            "report.json": json.dumps(report, indent=1) + "\n",
+        }
+        result.out = save_encoder(
+            model, out, force=force, extra_files=extra, inputs=tuple(local_inputs(recipe.data, recipe.general_data))
+        )
     return result
 
 
-def evaluate_encoder(model: str | Any, *, data: list[str] | tuple[str, ...] = ("code", "general"),
-                     split: str = "test", max_queries: int | None = None, batch_size: int = 64,
-                     device: str = "auto", progress: bool = False) -> dict[str, dict[str, float]]:
+def evaluate_encoder(
+    model: str | Any,
+    *,
+    data: list[str] | tuple[str, ...] = ("code", "general"),
+    split: str = "test",
+    max_queries: int | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
     """nDCG@10, MRR@10 and sentences/s per retrieval task (its `split`'s queries over that split's whole corpus)."""
-    tasks = {name: retrieval.build_split(name, retrieval.load_pairs(name), split, max_queries=max_queries)
-             for name in data}
+    tasks = {
+        name: retrieval.build_split(name, retrieval.load_pairs(name), split, max_queries=max_queries) for name in data
+    }
     if isinstance(model, str):
         model = load_encoder(model, device=resolve_device(device))
-    return {name: retrieval.evaluate(model, task, batch_size=batch_size, progress=progress)
-            for name, task in tasks.items()}
+    return {
+        name: retrieval.evaluate(model, task, batch_size=batch_size, progress=progress) for name, task in tasks.items()
+    }
 
 
-def recover_encoder(run: str | Path, *, out: str | Path, force: bool = False, data: str | None = None,
-                    steps: int = 60, batch_size: int = 32, lr: float = 2e-5, seed: int = 0, device: str = "auto",
-                    in_place: bool = False, progress: bool = True) -> EncoderResult:
+def recover_encoder(
+    run: str | Path,
+    *,
+    out: str | Path,
+    force: bool = False,
+    data: str | None = None,
+    steps: int = 60,
+    batch_size: int = 32,
+    lr: float = 2e-5,
+    seed: int = 0,
+    device: str = "auto",
+    in_place: bool = False,
+    progress: bool = True,
+) -> EncoderResult:
     """Contrastive recovery (InfoNCE, in-batch negatives) of an exported encoder on its domain's calibration pairs
     (from recipe.json unless `data` is given), written to `out` with the run's files and a recover.json."""
     run = Path(run)
@@ -198,11 +227,19 @@ def recover_encoder(run: str | Path, *, out: str | Path, force: bool = False, da
     pairs = retrieval.split_pairs(retrieval.load_pairs(data), "calibration")
     random.Random(seed).shuffle(pairs)
     model = load_encoder(run, device=resolve_device(device))
-    report = contrastive_recover(model, [(p.query, p.positive, *p.negatives) for p in pairs], steps=steps,
-                           batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    report = contrastive_recover(
+        model,
+        [(p.query, p.positive, *p.negatives) for p in pairs],
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        progress=progress,
+    )
     report["data"] = data
-    extra = {name: (run / name).read_text() for name in ("plan.json", "recipe.json", "report.json")
-             if (run / name).is_file()}
+    extra = {
+        name: (run / name).read_text() for name in ("plan.json", "recipe.json", "report.json") if (run / name).is_file()
+    }
     extra["recover.json"] = json.dumps(report, indent=1) + "\n"
     written = save_encoder(model, out, force=force or in_place, extra_files=extra)
     return EncoderResult(model, {}, report, out=written)

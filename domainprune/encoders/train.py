@@ -47,15 +47,24 @@ def info_nce(model: Any, pairs: list[tuple[str, ...]]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(pairs), device=logits.device))
 
 
-def recover(model: Any, pairs: list[tuple[str, ...]], *, steps: int = 60, batch_size: int = 32, lr: float = 2e-5,
-            seed: int = 0, progress: bool = False) -> dict[str, Any]:
+def recover(
+    model: Any,
+    pairs: list[tuple[str, ...]],
+    *,
+    steps: int = 60,
+    batch_size: int = 32,
+    lr: float = 2e-5,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Full fine-tuning with InfoNCE on `pairs` for `steps` batches (AdamW, linear warm-up over the first 10 %, then
     linear decay), pairs drawn in a seeded order; returns the loss before/after and the time."""
     from tqdm.auto import tqdm
 
     if len(pairs) < 2 or batch_size < 2:
-        raise DomainpruneError("contrastive recovery needs batches of at least 2 pairs; give more training pairs or "
-                               "raise --batch-size")
+        raise DomainpruneError(
+            "contrastive recovery needs batches of at least 2 pairs; give more training pairs or raise --batch-size"
+        )
     if steps < 1:
         raise DomainpruneError("--steps must be at least 1")
     torch.manual_seed(seed)
@@ -64,7 +73,8 @@ def recover(model: Any, pairs: list[tuple[str, ...]], *, steps: int = 60, batch_
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
     losses = []
     started = time.perf_counter()
     model.train()
@@ -86,5 +96,11 @@ def recover(model: Any, pairs: list[tuple[str, ...]], *, steps: int = 60, batch_
         model.eval()
         model.zero_grad(set_to_none=True)
     window = max(1, steps // 10)
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "loss_first": sum(losses[:window]) / window,
-            "loss_last": sum(losses[-window:]) / window, "train_seconds": round(time.perf_counter() - started, 2)}
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }

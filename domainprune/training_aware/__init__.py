@@ -18,8 +18,13 @@ TRAINING_METHODS: dict[str, tuple[type[common.TrainOptions], Any]] = {
 }
 
 # recipe fields the training-aware methods do not combine with (what the user wrote -> the option to leave out)
-EXCLUSIVE = {"depth": "--depth", "hidden_sparsity": "--hidden-sparsity", "experts_keep": "--experts-keep",
-             "target_speedup": "--target-speedup", "target_params": "--target-params"}
+EXCLUSIVE = {
+    "depth": "--depth",
+    "hidden_sparsity": "--hidden-sparsity",
+    "experts_keep": "--experts-keep",
+    "target_speedup": "--target-speedup",
+    "target_params": "--target-params",
+}
 
 
 def is_training(recipe) -> bool:
@@ -42,8 +47,9 @@ def check_recipe(recipe) -> dict[str, Any]:
         raise DomainpruneError(f"{what} does not combine with --calib-candidates")
     if recipe.method in TRAINING_METHODS:
         if recipe.iterative:
-            raise DomainpruneError(f"--iterative runs a width criterion in stages; {what} decides while it trains: "
-                                   "give one of them")
+            raise DomainpruneError(
+                f"--iterative runs a width criterion in stages; {what} decides while it trains: give one of them"
+            )
         for name in ("allocation", "reconstruct", "bias_compensation", "taylor_mode", "micro_batch"):
             if getattr(recipe, name) not in (None, False):
                 raise DomainpruneError(f"{what} decides its own units and widths; leave out --{name.replace('_', '-')}")

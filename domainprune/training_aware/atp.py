@@ -36,7 +36,7 @@ from ..plan import dense_plan
 from ..stats import model_fingerprint
 from ..surgery import apply_plan
 from . import common
-from .common import TrainOptions, Units, UnitMasks
+from .common import TrainOptions, UnitMasks, Units
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +153,21 @@ def train_atp(loaded, recipe, options: AtpOptions, staging, progress: bool = Tru
     device = next(model.parameters()).device
     units = Units.of(get_adapter(model))
     keep_ratio = 1 - recipe.sparsity
-    train = common.domain_sequences(recipe.data, recipe.text_field, loaded.tokenizer, "calibration", options.samples,
-                                    options.seq_len)
-    val = common.domain_sequences(recipe.data, recipe.text_field, loaded.tokenizer, "validation", options.pdg_samples,
-                                  options.seq_len)
-    key = cache.fingerprint("atp", 1, recipe.data, recipe.sparsity, recipe.seed,
-                            options.model_dump(exclude={"time_budget", "save_steps"}), model_fingerprint(model))
+    train = common.domain_sequences(
+        recipe.data, recipe.text_field, loaded.tokenizer, "calibration", options.samples, options.seq_len
+    )
+    val = common.domain_sequences(
+        recipe.data, recipe.text_field, loaded.tokenizer, "validation", options.pdg_samples, options.seq_len
+    )
+    key = cache.fingerprint(
+        "atp",
+        1,
+        recipe.data,
+        recipe.sparsity,
+        recipe.seed,
+        options.model_dump(exclude={"time_budget", "save_steps"}),
+        model_fingerprint(model),
+    )
     peft_model = common.add_lora(model, options, recipe.seed)
     adapter = get_adapter(peft_model.base_model.model)
     masks = UnitMasks(adapter, units)
@@ -193,8 +202,7 @@ def train_atp(loaded, recipe, options: AtpOptions, staging, progress: bool = Tru
         if final is not None:
             for i, (g, c) in enumerate(final):
                 tensors[f"final.{i}.g"], tensors[f"final.{i}.c"] = g, c
-        ckpt.save(step, tensors, {"opt": om, "popt": pom, "total": total, "elapsed": clock.elapsed,
-                                  "history": history})
+        ckpt.save(step, tensors, {"opt": om, "popt": pom, "total": total, "elapsed": clock.elapsed, "history": history})
 
     clock = common.Clock(options.time_budget, spent)
     pdg_batch = options.pdg_batch_size or options.batch_size
@@ -251,8 +259,10 @@ def train_atp(loaded, recipe, options: AtpOptions, staging, progress: bool = Tru
         entry.update(loss=round(float(loss.detach()), 5), lr=lr, elapsed=round(clock.elapsed, 2))
         if final is None and step >= max(1, round(options.pdg_fraction * total)):
             with torch.no_grad():
-                final = [(g.float(), c.float()) for g, c in
-                         common.project_to_budget(units, [(g.cpu(), c.cpu()) for g, c in pdg()], recipe.sparsity)]
+                final = [
+                    (g.float(), c.float())
+                    for g, c in common.project_to_budget(units, [(g.cpu(), c.cpu()) for g, c in pdg()], recipe.sparsity)
+                ]
             entry["decisions_fixed"] = True
         history.append(entry)
         bar.update(1)
@@ -262,8 +272,10 @@ def train_atp(loaded, recipe, options: AtpOptions, staging, progress: bool = Tru
     bar.close()
     if final is None:  # stopped by the time budget before the decisions were fixed
         with torch.no_grad():
-            final = [(g.float(), c.float()) for g, c in
-                     common.project_to_budget(units, [(g.cpu(), c.cpu()) for g, c in pdg()], recipe.sparsity)]
+            final = [
+                (g.float(), c.float())
+                for g, c in common.project_to_budget(units, [(g.cpu(), c.cpu()) for g, c in pdg()], recipe.sparsity)
+            ]
     residual = _pruned_lora_norm(adapter, units, final)
     _lasso(adapter, units, final, math.inf)
     masks.remove()
@@ -278,8 +290,10 @@ def train_atp(loaded, recipe, options: AtpOptions, staging, progress: bool = Tru
         "train_seconds": round(clock.elapsed, 2),
         "lora_residual_norm_zeroed": residual,  # largest LoRA norm of a pruned unit the lasso had not yet removed
         "pruned_units_max_abs": pruned_max_abs(merged, units, final),
-        "trainable_params": {"lora": sum(p.numel() for p in lparams.values()),
-                             "decision_generator": sum(p.numel() for p in pdg.parameters())},
+        "trainable_params": {
+            "lora": sum(p.numel() for p in lparams.values()),
+            "decision_generator": sum(p.numel() for p in pdg.parameters()),
+        },
         "log": history,
     }
     return merged, [(g > 0.5, c > 0.5) for g, c in final], units, report

@@ -113,8 +113,14 @@ def add_lora(model: torch.nn.Module, options: TrainOptions, seed: int):
     if not targets:
         raise DomainpruneError("the model has no q/k/v/o/gate/up/down projections for LoRA")
     torch.manual_seed(seed)
-    config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -145,13 +151,20 @@ class Units:
     def of(cls, adapter: DecoderAdapter) -> "Units":
         shapes = adapter.shapes()
         if adapter.has_experts() or any(s.num_kv_heads == 0 or s.intermediate_size == 0 for s in shapes):
-            raise DomainpruneError("training-aware pruning works on dense decoders whose every layer has attention "
-                                   "and an MLP (no mixture-of-experts or removed sublayers)")
+            raise DomainpruneError(
+                "training-aware pruning works on dense decoders whose every layer has attention "
+                "and an MLP (no mixture-of-experts or removed sublayers)"
+            )
         if not adapter.prunable_heads:
             raise DomainpruneError(f"attention heads of {adapter.model_type!r} models cannot be pruned exactly")
-        return cls([s.num_kv_heads for s in shapes], [s.group_size for s in shapes],
-                   [s.intermediate_size for s in shapes],
-                   [adapter.attention_params(s.group_size, 1) for s in shapes], adapter.mlp_params(1), adapter.head_dim)
+        return cls(
+            [s.num_kv_heads for s in shapes],
+            [s.group_size for s in shapes],
+            [s.intermediate_size for s in shapes],
+            [adapter.attention_params(s.group_size, 1) for s in shapes],
+            adapter.mlp_params(1),
+            adapter.head_dim,
+        )
 
     @property
     def num_layers(self) -> int:
@@ -182,8 +195,10 @@ def project_to_budget(units: Units, scores: list[tuple[torch.Tensor, torch.Tenso
     while that brings the removed parameters closer to `sparsity` of the total; every layer keeps its best KV group
     and its best MLP channel. Scores are comparable across layers and kinds (e.g. a decision generator's logits)."""
     target = sparsity * units.total
-    keep = [(torch.ones(units.groups[i], dtype=torch.bool), torch.ones(units.channels[i], dtype=torch.bool))
-            for i in range(units.num_layers)]
+    keep = [
+        (torch.ones(units.groups[i], dtype=torch.bool), torch.ones(units.channels[i], dtype=torch.bool))
+        for i in range(units.num_layers)
+    ]
     candidates = []
     for i, (g, c) in enumerate(scores):
         g, c = g.detach().double().cpu(), c.detach().double().cpu()
@@ -206,8 +221,14 @@ def plan_from_keep(adapter: DecoderAdapter, dense: Plan, keep, total_before: int
         s = adapter.shape(i)
         kv = [k for k in range(s.num_kv_heads) if bool(g[k])]
         heads = [h for h in range(s.num_heads) if h // s.group_size in kv]
-        layers.append(LayerPlan(index=i, kv_heads=kv, query_heads=heads,
-                                mlp_channels=[j for j in range(s.intermediate_size) if bool(c[j])]))
+        layers.append(
+            LayerPlan(
+                index=i,
+                kv_heads=kv,
+                query_heads=heads,
+                mlp_channels=[j for j in range(s.intermediate_size) if bool(c[j])],
+            )
+        )
     plan = dense.model_copy(update={"layers": layers})
     plan.params = plan.count_params(adapter, total_before)
     return plan
@@ -249,6 +270,7 @@ class UnitMasks:
             if self.mode == "frozen":
                 return output * rows(i).to(output.device, output.dtype)
             return None
+
         return hook
 
     def _in_hook(self, i, cols, mode):
@@ -256,6 +278,7 @@ class UnitMasks:
             if self.mode == mode:
                 return (args[0] * cols(i).to(args[0].device, args[0].dtype), *args[1:])
             return None
+
         return hook
 
     def set(self, groups, channels, mode: str | None) -> None:
@@ -274,8 +297,12 @@ def lora_unit_slices(adapter: DecoderAdapter, units: Units, i: int):
     q, k, v = adapter.attention_in_projs(i)
     gate, up = adapter.mlp_in_projs(i)
     qw, kvw = units.group_size[i] * units.head_dim, units.head_dim
-    groups = [(lora_parts(q)[0], 0, qw), (lora_parts(k)[0], 0, kvw), (lora_parts(v)[0], 0, kvw),
-              (lora_parts(adapter.o_proj(i))[1], 1, qw)]
+    groups = [
+        (lora_parts(q)[0], 0, qw),
+        (lora_parts(k)[0], 0, kvw),
+        (lora_parts(v)[0], 0, kvw),
+        (lora_parts(adapter.o_proj(i))[1], 1, qw),
+    ]
     channels = [(lora_parts(gate)[0], 0, 1), (lora_parts(up)[0], 0, 1), (lora_parts(adapter.down_proj(i))[1], 1, 1)]
     return groups, channels
 

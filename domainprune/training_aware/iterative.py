@@ -34,14 +34,30 @@ class IterativeOptions(TrainOptions):
     """The tune between stages: `time_budget` (or `max_steps`) is the total over all stages."""
 
 
-def tune(model, seqs: torch.Tensor, options: TrainOptions, seed: int, steps: int | None, seconds: float | None,
-         staging, progress: bool, desc: str = "tune"):
+def tune(
+    model,
+    seqs: torch.Tensor,
+    options: TrainOptions,
+    seed: int,
+    steps: int | None,
+    seconds: float | None,
+    staging,
+    progress: bool,
+    desc: str = "tune",
+):
     """LoRA cross-entropy tuning for `steps` steps or `seconds` seconds (sized after the first step), resumable in
     `staging`; returns the merged model and a summary."""
     from tqdm.auto import tqdm
 
-    key = cache.fingerprint("tune", 1, seed, steps, options.model_dump(exclude={"time_budget", "save_steps"}),
-                            model_fingerprint(model), tensor_fingerprint(seqs))
+    key = cache.fingerprint(
+        "tune",
+        1,
+        seed,
+        steps,
+        options.model_dump(exclude={"time_budget", "save_steps"}),
+        model_fingerprint(model),
+        tensor_fingerprint(seqs),
+    )
     device = next(model.parameters()).device
     peft_model = common.add_lora(model, options, seed)
     lparams = common.lora_params(peft_model)
@@ -80,21 +96,33 @@ def tune(model, seqs: torch.Tensor, options: TrainOptions, seed: int, steps: int
         bar.set_postfix(loss=losses[-1])
         if step % options.save_steps == 0 and step < total:
             o, om = common.optimizer_state(opt, "opt")
-            ckpt.save(step, {**{f"lora.{n}": p for n, p in lparams.items()}, **o, **common.rng_state()},
-                      {"opt": om, "total": total, "elapsed": clock.elapsed, "losses": losses})
+            ckpt.save(
+                step,
+                {**{f"lora.{n}": p for n, p in lparams.items()}, **o, **common.rng_state()},
+                {"opt": om, "total": total, "elapsed": clock.elapsed, "losses": losses},
+            )
     bar.close()
     merged = peft_model.merge_and_unload()
     merged.eval()
-    return merged, {"steps": step, "seconds": round(clock.elapsed, 2), "first_loss": losses[0] if losses else None,
-                    "last_loss": losses[-1] if losses else None}
+    return merged, {
+        "steps": step,
+        "seconds": round(clock.elapsed, 2),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
 
 
 def _compose(maps: list[dict], stage_plan) -> list[dict]:
     """Original indices that survive `stage_plan` (whose indices are the current model's)."""
     out = []
     for m, lp in zip(maps, stage_plan.layers):
-        out.append({"kv": [m["kv"][k] for k in sorted(lp.kv_heads)], "q": [m["q"][h] for h in sorted(lp.query_heads)],
-                    "ch": [m["ch"][c] for c in sorted(lp.mlp_channels)]})
+        out.append(
+            {
+                "kv": [m["kv"][k] for k in sorted(lp.kv_heads)],
+                "q": [m["q"][h] for h in sorted(lp.query_heads)],
+                "ch": [m["ch"][c] for c in sorted(lp.mlp_channels)],
+            }
+        )
     return out
 
 
@@ -109,14 +137,22 @@ def run(loaded, recipe, options: IterativeOptions, staging, progress: bool = Tru
     dense = dense_plan(adapter, loaded.source)
     total_before = parameter_count(loaded.model)
     attn_mlp = sum(adapter.layer_params(s) for s in adapter.shapes())
-    maps = [{"kv": list(range(s.num_kv_heads)), "q": list(range(s.num_heads)), "ch": list(range(s.intermediate_size))}
-            for s in adapter.shapes()]
-    seqs = common.domain_sequences(recipe.data, recipe.text_field, loaded.tokenizer, "calibration", options.samples,
-                                   options.seq_len)
+    maps = [
+        {"kv": list(range(s.num_kv_heads)), "q": list(range(s.num_heads)), "ch": list(range(s.intermediate_size))}
+        for s in adapter.shapes()
+    ]
+    seqs = common.domain_sequences(
+        recipe.data, recipe.text_field, loaded.tokenizer, "calibration", options.samples, options.seq_len
+    )
     seconds = options.time_budget / n if options.time_budget is not None else None
     steps = -(-options.max_steps // n) if options.max_steps is not None else None
-    key = cache.fingerprint("iterative", 1, recipe.model_dump(exclude={"train"}),
-                            options.model_dump(exclude={"time_budget", "save_steps"}), model_fingerprint(loaded.model))
+    key = cache.fingerprint(
+        "iterative",
+        1,
+        recipe.model_dump(exclude={"train"}),
+        options.model_dump(exclude={"time_budget", "save_steps"}),
+        model_fingerprint(loaded.model),
+    )
     stages, first = [], 1
     if staging is not None:  # resume after the last finished stage
         for k in range(n, 0, -1):
@@ -138,21 +174,29 @@ def run(loaded, recipe, options: IterativeOptions, staging, progress: bool = Tru
         maps = _compose(maps, plan)
         prune_seconds = time.perf_counter() - started
         folder = staging / f"tune-{k}" if staging is not None else None
-        loaded.model, tuned = tune(loaded.model, seqs, options, recipe.seed + k, steps, seconds, folder, progress,
-                                   desc=f"tune {k}/{n}")
-        stages.append({"stage": k, "params": parameter_count(loaded.model), "prune_seconds": round(prune_seconds, 2),
-                       **tuned})
-        log.info("iterative: stage %d/%d at %s parameters, tuned %d steps", k, n, f"{stages[-1]['params']:,}",
-                 tuned["steps"])
+        loaded.model, tuned = tune(
+            loaded.model, seqs, options, recipe.seed + k, steps, seconds, folder, progress, desc=f"tune {k}/{n}"
+        )
+        stages.append(
+            {"stage": k, "params": parameter_count(loaded.model), "prune_seconds": round(prune_seconds, 2), **tuned}
+        )
+        log.info(
+            "iterative: stage %d/%d at %s parameters, tuned %d steps", k, n, f"{stages[-1]['params']:,}", tuned["steps"]
+        )
         if staging is not None and k < n:
             side = {MAPS_FILE: json.dumps({"key": key, "maps": maps, "stages": stages})}
-            save_pruned(loaded.model, loaded.tokenizer, staging / f"stage-{k}", extra_files=side, force=True,
-                        verify=False)
-    layers = [LayerPlan(index=i, kv_heads=m["kv"], query_heads=m["q"], mlp_channels=m["ch"])
-              for i, m in enumerate(maps)]
+            save_pruned(
+                loaded.model, loaded.tokenizer, staging / f"stage-{k}", extra_files=side, force=True, verify=False
+            )
+    layers = [
+        LayerPlan(index=i, kv_heads=m["kv"], query_heads=m["q"], mlp_channels=m["ch"]) for i, m in enumerate(maps)
+    ]
     plan = dense.model_copy(update={"layers": layers})
     plan.params = plan.count_params(get_adapter(loaded.model), total_before)
-    report = {"method": f"iterative x{n} ({recipe.method})", "stages": stages,
-              "train_seconds": round(sum(s["seconds"] for s in stages), 2),
-              "prune_seconds": round(sum(s["prune_seconds"] for s in stages), 2)}
+    report = {
+        "method": f"iterative x{n} ({recipe.method})",
+        "stages": stages,
+        "train_seconds": round(sum(s["seconds"] for s in stages), 2),
+        "prune_seconds": round(sum(s["prune_seconds"] for s in stages), 2),
+    }
     return plan, report

@@ -28,7 +28,7 @@ from ..plan import dense_plan
 from ..stats import model_fingerprint
 from ..surgery import apply_plan
 from . import common
-from .common import TrainOptions, Units, UnitMasks
+from .common import TrainOptions, UnitMasks, Units
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,12 @@ def unit_importance(adapter, units: Units, i: int) -> tuple[torch.Tensor, torch.
     n = units.groups[i]
     q, k, v = (_sensitivity(m) for m in adapter.attention_in_projs(i))
     o = _sensitivity(adapter.o_proj(i))
-    groups = (_normalised(q.reshape(n, -1).sum(1)) + _normalised(k.reshape(n, -1).sum(1))
-              + _normalised(v.reshape(n, -1).sum(1)) + _normalised(o.reshape(o.shape[0], n, -1).sum((0, 2))))
+    groups = (
+        _normalised(q.reshape(n, -1).sum(1))
+        + _normalised(k.reshape(n, -1).sum(1))
+        + _normalised(v.reshape(n, -1).sum(1))
+        + _normalised(o.reshape(o.shape[0], n, -1).sum((0, 2)))
+    )
     gate, up = (_sensitivity(m) for m in adapter.mlp_in_projs(i))
     down = _sensitivity(adapter.down_proj(i))
     channels = _normalised(gate.sum(1)) + _normalised(up.sum(1)) + _normalised(down.sum(0))
@@ -110,17 +114,26 @@ def run(loaded, recipe, options: LoraPruneOptions, staging, progress: bool = Tru
         f = s / recipe.sparsity if recipe.sparsity else 1.0
         return [(round(f * g), round(f * c)) for g, c in final_counts]
 
-    train = common.domain_sequences(recipe.data, recipe.text_field, loaded.tokenizer, "calibration", options.samples,
-                                    options.seq_len)
-    key = cache.fingerprint("loraprune", 1, recipe.data, recipe.sparsity, recipe.seed,
-                            options.model_dump(exclude={"time_budget", "save_steps"}), model_fingerprint(model))
+    train = common.domain_sequences(
+        recipe.data, recipe.text_field, loaded.tokenizer, "calibration", options.samples, options.seq_len
+    )
+    key = cache.fingerprint(
+        "loraprune",
+        1,
+        recipe.data,
+        recipe.sparsity,
+        recipe.seed,
+        options.model_dump(exclude={"time_budget", "save_steps"}),
+        model_fingerprint(model),
+    )
     peft_model = common.add_lora(model, options, recipe.seed)
     adapter = get_adapter(peft_model.base_model.model)
     masks = UnitMasks(adapter, units)
     lparams = common.lora_params(peft_model)
     opt = torch.optim.AdamW(lparams.values(), lr=options.lr, weight_decay=0.0)
-    keep = [(torch.ones(g, dtype=torch.bool), torch.ones(c, dtype=torch.bool))
-            for g, c in zip(units.groups, units.channels)]
+    keep = [
+        (torch.ones(g, dtype=torch.bool), torch.ones(c, dtype=torch.bool)) for g, c in zip(units.groups, units.channels)
+    ]
     ema = [(torch.zeros(g), torch.zeros(c)) for g, c in zip(units.groups, units.channels)]
     ckpt = common.Checkpoints(staging, key)
     step, total, spent, history = 0, options.max_steps, 0.0, []
@@ -185,7 +198,13 @@ def run(loaded, recipe, options: LoraPruneOptions, staging, progress: bool = Tru
     plan = common.plan_from_keep(get_adapter(merged), dense, keep, total_before)
     apply_plan(merged, plan)
     loaded.model = merged
-    report = {"method": "loraprune", "steps": step, "planned_steps": total, "stopped_by_time_budget": stopped,
-              "train_seconds": round(clock.elapsed, 2),
-              "trainable_params": {"lora": sum(p.numel() for p in lparams.values())}, "log": history}
+    report = {
+        "method": "loraprune",
+        "steps": step,
+        "planned_steps": total,
+        "stopped_by_time_budget": stopped,
+        "train_seconds": round(clock.elapsed, 2),
+        "trainable_params": {"lora": sum(p.numel() for p in lparams.values())},
+        "log": history,
+    }
     return plan, report

@@ -6,9 +6,9 @@ all measured in one process beside the dense model, written to bench/results/qua
 
 Phase 1 prunes every row and measures perplexity (checkpoints kept in --models-dir); phase 2 adds zero-shot
 accuracy from those checkpoints; phase 3 measures decode/prefill throughput of the dense model and every checkpoint
-together (run it on an otherwise idle machine: `--remeasure-speed` redoes it). Raw rows go to bench/results/quality.jsonl as they finish, so an
-interrupted run continues where it stopped; `--fresh` starts over. Speed figures are ratios to the dense model
-measured in this same run.
+together (run it on an otherwise idle machine: `--remeasure-speed` redoes it). Raw rows go to
+bench/results/quality.jsonl as they finish, so an interrupted run continues where it stopped; `--fresh` starts over.
+Speed figures are ratios to the dense model measured in this same run.
 """
 
 from __future__ import annotations
@@ -271,27 +271,30 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         "# Quality and speed: criteria × allocation × sparsity",
         "",
         f"Model SmolLM2-135M-Instruct (de-quantised from Q4_1, float32), domain `code`, calibration "
-        f"{args.calib_samples}×{args.calib_seq_len} tokens from the calibration pool (FLAP's and Wanda-sp's own sequence length; "
-        f"magnitude uses none); test perplexity on {dense.test_sequences.get('code')}×256 "
-        f"code and {dense.test_sequences.get('general')}×256 general (Wikipedia) test sequences (the general test split "
-        f"holds only that many); zero-shot acc_norm on {', '.join(tasks) or 'no tasks'}"
-        f"{f' (first {args.limit} items each)' if args.limit else ''}. Every row pruned and measured in one process "
-        f"beside the dense model; speed ratios are to the dense model in that same run (batch 1; decode: 128 tokens "
-        f"after a 64-token prompt, the rows here timed as the wall time of the whole `generate` call, from before "
-        f"`evaluate.throughput` switched to the median gap between new tokens (bench/results/speedup.md); prefill 256 "
-        f"tokens; median of {args.speed_repeats} timed runs after a warm-up). Machine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
+        f"{args.calib_samples}×{args.calib_seq_len} tokens from the calibration pool (FLAP's and Wanda-sp's own "
+        f"sequence length; magnitude uses none); test perplexity on {dense.test_sequences.get('code')}×256 code and "
+        f"{dense.test_sequences.get('general')}×256 general (Wikipedia) test sequences (the general test split holds "
+        "only that many); zero-shot acc_norm on "
+        f"{', '.join(tasks) or 'no tasks'}{f' (first {args.limit} items each)' if args.limit else ''}. Every row "
+        "pruned and measured in one process beside the dense model; speed ratios are to the dense model in that same "
+        "run (batch 1; decode: 128 tokens after a 64-token prompt, the rows here timed as the wall time of the whole "
+        "`generate` call, from before `evaluate.throughput` switched to the median gap between new tokens "
+        f"(bench/results/speedup.md); prefill 256 tokens; median of {args.speed_repeats} timed runs after a warm-up). "
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}.",
         "",
         f"Dense: code ppl {dense.perplexity['code']:.3f}, general ppl {dense.perplexity['general']:.3f}, "
         + (
-            f"zero-shot mean {dense.zero_shot_mean:.4f} ({', '.join(f'{t} {v:.3f}' for t, v in dense.zero_shot.items())}), "
+            f"zero-shot mean {dense.zero_shot_mean:.4f} "
+            f"({', '.join(f'{t} {v:.3f}' for t, v in dense.zero_shot.items())}), "
             if dense.zero_shot
             else ""
         )
-        + f"{dense.params:,} parameters, {dense.checkpoint_bytes / 1e6:.1f} MB, decode {_fmt(dense.decode_tokens_per_s, 1)} tok/s, "
-        f"prefill {_fmt(dense.prefill_tokens_per_s, 1)} tok/s.",
+        + f"{dense.params:,} parameters, {dense.checkpoint_bytes / 1e6:.1f} MB, decode "
+        f"{_fmt(dense.decode_tokens_per_s, 1)} tok/s, prefill {_fmt(dense.prefill_tokens_per_s, 1)} tok/s.",
         "",
-        "| method | allocation | target | achieved | params | MB | code ppl (×dense) | general ppl (×dense) | zero-shot (Δ) | decode × | prefill × | bytes dense/pruned | prune s | peak RSS GiB | export |",
+        "| method | allocation | target | achieved | params | MB | code ppl (×dense) | general ppl (×dense) | "
+        "zero-shot (Δ) | decode × | prefill × | bytes dense/pruned | prune s | peak RSS GiB | export |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [r for k, r in done.items() if k != "dense"]
@@ -308,8 +311,8 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
             f"| {r['method']} | {r['allocation']} | {r['level']:.0%} | {r['achieved']:.2%} | {m.params / 1e6:.1f}M | "
             f"{m.checkpoint_bytes / 1e6:.1f} | {m.perplexity['code']:.3f} ({q['ppl_code']:.2f}×) | "
             f"{m.perplexity['general']:.3f} ({q['ppl_general']:.2f}×) | {zs} | {_fmt(q.get('decode_speedup'))} | "
-            f"{_fmt(q.get('prefill_speedup'))} | {q['param_ratio']:.2f} | {r['prune_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-            f"{'stock' if r['uniform'] else 'per_layer_config'} |"
+            f"{_fmt(q.get('prefill_speedup'))} | {q['param_ratio']:.2f} | {r['prune_seconds']:.0f} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} | {'stock' if r['uniform'] else 'per_layer_config'} |"
         )
     best = {}
     for r in rows:
@@ -349,11 +352,12 @@ def issue4_targets(done: dict, dense: Measurement) -> list[str]:
         "",
         "## Reconstruction, allocation, depth and hidden pruning against the baselines (issue 4)",
         "",
-        "Per level, the lowest code perplexity among issue 4's recipes (OBS reconstruction, owl/cfsp/search allocation, "
-        "depth, hidden channels) and among the baselines (every other row); target without training: within 1.4× dense "
-        "at 35 % and 2.0× at 50 %.",
+        "Per level, the lowest code perplexity among issue 4's recipes (OBS reconstruction, owl/cfsp/search "
+        "allocation, depth, hidden channels) and among the baselines (every other row); target without training: "
+        "within 1.4× dense at 35 % and 2.0× at 50 %.",
         "",
-        "| level | best issue-4 recipe | code ppl (×dense) | best baseline | code ppl (×dense) | beats baselines | target |",
+        "| level | best issue-4 recipe | code ppl (×dense) | best baseline | code ppl (×dense) | beats baselines | "
+        "target |",
         "|---|---|---|---|---|---|---|",
     ]
     ppl = lambda r: r["measurement"]["perplexity"]["code"]  # noqa: E731
@@ -366,7 +370,8 @@ def issue4_targets(done: dict, dense: Measurement) -> list[str]:
         base_ppl = f"{ppl(ref):.3f} ({ppl(ref) / dense.perplexity['code']:.2f}×)" if ref else "-"
         beats = ("yes" if ppl(best) < ppl(ref) else "no") if ref else "-"
         lines.append(
-            f"| {level:.0%} | {best['key']} | {ppl(best):.3f} ({ratio:.2f}×) | {ref['key'] if ref else '-'} | {base_ppl} | {beats} | {target} |"
+            f"| {level:.0%} | {best['key']} | {ppl(best):.3f} ({ratio:.2f}×) | {ref['key'] if ref else '-'} | "
+            f"{base_ppl} | {beats} | {target} |"
         )
     return lines
 
@@ -388,15 +393,17 @@ def domain_claim(done: dict, dense: Measurement, tasks: tuple[str, ...], toleran
         holds = code <= 1 + tolerance and general < 1 and (zs is None or zs >= 0)
         out.append(
             f"| {r['method']} | {r['allocation']} | {r['level']:.0%} | {code:.3f} | {general:.3f} | "
-            f"{'-' if zs is None else f'{zs:+.4f}'} | {'holds' if holds else 'fails'}{'' if zs_known else ' (no zero-shot)'} |"
+            f"{'-' if zs is None else f'{zs:+.4f}'} | "
+            f"{'holds' if holds else 'fails'}{'' if zs_known else ' (no zero-shot)'} |"
         )
     if not out:
         return []
     return [
         "## Domain-aware criteria against domain-only Taylor (issue 3's claim)",
         "",
-        f"Ratios to `taylor` at the same allocation and level (below 1 is better); the claim holds when code perplexity "
-        f"is within {tolerance:.0%} of taylor's while general perplexity is lower and zero-shot accuracy no lower.",
+        "Ratios to `taylor` at the same allocation and level (below 1 is better); the claim holds when code "
+        f"perplexity is within {tolerance:.0%} of taylor's while general perplexity is lower and zero-shot accuracy no "
+        "lower.",
         "",
         "| method | allocation | level | code ppl / taylor's | general ppl / taylor's | zero-shot − taylor's | claim |",
         "|---|---|---|---|---|---|---|",

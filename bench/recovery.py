@@ -143,18 +143,19 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         f"{args.calib_samples}×256). Recovery: LoRA r=8 α=16 dropout 0.05 on q,k,v,o,gate,up,down, merged into the "
         f"weights; {args.train_samples} training sequences of {args.seq_len} tokens from the code calibration split, "
         f"batch {args.batch_size}×{args.grad_accum}, lr {args.lr or 2e-4:g} (cosine, 5 warm-up steps), at most "
-        f"{args.max_steps} steps and {args.time_budget:.0f} s of training each. KD: (1−w)·CE + w·T²·KL with w=0.5, T=2. "
-        f"Self-data distillation (sdd): the dense model regenerates the second half of every training sequence "
+        f"{args.max_steps} steps and {args.time_budget:.0f} s of training each. KD: (1−w)·CE + w·T²·KL with w=0.5, "
+        "T=2. Self-data distillation (sdd): the dense model regenerates the second half of every training sequence "
         f"greedily and the loss covers that half. Test perplexity on {dense.test_sequences.get('code')}×256 code and "
-        f"{dense.test_sequences.get('general')}×256 general sequences; zero-shot acc_norm on {', '.join(tasks) or 'no tasks'}"
-        f"{f' (first {args.limit} items)' if args.limit else ''}. Machine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
+        f"{dense.test_sequences.get('general')}×256 general sequences; zero-shot acc_norm on "
+        f"{', '.join(tasks) or 'no tasks'}{f' (first {args.limit} items)' if args.limit else ''}. Machine: "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
         f"Dense: code ppl {dense.perplexity['code']:.3f}, general ppl {dense.perplexity['general']:.3f}"
         + (f", zero-shot mean {dense.zero_shot_mean:.4f}" if dense.zero_shot else "")
         + ".",
         "",
-        "| level | recovery | code ppl (×dense) | general ppl (×dense) | zero-shot (Δ dense) | steps | loss first → last | train s | wall s |",
+        "| level | recovery | code ppl (×dense) | general ppl (×dense) | zero-shot (Δ dense) | steps | loss first → "
+        "last | train s | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = sorted(
@@ -171,8 +172,8 @@ def write_markdown(done: dict, args, tasks: tuple[str, ...]) -> None:
         wall = r.get("wall_seconds", r.get("prune_seconds"))
         lines.append(
             f"| {r['level']:.0%} | {r['variant'] if r['variant'] != 'none' else 'pruned, no recovery'} | "
-            f"{m.perplexity['code']:.3f} ({q['ppl_code']:.2f}×) | {m.perplexity['general']:.3f} ({q['ppl_general']:.2f}×) | "
-            f"{zs} | {steps} | {loss} | {r.get('train_seconds', 0):.0f} | {wall:.0f} |"
+            f"{m.perplexity['code']:.3f} ({q['ppl_code']:.2f}×) | {m.perplexity['general']:.3f} "
+            f"({q['ppl_general']:.2f}×) | {zs} | {steps} | {loss} | {r.get('train_seconds', 0):.0f} | {wall:.0f} |"
         )
     lines += [
         "",

@@ -147,7 +147,8 @@ def markdown(rows: list[dict], args) -> str:
         f"{args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt (median gap). Prefill: one "
         f"{args.prefill_tokens}-token prompt.",
         "",
-        "| model | quant | arch | GGUF MB | params ratio | decode tok/s | decode × | prefill tok/s | prefill × | fallbacks |",
+        "| model | quant | arch | GGUF MB | params ratio | decode tok/s | decode × | prefill tok/s | prefill × | "
+        "fallbacks |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

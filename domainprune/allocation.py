@@ -609,7 +609,8 @@ def allocate_cfsp(
     p = cfsp_mlp_fraction(adapter, sparsity)
     if p >= 1:
         raise DomainpruneError(
-            f"--allocation cfsp prunes MLP channels only, which cannot remove {sparsity:.0%} of attention+MLP; lower --sparsity"
+            f"--allocation cfsp prunes MLP channels only, which cannot remove {sparsity:.0%} of attention+MLP; lower "
+            "--sparsity"
         )
     angles = [float(st["block_angle_sum"]) / float(st["tokens"]) * CFSP_REFERENCE_TOKENS for st in stats]
     keep = cfsp_keep_ratios(angles, p)

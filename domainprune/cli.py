@@ -47,13 +47,18 @@ DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: prese
 MethodOpt = Annotated[
     Optional[str],
     typer.Option(
-        help="Default: the benchmark's best recipe, cfsp with --reconstruct obs (flap where that cannot apply, e.g. mixture-of-experts models; a line says so). Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, easy-ep, tcess. Sentence encoders (docs/embeddings.md): magnitude, wanda-sp (default), flap, fisher, gaprune, shrp; shortgpt (whole layers)."
+        help="Default: the benchmark's best recipe, cfsp with --reconstruct obs (flap where that cannot apply, e.g. "
+        "mixture-of-experts models; a line says so). Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, "
+        "taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, "
+        "easy-ep, tcess. Sentence encoders (docs/embeddings.md): magnitude, wanda-sp (default), flap, fisher, "
+        "gaprune, shrp; shortgpt (whole layers)."
     ),
 ]
 AllocOpt = Annotated[
     Optional[str],
     typer.Option(
-        help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, cfsp for cfsp, else uniform)."
+        help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for "
+        "nirvana, cfsp for cfsp, else uniform)."
     ),
 ]
 SparsityOpt = Annotated[
@@ -77,7 +82,8 @@ BiasOpt = Annotated[
 ReconstructOpt = Annotated[
     Optional[str],
     typer.Option(
-        help="obs: refit the kept o_proj/down_proj columns by least squares on the calibration data, layer by layer (structured OBS); none: off (default: obs for method obs, else none)."
+        help="obs: refit the kept o_proj/down_proj columns by least squares on the calibration data, layer by layer "
+        "(structured OBS); none: off (default: obs for method obs, else none)."
     ),
 ]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
@@ -89,7 +95,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 GeneralDataOpt = Annotated[
     Optional[str],
     typer.Option(
-        help="General corpus (preset, file or folder): dpruner/gaprune's second stream (default: the `general` preset), and the source of --general-ratio."
+        help="General corpus (preset, file or folder): dpruner/gaprune's second stream (default: the `general` "
+        "preset), and the source of --general-ratio."
     ),
 ]
 GeneralRatioOpt = Annotated[
@@ -101,7 +108,8 @@ GeneralRatioOpt = Annotated[
 CandidatesOpt = Annotated[
     int,
     typer.Option(
-        help="NIRVANA-style selection: prune with K calibration subsets, keep the lowest KL(dense‖pruned) on held-out validation data."
+        help="NIRVANA-style selection: prune with K calibration subsets, keep the lowest KL(dense‖pruned) on held-out "
+        "validation data."
     ),
 ]
 MicroBatchOpt = Annotated[
@@ -120,7 +128,8 @@ TaylorModeOpt = Annotated[
 VocabCoverageOpt = Annotated[
     Optional[float],
     typer.Option(
-        help="Then trim the vocabulary to the tokens covering this fraction of the domain's calibration tokens, e.g. 0.999 (as `domainprune vocab`)."
+        help="Then trim the vocabulary to the tokens covering this fraction of the domain's calibration tokens, e.g. "
+        "0.999 (as `domainprune vocab`)."
     ),
 ]
 VocabSizeOpt = Annotated[
@@ -194,7 +203,8 @@ def _recipe_options(
     deploy: Annotated[
         Optional[str],
         typer.Option(
-            help="Serving stack the output must run on: transformers or vllm (every layer alike: uniform allocation), llamacpp (anything; export with `domainprune export --to gguf`). The default recipe adapts to it."
+            help="Serving stack the output must run on: transformers or vllm (every layer alike: uniform allocation), "
+            "llamacpp (anything; export with `domainprune export --to gguf`). The default recipe adapts to it."
         ),
     ] = None,
     sparsity: SparsityOpt = None,
@@ -202,19 +212,23 @@ def _recipe_options(
     depth: Annotated[
         Optional[str],
         typer.Option(
-            help="Depth pruning before the width --method: shortgpt (whole layers) or finercut (attention/MLP sublayers); with --depth-sparsity."
+            help="Depth pruning before the width --method: shortgpt (whole layers) or finercut (attention/MLP "
+            "sublayers); with --depth-sparsity."
         ),
     ] = None,
     depth_sparsity: Annotated[
         Optional[float],
         typer.Option(
-            help="With --depth: the part of the budget (fraction of attention+MLP parameters) removed by depth; the width method removes the rest."
+            help="With --depth: the part of the budget (fraction of attention+MLP parameters) removed by depth; the "
+            "width method removes the rest."
         ),
     ] = None,
     hidden_sparsity: Annotated[
         Optional[float],
         typer.Option(
-            help="Also remove this fraction of the residual-stream (hidden) channels in every layer, e.g. 0.1 (part of --sparsity: it removes that fraction of every attention/MLP weight, the width method the rest). Exports a stock config."
+            help="Also remove this fraction of the residual-stream (hidden) channels in every layer, e.g. 0.1 (part "
+            "of --sparsity: it removes that fraction of every attention/MLP weight, the width method the rest). "
+            "Exports a stock config."
         ),
     ] = None,
     experts_keep: ExpertsKeepOpt = None,
@@ -237,19 +251,23 @@ def _recipe_options(
     round_to: Annotated[
         Optional[int],
         typer.Option(
-            help="Round every layer's kept MLP width to a multiple of this (64 or 128 for fast GPU kernels); the budget is then met to within half a multiple per layer."
+            help="Round every layer's kept MLP width to a multiple of this (64 or 128 for fast GPU kernels); the "
+            "budget is then met to within half a multiple per layer."
         ),
     ] = None,
     target_speedup: Annotated[
         Optional[float],
         typer.Option(
-            help="Latency budget instead of --sparsity/--target-params: e.g. 1.5 prunes the least that a latency table measured on this machine (cached) predicts to run 1.5× faster than the dense model; the pruned and dense models are then measured and compared (report.json)."
+            help="Latency budget instead of --sparsity/--target-params: e.g. 1.5 prunes the least that a latency "
+            "table measured on this machine (cached) predicts to run 1.5× faster than the dense model; the pruned "
+            "and dense models are then measured and compared (report.json)."
         ),
     ] = None,
     speedup_phase: Annotated[
         str,
         typer.Option(
-            help="--target-speedup: decode (batch 1, one token at a time) or prefill (batch 1, --prefill-tokens tokens)."
+            help="--target-speedup: decode (batch 1, one token at a time) or prefill (batch 1, --prefill-tokens "
+            "tokens)."
         ),
     ] = "decode",
     prefill_tokens: Annotated[
@@ -320,7 +338,8 @@ def prune(
     iterative: Annotated[
         Optional[int],
         typer.Option(
-            help="Prune in N stages (Adapt-Pruner) with the --method criterion, a short LoRA tune on --data after each (docs/training-aware.md)."
+            help="Prune in N stages (Adapt-Pruner) with the --method criterion, a short LoRA tune on --data after "
+            "each (docs/training-aware.md)."
         ),
     ] = None,
     time_budget: Annotated[
@@ -332,33 +351,40 @@ def prune(
     max_steps: Annotated[
         Optional[int],
         typer.Option(
-            help="--method atp|loraprune, --iterative: training steps (default: what fits the time budget, sized after the first step)."
+            help="--method atp|loraprune, --iterative: training steps (default: what fits the time budget, sized "
+            "after the first step)."
         ),
     ] = None,
     save_steps: Annotated[
         Optional[int],
         typer.Option(
-            help="--method atp|loraprune, --iterative: checkpoint every N steps; a killed run resumes there (default 20)."
+            help="--method atp|loraprune, --iterative: checkpoint every N steps; a killed run resumes there (default "
+            "20)."
         ),
     ] = None,
     train_opt: Annotated[
         Optional[list[str]],
         typer.Option(
             "--train-opt",
-            help="Further training option KEY=VALUE, repeatable (e.g. lora_r=16, pdg_lr=0.01; see docs/training-aware.md).",
+            help="Further training option KEY=VALUE, repeatable (e.g. lora_r=16, pdg_lr=0.01; see "
+            "docs/training-aware.md).",
         ),
     ] = None,
     export_to: Annotated[
         Optional[str],
         typer.Option(
             "--export",
-            help="Then also write OUT.QUANT.gguf (beside OUT) for llama.cpp: gguf (F16) or gguf:QUANT, e.g. gguf:q4_k_m (see `domainprune export`).",
+            help="Then also write OUT.QUANT.gguf (beside OUT) for llama.cpp: gguf (F16) or gguf:QUANT, e.g. "
+            "gguf:q4_k_m (see `domainprune export`).",
         ),
     ] = None,
     offload: Annotated[
         str,
         typer.Option(
-            help="Where the model lives while it is pruned: none (whole, on the device), cpu (in RAM, one layer at a time on the device), disk (one layer at a time read from the checkpoint's safetensors shards and written to OUT as it is finished: models larger than memory; docs/streaming.md), auto (from the free memory)."
+            help="Where the model lives while it is pruned: none (whole, on the device), cpu (in RAM, one layer at a "
+            "time on the device), disk (one layer at a time read from the checkpoint's safetensors shards and "
+            "written to OUT as it is finished: models larger than memory; docs/streaming.md), auto (from the free "
+            "memory)."
         ),
     ] = "auto",
     force: ForceOpt = False,
@@ -389,12 +415,14 @@ def prune(
     if "vocab" in r:
         v = r["vocab"]
         console.print(
-            f"vocabulary {v['original_vocab']:,} → {v['kept_vocab']:,} tokens ({100 * v['calibration_coverage']:.2f}% of the domain's calibration tokens)"
+            f"vocabulary {v['original_vocab']:,} → {v['kept_vocab']:,} tokens ({100 * v['calibration_coverage']:.2f}% "
+            "of the domain's calibration tokens)"
         )
     if "speedup" in r:
         s = r["speedup"]
         console.print(
-            f"{s['phase']} speedup: target {s['target']:g}×, predicted {s['predicted']:.3f}×, measured {s['measured']:.3f}× here (sparsity {s['sparsity']:.1%})"
+            f"{s['phase']} speedup: target {s['target']:g}×, predicted {s['predicted']:.3f}×, measured "
+            f"{s['measured']:.3f}× here (sparsity {s['sparsity']:.1%})"
         )
     console.print(
         f"wrote {result.out} in {r['prune_seconds']:.0f} s (peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB)"
@@ -740,7 +768,8 @@ def compare(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
     quiet: QuietOpt = False,
 ):
-    """Several pruned models beside the dense one, measured in this process: perplexity, zero-shot, speed, size, samples."""
+    """Several pruned models beside the dense one, measured in this process: perplexity, zero-shot, speed, size,
+    samples."""
     from .outputs import check_output, local_inputs
 
     _setup_logging(quiet)
@@ -833,7 +862,8 @@ def report(
             add_speed(c, dtype=m["dtype"], device=m["device"])
     files = write_report(c, out, title=title, force=force)
     console.print(
-        f"[bold green]report[/] {len(c.runs)} run(s) beside the dense model; wrote {files['report.html']} and {files['report.md']}",
+        f"[bold green]report[/] {len(c.runs)} run(s) beside the dense model; wrote {files['report.html']} and "
+        f"{files['report.md']}",
         soft_wrap=True,
     )
 
@@ -877,7 +907,8 @@ def vocab(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Keep only the tokens the domain uses: a smaller embedding and LM head, a consistent tokenizer, vocab_report.json."""
+    """Keep only the tokens the domain uses: a smaller embedding and LM head, a consistent tokenizer,
+    vocab_report.json."""
     from .data import load_corpus
     from .models import load_model
     from .outputs import check_output, local_inputs
@@ -919,7 +950,8 @@ def vocab(
         table.add_row(*row)
     Console().print(table)
     console.print(
-        f"[bold green]trimmed[/] {report.original_vocab:,} → {report.kept_vocab:,} tokens; wrote {out} (vocab_report.json)"
+        f"[bold green]trimmed[/] {report.original_vocab:,} → {report.kept_vocab:,} tokens; wrote {out} "
+        "(vocab_report.json)"
     )
 
 
@@ -934,7 +966,8 @@ def recover(
         typer.Option(
             "--out",
             "-o",
-            help="Output folder for the recovered checkpoint (not RUN_DIR or inside it: inputs are never modified; `prune --recover` recovers its own output).",
+            help="Output folder for the recovered checkpoint (not RUN_DIR or inside it: inputs are never modified; "
+            "`prune --recover` recovers its own output).",
         ),
     ],
     data: DataOpt = "code",
@@ -947,7 +980,8 @@ def recover(
         Optional[str],
         typer.Option(
             "--train",
-            help="PERP-style light recovery: train only these, comma-separated: norms (RMSNorm gains), biases (compensation and q/k/v biases), lora. Default: LoRA alone.",
+            help="PERP-style light recovery: train only these, comma-separated: norms (RMSNorm gains), biases "
+            "(compensation and q/k/v biases), lora. Default: LoRA alone.",
         ),
     ] = None,
     kd_weight: Annotated[float, typer.Option(help="Weight w of the KD loss: (1-w)·CE + w·KD, in [0, 1].")] = 0.0,
@@ -958,7 +992,9 @@ def recover(
     train_format: Annotated[
         str,
         typer.Option(
-            help="text: corpus sequences; sdd: the dense model answers domain requests (for code, built from the corpus's documented functions, or --train-file) and the pruned model learns the answers; chat: --train-file prompt/response rows."
+            help="text: corpus sequences; sdd: the dense model answers domain requests (for code, built from the "
+            "corpus's documented functions, or --train-file) and the pruned model learns the answers; chat: "
+            "--train-file prompt/response rows."
         ),
     ] = "text",
     train_file: Annotated[
@@ -1005,7 +1041,8 @@ def recover(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Repair a pruned model on domain data: LoRA (or --full) with optional distillation from the dense model, merged back into a plain checkpoint in OUT."""
+    """Repair a pruned model on domain data: LoRA (or --full) with optional distillation from the dense model, merged
+    back into a plain checkpoint in OUT."""
     from .recover import recover as run
 
     _setup_logging(quiet)
@@ -1097,7 +1134,8 @@ def export(
     quant: Annotated[
         str,
         typer.Option(
-            help="--to gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's own quantiser; needs the serve extra)."
+            help="--to gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's own "
+            "quantiser; needs the serve extra)."
         ),
     ] = "f32",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,

@@ -161,7 +161,10 @@ class Comparison:
     def describe(self) -> str:
         d = self.dense.measurement
         seqs = ", ".join(f"{n}×{self.settings.get('seq_len', 256)} `{s}`" for s, n in d.test_sequences.items())
-        text = f"Dense model `{self.dense.loadable or self.dense.name}`; domain `{self.domain}`; test perplexity on {seqs or '-'} test sequences"
+        text = (
+            f"Dense model `{self.dense.loadable or self.dense.name}`; domain `{self.domain}`; test perplexity on "
+            f"{seqs or '-'} test sequences"
+        )
         if d.zero_shot:
             limit = self.settings.get("limit")
             text += f"; zero-shot acc_norm on {', '.join(d.zero_shot)}" + (
@@ -448,7 +451,8 @@ def from_bench_rows(
     checkpoint, measurement}; the dense one keyed "dense") as a comparison, the benchmark's row order kept."""
     if not all(isinstance(r, dict) and "key" in r and "measurement" in r for r in rows):
         raise DomainpruneError(
-            f'{origin} is not a benchmark JSONL (every row needs "key" and "measurement"); give bench/results/quality.jsonl or a compare.json'
+            f'{origin} is not a benchmark JSONL (every row needs "key" and "measurement"); give '
+            "bench/results/quality.jsonl or a compare.json"
         )
     dense = next((r for r in rows if r.get("key") == "dense"), None)
     if dense is None:
@@ -511,7 +515,8 @@ def select(c: Comparison, runs: Sequence[str | Path]) -> Comparison:
         entry = by_path.get(Path(run).resolve())
         if entry is None:
             raise DomainpruneError(
-                f"{run} has no figures in {c.origin}; measure it with `domainprune compare` or leave out the figures file"
+                f"{run} has no figures in {c.origin}; measure it with `domainprune compare` or leave out the figures "
+                "file"
             )
         chosen.append(entry)
     return Comparison(c.domain, [c.dense, *chosen], c.settings, c.samples, c.origin)

@@ -141,9 +141,9 @@ class Corpus:
         total = len(stream) // seq_len
         if total < n:
             raise DomainpruneError(
-                f"corpus {self.name!r} ({split} split, {len(self.split(split)):,} documents) has {len(stream):,} tokens "
-                f"= {total:,} sequences of {seq_len}; {n:,} sequences need {n * seq_len:,} tokens: "
-                f"give more text or lower {samples_option}"
+                f"corpus {self.name!r} ({split} split, {len(self.split(split)):,} documents) has {len(stream):,} "
+                f"tokens = {total:,} sequences of {seq_len}; {n:,} sequences need {n * seq_len:,} tokens: give more "
+                f"text or lower {samples_option}"
             )
         chunks = stream[: total * seq_len].view(total, seq_len)
         return chunks[[round(i * total / n) for i in range(n)]]  # advanced indexing copies

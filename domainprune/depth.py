@@ -17,11 +17,11 @@ alone overshoots it, in which case width removes nothing.
   its o_proj or down_proj (the residual stream stays). Greedy: at each step, every remaining candidate is removed
   on top of those already removed, and the Jensen–Shannon divergence between the dense and the candidate model's
   next-token distributions (nats per token, mean over positions; FinerCut's mean over vocabulary too differs by
-  the constant 1/V, so the order is the same) is measured on `FINERCUT_SAMPLES` (10) of the calibration sequences, evenly spaced;
-  the cheapest is removed for good. O(L²) forwards; each candidate only reruns the layers from its own onwards
-  (the earlier layers' outputs for the current removals are computed once per step). Every candidate's divergence
-  is cached on disk under the set of removals it was measured on, so an interrupted run resumes where it stopped,
-  and a rerun with another budget reuses the steps the two share.
+  the constant 1/V, so the order is the same) is measured on `FINERCUT_SAMPLES` (10) of the calibration sequences,
+  evenly spaced; the cheapest is removed for good. O(L²) forwards; each candidate only reruns the layers from its own
+  onwards (the earlier layers' outputs for the current removals are computed once per step). Every candidate's
+  divergence is cached on disk under the set of removals it was measured on, so an interrupted run resumes where it
+  stopped, and a rerun with another budget reuses the steps the two share.
 
 Width after depth: the output projections of removed layers/sublayers are zeroed in place, which gives exactly the
 pruned model's activations (a layer whose attention and MLP add zero is the identity; Gemma's post-norms map zero
@@ -137,7 +137,8 @@ def _fits(cum: int, cost: int, target: float) -> bool:
 def check_depth_model(adapter: DecoderAdapter, method: str) -> None:
     if adapter.has_experts():
         raise DomainpruneError(
-            f"depth method {method!r} is not supported on mixture-of-experts models; use an expert method (expert-frequency, easy-ep, tcess)"
+            f"depth method {method!r} is not supported on mixture-of-experts models; use an expert method "
+            "(expert-frequency, easy-ep, tcess)"
         )
 
 
@@ -394,7 +395,8 @@ def check_depth_recipe(recipe, criterion) -> None:
     method_is_depth = getattr(criterion, "depth", False)
     if method_is_depth and recipe.allocation is not None:
         raise DomainpruneError(
-            f"method {recipe.method!r} removes whole layers/sublayers; --allocation applies to width methods, leave it out"
+            f"method {recipe.method!r} removes whole layers/sublayers; --allocation applies to width methods, leave it "
+            "out"
         )
     if recipe.depth is None:
         if method_is_depth and recipe.reconstruct not in (None, "none"):

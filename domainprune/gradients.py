@@ -86,19 +86,23 @@ def check_backprop(model: torch.nn.Module, adapter: DecoderAdapter, method: str)
         for name, w in target_weights(adapter, i).items():
             if not w.is_floating_point() or w.is_meta:
                 raise DomainpruneError(
-                    f"method {method!r} needs gradients, but layer {i} {name}_proj has {w.dtype} weights on {w.device.type}; load the model in float32 or bfloat16"
+                    f"method {method!r} needs gradients, but layer {i} {name}_proj has {w.dtype} weights on "
+                    f"{w.device.type}; load the model in float32 or bfloat16"
                 )
             if w.is_inference():
                 raise DomainpruneError(
-                    f"method {method!r} needs gradients, but the model's weights were created in inference mode; load it outside torch.inference_mode()"
+                    f"method {method!r} needs gradients, but the model's weights were created in inference mode; load "
+                    "it outside torch.inference_mode()"
                 )
             if not w.requires_grad:
                 raise DomainpruneError(
-                    f"method {method!r} needs gradients, but layer {i} {name}_proj has requires_grad=False; call model.requires_grad_(True) first"
+                    f"method {method!r} needs gradients, but layer {i} {name}_proj has requires_grad=False; call "
+                    "model.requires_grad_(True) first"
                 )
             if w.device.type == "cpu" and w.dtype == torch.float16:
                 raise DomainpruneError(
-                    f"method {method!r} needs gradients, which float16 on CPU cannot give; use --dtype float32 (or bfloat16)"
+                    f"method {method!r} needs gradients, which float16 on CPU cannot give; use --dtype float32 (or "
+                    "bfloat16)"
                 )
 
 

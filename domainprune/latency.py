@@ -412,7 +412,8 @@ def measure_table(
     )
     fixed = table.fixed
     log.info(
-        "latency table (%s, %s): decode %.2f ms/token (%.0f%% outside attention+MLP), prefill of %d tokens %.1f ms (%.0f%%)",
+        "latency table (%s, %s): decode %.2f ms/token (%.0f%% outside attention+MLP), prefill of %d tokens %.1f ms "
+        "(%.0f%%)",
         table.device,
         table.dtype,
         1e3 * dense["decode"],

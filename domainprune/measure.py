@@ -49,7 +49,8 @@ class Measurement:
 def require_lm_eval() -> None:
     if importlib.util.find_spec("lm_eval") is None:
         raise DomainpruneError(
-            "--lm-eval needs lm-evaluation-harness, which is not installed; install it with `pip install lm-eval` or leave out --lm-eval"
+            "--lm-eval needs lm-evaluation-harness, which is not installed; install it with `pip install lm-eval` or "
+            "leave out --lm-eval"
         )
 
 

@@ -52,10 +52,11 @@ one layer is processed; for SmolLM2-135M, 9 MB. The greedy channel choice touche
 times per layer (on an H100, hidden 2048 / intermediate 8192 in bf16 with 32×512 tokens: 0.85 s per layer for
 `--method obs`, 0.08 s for the refit of a given plan; peak 3.5 GiB).
 
-Effect. SmolLM2-135M, `code`, 35 %, 32×128 calibration tokens, KL(dense‖pruned) on 16×128 held-out validation
-tokens: wanda-sp 1.50, wanda-sp `--reconstruct obs` 0.91, `--method obs` 0.82 (CPU, one thread: 66 s, 73 s, 135 s). Every layer runs its calibration batches about three times (H of o_proj, H of down_proj, outputs;
-a sequential criterion such as wanda-sp adds its statistics pass). Nothing is cached: the pass changes the model as
-it goes; a progress bar counts layers.
+Effect. SmolLM2-135M, `code`, 35 %, 32×128 calibration tokens, KL(dense‖pruned) on 16×128 held-out validation tokens:
+wanda-sp 1.50, wanda-sp `--reconstruct obs` 0.91, `--method obs` 0.82 (CPU, one thread: 66 s, 73 s, 135 s). Every layer
+runs its calibration batches about three times (H of o_proj, H of down_proj, outputs; a sequential criterion such as
+wanda-sp adds its statistics pass). Nothing is cached: the pass changes the model as it goes; a progress bar counts
+layers.
 """
 
 from __future__ import annotations
@@ -110,17 +111,18 @@ class InputHessian:
 
 def _cholesky(a: torch.Tensor, what: str) -> torch.Tensor:
     """Lower Cholesky factor of a symmetric matrix, with a growing jitter if rounding made it indefinite."""
-    l, info = torch.linalg.cholesky_ex(a)
+    chol, info = torch.linalg.cholesky_ex(a)
     if not bool(info.any()):
-        return l
+        return chol
     scale = float(torch.diagonal(a, dim1=-2, dim2=-1).abs().mean()) or 1.0
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     for jitter in (1e-10, 1e-8, 1e-6, 1e-4):
-        l, info = torch.linalg.cholesky_ex(a + jitter * scale * eye)
+        chol, info = torch.linalg.cholesky_ex(a + jitter * scale * eye)
         if not bool(info.any()):
-            return l
+            return chol
     raise DomainpruneError(
-        f"{what}: the calibration Hessian is not positive definite even with damping; use more calibration data (--calib-samples)"
+        f"{what}: the calibration Hessian is not positive definite even with damping; use more calibration data "
+        "(--calib-samples)"
     )
 
 
@@ -147,9 +149,9 @@ def refit(
         return w[:, kept], None
     if removed.numel() == 0:
         return w[:, kept].clone(), (w.new_zeros(w.shape[0]) if bias else None)
-    l = _cholesky(h[k_hat][:, k_hat], what)
+    chol = _cholesky(h[k_hat][:, k_hat], what)
     rhs = h[k_hat][:, removed] @ w[:, removed].T  # (k, d_out)
-    delta = torch.cholesky_solve(rhs, l).T  # (d_out, k)
+    delta = torch.cholesky_solve(rhs, chol).T  # (d_out, k)
     new = delta.clone()
     new[:, : kept.numel()] += w[:, kept]
     return new[:, : kept.numel()], (new[:, -1] if bias else None)
@@ -176,7 +178,6 @@ def greedy_remove(
     if n_remove <= 0:
         return [], weight.detach().double()
     w = weight.detach().double().clone()
-    d = w.shape[1]
     h = hess.damped(bias, damping).to(w.device)
     w[:, torch.diagonal(hess.h).to(w.device) == 0] = 0  # inputs never seen: removing them costs nothing
     if bias:
@@ -521,7 +522,8 @@ def reconstruct_layers(
 
     if adapter.has_experts():
         raise DomainpruneError(
-            "--reconstruct obs refits dense heads and MLP channels; mixture-of-experts models are not supported, leave it out"
+            "--reconstruct obs refits dense heads and MLP channels; mixture-of-experts models are not supported, "
+            "leave it out"
         )
     runner = LayerwiseRunner(model, adapter, sequences, batch_size)
     hidden, kwargs = runner.capture()

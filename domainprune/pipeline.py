@@ -176,7 +176,8 @@ class Recipe(BaseModel):
             raise ValueError(f"give exactly one of sparsity, target_params and target_speedup{given}")
         if self.target_speedup is not None and not self.target_speedup > 1:
             raise ValueError(
-                f"--target-speedup must be above 1 (e.g. 1.5 for 1.5× the dense model's speed), got {self.target_speedup}"
+                "--target-speedup must be above 1 (e.g. 1.5 for 1.5× the dense model's speed), got "
+                f"{self.target_speedup}"
             )
         if self.speedup_phase not in SPEEDUP_PHASES:  # what the latency table times
             raise ValueError(f"--speedup-phase must be one of {', '.join(SPEEDUP_PHASES)}, not {self.speedup_phase!r}")
@@ -653,7 +654,8 @@ def _make_plan_once(
     )
     if criterion.scores_experts and not adapter.has_experts():
         raise DomainpruneError(
-            f"method {recipe.method!r} prunes experts, but this {adapter.model_type!r} model has no mixture-of-experts layers"
+            f"method {recipe.method!r} prunes experts, but this {adapter.model_type!r} model has no mixture-of-experts "
+            "layers"
         )
     if adapter.has_experts() and not (criterion.scores_experts or criterion.scores_moe_channels):
         raise DomainpruneError(

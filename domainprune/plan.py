@@ -303,7 +303,8 @@ def validate_plan(plan: Plan, adapter: DecoderAdapter) -> None:
         if not adapter.prunable_heads and (len(lp.query_heads), len(lp.kv_heads)) != (s.num_heads, s.num_kv_heads):
             why = f" ({adapter.heads_not_prunable_reason})" if adapter.heads_not_prunable_reason else ""
             raise DomainpruneError(
-                f"{where}: attention heads of {adapter.model_type!r} models cannot be pruned exactly{why}; keep them all"
+                f"{where}: attention heads of {adapter.model_type!r} models cannot be pruned exactly{why}; keep them "
+                "all"
             )
         for name, kept, n in (
             ("query_heads", lp.query_heads, s.num_heads),

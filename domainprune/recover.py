@@ -1,4 +1,5 @@
-"""Recovery: repair a pruned model on domain data (LoRA or full fine-tuning, optional distillation from the dense model).
+"""Recovery: repair a pruned model on domain data (LoRA or full fine-tuning, optional distillation
+from the dense model).
 
 `recover()` is the Python API of `domainprune recover` (and of `domainprune prune --recover`). See docs/recovery.md.
 
@@ -477,7 +478,8 @@ def check_teacher(student, student_tok, teacher, teacher_tok, name: str) -> None
         # the token -> id maps, not the tokenizer classes: a saved run may reload under another tokenizer class
         if student_tok.get_vocab() != teacher_tok.get_vocab():
             raise DomainpruneError(
-                f"teacher {name!r} uses a different tokenizer from the pruned model; give the dense model it was pruned from"
+                f"teacher {name!r} uses a different tokenizer from the pruned model; give the dense model it was "
+                "pruned from"
             )
 
 

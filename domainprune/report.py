@@ -247,7 +247,8 @@ def throughput_png(c: Comparison) -> bytes:
             ax.text(i, v, f"{v:.2f}×", ha="center", va="bottom", fontsize=8)
         ax.set_ylabel("parameter bytes dense/pruned")
         ax.set_title(
-            "Throughput not measured in these figures: parameter-bytes ratio\n(the memory-bound limit of decode speed-up)",
+            "Throughput not measured in these figures: parameter-bytes ratio\n(the memory-bound limit of decode "
+            "speed-up)",
             fontsize=9,
         )
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -313,7 +314,8 @@ def _samples(c: Comparison):
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1240px;padding:0 16px;color:#222;line-height:1.45}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1240px;\
+padding:0 16px;color:#222;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 p.note{color:#555}
 .scroll{overflow-x:auto}
@@ -326,7 +328,8 @@ figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:13px}
 .recipes{display:flex;flex-wrap:wrap;gap:16px} .recipes table{margin:0}
 .samples{display:grid;gap:8px;margin-bottom:1.2em}
-pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;border:1px solid #e3e3e3;padding:8px;margin:0;font-size:12px}
+pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;border:1px solid #e3e3e3;padding:8px;margin:0;\
+font-size:12px}
 pre.prompt{background:#eef3fb}
 .model{font-weight:600;font-size:13px;margin-bottom:2px}
 """

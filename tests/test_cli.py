@@ -515,8 +515,8 @@ def test_console_script_prints_one_error_line(tmp_path):
     )
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines() == [
-        f"error: model '{missing}' not found: give an existing folder, a .gguf file, a hub id, or a preset (smollm2-135m, "
-        "qwen2.5-coder-0.5b)"
+        f"error: model '{missing}' not found: give an existing folder, a .gguf file, a hub id, or a preset "
+        "(smollm2-135m, qwen2.5-coder-0.5b)"
     ]
     assert run.stdout == "" and not (tmp_path / "out").exists()
 

@@ -7,7 +7,7 @@ import importlib.util
 import json
 
 import pytest
-from tiny_runs import cli, compared, root, runs  # noqa: F401  (root, runs: shared fixtures)
+from tiny_runs import cli, compared
 
 from domainprune.compare import from_bench_rows, load_figures, select
 from domainprune.errors import DomainpruneError

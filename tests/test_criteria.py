@@ -17,7 +17,7 @@ from domainprune.plan import dense_plan
 from domainprune.stats import collect_statistics
 from domainprune.surgery import finish, prune_layer
 
-HD, H, K, G, I = 8, 6, 2, 3, 40  # the tiny models: 6 query heads in 2 KV groups of 3, 40 MLP channels
+HD, H, K, G, C = 8, 6, 2, 3, 40  # the tiny models: 6 query heads in 2 KV groups of 3, 40 MLP channels
 
 
 def cols(heads):
@@ -101,10 +101,10 @@ def test_magnitude_hand_computed_and_zeroed_units_score_lowest():
         gate[7] = up[7] = 0  # channel 7
         down[:, 7] = 0
     s = score("magnitude", model, 1)
-    assert s.heads.shape == (H,) and s.groups.shape == (K,) and s.channels.shape == (I,)
+    assert s.heads.shape == (H,) and s.groups.shape == (K,) and s.channels.shape == (C,)
     assert s.heads[4] == 0 and s.heads[[3, 5]].min() > 0 and s.heads[:3].eq(0).all()
     assert s.groups[0] == 0 < s.groups[1]
-    assert s.channels[7] == 0 and int(s.channels.argmin()) == 7 and (s.channels > 0).sum() == I - 1
+    assert s.channels[7] == 0 and int(s.channels.argmin()) == 7 and (s.channels > 0).sum() == C - 1
     w = lambda t: t.detach().double()  # noqa: E731
     head_sq = lambda h: w(q)[cols([h])].pow(2).sum() + w(o)[:, cols([h])].pow(2).sum()  # noqa: E731
     expected_group1 = (
@@ -242,11 +242,11 @@ def test_standardized_attention_units_stay_on_the_head_scale(unit):
     model = tiny_model("llama")
     a = get_adapter(model)
     heads = torch.full((H,), -0.6, dtype=torch.float64)
-    channels = torch.cat([torch.full((10,), -1.0), torch.full((I - 10,), 1.0)]).double()
+    channels = torch.cat([torch.full((10,), -1.0), torch.full((C - 10,), 1.0)]).double()
     scores = [LayerScores(heads=heads, groups=heads.reshape(K, G).mean(1), channels=channels) for _ in range(4)]
     per_layer = a.layer_params(a.shape(0))
     sparsity = 4 * 10 * a.mlp_params(1) / (4 * per_layer)  # exactly the weak channels
     plan = allocate("global", dense_plan(a, "tiny"), a, scores, sparsity, attention_unit=unit, standardized=True)
     for lp in plan.layers:
         assert lp.query_heads == list(range(H)) and lp.kv_heads == list(range(K))
-        assert lp.mlp_channels == list(range(10, I))
+        assert lp.mlp_channels == list(range(10, C))

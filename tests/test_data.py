@@ -216,7 +216,10 @@ def test_too_few_tokens_names_the_counts(tmp_path, tokenizer, token_cache):
     with pytest.raises(DomainpruneError) as info:
         corpus.sequences(tokenizer, "calibration", have + 1, 256)
     message = str(info.value)
-    counts = f"has {len(stream):,} tokens = {have:,} sequences of 256; {have + 1:,} sequences need {(have + 1) * 256:,} tokens"
+    counts = (
+        f"has {len(stream):,} tokens = {have:,} sequences of 256; {have + 1:,} sequences need {(have + 1) * 256:,} "
+        "tokens"
+    )
     assert counts in message
     assert "calibration split" in message and "--calib-samples" in message and "\n" not in message
     with pytest.raises(DomainpruneError, match="unknown split"):

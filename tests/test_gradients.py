@@ -29,7 +29,7 @@ from domainprune.pipeline import (
 )
 from domainprune.plan import dense_plan
 
-HD, H, K, G, I = 8, 6, 2, 3, 40
+HD, H, K, G, C = 8, 6, 2, 3, 40
 GRADIENT_METHODS = ("taylor", "fisher", "dpruner", "gaprune", "nirvana")
 
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tiny_runs import cli, compared, root, runs  # noqa: F401  (root, runs: shared fixtures)
+from tiny_runs import cli, compared
 
 from domainprune.compare import Comparison, Entry, load_figures
 from domainprune.measure import Measurement

@@ -12,7 +12,6 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
 from tiny_pipeline import cli, loaded, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune.data import split_of
@@ -106,14 +105,3 @@ def compared(capsys, root: Path) -> Path:
         )
         assert code == 0, err
     return out
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    smol_tokenizer()  # skips when SmolLM2 is not available
-    return tmp_path_factory.getbasetemp() / "tiny-runs"
-
-
-@pytest.fixture(scope="module")
-def runs(root):
-    return build_runs(root)

@@ -346,7 +346,8 @@ class DecoderAdapter:
         d = self.hidden_size
         if not self.prunable_hidden:
             raise DomainpruneError(
-                f"hidden channels of {self.model_type!r} models cannot be pruned exactly ({self.hidden_not_prunable_reason})"
+                f"hidden channels of {self.model_type!r} models cannot be pruned exactly "
+                f"({self.hidden_not_prunable_reason})"
             )
         keep = sorted(set(keep))
         if not keep or not all(0 <= c < d for c in keep):

@@ -200,8 +200,8 @@ class MoEAdapter(DecoderAdapter):
     def _not_moe(self, i: int, what: str) -> None:
         if self.is_moe(i):
             raise DomainpruneError(
-                f"layer {i} is a mixture-of-experts layer: it has no {what}; prune its routed experts (plan `experts`), "
-                "their channels (`expert_channels`) or its shared expert's channels (`shared_channels`)"
+                f"layer {i} is a mixture-of-experts layer: it has no {what}; prune its routed experts (plan "
+                "`experts`), their channels (`expert_channels`) or its shared expert's channels (`shared_channels`)"
             )
 
     def down_proj(self, i: int) -> nn.Linear:
@@ -294,7 +294,8 @@ class MoEAdapter(DecoderAdapter):
             or any(len(set(k)) != len(k) or not all(0 <= c < w for c in k) for k in keep)
         ):
             raise DomainpruneError(
-                f"layer {i}: give each of the {n} routed experts the same number (≥1) of distinct channels in 0..{w - 1}"
+                f"layer {i}: give each of the {n} routed experts the same number (≥1) of distinct channels in "
+                f"0..{w - 1}"
             )
         gate_up, down = experts.gate_up_proj, experts.down_proj
         idx = torch.tensor(keep, dtype=torch.long, device=gate_up.device)  # (E, c)

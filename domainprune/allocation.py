@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,21 +40,16 @@ from .adapters.moe import expert_removals
 from .criteria import LayerScores
 from .errors import DomainpruneError
 from .plan import LayerPlan, Plan
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 ATTENTION_UNITS = ("kv_group", "query_head")
-ALLOCATIONS: dict[str, Callable] = {}
+ALLOCATIONS = Registry("allocation")
 
 
 def register(name: str, needs_statistics: bool = False):
     """Register an allocation. One that `needs_statistics` is also given the per-layer calibration statistics."""
-
-    def wrap(fn):
-        fn.needs_statistics = needs_statistics
-        ALLOCATIONS[name] = fn
-        return fn
-
-    return wrap
+    return ALLOCATIONS.register(name, needs_statistics=needs_statistics)
 
 
 @dataclass
@@ -471,8 +465,7 @@ def allocate(
     frozen: set[tuple[int, str]] = frozenset(),
 ) -> Plan:
     """Plan `sparsity` of the attention+MLP parameters with `strategy`; `context` is the search's (see search.py)."""
-    if strategy not in ALLOCATIONS:
-        raise DomainpruneError(f"unknown allocation {strategy!r}; available: {', '.join(sorted(ALLOCATIONS))}")
+    ALLOCATIONS.lookup(strategy)
     if not 0 <= sparsity < 1:
         raise DomainpruneError(f"--sparsity must be in [0, 1), got {sparsity}")
     if attention_unit not in ATTENTION_UNITS:

@@ -915,6 +915,25 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def prune_report(
+    recipe: Recipe, plan: Plan, wanted, total_after: int, started: float, device: torch.device, adapter: DecoderAdapter
+) -> dict[str, Any]:
+    """report.json's common part, for in-memory and streamed runs alike."""
+    return {
+        "sparsity_target": recipe.sparsity if wanted is None else round(wanted[0], 6),
+        "target_params": recipe.target_params,
+        "sparsity_achieved": plan.params.sparsity,
+        "attention_mlp_params": [plan.params.attention_mlp_before, plan.params.attention_mlp_after],
+        "total_params": [plan.params.total_before, total_after],
+        "prune_seconds": round(time.perf_counter() - started, 2),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "device": str(device),
+        "uniform": adapter.is_uniform(),
+        # stock AutoModelForCausalLM loads it as is: uniform widths and no biases the architecture's config lacks
+        "stock_loadable": adapter.is_uniform() and not adapter.extra_biases(),
+    }
+
+
 def prune(
     model: str | LoadedModel = "smollm2-135m",
     *,
@@ -994,20 +1013,7 @@ def prune(
     vocab = trim_vocab_stage(loaded, recipe) if recipe.vocab_coverage or recipe.vocab_size else None
     total_after = parameter_count(loaded.model)
     device = next(loaded.model.parameters()).device
-    adapter = get_adapter(loaded.model)
-    report = {
-        "sparsity_target": recipe.sparsity if wanted is None else round(wanted[0], 6),
-        "target_params": recipe.target_params,
-        "sparsity_achieved": plan.params.sparsity,
-        "attention_mlp_params": [plan.params.attention_mlp_before, plan.params.attention_mlp_after],
-        "total_params": [plan.params.total_before, total_after],
-        "prune_seconds": round(time.perf_counter() - started, 2),
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "device": str(device),
-        "uniform": adapter.is_uniform(),
-        # stock AutoModelForCausalLM loads it as is: uniform widths and no biases the architecture's config lacks
-        "stock_loadable": adapter.is_uniform() and not adapter.extra_biases(),
-    }
+    report = prune_report(recipe, plan, wanted, total_after, started, device, get_adapter(loaded.model))
     if vocab is not None:
         report["vocab"] = vocab.to_dict()
     if trained is not None:

@@ -625,21 +625,9 @@ def _plan_and_cut(
 
 
 def _report(recipe, plan, wanted, total_after: int, started: float, device: torch.device, adapter, offload: str):
-    from .pipeline import peak_memory_bytes
+    from .pipeline import prune_report
 
-    return {
-        "sparsity_target": recipe.sparsity if wanted is None else round(wanted[0], 6),
-        "target_params": recipe.target_params,
-        "sparsity_achieved": plan.params.sparsity,
-        "attention_mlp_params": [plan.params.attention_mlp_before, plan.params.attention_mlp_after],
-        "total_params": [plan.params.total_before, total_after],
-        "prune_seconds": round(time.perf_counter() - started, 2),
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "device": str(device),
-        "offload": offload,
-        "uniform": adapter.is_uniform(),
-        "stock_loadable": adapter.is_uniform() and not adapter.extra_biases(),
-    }
+    return {**prune_report(recipe, plan, wanted, total_after, started, device, adapter), "offload": offload}
 
 
 def _side_files(plan, recipe, report) -> dict[str, str]:

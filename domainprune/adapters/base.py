@@ -24,17 +24,10 @@ import torch
 from torch import nn
 
 from ..errors import DomainpruneError
+from ..registry import Registry
 
-ADAPTERS: dict[str, type["DecoderAdapter"]] = {}
-
-
-def register(model_type: str):
-    def wrap(cls):
-        ADAPTERS[model_type] = cls
-        cls.model_type = model_type
-        return cls
-
-    return wrap
+ADAPTERS = Registry("architecture", attribute="model_type")
+register = ADAPTERS.register
 
 
 @dataclass(frozen=True)

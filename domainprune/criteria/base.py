@@ -7,24 +7,15 @@ import torch
 
 from ..adapters import DecoderAdapter
 from ..errors import DomainpruneError
+from ..registry import Registry
 from ..stats import LayerStats
 
-CRITERIA: dict[str, type["Criterion"]] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        CRITERIA[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
+CRITERIA = Registry("method")
+register = CRITERIA.register
 
 
 def get_criterion(name: str) -> "Criterion":
-    if name not in CRITERIA:
-        raise DomainpruneError(f"unknown method {name!r}; available: {', '.join(sorted(CRITERIA))}")
-    return CRITERIA[name]()
+    return CRITERIA.lookup(name)()
 
 
 @dataclass

@@ -14,25 +14,16 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import DomainpruneError
+from ..registry import Registry
 from .model import BertUnits
 from .train import batches, info_nce
 
-CRITERIA: dict[str, type["Criterion"]] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        CRITERIA[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
+CRITERIA = Registry("encoder method")
+register = CRITERIA.register
 
 
 def get_criterion(name: str) -> "Criterion":
-    if name not in CRITERIA:
-        raise DomainpruneError(f"unknown encoder method {name!r}; available: {', '.join(sorted(CRITERIA))}")
-    return CRITERIA[name]()
+    return CRITERIA.lookup(name)()
 
 
 @dataclass

@@ -29,14 +29,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .. import cache
 from ..adapters import get_adapter
 from ..evaluate import parameter_count
 from ..plan import dense_plan
-from ..stats import model_fingerprint
 from ..surgery import apply_plan
 from . import common
-from .common import TrainOptions, UnitMasks, Units
+from .common import TrainOptions, Units
 
 log = logging.getLogger(__name__)
 
@@ -159,21 +157,8 @@ def train_atp(loaded, recipe, options: AtpOptions, staging, progress: bool = Tru
     val = common.domain_sequences(
         recipe.data, recipe.text_field, loaded.tokenizer, "validation", options.pdg_samples, options.seq_len
     )
-    key = cache.fingerprint(
-        "atp",
-        1,
-        recipe.data,
-        recipe.sparsity,
-        recipe.seed,
-        options.model_dump(exclude={"time_budget", "save_steps"}),
-        model_fingerprint(model),
-    )
-    peft_model = common.add_lora(model, options, recipe.seed)
-    adapter = get_adapter(peft_model.base_model.model)
-    masks = UnitMasks(adapter, units)
+    key, peft_model, adapter, masks, lparams, opt = common.lora_setup("atp", model, recipe, options, units)
     pdg = DecisionGenerator(units, recipe.seed + 1).to(device)
-    lparams = common.lora_params(peft_model)
-    opt = torch.optim.AdamW(lparams.values(), lr=options.lr, weight_decay=0.0)
     popt = torch.optim.AdamW(pdg.parameters(), lr=options.pdg_lr, weight_decay=0.0)
     noise = torch.Generator().manual_seed(recipe.seed + 2)
     ckpt = common.Checkpoints(staging, key)

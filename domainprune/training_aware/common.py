@@ -124,6 +124,28 @@ def add_lora(model: torch.nn.Module, options: TrainOptions, seed: int):
     return get_peft_model(model, config)
 
 
+def lora_setup(method: str, model: torch.nn.Module, recipe, options: TrainOptions, units: Units):
+    """What ATP and LoRAPrune start from: the run's resume key (the method, its data, budget, seed, options and the
+    model's weights), the model with LoRA adapters, its adapter, the unit masks, and AdamW over the LoRA weights."""
+    from ..adapters import get_adapter
+    from ..stats import model_fingerprint
+
+    key = cache.fingerprint(
+        method,
+        1,
+        recipe.data,
+        recipe.sparsity,
+        recipe.seed,
+        options.model_dump(exclude={"time_budget", "save_steps"}),
+        model_fingerprint(model),
+    )
+    peft_model = add_lora(model, options, recipe.seed)
+    adapter = get_adapter(peft_model.base_model.model)
+    lparams = lora_params(peft_model)
+    opt = torch.optim.AdamW(lparams.values(), lr=options.lr, weight_decay=0.0)
+    return key, peft_model, adapter, UnitMasks(adapter, units), lparams, opt
+
+
 def lora_params(peft_model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
 

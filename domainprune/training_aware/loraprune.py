@@ -20,15 +20,13 @@ import time
 import torch
 from pydantic import Field
 
-from .. import cache
 from ..adapters import get_adapter
 from ..allocation import uniform_counts
 from ..evaluate import parameter_count
 from ..plan import dense_plan
-from ..stats import model_fingerprint
 from ..surgery import apply_plan
 from . import common
-from .common import TrainOptions, UnitMasks, Units
+from .common import TrainOptions, Units
 
 log = logging.getLogger(__name__)
 
@@ -117,20 +115,7 @@ def run(loaded, recipe, options: LoraPruneOptions, staging, progress: bool = Tru
     train = common.domain_sequences(
         recipe.data, recipe.text_field, loaded.tokenizer, "calibration", options.samples, options.seq_len
     )
-    key = cache.fingerprint(
-        "loraprune",
-        1,
-        recipe.data,
-        recipe.sparsity,
-        recipe.seed,
-        options.model_dump(exclude={"time_budget", "save_steps"}),
-        model_fingerprint(model),
-    )
-    peft_model = common.add_lora(model, options, recipe.seed)
-    adapter = get_adapter(peft_model.base_model.model)
-    masks = UnitMasks(adapter, units)
-    lparams = common.lora_params(peft_model)
-    opt = torch.optim.AdamW(lparams.values(), lr=options.lr, weight_decay=0.0)
+    key, peft_model, adapter, masks, lparams, opt = common.lora_setup("loraprune", model, recipe, options, units)
     keep = [
         (torch.ones(g, dtype=torch.bool), torch.ones(c, dtype=torch.bool)) for g, c in zip(units.groups, units.channels)
     ]

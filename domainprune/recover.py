@@ -325,6 +325,9 @@ def _trainer_classes():
         def __init__(self, *args, teacher=None, config: RecoveryConfig, **kwargs):
             super().__init__(*args, **kwargs)
             self.teacher, self.rconfig = teacher, config
+            # compute_loss returns each micro-batch's mean, so Trainer must divide by the accumulation steps (it would
+            # not: the model's forward takes **kwargs, which Trainer reads as "the loss is normalised already")
+            self.loss_is_scaled_for_ga = False
             self._parts = {"ce": 0.0, "kd": 0.0, "n": 0}
             self.time_offset, self.started = 0.0, time.perf_counter()
 

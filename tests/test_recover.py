@@ -103,6 +103,25 @@ def test_training_lowers_loss(run_dir, tmp_path):
     assert all(e["elapsed"] >= 0 and e["lr"] is not None for e in logged)
 
 
+def test_gradient_accumulation_averages_like_one_larger_batch(run_dir, tmp_path):
+    """2 micro-batches of 2 accumulate to the step one batch of 4 takes: the same logged losses and close weights
+    (a summed instead of averaged accumulation doubles the loss)."""
+    runs = {}
+    for accum, batch in ((1, 4), (2, 2)):
+        runs[accum] = recover(
+            run_dir,
+            out=tmp_path / f"ga{accum}",
+            max_steps=2,
+            progress=False,
+            **{**FAST, "batch_size": batch, "grad_accum": accum, "lora_dropout": 0.0},
+        )
+    one, two = ([e["loss"] for e in runs[k].log] for k in (1, 2))
+    assert len(one) == len(two) == 2
+    assert one == pytest.approx(two, rel=1e-4)
+    for name, w in runs[1].model.state_dict().items():
+        assert torch.allclose(w, runs[2].model.state_dict()[name], atol=1e-5), name
+
+
 def test_full_finetuning(run_dir, tmp_path):
     pruned = load_pretrained(run_dir)
     result = recover(run_dir, out=tmp_path / "full", full=True, max_steps=2, progress=False, **{**FAST, "lr": 1e-3})

@@ -118,10 +118,9 @@ def deci_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     return {k: v.detach().contiguous() for k, v in state.items()}, flags
 
 
-def deci_config(model: torch.nn.Module) -> dict[str, Any]:
+def deci_config(model: torch.nn.Module, blocks: list[dict[str, Any]], heads: int, flags: dict[str, bool]) -> dict:
+    """config.json of the DeciLM checkpoint: the model's own config, `deci_blocks`' blocks, `deci_state`'s flags."""
     adapter = get_adapter(model)
-    blocks, heads = deci_blocks(model)
-    _, flags = deci_state(model)
     config = json.loads(model.config.to_json_string(use_diff=False))
     for key in (
         "per_layer_config",
@@ -162,8 +161,9 @@ def export_vllm(run: str | Path, out: str | Path, *, force: bool = False) -> VLL
         raise DomainpruneError(f"{run} is not a model folder (no config.json); give a `domainprune prune` output")
     out = check_output(Path(out), force=force, inputs=[run.resolve()])
     loaded = load_model(run, dtype="float32", device="cpu")
-    config = deci_config(loaded.model)  # refuses before anything is written
-    state, _ = deci_state(loaded.model)
+    blocks, heads = deci_blocks(loaded.model)  # refuses before anything is written
+    state, flags = deci_state(loaded.model)
+    config = deci_config(loaded.model, blocks, heads, flags)
     with cache.atomic_dir(out, overwrite=force) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -173,14 +173,11 @@ def export_vllm(run: str | Path, out: str | Path, *, force: bool = False) -> VLL
         for name in ("generation_config.json", "plan.json", "recipe.json"):
             if (run / name).is_file():
                 shutil.copy2(run / name, tmp / name)
-    blocks = config["block_configs"]
+    shapes = get_adapter(loaded.model).shapes()
     return VLLMExport(
         path=out,
-        layers=len(blocks),
-        mlp_widths=[b["ffn"].get("intermediate_size", 0) for b in blocks],
-        kv_heads=[
-            config["num_attention_heads"] // b["attention"]["n_heads_in_group"] if not b["attention"]["no_op"] else 0
-            for b in blocks
-        ],
+        layers=len(shapes),
+        mlp_widths=[sh.intermediate_size for sh in shapes],
+        kv_heads=[sh.num_kv_heads for sh in shapes],
         notes=[f"run it with: vllm serve {out} --trust-remote-code (the config class is {CONFIG_FILE}, inside)"],
     )

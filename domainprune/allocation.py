@@ -465,7 +465,7 @@ def allocate(
     frozen: set[tuple[int, str]] = frozenset(),
 ) -> Plan:
     """Plan `sparsity` of the attention+MLP parameters with `strategy`; `context` is the search's (see search.py)."""
-    ALLOCATIONS.lookup(strategy)
+    fn = ALLOCATIONS.lookup(strategy)
     if not 0 <= sparsity < 1:
         raise DomainpruneError(f"--sparsity must be in [0, 1), got {sparsity}")
     if attention_unit not in ATTENTION_UNITS:
@@ -480,8 +480,7 @@ def allocate(
             raise DomainpruneError(
                 f"--allocation {strategy} cannot follow depth pruning (--depth); use global or uniform"
             )
-        return ALLOCATIONS[strategy](dense, adapter, scores, sparsity, attention_unit, standardized, frozen=frozen)
-    fn = ALLOCATIONS[strategy]
+        return fn(dense, adapter, scores, sparsity, attention_unit, standardized, frozen=frozen)
     extra = {"context": context} if context is not None else {}
     if fn.needs_statistics:
         if stats is None:

@@ -656,6 +656,19 @@ def allocate_search(
     if context is None:
         raise DomainpruneError("allocation 'search' needs the model and held-out data: run it through prune or plan")
 
+    rec = getattr(context, "reconstruction", None)
+    if rec is not None:  # --reconstruct obs: candidates judged after their refit (domainprune.tyr)
+        from . import tyr
+
+        def make_counts(counts: list[list[int]]) -> Plan:
+            layers = [uniform_layer(adapter, i, sc, tuple(c), mode) for i, (sc, c) in enumerate(zip(scores, counts))]
+            return dense.model_copy(update={"layers": layers})
+
+        kw = dict(attention_unit=mode, standardized=standardized, stats=stats)
+        starts = [allocate(name, dense, adapter, scores, sparsity, **kw) for name in rec.starts]
+        counts, context.summary = tyr.search(adapter, sparsity, mode, make_counts, starts, context, rec)
+        return make_counts(counts)
+
     def make(per_layer: list[float]) -> Plan:
         return _layerwise(dense, adapter, scores, per_layer, mode)
 

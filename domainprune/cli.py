@@ -276,17 +276,32 @@ def _recipe_options(
     vocab_coverage: VocabCoverageOpt = None,
     vocab_size: VocabSizeOpt = None,
     search_generations: Annotated[
-        Optional[int], typer.Option(help="--allocation search: generations per round (default: 8).")
+        Optional[int],
+        typer.Option(help="--allocation search: generations per round (default: 8; 4 with --reconstruct obs)."),
     ] = None,
     search_offspring: Annotated[
-        Optional[int], typer.Option(help="--allocation search: offspring per generation (default: 16).")
+        Optional[int],
+        typer.Option(help="--allocation search: offspring per generation (default: 16; 8 with --reconstruct obs)."),
     ] = None,
     search_rounds: Annotated[
-        Optional[int], typer.Option(help="--allocation search: coarse-to-fine rounds, step halved each (default: 3).")
+        Optional[int],
+        typer.Option(
+            help="--allocation search: coarse-to-fine rounds, step halved each (default: 3; 2 with --reconstruct obs)."
+        ),
     ] = None,
     search_samples: Annotated[
         Optional[int],
-        typer.Option(help="--allocation search: held-out validation sequences for the KL fitness (default: 32)."),
+        typer.Option(
+            help="--allocation search: held-out validation sequences for the KL fitness (default: 32; 16 with "
+            "--reconstruct obs)."
+        ),
+    ] = None,
+    search_task_weight: Annotated[
+        Optional[float],
+        typer.Option(
+            help="--allocation search --reconstruct obs: weight of the task-format KL (the dense model's answers to "
+            "requests built from the corpus, docs/allocation.md) in the fitness (default: 0, domain text only)."
+        ),
     ] = None,
 ):
     """The Recipe fields as command-line options, declared once (see `recipe_command`)."""

@@ -136,6 +136,8 @@ class Recipe(BaseModel):
     search_rounds: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
     search_samples: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
     search_kl: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)  # KL: uniform start, result
+    # with --reconstruct obs (domainprune.tyr): weight of the task-format KL in the fitness (0: domain text only)
+    search_task_weight: float | None = Field(default=None, ge=0, exclude_if=lambda v: v is None)
     # vocabulary trimming after pruning (domainprune.vocab): keep the tokens covering this fraction of the domain's
     # calibration tokens, or exactly this many; special tokens, byte alphabet and merge closure always kept
     vocab_coverage: float | None = Field(default=None, gt=0, le=1, exclude_if=lambda v: v is None)
@@ -224,10 +226,11 @@ class Recipe(BaseModel):
         }
         return self.model_copy(update=undo).resolved()
 
-    def search_defaults(self) -> dict[str, int]:
+    def search_defaults(self, reconstruct: str | None = None) -> dict[str, int]:
         from .search import SearchSettings
+        from .tyr import RECONSTRUCT_DEFAULTS
 
-        d = SearchSettings()
+        d = SearchSettings(**(RECONSTRUCT_DEFAULTS if reconstruct == "obs" else {}))
         return {
             "search_generations": self.search_generations or d.generations,
             "search_offspring": self.search_offspring or d.offspring,
@@ -313,7 +316,7 @@ class Recipe(BaseModel):
                 "micro_batch": self.micro_batch or (1 if gradient else None),
                 "taylor_mode": self.taylor_mode or ("vector" if self.method == "taylor" else None),
                 "allocation": allocation,
-                **(self.search_defaults() if allocation == "search" else {}),
+                **(self.search_defaults(reconstruct) if allocation == "search" else {}),
                 "bias_compensation": criterion.default_bias_compensation
                 if self.bias_compensation is None
                 else self.bias_compensation,
@@ -353,7 +356,13 @@ def search_context(loaded: LoadedModel, recipe: Recipe, sequences: torch.Tensor,
         repr(settings),
     )
     means = [derived(s) for s in stats] if recipe.bias_compensation else None
-    return SearchContext(loaded.model, held_out, settings, means, key, seed=recipe.seed, progress=progress)
+    context = SearchContext(loaded.model, held_out, settings, means, key, seed=recipe.seed, progress=progress)
+    if recipe.reconstruct == "obs":  # judge candidates after their refit (domainprune.tyr)
+        from .tyr import reconstruction
+
+        context.reconstruction = reconstruction(loaded, recipe, sequences, progress)
+        context.cache_key = cache.fingerprint(key, context.reconstruction.key)
+    return context
 
 
 def make_recipe(**kwargs: Any) -> Recipe:

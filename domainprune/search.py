@@ -25,6 +25,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -64,6 +65,7 @@ class SearchContext:
     seed: int = 0
     progress: bool = True
     summary: dict | None = None  # filled by the search: KL at the start and the end, per-generation best
+    reconstruction: Any = None  # tyr.Reconstruction: judge candidates after their OBS refit (--reconstruct obs)
 
 
 class Masks:

@@ -308,6 +308,8 @@ class Recipe(BaseModel):
             raise DomainpruneError(
                 "--reconstruct obs refits dense heads and MLP channels, not experts; leave it out with an expert method"
             )
+        if self.search_task_weight and (allocation != "search" or reconstruct != "obs"):
+            raise DomainpruneError("--search-task-weight needs --allocation search --reconstruct obs; leave it out")
         train = check_training_recipe(self) if self.iterative else None
         return self.model_copy(
             update={

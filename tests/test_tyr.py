@@ -18,6 +18,7 @@ from domainprune import cache, tyr
 from domainprune.adapters import get_adapter
 from domainprune.allocation import uniform_counts
 from domainprune.criteria import get_criterion
+from domainprune.errors import DomainpruneError
 from domainprune.obs import _write_columns, refit
 from domainprune.pipeline import calibration_sequences, make_recipe, prune
 from domainprune.plan import dense_plan
@@ -162,6 +163,8 @@ def test_search_with_reconstruction_meets_the_budget_and_resumes_identically(mon
 
 
 def test_task_format_kl_is_zero_for_the_dense_model_and_enters_the_fitness():
+    with pytest.raises(DomainpruneError, match="needs --allocation search --reconstruct obs"):
+        make_recipe(method="cfsp", allocation="search", sparsity=0.35, search_task_weight=1.0).resolved()
     tok = smol_tokenizer()
     model = tiny_lm()
     recipe = make_recipe(method="cfsp", allocation="search", reconstruct="obs", sparsity=0.35, **CALIB).resolved()

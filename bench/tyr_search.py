@@ -35,7 +35,8 @@ ROWS = {
 
 def main() -> None:
     jsonl = RESULTS / "tyr-search.jsonl"
-    done = {r["row"]: r for r in map(json.loads, jsonl.read_text().splitlines())} if jsonl.is_file() else {}
+    rows = list(map(json.loads, jsonl.read_text().splitlines())) if jsonl.is_file() else []
+    done = {r["row"]: r for r in rows}
     names = sys.argv[1:] or ["dense", *ROWS]
     for name in names:
         if name in done:
@@ -59,13 +60,15 @@ def main() -> None:
         row.update(ppl=m.perplexity, params=m.params, load2=os.getloadavg()[0])
         print(json.dumps(row)[:400], flush=True)
         done[name] = row
+        rows.append(row)
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
-    write_md(done)
+    write_md(rows)
 
 
-def write_md(done: dict) -> None:
-    dense = done.get("dense")
+def write_md(rows: list[dict]) -> None:
+    """Every row of the JSONL file in order (a recipe measured twice, at different loads, shows twice)."""
+    dense = next((r for r in rows if r["row"] == "dense"), None)
     lines = [
         "# Search with reconstruction in the loop (`--allocation search --reconstruct obs`)",
         "",
@@ -73,6 +76,16 @@ def write_md(done: dict) -> None:
         "perplexity on 32×256 code and 32×256 general (Wikipedia) test sequences; each row pruned from a fresh load "
         f"by `bench/tyr_search.py`. Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}, shared with other jobs (1-min load average at the start and end of each row given).",
+        "",
+    ]
+    lines += [
+        'Rows: `prune()` with `data="code", calib_samples=128, seq_len=128, sparsity=0.35, method="cfsp"` and the '
+        "allocation named (`cfsp` is the method's own); the search row is `domainprune prune --model smollm2-135m "
+        "--data code --calib-samples 128 --seq-len 128 --sparsity 0.35 --method cfsp --allocation search --reconstruct "
+        "obs`, its defaults 2 rounds × 4 generations × 8 offspring, fitness on 16 held-out validation sequences "
+        "(docs/allocation.md). `prune CPU s`: the process's CPU time, both threads together. The load column shows "
+        "what the other sessions on the same 2 cores did to wall times: the search ran at load 8–11 for most of "
+        "its 55 min; cfsp + OBS took 733 s at load 6–8 and 55 s at load 2–3.",
         "",
     ]
     if dense:
@@ -83,7 +96,8 @@ def write_md(done: dict) -> None:
         "prune CPU s | peak RSS GiB | load |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in done.items():
+    for r in rows:
+        name = r["row"]
         if name == "dense":
             continue
         cells = []

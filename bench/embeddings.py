@@ -8,7 +8,10 @@ in embeddings.jsonl; resumable: finished rows are kept).
                                                              # run the same tasks elsewhere (--code-data/--general-data)
 
 Rows `METHOD@general` calibrate the criterion on the general stream instead of the domain's: the general-importance
-baselines GAPrune's claim is about. Scores are computed once per criterion on the dense model; every level prunes a
+baselines GAPrune's claim is about. Rows `METHOD/ALLOCATION/COMPENSATION` (e.g. `wanda-sp/global/refit`) prune with
+that allocation (encoders/allocate.py) and compensation (encoders/compensate.py, on the criterion's calibration
+texts); a `~G` suffix on the method (`wanda-sp~0.25/uniform/refit`) takes that share of the calibration texts from the
+general stream. Scores are computed once per criterion on the dense model; every level prunes a
 fresh copy of it. Calibration and recovery read the calibration split only, never the test split.
 """
 
@@ -31,6 +34,14 @@ from domainprune.encoders import retrieval
 from domainprune.encoders.criteria import Calibration, LayerScores, get_criterion
 from domainprune.encoders.model import BertUnits, load_encoder
 from domainprune.encoders.pipeline import EncoderRecipe, apply_plan, plan_units
+
+
+def parse_spec(spec: str) -> tuple[str, str, float, str, str]:
+    """METHOD[@general][~G][/ALLOCATION[/COMPENSATION]] -> (criterion, stream, general share, allocation, compensation)."""
+    head, allocation, compensation = (spec.split("/") + ["uniform", "none"])[:3]
+    head, _, share = head.partition("~")
+    name, _, stream = head.partition("@")
+    return name, stream, float(share or 0), allocation, compensation
 from domainprune.encoders.train import recover
 
 RESULTS = Path(__file__).parent / "results"
@@ -116,10 +127,13 @@ def run(args) -> None:
     recover_levels = {float(x) for x in (args.recover_levels or args.levels).split(",")}
     recover_methods = set((args.recover_methods or args.methods).split(","))
     for method in args.methods.split(","):
-        name, _, stream = method.partition("@")
+        name, stream, share, allocation, compensation = parse_spec(method)
         domain, general = calib["code"], calib["general"]
         if stream == "general":
             domain, general = general, domain
+        if share:  # the calibration texts' pairs: that share from the other stream
+            n = round(share * len(domain))
+            domain = domain[: len(domain) - n] + general[:n]
         scores = None
         for level in (float(x) for x in args.levels.split(",")):
             key = f"{method}|{level:.2f}"
@@ -131,7 +145,11 @@ def run(args) -> None:
                 scores, score_seconds = method_scores(dense, name, stream, domain, general, args)
             model = copy.deepcopy(dense)
             units = BertUnits(model)
-            apply_plan(units, plan_units(units, scores, EncoderRecipe(model=args.model, sparsity=level)))
+            recipe = EncoderRecipe(model=args.model, sparsity=level, allocation=allocation)
+            texts = [t for p in domain for t in p[:2]]
+            started = time.perf_counter()
+            apply_plan(units, plan_units(units, scores, recipe), compensation, texts, args.calib_batch)
+            apply_seconds = time.perf_counter() - started
             if row is None:
                 row = {
                     "key": key,
@@ -139,6 +157,7 @@ def run(args) -> None:
                     "level": level,
                     "machine": machine,
                     "score_seconds": round(score_seconds, 2),
+                    "apply_seconds": round(apply_seconds, 2),
                     "per_layer": units.per_layer(),
                     **measure(model, tasks, args.batch_size),
                 }

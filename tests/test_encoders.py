@@ -13,10 +13,12 @@ from typer.testing import CliRunner
 
 from domainprune.cli import app
 from domainprune.encoders import retrieval
-from domainprune.encoders.criteria import CRITERIA, Calibration, get_criterion
+from domainprune.encoders.criteria import CRITERIA, Calibration, LayerScores, get_criterion
 from domainprune.encoders.export import probe_embeddings, save_encoder
 from domainprune.encoders.model import BertUnits, load_encoder, preset_folder
-from domainprune.encoders.pipeline import prune_encoder, uniform_widths
+from domainprune.encoders.allocate import ALLOCATIONS, uniform_widths
+from domainprune.encoders.compensate import COMPENSATIONS, correction, input_gram
+from domainprune.encoders.pipeline import EncoderRecipe, apply_plan, plan_units, prune_encoder
 from domainprune.errors import DomainpruneError
 
 TEXTS = [
@@ -228,6 +230,104 @@ def test_uniform_widths_meet_the_budget(tiny):
     assert uniform_widths(units, 0.3, "ffn")[0] == 4
     with pytest.raises(DomainpruneError, match="FFN channels alone"):
         uniform_widths(units, 0.9, "ffn")
+
+
+CALIB = [
+    "def add(a, b): return a + b",
+    "Return the sum of two numbers.",
+    "def parse(line):\n    key, _, value = line.partition('=')\n    return key.strip(), value.strip()",
+    "Split a configuration line into its key and value.",
+    "class Stack:\n    def push(self, item):\n        self.items.append(item)",
+    "Push an item on top of the stack.",
+    "for i in range(10): print(i * i)",
+    "Print the first ten squares.",
+]
+
+
+@pytest.mark.parametrize("how", ["bias", "refit"])
+def test_compensation_exact_for_zero_contribution(tiny, how):
+    """Units that contribute nothing are removed exactly under every compensation (its correction is zero)."""
+    units = BertUnits(tiny)
+    hd = units.head_dim
+    with torch.no_grad():  # head 1 of layer 0 writes nothing; FFN channels 3, 9 of layer 2 never fire
+        units.layers[0].attention.output.dense.weight[:, hd : 2 * hd] = 0
+        units.layers[2].intermediate.dense.weight[[3, 9]] = 0
+        units.layers[2].intermediate.dense.bias[[3, 9]] = 0  # GELU(0) = 0: a zero input to output.dense
+    before = probe_embeddings(tiny)
+    plan = {"layers": [{"heads": [h for h in range(4) if h != 1], "channels": list(range(48))}]}
+    plan["layers"] += [{"heads": list(range(4)), "channels": list(range(48))}]
+    plan["layers"] += [{"heads": list(range(4)), "channels": [c for c in range(48) if c not in (3, 9)]}]
+    apply_plan(units, plan, how, CALIB, batch_size=4)
+    assert (units.heads(0), units.channels(2)) == (3, 46)
+    assert torch.allclose(probe_embeddings(tiny), before, atol=1e-5)
+
+
+def test_compensation_reduces_output_error(tiny_folder):
+    """On the calibration tokens, the output projection's error after removal: refit < bias < none; and the
+    sentence embeddings move less from the dense model's with refit than without compensation."""
+    dense = load_encoder(tiny_folder)
+    out = BertUnits(dense).layers[1].output.dense
+    gram, n = input_gram(dense, out, CALIB, batch_size=4)
+    assert n == sum(len(dense.tokenizer(t)["input_ids"]) for t in CALIB)  # every real token, no padding
+    keep = list(range(0, 48, 2))
+    w, b = out.weight.detach().double(), out.bias.detach().double()
+    g = gram / n
+
+    def error(how: str) -> float:  # E‖(W x + b) − (W_K' x_K + b')‖² from the Gram matrix, exactly
+        new_w, new_b = correction(out.weight, out.bias, gram, keep, how)
+        full = torch.zeros_like(w)
+        full[:, keep] = new_w
+        diff = torch.cat([w - full, (b - new_b)[:, None]], 1)
+        return float((diff @ g @ diff.T).trace())
+
+    errors = {how: error(how) for how in sorted(COMPENSATIONS)}
+    assert errors["refit"] < errors["bias"] < errors["none"], errors
+    embed = {}
+    for how in ("none", "refit"):
+        model = load_encoder(tiny_folder)
+        units = BertUnits(model)
+        scores = get_criterion("wanda-sp").score(model, Calibration(CALIB, [], [], batch_size=4))
+        apply_plan(units, plan_units(units, scores, EncoderRecipe(model="tiny", sparsity=0.5)), how, CALIB, 4)
+        embed[how] = model.encode(CALIB, convert_to_tensor=True)
+    reference = dense.encode(CALIB, convert_to_tensor=True)
+    distance = {how: float((e - reference).square().sum(1).mean()) for how, e in embed.items()}
+    assert distance["refit"] < distance["none"], distance
+
+
+def test_global_allocation_meets_the_budget_with_per_layer_widths(tiny):
+    units = BertUnits(tiny)
+    torch.manual_seed(1)
+    scores = [LayerScores(torch.rand(4) * (i + 1), torch.rand(48) * (3 - i)) for i in range(3)]  # layers differ
+    layers = ALLOCATIONS.lookup("global")(units, scores, 0.5, "all")
+    kept = sum(len(x["heads"]) * units.head_params() + len(x["channels"]) * units.channel_params() for x in layers)
+    kept += 3 * 2 * 32
+    assert abs(1 - kept / units.attention_mlp_params() - 0.5) <= units.head_params() / units.attention_mlp_params()
+    assert len({len(x["channels"]) for x in layers}) > 1  # widths follow the scores, not one width
+    assert all(x["heads"] and x["channels"] for x in layers)
+    assert all(x["channels"] == sorted(x["channels"]) for x in layers)
+    # at a sparsity near 1 every layer still keeps one head and one channel (whole layers are shortgpt's unit)
+    extreme = ALLOCATIONS.lookup("global")(units, scores, 0.99, "all")
+    assert [(len(x["heads"]), len(x["channels"])) for x in extreme] == [(1, 1)] * 3
+    ffn_only = ALLOCATIONS.lookup("global")(units, scores, 0.3, "ffn")
+    assert all(x["heads"] == list(range(4)) for x in ffn_only)
+    with pytest.raises(DomainpruneError, match="unknown encoder allocation 'nope'"):
+        ALLOCATIONS.lookup("nope")
+
+
+def test_general_ratio_mixes_calibration_texts(tmp_path):
+    from domainprune.encoders.pipeline import calibration
+
+    domain = _write_pairs(tmp_path / "d.jsonl", n=200, groups=200)
+    general = tmp_path / "g.jsonl"
+    general.write_text("".join(json.dumps({"query": f"general question {i}", "positive": f"answer {i}"}) + "\n"
+                               for i in range(200)))
+    recipe = EncoderRecipe(model="x", data=str(domain), general_data=str(general), calib_samples=20,
+                           general_ratio=0.25)
+    calib = calibration(recipe, progress=False)
+    assert len(calib.texts) == 40 and sum(t.startswith("general question") for t in calib.texts) == 5
+    assert calib.general_pairs == [] and len(calib.pairs) == 20  # pairs (gradient criteria) stay the domain's
+    with pytest.raises(DomainpruneError, match="--general-ratio"):
+        EncoderRecipe(model="x", general_ratio=1.0).check()
 
 
 def test_prune_bad_input_before_work(tiny_folder, tmp_path):

@@ -21,14 +21,12 @@ DECODER_ONLY = {
     "hidden_sparsity": None,
     "experts_keep": None,
     "target_params": None,
-    "bias_compensation": None,
     "target_speedup": None,
     "vocab_coverage": None,
     "vocab_size": None,
     "round_to": None,
     "micro_batch": None,
     "taylor_mode": None,
-    "general_ratio": 0.0,
     "calib_candidates": 1,
 }
 
@@ -45,10 +43,17 @@ def prune(
     for name, unset in DECODER_ONLY.items():
         if recipe.get(name) != unset:
             raise DomainpruneError(f"{_option(name)} applies to decoders only; drop it for the encoder {model!r}")
-    if recipe.get("allocation") not in (None, "uniform"):
-        raise DomainpruneError("encoders are pruned with --allocation uniform (every layer alike); drop --allocation")
-    if recipe.get("reconstruct") not in (None, "none"):
-        raise DomainpruneError("--reconstruct applies to decoders only; drop it for an encoder")
+    from .allocate import ALLOCATIONS
+
+    allocation = recipe.get("allocation") or "uniform"
+    ALLOCATIONS.lookup(allocation)
+    if recipe.get("reconstruct") not in (None, "none", "obs"):
+        raise DomainpruneError("encoders take --reconstruct obs (least-squares refit) or none")
+    if recipe.get("reconstruct") == "obs" and recipe.get("bias_compensation"):
+        raise DomainpruneError("--reconstruct obs refits the biases itself; drop --bias-compensation")
+    compensation = "refit" if recipe.get("reconstruct") == "obs" else "bias" if recipe.get("bias_compensation") else "none"
+    if recipe.get("deploy") == "transformers" and allocation != "uniform":
+        raise DomainpruneError("--deploy transformers needs every layer alike: drop --allocation or the --deploy")
     if recipe.get("deploy") not in (None, "transformers"):
         raise DomainpruneError(
             "encoders deploy with sentence-transformers: use --deploy transformers (a stock "
@@ -61,6 +66,9 @@ def prune(
         "general_data": recipe.get("general_data") or "general",
         "sparsity": 0.35 if recipe.get("sparsity") is None else recipe["sparsity"],
         "units": "ffn" if recipe.get("deploy") == "transformers" else "all",
+        "allocation": allocation,
+        "compensation": compensation,
+        "general_ratio": recipe.get("general_ratio") or 0.0,
         "calib_samples": recipe["calib_samples"],
         "batch_size": recipe["batch_size"],
         "seed": recipe["seed"],

@@ -34,14 +34,6 @@ from domainprune.encoders import retrieval
 from domainprune.encoders.criteria import Calibration, LayerScores, get_criterion
 from domainprune.encoders.model import BertUnits, load_encoder
 from domainprune.encoders.pipeline import EncoderRecipe, apply_plan, plan_units
-
-
-def parse_spec(spec: str) -> tuple[str, str, float, str, str]:
-    """METHOD[@general][~G][/ALLOCATION[/COMPENSATION]] -> (criterion, stream, general share, allocation, compensation)."""
-    head, allocation, compensation = (spec.split("/") + ["uniform", "none"])[:3]
-    head, _, share = head.partition("~")
-    name, _, stream = head.partition("@")
-    return name, stream, float(share or 0), allocation, compensation
 from domainprune.encoders.train import recover
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,6 +42,15 @@ GENERAL_IMPORTANCE = ("magnitude", "wanda-sp@general", "fisher@general")  # no d
 # nDCG@10 differences smaller than this are not read as evidence: with 200 queries, one query whose positive moves
 # from rank 1 to rank 2 changes the mean by 0.0018, so 0.01 is about five such moves.
 NOISE = 0.01
+
+
+def parse_spec(spec: str) -> tuple[str, str, float, str, str]:
+    """METHOD[@general][~G][/ALLOCATION[/COMPENSATION]] -> (criterion, stream, general share, allocation,
+    compensation)."""
+    head, allocation, compensation = (spec.split("/") + ["uniform", "none"])[:3]
+    head, _, share = head.partition("~")
+    name, _, stream = head.partition("@")
+    return name, stream, float(share or 0), allocation, compensation
 
 
 def calibration_pairs(pairs: list[retrieval.Pair], n: int, seed: int = 0) -> list[tuple[str, ...]]:

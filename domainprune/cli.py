@@ -836,12 +836,28 @@ def report(
     Without --figures the runs are measured here, as `compare` does; measurement options then apply.
     """
     from .compare import add_samples, add_speed, check_runs, load_figures, select
+    from .encoders.report import encoder_figures
     from .outputs import check_output, local_inputs
     from .report import write_report
 
     _setup_logging(quiet)
     runs = runs or []
     m = measure
+    if (runs and all(_is_encoder(r) for r in runs)) or (not runs and figures and encoder_figures(figures)):
+        from .encoders import cli as encoder_cli
+
+        return encoder_cli.report(
+            [str(r) for r in runs],
+            figures=figures,
+            baseline=m["baseline"],
+            data=m["data"],
+            batch_size=m["batch_size"],
+            device=m["device"],
+            title=title,
+            out=out,
+            force=force,
+            quiet=quiet,
+        )
     check_output(out, force=force, inputs=local_inputs(*runs, figures, m["baseline"], *m["data"]))
     if figures is None:
         c = _measure_runs(runs, quiet=quiet, **m)

@@ -6,6 +6,7 @@ modules) for structure; the real all-MiniLM-L6-v2 where noted."""
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from typer.testing import CliRunner
 
 from domainprune.cli import app
 from domainprune.encoders import retrieval
+from domainprune.encoders.allocate import ALLOCATIONS, uniform_widths
+from domainprune.encoders.compensate import COMPENSATIONS, correction, first_layer_inputs, input_gram
 from domainprune.encoders.criteria import CRITERIA, Calibration, LayerScores, get_criterion
 from domainprune.encoders.export import probe_embeddings, save_encoder
 from domainprune.encoders.model import BertUnits, load_encoder, preset_folder
-from domainprune.encoders.allocate import ALLOCATIONS, uniform_widths
-from domainprune.encoders.compensate import COMPENSATIONS, correction, input_gram
 from domainprune.encoders.pipeline import EncoderRecipe, apply_plan, plan_units, prune_encoder
 from domainprune.errors import DomainpruneError
 
@@ -266,8 +267,11 @@ def test_compensation_reduces_output_error(tiny_folder):
     """On the calibration tokens, the output projection's error after removal: refit < bias < none; and the
     sentence embeddings move less from the dense model's with refit than without compensation."""
     dense = load_encoder(tiny_folder)
-    out = BertUnits(dense).layers[1].output.dense
-    gram, n = input_gram(dense, out, CALIB, batch_size=4)
+    layers = BertUnits(dense).layers
+    inputs = first_layer_inputs(dense, CALIB, batch_size=4)
+    hidden = [layers[0](*x.args, **x.kwargs) for x in inputs]  # layer 1's inputs
+    out = layers[1].output.dense
+    gram, n = input_gram(layers[1], out, [replace(x, args=(h, *x.args[1:])) for x, h in zip(inputs, hidden)])
     assert n == sum(len(dense.tokenizer(t)["input_ids"]) for t in CALIB)  # every real token, no padding
     keep = list(range(0, 48, 2))
     w, b = out.weight.detach().double(), out.bias.detach().double()
@@ -319,10 +323,10 @@ def test_general_ratio_mixes_calibration_texts(tmp_path):
 
     domain = _write_pairs(tmp_path / "d.jsonl", n=200, groups=200)
     general = tmp_path / "g.jsonl"
-    general.write_text("".join(json.dumps({"query": f"general question {i}", "positive": f"answer {i}"}) + "\n"
-                               for i in range(200)))
-    recipe = EncoderRecipe(model="x", data=str(domain), general_data=str(general), calib_samples=20,
-                           general_ratio=0.25)
+    general.write_text(
+        "".join(json.dumps({"query": f"general question {i}", "positive": f"answer {i}"}) + "\n" for i in range(200))
+    )
+    recipe = EncoderRecipe(model="x", data=str(domain), general_data=str(general), calib_samples=20, general_ratio=0.25)
     calib = calibration(recipe, progress=False)
     assert len(calib.texts) == 40 and sum(t.startswith("general question") for t in calib.texts) == 5
     assert calib.general_pairs == [] and len(calib.pairs) == 20  # pairs (gradient criteria) stay the domain's
@@ -379,6 +383,55 @@ def test_cli_prune_eval_recover_tiny(tiny_folder, tmp_path):
     compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())["results"]
     assert [c["name"] for c in compared] == [str(tiny_folder), str(out)]
     assert compared[1]["tasks"][data] == figures | {"sentences_per_s": compared[1]["tasks"][data]["sentences_per_s"]}
+    r = runner.invoke(
+        app, ["report", "--figures", str(tmp_path / "cmp" / "compare.json"), "--out", str(tmp_path / "rep")]
+    )
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    dense_ndcg = compared[0]["tasks"][data]["ndcg@10"]
+    row = next(line for line in md.splitlines() if line.startswith(f"| {out} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == f"{figures['ndcg@10']:.4f}" and cells[5] == f"{100 * figures['ndcg@10'] / dense_ndcg:.1f}"
+    assert cells[1] == f"{compared[1]['params']:,}" and cells[3] == f"{compared[1]['attention_mlp_params']:,}"
+    assert "- method: gaprune" in md and "- attention+FFN removed: " in md
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "http" not in page.replace("http-equiv", "")
+    assert (tmp_path / "rep" / "layers.png").read_bytes()[:4] == b"\x89PNG"
+    r = runner.invoke(app, ["report", "--figures", str(tmp_path / "e.json"), "--out", str(tmp_path / "rep2")])
+    assert isinstance(r.exception, DomainpruneError) and "holds one model" in str(r.exception)
+    out2 = tmp_path / "run-global"
+    r = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(tiny_folder),
+            "--data",
+            data,
+            "--method",
+            "wanda-sp",
+            "--allocation",
+            "global",
+            "--reconstruct",
+            "obs",
+            "--sparsity",
+            "0.4",
+            "--calib-samples",
+            "16",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out2),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    recipe = json.loads((out2 / "recipe.json").read_text())
+    assert (recipe["allocation"], recipe["compensation"]) == ("global", "refit")
+    assert abs(json.loads((out2 / "report.json").read_text())["sparsity_achieved"] - 0.4) < 0.02
+    r = runner.invoke(app, ["report", str(out2), "--data", data, "--out", str(tmp_path / "rep3"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "- allocation: global" in (tmp_path / "rep3" / "report.md").read_text()
     r = runner.invoke(
         app,
         [

@@ -86,6 +86,9 @@ def allocate_global(units: BertUnits, scores: list[LayerScores], sparsity: float
         left[(i, kind)] -= 1
         spent += cost
     return [
-        {kind: [j for j in range(len(getattr(s, kind))) if (i, kind, j) not in removed] for kind in ("heads", "channels")}
+        {
+            kind: [j for j in range(len(getattr(s, kind))) if (i, kind, j) not in removed]
+            for kind in ("heads", "channels")
+        }
         for i, s in enumerate(scores)
     ]

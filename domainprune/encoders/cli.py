@@ -51,7 +51,9 @@ def prune(
         raise DomainpruneError("encoders take --reconstruct obs (least-squares refit) or none")
     if recipe.get("reconstruct") == "obs" and recipe.get("bias_compensation"):
         raise DomainpruneError("--reconstruct obs refits the biases itself; drop --bias-compensation")
-    compensation = "refit" if recipe.get("reconstruct") == "obs" else "bias" if recipe.get("bias_compensation") else "none"
+    compensation = (
+        "refit" if recipe.get("reconstruct") == "obs" else "bias" if recipe.get("bias_compensation") else "none"
+    )
     if recipe.get("deploy") == "transformers" and allocation != "uniform":
         raise DomainpruneError("--deploy transformers needs every layer alike: drop --allocation or the --deploy")
     if recipe.get("deploy") not in (None, "transformers"):
@@ -125,15 +127,35 @@ def _table(title: str, names: list[str], figures: list[dict[str, dict[str, float
 
 def _measure(names: list[str], data: list[str], batch_size: int, device: str, quiet: bool) -> list[dict]:
     from ..models import resolve_device
-    from .model import load_encoder
+    from .model import BertUnits, load_encoder
     from .pipeline import evaluate_encoder
 
     results = []
     for name in names:
         model = load_encoder(name, device=resolve_device(device))
         figures = evaluate_encoder(model, data=data, batch_size=batch_size, progress=not quiet)
-        results.append({"name": name, "params": sum(p.numel() for p in model.parameters()), "tasks": figures})
+        units = BertUnits(model)
+        results.append(
+            {
+                "name": name,
+                "params": sum(p.numel() for p in model.parameters()),
+                "attention_mlp_params": units.attention_mlp_params(),
+                "per_layer": units.per_layer(),
+                "tasks": figures,
+            }
+        )
     return results
+
+
+def _baseline(runs: list[str], baseline: str | None) -> str:
+    """The dense model: --baseline, or the one model every run's recipe.json names."""
+    if baseline is not None:
+        return baseline
+    recipes = [Path(r) / "recipe.json" for r in runs]
+    models = {json.loads(f.read_text()).get("model") for f in recipes if f.is_file()}
+    if len(models) != 1:
+        raise DomainpruneError("give --baseline: the runs' recipe.json files do not name one dense model")
+    return models.pop()
 
 
 def evaluate(
@@ -179,13 +201,7 @@ def compare(
     from .. import cache
 
     check_output(out, force=force, inputs=local_inputs(*runs, baseline))
-    if baseline is None:
-        recipes = [Path(r) / "recipe.json" for r in runs]
-        models = {json.loads(f.read_text()).get("model") for f in recipes if f.is_file()}
-        if len(models) != 1:
-            raise DomainpruneError("give --baseline: the runs' recipe.json files do not name one dense model")
-        baseline = models.pop()
-    names = [baseline, *runs]
+    names = [_baseline(runs, baseline), *runs]
     results = _measure(names, data, batch_size, device, quiet)
     table = _table(
         "domainprune compare (encoders)", names, [r["tasks"] for r in results], [r["params"] for r in results]
@@ -205,6 +221,47 @@ def compare(
         (tmp / "compare.json").write_text(json.dumps({"results": results}, indent=1) + "\n")
         (tmp / "compare.md").write_text("\n".join(lines) + "\n")
     console.print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}")
+
+
+def report(
+    runs: list[str],
+    *,
+    figures: Path | None,
+    baseline: str | None,
+    data: list[str],
+    batch_size: int,
+    device: str,
+    title: str,
+    out: Path,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Measure the runs beside the dense model (or read a compare.json) and write report.html / report.md."""
+    from .report import load_results, write_report
+
+    check_output(out, force=force, inputs=local_inputs(*runs, figures, baseline))
+    if figures is not None:
+        results = load_results(figures)
+        if runs:  # the dense model and the named runs, in the order given
+            by_name = {r["name"]: r for r in results[1:]}
+            missing = [r for r in runs if r not in by_name]
+            if missing:
+                raise DomainpruneError(
+                    f"{figures} holds no figures for {', '.join(missing)}; measure them with compare"
+                )
+            results = [results[0], *(by_name[r] for r in runs)]
+        if baseline is not None:
+            results[0] = {**results[0], "name": baseline}
+    else:
+        if not runs:
+            raise DomainpruneError("give encoder run folders, or --figures with a compare.json")
+        results = _measure([_baseline(runs, baseline), *runs], data, batch_size, device, quiet)
+    files = write_report(results, out, title, force=force)
+    console.print(
+        f"[bold green]report[/] {len(results) - 1} encoder run(s) beside the dense model; wrote "
+        f"{files['report.html']} and {files['report.md']}",
+        soft_wrap=True,
+    )
 
 
 def recover(

@@ -17,6 +17,7 @@ columns or inputs are zero are removed exactly under every compensation (the cor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,14 +29,57 @@ from .train import batches
 COMPENSATIONS = Registry("encoder compensation")
 DAMP = 0.01
 
+
 class _Stop(Exception):
-    """Raised by the hook once the projection's input is recorded: the rest of the forward pass is not needed."""
+    """Raised by a hook once what it needs is recorded: the rest of the forward pass is not needed."""
+
+
+@dataclass
+class LayerInputs:
+    """One calibration batch at the input of the layer being pruned: the layer's positional and keyword arguments
+    (hidden states first, then the attention mask as the encoder passes it) and the padding mask."""
+
+    args: tuple
+    kwargs: dict
+    mask: torch.Tensor
 
 
 @torch.no_grad()
-def input_gram(model: Any, linear: torch.nn.Linear, texts: list[str], batch_size: int) -> tuple[torch.Tensor, int]:
+def first_layer_inputs(model: Any, texts: list[str], batch_size: int) -> list[LayerInputs]:
+    """The calibration texts embedded once and captured at the first encoder layer; later layers are fed from here
+    (each layer runs once per stage instead of the whole model)."""
+    layer = BertUnits(model).layers[0]
+    captured: list[LayerInputs] = []
+    mask: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        captured.append(LayerInputs(tuple(args), dict(kwargs), mask[0]))
+        raise _Stop
+
+    device = next(model.parameters()).device
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for chunk in batches(texts, batch_size, False, "compensation"):
+            features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model.preprocess(inputs=chunk).items()}
+            mask[:] = [features["attention_mask"].bool()]
+            try:
+                model(features)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run(layer: torch.nn.Module, x: LayerInputs) -> torch.Tensor:
+    out = layer(*x.args, **x.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def input_gram(layer: torch.nn.Module, linear: torch.nn.Linear, inputs: list[LayerInputs]) -> tuple[torch.Tensor, int]:
     """Σ z zᵀ over the calibration tokens (padding excluded) of z = (input of `linear`, 1), in float64, and the
-    token count."""
+    token count; `linear` belongs to `layer`, which is run on `inputs`."""
     width = linear.in_features + 1
     gram = torch.zeros(width, width, dtype=torch.float64)
     count = [0]
@@ -48,14 +92,12 @@ def input_gram(model: Any, linear: torch.nn.Linear, texts: list[str], batch_size
         count[0] += len(x)
         raise _Stop
 
-    device = next(model.parameters()).device
     handle = linear.register_forward_pre_hook(hook)
     try:
-        for chunk in batches(texts, batch_size, False, "compensation"):
-            features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model.preprocess(inputs=chunk).items()}
-            mask[:] = [features["attention_mask"].bool()]
+        for x in inputs:
+            mask[:] = [x.mask]
             try:
-                model(features)
+                _run(layer, x)
             except _Stop:
                 pass
     finally:
@@ -103,23 +145,27 @@ def _set(linear: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> N
     linear.in_features = weight.shape[1]
 
 
-def apply_layer_plan(units: BertUnits, i: int, plan: dict, how: str, texts: list[str], batch_size: int) -> None:
-    """Keep plan["heads"] / plan["channels"] in layer i, compensating the output projections as `how` says."""
+@torch.no_grad()
+def apply_compensated(units: BertUnits, plans: list[dict], how: str, texts: list[str], batch_size: int) -> None:
+    """Keep each layer's plan["heads"] / plan["channels"], compensating its output projections as `how` says on
+    statistics of the already pruned and compensated model, layer by layer."""
     COMPENSATIONS.lookup(how)
-    layer = units.layers[i]
-    heads, channels = plan["heads"], plan["channels"]
-    if len(heads) < units.heads(i):
-        dense = layer.attention.output.dense
-        w, b = dense.weight.data.clone(), dense.bias.data.clone()
-        gram = input_gram(units.model, dense, texts, batch_size)[0] if how != "none" else None
-        units.keep_heads(i, heads)
-        if gram is not None:
+    inputs = first_layer_inputs(units.model, texts, batch_size)
+    for i, plan in enumerate(plans):
+        layer = units.layers[i]
+        heads, channels = plan["heads"], plan["channels"]
+        if len(heads) < units.heads(i):
+            dense = layer.attention.output.dense
+            w, b = dense.weight.data.clone(), dense.bias.data.clone()
+            gram = input_gram(layer, dense, inputs)[0]
+            units.keep_heads(i, heads)
             cols = [h * units.head_dim + k for h in heads for k in range(units.head_dim)]
             _set(dense, *correction(w, b, gram, cols, how))
-    if len(channels) < units.channels(i):
-        out = layer.output.dense
-        w, b = out.weight.data.clone(), out.bias.data.clone()
-        gram = input_gram(units.model, out, texts, batch_size)[0] if how != "none" else None
-        units.keep_channels(i, channels)
-        if gram is not None:
+        if len(channels) < units.channels(i):
+            out = layer.output.dense
+            w, b = out.weight.data.clone(), out.bias.data.clone()
+            gram = input_gram(layer, out, inputs)[0]
+            units.keep_channels(i, channels)
             _set(out, *correction(w, b, gram, channels, how))
+        if i + 1 < len(plans):
+            inputs = [LayerInputs((_run(layer, x), *x.args[1:]), x.kwargs, x.mask) for x in inputs]

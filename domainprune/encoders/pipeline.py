@@ -18,7 +18,7 @@ from ..models import resolve_device
 from ..outputs import check_output, local_inputs
 from . import retrieval
 from .allocate import ALLOCATIONS, keep_top
-from .compensate import COMPENSATIONS, apply_layer_plan
+from .compensate import COMPENSATIONS, apply_compensated
 from .criteria import Calibration, LayerScores, get_criterion
 from .export import save_encoder
 from .model import BertUnits, is_encoder, load_encoder, resolve
@@ -113,10 +113,15 @@ def apply_plan(
     if "keep_layers" in plan:
         units.keep_layers(plan["keep_layers"])
         return
-    if compensation != "none" and not texts:
-        raise DomainpruneError(f"compensation {compensation!r} needs calibration texts")
+    if compensation != "none":
+        if not texts:
+            raise DomainpruneError(f"compensation {compensation!r} needs calibration texts")
+        apply_compensated(units, plan["layers"], compensation, list(texts), batch_size)
+        return
     for i, layer in enumerate(plan["layers"]):
-        apply_layer_plan(units, i, layer, compensation, list(texts), batch_size)
+        if len(layer["heads"]) < units.heads(i):
+            units.keep_heads(i, layer["heads"])
+        units.keep_channels(i, layer["channels"])
 
 
 def prune_encoder(

@@ -137,7 +137,7 @@ def run(args) -> None:
             domain = domain[: len(domain) - n] + general[:n]
         scores = None
         for level in (float(x) for x in args.levels.split(",")):
-            key = f"{method}|{level:.2f}"
+            key = f"{method}{args.tag}|{level:.2f}"
             row = done.get(key)
             wants_recovery = args.recover_steps > 0 and level in recover_levels and method in recover_methods
             if row is not None and (not wants_recovery or "recovered" in row):
@@ -154,7 +154,7 @@ def run(args) -> None:
             if row is None:
                 row = {
                     "key": key,
-                    "method": method,
+                    "method": method + args.tag,
                     "level": level,
                     "machine": machine,
                     "score_seconds": round(score_seconds, 2),
@@ -192,9 +192,10 @@ def write_markdown(path: Path, done: dict, args) -> None:
         f"Tasks (test splits, every query against the split's whole corpus): {dense['tasks']['code']}, "
         f"{dense['tasks']['general']}. Max sequence length {args.max_seq_length} tokens everywhere. Calibration: "
         f"{args.calib_samples} (query, positive) pairs of the calibration split (criteria), batches of "
-        f"{args.calib_batch}. Recovery: {args.recover_steps} steps of InfoNCE (in-batch negatives, scale 20), batch "
-        f"{args.recover_batch}, lr {args.lr}, full fine-tuning, on the code calibration split. Uniform widths "
-        "(every layer alike); heads and FFN channels removed together, `shortgpt` removes whole layers.",
+        f"{args.calib_batch}. Recovery: InfoNCE (in-batch negatives, scale 20), the row's steps in brackets, batch "
+        f"{args.recover_batch}, lr {args.lr}, full fine-tuning, on the code calibration split. A plain method name "
+        "means uniform widths (every layer alike) and no compensation; `METHOD/ALLOCATION/COMPENSATION` names both "
+        "(docs/embeddings.md); heads and FFN channels are removed together, `shortgpt` removes whole layers.",
         "",
         f"Dense: code nDCG@10 {d_code:.4f}, MRR@10 {dense['code']['mrr@10']:.4f}; general nDCG@10 {d_gen:.4f}, "
         f"MRR@10 {dense['general']['mrr@10']:.4f}; {dense['params']:,} parameters "
@@ -213,7 +214,11 @@ def write_markdown(path: Path, done: dict, args) -> None:
             f"| {100 * r['code']['ndcg@10'] / d_code:.1f} | {r['code']['mrr@10']:.4f} | "
             f"{r['general']['ndcg@10']:.4f} | {100 * r['general']['ndcg@10'] / d_gen:.1f} | "
             f"{r['code']['sentences_per_s']:.0f} | "
-            + (f"{rec['code']['ndcg@10']:.4f} | {rec['general']['ndcg@10']:.4f} |" if rec else "- | - |")
+            + (
+                f"{rec['code']['ndcg@10']:.4f} ({r['recovery']['steps']}) | {rec['general']['ndcg@10']:.4f} |"
+                if rec
+                else "- | - |"
+            )
         )
     lines += [
         "",
@@ -277,6 +282,7 @@ def main() -> None:
     p.add_argument("--export-data", default=None, help="only write the tasks' pairs as JSONL into this folder")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the rows already measured")
+    p.add_argument("--tag", default="", help="suffix of these rows' method label (e.g. ' rec100'): a separate row")
     p.add_argument("--machine", default=None, help="machine description for the Markdown (default: detected)")
     args = p.parse_args()
     if args.export_data:

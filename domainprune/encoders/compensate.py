@@ -9,6 +9,9 @@ K the kept columns and R the removed ones:
 - `refit`: least-squares refit of the kept columns and the bias (structured OBS, as domainprune/obs.py does for
   decoders): with z = (x_K, 1), [W_K, b] += W_R·E[x_R zᵀ]·(E[z zᵀ] + λI)⁻¹, λ = 1 % of the mean diagonal. It
   minimises the projection's output error on the calibration tokens; `bias` is its special case with z = 1.
+- `refit-dense`: the same least squares, but towards the dense model's projection output on the same tokens
+  (its own, unpruned inputs): it also corrects the error that earlier pruned layers left in this projection's
+  input. Every output projection is refitted, also where the layer itself removes nothing.
 
 The statistics of layer i are collected on the model whose layers before i (and, for output.dense, whose attention
 in layer i) are already pruned and compensated, so later layers correct for the error of earlier ones. Units whose
@@ -17,6 +20,7 @@ columns or inputs are zero are removed exactly under every compensation (the cor
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,65 +81,103 @@ def _run(layer: torch.nn.Module, x: LayerInputs) -> torch.Tensor:
 
 
 @torch.no_grad()
-def input_gram(layer: torch.nn.Module, linear: torch.nn.Linear, inputs: list[LayerInputs]) -> tuple[torch.Tensor, int]:
-    """Σ z zᵀ over the calibration tokens (padding excluded) of z = (input of `linear`, 1), in float64, and the
-    token count; `linear` belongs to `layer`, which is run on `inputs`."""
+def input_gram(
+    layer: torch.nn.Module,
+    linear: torch.nn.Linear,
+    inputs: list[LayerInputs],
+    dense: tuple[torch.nn.Module, torch.nn.Linear, list[LayerInputs]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Σ z zᵀ over the calibration tokens (padding excluded) of z = (input of `linear`, 1), in float64, the token
+    count, and with `dense` = (the dense layer, its projection, its inputs), the cross term Σ z_dense zᵀ of the
+    dense model's projection input on the same tokens; `linear` belongs to `layer`, which is run on `inputs`."""
     width = linear.in_features + 1
     gram = torch.zeros(width, width, dtype=torch.float64)
+    cross = torch.zeros(width, width, dtype=torch.float64) if dense is not None else None
     count = [0]
-    mask: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
 
-    def hook(module, args):
-        x = args[0].detach()[mask[0]].double().cpu()
-        z = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    def capture(target: list[torch.Tensor], mask: torch.Tensor):
+        def hook(module, args):
+            x = args[0].detach()[mask].double().cpu()
+            target.append(torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1))
+            raise _Stop
+
+        return hook
+
+    def run(module: torch.nn.Module, proj: torch.nn.Linear, x: LayerInputs) -> torch.Tensor:
+        seen.clear()
+        handle = proj.register_forward_pre_hook(capture(seen, x.mask))
+        try:
+            _run(module, x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return seen[0]
+
+    for k, x in enumerate(inputs):
+        z = run(layer, linear, x)
         gram.add_(z.T @ z)
-        count[0] += len(x)
-        raise _Stop
-
-    handle = linear.register_forward_pre_hook(hook)
-    try:
-        for x in inputs:
-            mask[:] = [x.mask]
-            try:
-                _run(layer, x)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return gram, count[0]
+        count[0] += len(z)
+        if dense is not None:
+            cross.add_(run(dense[0], dense[1], dense[2][k]).T @ z)
+    return gram, cross, count[0]
 
 
 @COMPENSATIONS.register("none")
-def no_compensation(w: torch.Tensor, b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, gone: torch.Tensor):
+def no_compensation(w, b, g, c, kept, gone):
     return w[:, kept].clone(), b.clone()
 
 
 @COMPENSATIONS.register("bias")
-def bias_compensation(w: torch.Tensor, b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, gone: torch.Tensor):
+def bias_compensation(w, b, g, c, kept, gone):
     n = w.shape[1]
     return w[:, kept].clone(), b + w[:, gone] @ g[gone, n]
 
 
-@COMPENSATIONS.register("refit")
-def refit(w: torch.Tensor, b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, gone: torch.Tensor):
+def _least_squares(w, b, g, c, kept):
+    """[W_K, b] + ([W, b]·C[:, K+] − [W_K, b]·G[K+, K+])·(G[K+, K+] + λI)⁻¹, K+ = K and the bias: the least-squares
+    fit of the target [W, b]·z_target from the kept inputs, written as a correction so that it is exactly zero when
+    the removed part contributes nothing (whatever λ)."""
     n = w.shape[1]
     rows = torch.cat([kept, torch.tensor([n])])
+    full = torch.cat([w, b[:, None]], 1)
     a = g[rows][:, rows]
+    residual = full @ c[:, rows] - full[:, rows] @ a
     a = a + DAMP * a.diagonal().mean() * torch.eye(len(rows), dtype=torch.float64)
-    delta = torch.linalg.solve(a, (w[:, gone] @ g[gone][:, rows]).T).T  # W_R E[x_R zᵀ] (E[z zᵀ] + λI)⁻¹
+    delta = torch.linalg.solve(a, residual.T).T
     return w[:, kept] + delta[:, :-1], b + delta[:, -1]
 
 
-def correction(weight: torch.Tensor, bias: torch.Tensor, gram: torch.Tensor, keep: list[int], how: str) -> tuple:
+@COMPENSATIONS.register("refit")
+def refit(w, b, g, c, kept, gone):
+    return _least_squares(w, b, g, g, kept)  # the target: the dense projection on the pruned model's own input
+
+
+@COMPENSATIONS.register("refit-dense", dense_target=True)
+def refit_dense(w, b, g, c, kept, gone):
+    return _least_squares(w, b, g, c, kept)  # the target: the dense model's projection output on the same tokens
+
+
+def correction(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gram: torch.Tensor | None,
+    keep: list[int],
+    how: str,
+    cross: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The compensated (W_K, b), in float64, of a projection whose input columns outside `keep` are removed;
-    `gram` is Σ z zᵀ of z = (input, 1) over the calibration tokens (None for `none`)."""
+    `gram` is Σ z zᵀ of z = (input, 1) over the calibration tokens (None for `none`), `cross` Σ z_dense zᵀ with
+    the dense model's input (`refit-dense` only)."""
     n = weight.shape[1]
     kept = torch.tensor(keep, dtype=torch.long)
     gone = torch.tensor(sorted(set(range(n)) - set(keep)), dtype=torch.long)
     w, b = weight.detach().double().cpu(), bias.detach().double().cpu()
-    if gram is None or len(gone) == 0:
-        return no_compensation(w, b, gram, kept, gone)
-    return COMPENSATIONS.lookup(how)(w, b, gram / gram[n, n], kept, gone)  # scaled: the corner is 1, E[x] beside
+    if gram is None or (len(gone) == 0 and cross is None):
+        return no_compensation(w, b, gram, cross, kept, gone)
+    scale = gram[n, n]  # the token count: the corner of E[z zᵀ] is 1, E[x] beside it
+    return COMPENSATIONS.lookup(how)(w, b, gram / scale, None if cross is None else cross / scale, kept, gone)
 
 
 def _set(linear: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -149,23 +191,33 @@ def _set(linear: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> N
 def apply_compensated(units: BertUnits, plans: list[dict], how: str, texts: list[str], batch_size: int) -> None:
     """Keep each layer's plan["heads"] / plan["channels"], compensating its output projections as `how` says on
     statistics of the already pruned and compensated model, layer by layer."""
-    COMPENSATIONS.lookup(how)
+    dense_target = getattr(COMPENSATIONS.lookup(how), "dense_target", False)
     inputs = first_layer_inputs(units.model, texts, batch_size)
+    dense_inputs = inputs
     for i, plan in enumerate(plans):
         layer = units.layers[i]
+        original = copy.deepcopy(layer) if dense_target else None
         heads, channels = plan["heads"], plan["channels"]
-        if len(heads) < units.heads(i):
-            dense = layer.attention.output.dense
-            w, b = dense.weight.data.clone(), dense.bias.data.clone()
-            gram = input_gram(layer, dense, inputs)[0]
-            units.keep_heads(i, heads)
-            cols = [h * units.head_dim + k for h in heads for k in range(units.head_dim)]
-            _set(dense, *correction(w, b, gram, cols, how))
-        if len(channels) < units.channels(i):
-            out = layer.output.dense
-            w, b = out.weight.data.clone(), out.bias.data.clone()
-            gram = input_gram(layer, out, inputs)[0]
-            units.keep_channels(i, channels)
-            _set(out, *correction(w, b, gram, channels, how))
+        for proj, keep in (("attention.output.dense", heads), ("output.dense", channels)):
+            linear = layer.get_submodule(proj)
+            dense = (original, original.get_submodule(proj), dense_inputs) if dense_target else None
+            if proj == "attention.output.dense":
+                if len(heads) == units.heads(i) and not dense_target:
+                    continue
+                cols = [h * units.head_dim + k for h in heads for k in range(units.head_dim)]
+            else:
+                if len(channels) == units.channels(i) and not dense_target:
+                    continue
+                cols = channels
+            w, b = linear.weight.data.clone(), linear.bias.data.clone()
+            gram, cross, _ = input_gram(layer, linear, inputs, dense)
+            if proj == "attention.output.dense":
+                if len(heads) < units.heads(i):
+                    units.keep_heads(i, heads)
+            elif len(channels) < units.channels(i):
+                units.keep_channels(i, channels)
+            _set(linear, *correction(w, b, gram, cols, how, cross))
         if i + 1 < len(plans):
             inputs = [LayerInputs((_run(layer, x), *x.args[1:]), x.kwargs, x.mask) for x in inputs]
+            if dense_target:
+                dense_inputs = [LayerInputs((_run(original, x), *x.args[1:]), x.kwargs, x.mask) for x in dense_inputs]

@@ -1175,6 +1175,12 @@ def export(
         return
     if to.lower() != "gguf":
         raise DomainpruneError(f"--to {to!r} is not a target; use --to gguf or --to vllm")
+    if _is_encoder(run_dir):  # BERT-family sentence encoders: llama.cpp's bert architecture
+        from .encoders.gguf import export_encoder_gguf
+
+        path = export_encoder_gguf(run_dir, out, quant=quant.lower(), force=force)
+        console.print(f"[bold green]exported[/] encoder as llama.cpp 'bert' ({quant}): wrote {path}", soft_wrap=True)
+        return
     from .gguf_export import export_run
 
     r = export_run(run_dir, out, quant=quant, force=force)

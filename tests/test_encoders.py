@@ -467,3 +467,35 @@ def test_cli_prune_eval_recover_tiny(tiny_folder, tmp_path):
     )
     assert isinstance(r.exception, DomainpruneError) and "--depth applies to decoders only" in str(r.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_gguf_export_matches_sentence_transformers(tmp_path):
+    """A pruned MiniLM (uniform FFN widths: a stock config) exported to GGUF embeds like sentence-transformers in
+    llama.cpp itself; encoders with per-layer shapes are refused before any work."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    model = load_encoder("all-minilm-l6-v2")
+    units = BertUnits(model)
+    for i in range(units.num_layers()):
+        units.keep_channels(i, list(range(0, 1536, 3)) + list(range(1, 1536, 6)))
+    run = save_encoder(model, tmp_path / "run")
+    out = tmp_path / "minilm.gguf"
+    r = CliRunner().invoke(app, ["export", str(run), "--to", "gguf", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    texts = [*TEXTS, "Split a configuration line into its key and value, stripping whitespace around both."]
+    llm = llama_cpp.Llama(str(out), embedding=True, verbose=False, n_ctx=512)
+    try:
+        got = np.array(llm.embed(texts, normalize=True))
+        assert llm.tokenize(texts[1].encode()) == model.tokenizer(texts[1])["input_ids"]
+    finally:
+        llm.close()
+    reference = SentenceTransformer(str(run), device="cpu").encode(texts, normalize_embeddings=True)
+    assert got.shape == (5, 384) and np.abs(got - reference).max() < 1e-3
+    assert np.abs(got - model.encode(texts[:1] * 5, normalize_embeddings=True)).max() > 0.1  # texts do differ
+    units.keep_heads(0, list(range(11)))
+    per_layer = save_encoder(model, tmp_path / "heads")
+    r = CliRunner().invoke(app, ["export", str(per_layer), "--to", "gguf", "--out", str(tmp_path / "h.gguf"), "-q"])
+    assert isinstance(r.exception, DomainpruneError) and "--deploy transformers" in str(r.exception)
+    assert not (tmp_path / "h.gguf").exists()

@@ -31,6 +31,10 @@ DECODER_ONLY = {
 }
 
 
+# --reconstruct -> encoder compensation (encoders/compensate.py); --bias-compensation -> "bias"
+RECONSTRUCT = {"none": "none", "obs": "refit", "obs-dense": "refit-dense"}
+
+
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -47,13 +51,12 @@ def prune(
 
     allocation = recipe.get("allocation") or "uniform"
     ALLOCATIONS.lookup(allocation)
-    if recipe.get("reconstruct") not in (None, "none", "obs"):
-        raise DomainpruneError("encoders take --reconstruct obs (least-squares refit) or none")
-    if recipe.get("reconstruct") == "obs" and recipe.get("bias_compensation"):
-        raise DomainpruneError("--reconstruct obs refits the biases itself; drop --bias-compensation")
-    compensation = (
-        "refit" if recipe.get("reconstruct") == "obs" else "bias" if recipe.get("bias_compensation") else "none"
-    )
+    reconstruct = recipe.get("reconstruct") or "none"
+    if reconstruct not in RECONSTRUCT:
+        raise DomainpruneError(f"encoders take --reconstruct {', '.join(RECONSTRUCT)}, not {reconstruct!r}")
+    if reconstruct != "none" and recipe.get("bias_compensation"):
+        raise DomainpruneError("--reconstruct refits the biases itself; drop --bias-compensation")
+    compensation = "bias" if recipe.get("bias_compensation") else RECONSTRUCT[reconstruct]
     if recipe.get("deploy") == "transformers" and allocation != "uniform":
         raise DomainpruneError("--deploy transformers needs every layer alike: drop --allocation or the --deploy")
     if recipe.get("deploy") not in (None, "transformers"):
@@ -62,7 +65,10 @@ def prune(
             "config: FFN channels only) or leave --deploy out"
         )
     if export_to is not None:
-        raise DomainpruneError("--export gguf is for decoders; an encoder output is a sentence-transformers folder")
+        raise DomainpruneError(
+            "encoders are exported after pruning: prune with --deploy transformers, then "
+            "`domainprune export RUN --to gguf --out FILE.gguf`"
+        )
     fields: dict[str, Any] = {
         "data": recipe["data"],
         "general_data": recipe.get("general_data") or "general",

@@ -247,13 +247,39 @@ def write_markdown(path: Path, done: dict, args) -> None:
                 f"- {level:.0%}: gaprune {g['code']['ndcg@10']:.4f} vs {base} {b['code']['ndcg@10']:.4f}"
                 f"{rec}: {diff:+.4f}, **{verdict}**"
             )
-    best35 = max((r for r in rows if abs(r["level"] - 0.35) < 1e-9), key=lambda r: r["code"]["ndcg@10"], default=None)
+    at35 = [r for r in rows if abs(r["level"] - 0.35) < 1e-9]
+    levers = [r for r in at35 if "/" in r["method"]]
+    if levers:
+        lines += [
+            "",
+            "## Levers at 35 % (no recovery)",
+            "",
+            "Each recipe against its plain criterion (uniform widths, no compensation) on the same scores:",
+            "",
+            "| recipe | code nDCG@10 | (% dense) | Δ vs plain | general nDCG@10 | Δ vs plain |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in sorted(levers, key=lambda r: -r["code"]["ndcg@10"]):
+            plain = done.get(f"{parse_spec(r['method'].split(' ')[0])[0]}|0.35")
+            delta = (
+                (r["code"]["ndcg@10"] - plain["code"]["ndcg@10"], r["general"]["ndcg@10"] - plain["general"]["ndcg@10"])
+                if plain
+                else None
+            )
+            lines.append(
+                f"| {r['method']} | {r['code']['ndcg@10']:.4f} | {100 * r['code']['ndcg@10'] / d_code:.1f} | "
+                + (f"{delta[0]:+.4f}" if delta else "-")
+                + f" | {r['general']['ndcg@10']:.4f} | "
+                + (f"{delta[1]:+.4f} |" if delta else "- |")
+            )
+    best35 = max(at35, key=lambda r: r["code"]["ndcg@10"], default=None)
     if best35:
         ratio = best35["code"]["ndcg@10"] / d_code
         lines += [
             "",
-            f"Target (35 %, no recovery, code nDCG@10 within 5 % of dense): best {best35['method']} at "
-            f"{100 * ratio:.1f} % of dense: **{'met' if ratio >= 0.95 else 'not met'}**.",
+            f"Target (35 %, no recovery, code nDCG@10 within 5 % of dense): best of the {len(at35)} recipes measured "
+            f"at 35 % (all listed above; seed 0, deterministic): {best35['method']} at {100 * ratio:.1f} % of dense: "
+            f"**{'met' if ratio >= 0.95 else 'not met'}**.",
         ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

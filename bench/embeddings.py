@@ -139,6 +139,10 @@ def run(args) -> None:
         for level in (float(x) for x in args.levels.split(",")):
             key = f"{method}{args.tag}|{level:.2f}"
             row = done.get(key)
+            untagged = done.get(f"{method}|{level:.2f}")
+            if row is None and args.tag and untagged is not None:  # the same pruned model: its figures, not a rerun
+                row = {k: v for k, v in untagged.items() if k not in ("recovery", "recovered")}
+                row.update(key=key, method=method + args.tag)
             wants_recovery = args.recover_steps > 0 and level in recover_levels and method in recover_methods
             if row is not None and (not wants_recovery or "recovered" in row):
                 continue

@@ -251,7 +251,7 @@ def write_markdown(path: Path, done: dict, args) -> None:
                 f"- {level:.0%}: gaprune {g['code']['ndcg@10']:.4f} vs {base} {b['code']['ndcg@10']:.4f}"
                 f"{rec}: {diff:+.4f}, **{verdict}**"
             )
-    at35 = [r for r in rows if abs(r["level"] - 0.35) < 1e-9]
+    at35 = [r for r in rows if abs(r["level"] - 0.35) < 1e-9 and " " not in r["method"]]  # tagged: same models
     levers = [r for r in at35 if "/" in r["method"]]
     if levers:
         lines += [

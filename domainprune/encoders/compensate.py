@@ -198,24 +198,24 @@ def apply_compensated(units: BertUnits, plans: list[dict], how: str, texts: list
         layer = units.layers[i]
         original = copy.deepcopy(layer) if dense_target else None
         heads, channels = plan["heads"], plan["channels"]
-        for proj, keep in (("attention.output.dense", heads), ("output.dense", channels)):
+        stages = (
+            ("attention.output.dense", len(heads) < units.heads(i), lambda: units.keep_heads(i, heads)),
+            ("output.dense", len(channels) < units.channels(i), lambda: units.keep_channels(i, channels)),
+        )
+        for proj, removes, remove in stages:
+            if not removes and not dense_target:  # nothing removed, nothing to correct towards
+                continue
             linear = layer.get_submodule(proj)
             dense = (original, original.get_submodule(proj), dense_inputs) if dense_target else None
-            if proj == "attention.output.dense":
-                if len(heads) == units.heads(i) and not dense_target:
-                    continue
-                cols = [h * units.head_dim + k for h in heads for k in range(units.head_dim)]
-            else:
-                if len(channels) == units.channels(i) and not dense_target:
-                    continue
-                cols = channels
             w, b = linear.weight.data.clone(), linear.bias.data.clone()
             gram, cross, _ = input_gram(layer, linear, inputs, dense)
-            if proj == "attention.output.dense":
-                if len(heads) < units.heads(i):
-                    units.keep_heads(i, heads)
-            elif len(channels) < units.channels(i):
-                units.keep_channels(i, channels)
+            if removes:
+                remove()
+            cols = (
+                [h * units.head_dim + k for h in heads for k in range(units.head_dim)]
+                if proj.startswith("attention")
+                else channels
+            )
             _set(linear, *correction(w, b, gram, cols, how, cross))
         if i + 1 < len(plans):
             inputs = [LayerInputs((_run(layer, x), *x.args[1:]), x.kwargs, x.mask) for x in inputs]

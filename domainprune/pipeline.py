@@ -38,11 +38,11 @@ from .data import load_corpus
 from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
 from .errors import DomainpruneError
 from .evaluate import parameter_count
-from .export import save_pruned
 from .latency import PHASES as SPEEDUP_PHASES
 from .models import LoadedModel, check_prunable, check_seq_len, load_model
 from .outputs import check_output, local_inputs
 from .plan import Plan, dense_plan, validate_plan
+from .runfolder import save_pruned
 from .stats import collect_statistics, derived
 from .surgery import apply_plan, finish, prune_layer
 from .training_aware import TRAINING_METHODS, is_training, prune_training

@@ -1,17 +1,29 @@
-"""The one registry: a new criterion and a new allocation, each defined and registered in this file, run end to end
-through `prune`; a name registered twice is refused; an unknown one fails in one line naming the available ones."""
+"""The one registry: a new criterion, a new allocation and a new exporter, each defined and registered in this file,
+run end to end (through `prune` and `domainprune export`); a name registered twice is refused; an unknown one fails in
+one line naming the available ones; lazy entries import their module only when looked up."""
 
+import subprocess
+import sys
+from typing import Literal
+
+import numpy as np
 import pytest
 import torch
-from tiny_pipeline import CALIB, loaded, smol_tokenizer, tiny_lm
+from pydantic import BaseModel, ConfigDict
+from tiny_pipeline import CALIB, cli, loaded, save_folder, smol_tokenizer, tiny_lm
 
+from domainprune.adapters import get_adapter
 from domainprune.allocation import ALLOCATIONS, allocate_uniform
 from domainprune.allocation import register as register_allocation
+from domainprune.cache import atomic_write
 from domainprune.criteria.base import CRITERIA, Criterion, LayerScores, per_group
 from domainprune.criteria.base import register as register_criterion
 from domainprune.errors import DomainpruneError
+from domainprune.export import load_pretrained
+from domainprune.exporters import EXPORTERS, Exported, Exporter
 from domainprune.pipeline import prune
 from domainprune.registry import Registry
+from domainprune.runfolder import save_pruned
 
 CALLS = []
 
@@ -73,3 +85,106 @@ def test_duplicate_names_are_refused_and_unknown_ones_name_the_available():
         reg.lookup("onnx")
     with pytest.raises(ValueError, match="method 'flap' is registered twice"):
         register_criterion("flap")(type("Flap2", (Criterion,), {}))
+
+
+class NpzOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+@pytest.fixture
+def npz_exporter():
+    @EXPORTERS.register("test-npz")
+    class Npz(Exporter):  # every weight as an array of one NumPy .npz archive, in the dtype asked for
+        Options = NpzOptions
+        output = "file"
+        suffix = ".npz"
+        spec_option = "dtype"
+
+        def tag(self, options):
+            return options.dtype
+
+        def export(self, run, out, options, *, force):
+            state = load_pretrained(run).state_dict()
+            arrays = {k: v.to(getattr(torch, options.dtype)).numpy() for k, v in state.items()}
+
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+
+            atomic_write(out, write)
+            return Exported(out, f"{len(arrays)} arrays ({options.dtype}): wrote {out}")
+
+    yield Npz
+    EXPORTERS.pop("test-npz")
+
+
+def test_an_exporter_from_one_file_runs_end_to_end_through_domainprune_export(npz_exporter, capsys, tmp_path):
+    model = tiny_lm("llama")
+    get_adapter(model).slice_mlp(1, list(range(0, 40, 3)))  # per-layer widths: only domainprune's loader reads it
+    run = save_pruned(model, smol_tokenizer(), tmp_path / "run", verify=False)
+    out = tmp_path / "weights.npz"
+    code, _, err = cli(capsys, "export", run, "--to", "test-npz", "-O", "dtype=float16", "--out", out)
+    assert code == 0, err
+    assert "arrays (float16): wrote" in err  # the console reports on stderr
+    with np.load(out, allow_pickle=False) as archive:
+        got = {k: archive[k] for k in archive.files}
+    want = model.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].dtype == np.float16 and got[k].shape == tuple(v.shape), k
+        assert np.array_equal(got[k], v.detach().half().numpy()), k
+    assert got["model.layers.1.mlp.down_proj.weight"].shape[1] == len(range(0, 40, 3))
+
+    def one_line_error(*args) -> str:
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    err = one_line_error("export", run, "--to", "onnx", "--out", tmp_path / "x.onnx")
+    assert "unknown exporter 'onnx'; available: gguf, hf, test-npz, vllm" in err
+    assert "dtype" in one_line_error("export", run, "--to", "test-npz", "-O", "bits=4", "--out", tmp_path / "y.npz")
+    assert "float16" in one_line_error(
+        "export", run, "--to", "test-npz", "-O", "dtype=int8", "--out", tmp_path / "y.npz"
+    )
+    assert ".npz" in one_line_error("export", run, "--to", "test-npz", "--out", tmp_path / "y.bin")
+    assert "--force" in one_line_error("export", run, "--to", "test-npz", "--out", out)
+    assert not (tmp_path / "y.npz").exists() and not (tmp_path / "y.bin").exists()
+
+
+def test_prunes_export_stage_looks_the_exporter_up(npz_exporter, capsys, tmp_path):
+    dense = save_folder(tiny_lm("llama"), smol_tokenizer(), tmp_path / "dense")
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", dense, "--data", "code", "--method", "magnitude", "--sparsity", "0.3", "--out", out]
+    args += ["--calib-samples", "4", "--seq-len", "32", "--batch-size", "2", "--offload", "none", "--quiet"]
+    code, _, err = cli(capsys, *args, "--export", "test-npz:int8")
+    assert code == 2 and "float16" in err and not out.exists()  # the stage's options are checked before any work
+    code, _, err = cli(capsys, *args, "--export", "test-npz:float16")
+    assert code == 0, err
+    with np.load(tmp_path / "pruned.float16.npz", allow_pickle=False) as archive:
+        for k, v in load_pretrained(out).state_dict().items():
+            assert np.array_equal(archive[k], v.half().numpy()), k
+
+
+def test_lazy_entries_import_their_module_on_lookup_only():
+    script = (
+        "import sys\n"
+        "from domainprune.exporters import EXPORTERS\n"
+        "assert {'gguf', 'hf', 'vllm'} <= set(EXPORTERS), sorted(EXPORTERS)\n"
+        "assert 'domainprune.exporters.gguf' not in sys.modules and 'gguf' not in sys.modules\n"
+        "gguf = EXPORTERS.lookup('gguf')\n"
+        "assert gguf.__module__ == 'domainprune.exporters.gguf' and gguf.name == 'gguf'\n"
+        "assert 'domainprune.exporters.gguf' in sys.modules and 'domainprune.exporters.vllm' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reg = Registry("exporter")
+    reg.lazy("json-lines", "json")  # a module that does not register the name it was declared for
+    assert "json-lines" in reg and list(reg) == ["json-lines"]
+    with pytest.raises(RuntimeError, match="importing json did not register it"):
+        reg.lookup("json-lines")
+    with pytest.raises(ValueError, match="exporter 'gguf' is registered twice"):
+        EXPORTERS.register("gguf")(type("Other", (Exporter,), {}))
+    with pytest.raises(ValueError, match="exporter 'json-lines' is registered twice"):
+        reg.lazy("json-lines", "csv")

@@ -322,11 +322,11 @@ def _full_name(model: nn.Module, module: nn.Module) -> str:
 
 def unsupported(recipe, criterion, adapter: DecoderAdapter | None = None) -> str | None:
     """Why `recipe` cannot run one layer at a time (None if it can): what needs the whole model at once."""
-    if getattr(criterion, "needs_gradients", False):
+    if criterion.needs_gradients:
         return f"method {recipe.method!r} back-propagates through the whole model"
     if criterion.scores_experts or (adapter is not None and adapter.has_experts()):
         return "mixture-of-experts checkpoints store experts in another layout than the model's fused tensors"
-    if recipe.depth or getattr(criterion, "depth", False):
+    if recipe.depth or criterion.depth:
         return "depth pruning scores whole layers against the model's output"
     if recipe.hidden_sparsity:
         return "hidden pruning slices every layer, the embedding and the LM head together"
@@ -540,7 +540,7 @@ def _plan_and_cut(
         if recipe.reconstruct:
             from .obs import GreedyOBS, ScoredUniform, reconstruct_layers
 
-            if getattr(criterion, "chooses_units", False):
+            if criterion.chooses_units:
                 chooser = GreedyOBS(adapter, counts, recipe.attention_unit, bias=bias)
             else:
                 chooser = ScoredUniform(criterion, adapter, counts, recipe.attention_unit)

@@ -1,6 +1,7 @@
-"""The one registry: a new criterion, a new allocation and a new exporter, each defined and registered in this file,
-run end to end (through `prune` and `domainprune export`); a name registered twice is refused; an unknown one fails in
-one line naming the available ones; lazy entries import their module only when looked up."""
+"""The one registry: a new criterion, a new allocation, a new architecture and a new exporter, each defined and
+registered in this file, run end to end (through `prune` and `domainprune export`); a name registered twice is
+refused; an unknown one fails in one line naming the available ones; lazy entries import their module only when looked
+up."""
 
 import subprocess
 import sys
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
-from tiny_pipeline import CALIB, cli, loaded, save_folder, smol_tokenizer, tiny_lm
+from tiny_models import COMMON
+from tiny_pipeline import CALIB, VOCAB, cli, loaded, save_folder, smol_tokenizer, tiny_lm
 
-from domainprune.adapters import get_adapter
+from domainprune.adapters import ADAPTERS, DecoderAdapter, get_adapter
+from domainprune.adapters import register as register_architecture
 from domainprune.allocation import ALLOCATIONS, allocate_uniform
 from domainprune.allocation import register as register_allocation
 from domainprune.cache import atomic_write
@@ -69,6 +72,43 @@ def test_a_criterion_and_an_allocation_from_one_file_run_end_to_end(registered):
         strongest = torch.topk(norms, len(lp.mlp_channels)).indices.sort().values.tolist()
         assert lp.mlp_channels == strongest
     assert result.recipe.method == "test-down-norm" and result.recipe.allocation == "test-uniform-logged"
+
+
+@pytest.fixture
+def smollm3():
+    @register_architecture("smollm3")
+    class SmolLM3Adapter(DecoderAdapter):  # Llama's layout; the flags add q/k/v/o and gate/up/down biases
+        attention_bias_flag = "attention_bias"
+        mlp_bias_flag = "mlp_bias"
+        heads_divide_hidden = True
+
+    yield SmolLM3Adapter
+    ADAPTERS.pop("smollm3")
+
+
+def test_an_architecture_from_one_file_prunes_and_reloads(smollm3, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("smollm3", **{**COMMON, "vocab_size": VOCAB, "pad_token_id": 0})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # larger than the default init, so that pruning visibly changes the logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    ids = torch.arange(24)[None] * 7 % VOCAB
+    dense = model(input_ids=ids).logits.detach()
+    result = prune(
+        loaded(model, smol_tokenizer()), method="flap", sparsity=0.3, out=tmp_path / "run", progress=False, **CALIB
+    )
+    assert not result.report["uniform"]  # FLAP's global allocation: per-layer widths, compensation biases
+    reloaded = load_pretrained(tmp_path / "run")  # through the registered adapter (per_layer_config, extra biases)
+    assert type(reloaded).__name__ == "SmolLM3ForCausalLM"
+    widths = [layer.mlp.down_proj.weight.shape[1] for layer in reloaded.model.layers]
+    assert widths == [len(lp.mlp_channels) for lp in result.plan.layers] and len(set(widths)) > 1
+    with torch.no_grad():
+        got, want = reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, dense, atol=1e-2)
 
 
 def test_duplicate_names_are_refused_and_unknown_ones_name_the_available():

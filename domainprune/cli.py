@@ -1150,7 +1150,7 @@ def export(
     ] = None,
     option: Annotated[
         Optional[list[str]],
-        typer.Option("--option", "-O", help="An exporter option KEY=VALUE, repeatable (docs/serve.md lists them)."),
+        typer.Option("--option", "-O", help="An exporter option KEY=VALUE, repeatable (docs/export.md lists them)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     quiet: QuietOpt = False,

@@ -193,6 +193,22 @@ def test_an_exporter_from_one_file_runs_end_to_end_through_domainprune_export(np
     assert not (tmp_path / "y.npz").exists() and not (tmp_path / "y.bin").exists()
 
 
+def test_the_hf_exporter_writes_a_checkpoint_in_another_dtype(capsys, tmp_path):
+    model = tiny_lm("qwen2")
+    get_adapter(model).slice_mlp(2, list(range(0, 40, 2)))
+    run = save_pruned(model, smol_tokenizer(), tmp_path / "run", extra_files={"plan.json": "{}\n"}, verify=False)
+    out = tmp_path / "bf16"
+    code, _, err = cli(capsys, "export", run, "--to", "hf", "--option", "dtype=bfloat16", "--out", out, "--quiet")
+    assert code == 0, err
+    assert "load it with domainprune.load_pretrained" in err  # per-layer widths: not a stock checkpoint
+    reloaded = load_pretrained(out)
+    assert next(reloaded.parameters()).dtype == torch.bfloat16 and (out / "plan.json").read_text() == "{}\n"
+    for k, v in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[k], v.to(torch.bfloat16)), k
+    code, _, err = cli(capsys, "export", run, "--to", "hf", "--quant", "q4_k_m", "--out", tmp_path / "x")
+    assert code == 2 and "--to hf: quant is not one of its options (dtype)" in err
+
+
 def test_prunes_export_stage_looks_the_exporter_up(npz_exporter, capsys, tmp_path):
     dense = save_folder(tiny_lm("llama"), smol_tokenizer(), tmp_path / "dense")
     out = tmp_path / "pruned"

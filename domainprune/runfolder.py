@@ -1,5 +1,5 @@
-"""The one writer of model folders: `prune` (in memory and streamed), `apply`, `recover`, `vocab` and the `hf`
-exporter all write through `run_folder`.
+"""The one writer of model folders: `prune` (in memory and streamed; sentence encoders too), `apply`, `recover`,
+`vocab` and the `hf` and `vllm` exporters all write through `run_folder`.
 
 The rules live here once: the output is checked before anything is written (never an input; an existing one only
 replaced with `--force`); everything goes into a hidden partial folder beside it (`cache.atomic_dir`), which is moved

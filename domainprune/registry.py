@@ -1,5 +1,5 @@
 """One registry type for everything chosen by name: architectures, criteria (width, depth and expert methods),
-allocations, exporters, corpora, evaluation tasks, encoder criteria.
+training-aware methods, allocations, exporters, corpora, evaluation tasks, encoder criteria.
 
 An entry registers itself from its own module (`@CRITERIA.register("flap")`), or is added as a value
 (`TASKS.add("piqa", loader)`). A lazy entry (`EXPORTERS.lazy("gguf", "domainprune.exporters.gguf")`) names the module

@@ -66,8 +66,9 @@ EXPERTS_KEEP_MISSING = (
 DEFAULT_RECIPE = {"method": "cfsp", "reconstruct": "obs"}
 FALLBACK_METHOD = "flap"
 # --deploy: what the serving stack runs (../shared/SERVING.md). transformers and vLLM load stock checkpoints, whose
-# layers are all alike (vLLM's DeciLM loader could take per-layer MLP widths, but no `--to vllm` export exists yet);
-# llama.cpp runs every dense plan through its `deci` architecture (domainprune.gguf_export), so it constrains nothing.
+# layers are all alike (`export --to vllm` writes vLLM's DeciLM form for per-layer MLP widths); llama.cpp runs every
+# Llama/Qwen2 plan through its `deci` architecture (domainprune.gguf_export), but Qwen3, Gemma 3 and MoE models only
+# with equal layers.
 DEPLOY_TARGETS = ("transformers", "llamacpp", "vllm")
 STOCK_TARGETS = ("transformers", "vllm")
 # the default where every layer must keep the same widths: no biases, so every family's stock config holds it
@@ -522,25 +523,37 @@ def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
                 "o_proj/down_proj biases bias compensation adds; add --no-bias-compensation"
             )
     elif recipe.deploy == "llamacpp":
-        from .gguf_export import KERNEL_MULTIPLE, OWN_ARCH
+        from .gguf_export import FULL_WIDTH_Q, KERNEL_MULTIPLE, OWN_ARCH, UNIFORM_ONLY
 
-        if kind not in OWN_ARCH or adapter.has_experts():
+        if kind not in OWN_ARCH:
             raise DomainpruneError(
-                f"--deploy llamacpp: the GGUF export runs dense {', '.join(OWN_ARCH)} models, not this {kind} model"
+                f"--deploy llamacpp: the GGUF export runs {', '.join(OWN_ARCH)} models, not this {kind} model"
             )
-        if kind == "qwen3":  # llama.cpp's per-layer `deci` graph has no q/k norms: Qwen3 runs only with equal layers
+        own = OWN_ARCH[kind]
+        experts_only = recipe.method in CRITERIA and CRITERIA[recipe.method].scores_experts
+        # no per-layer form in llama.cpp (gguf_export's docstring): these run only with equal layers
+        if own in UNIFORM_ONLY or adapter.has_experts():
+            uniform = experts_only or recipe.allocation == "uniform"
+            if not uniform and recipe.default_recipe:  # the default recipe: its uniform form
+                update = {**DEFAULT_UNIFORM_RECIPE, "bias_compensation": None}
+                if adapter.has_experts():  # the fallback method already runs (OBS refits no experts)
+                    update = {"allocation": "uniform", "bias_compensation": False}
+                recipe, uniform = recipe.model_copy(update=update).resolved(), True
             if recipe.bias_compensation:
                 raise DomainpruneError(
-                    "--deploy llamacpp: llama.cpp's qwen3 graph reads no o_proj/down_proj bias; "
-                    "add --no-bias-compensation"
+                    f"--deploy llamacpp: llama.cpp's {own} graph has no place for the compensation biases of "
+                    f"this {kind} model; add --no-bias-compensation"
                 )
-            if recipe.depth or (recipe.allocation != "uniform" and not recipe.default_recipe):
+            if recipe.depth or not uniform:
                 raise DomainpruneError(
-                    "--deploy llamacpp: llama.cpp runs Qwen3 only with the same widths in every "
+                    f"--deploy llamacpp: llama.cpp runs {kind} only with the same widths in every "
                     "layer; use --allocation uniform and no --depth"
                 )
-            if recipe.allocation != "uniform":  # the default recipe: its uniform form
-                recipe = recipe.model_copy(update={**DEFAULT_UNIFORM_RECIPE, "bias_compensation": None}).resolved()
+            if own in FULL_WIDTH_Q and adapter.has_experts() and not experts_only:
+                raise DomainpruneError(
+                    f"--deploy llamacpp: llama.cpp's {own} graph needs every attention head; prune experts "
+                    "(--method expert-frequency, easy-ep or tcess) for this target"
+                )
         widths = [adapter.shape(i).intermediate_size for i in range(adapter.num_layers) if adapter.has_dense_mlp(i)]
         # kernel-friendly widths by default, where the step is fine enough (≥ 16 steps per MLP) not to cost quality
         if recipe.round_to is None and widths and min(widths) >= 16 * KERNEL_MULTIPLE:

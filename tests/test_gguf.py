@@ -103,10 +103,99 @@ def bias(seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "arch,gguf_arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")]
+    "arch,gguf_arch",
+    [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("gemma3_text", "gemma3")],
 )
 def test_dense_model_exports_to_its_own_architecture_with_same_logits(arch, gguf_arch, tmp_path):
     check(tiny_lm(arch), tmp_path, gguf_arch)
+
+
+def test_gemma3_uniform_pruning_dropped_layer_and_query_scale(tmp_path):
+    """Gemma 3 pruned alike in every layer, with a layer dropped (the sliding-window pattern becomes irregular:
+    sliding, sliding, full) and a query_pre_attn_scalar that is not head_dim (folded into the q norm)."""
+    model = tiny_lm("gemma3_text", query_pre_attn_scalar=20)
+    a = get_adapter(model)
+    a.keep_layers([0, 2, 3])
+    assert model.config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+    for i in range(a.num_layers):
+        a.slice_attention(i, [0, 1, 3, 4], [0, 1])
+        a.slice_mlp(i, list(range(24)))
+    check(model, tmp_path, "gemma3")
+
+
+def test_gemma3_per_layer_widths_are_refused_naming_the_option(tmp_path):
+    model = tiny_lm("gemma3_text")
+    per_layer_heads_and_widths(model)
+    with pytest.raises(DomainpruneError, match="--allocation uniform"):
+        exported(model, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+# llama.cpp renormalises the top-k routing weights for llama (Mixtral) and qwen3moe, not for qwen2moe and olmoe;
+# OLMoE's key norm spans the hidden size in llama.cpp, so it runs without GQA only
+MOE = {
+    "mixtral": ("llama", {}),
+    "qwen2_moe": ("qwen2moe", {"norm_topk_prob": False}),
+    "qwen3_moe": ("qwen3moe", {"norm_topk_prob": True}),
+    "olmoe": ("olmoe", {"norm_topk_prob": False, "num_key_value_heads": 4}),
+}
+
+
+def tiny_moe(arch: str, **overrides):
+    from test_moe import tiny_moe
+
+    return tiny_moe(arch, vocab_size=FULL_VOCAB, **{**MOE[arch][1], **overrides})
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_moe_with_equal_expert_counts_runs_in_its_own_architecture(arch, tmp_path):
+    """Dense, then 6 of 8 experts kept in every layer and 8 of 16/24 channels of each expert (and 12 of the Qwen2-MoE
+    shared expert's 20): llama.cpp's logits equal transformers' both times."""
+    model = tiny_moe(arch)
+    check(model, tmp_path, MOE[arch][0])
+    a = get_adapter(model)
+    for i in range(a.num_layers):
+        a.slice_experts(i, [0, 1, 2, 3, 5, 7])
+        a.slice_expert_channels(i, [list(range(e, e + 8)) for e in range(6)])
+        if a.shared_expert(i) is not None:
+            a.slice_shared_expert(i, list(range(3, 15)))
+    r = exported(model, tmp_path, "pruned")
+    assert r.arch == MOE[arch][0] and rel_diff(model, r.path) < RTOL
+    types = tensor_types(r.path)
+    assert types["blk.0.ffn_gate_inp.weight"] == ("F32", [32, 6])
+    assert types["blk.0.ffn_down_exps.weight"][1] == [8, 32, 6]
+
+
+def test_moe_f16_keeps_the_router_in_f32_and_q8_0_reports_no_router_fallback(tmp_path):
+    model = tiny_moe("qwen3_moe")
+    types = tensor_types(exported(model, tmp_path, "half", quant="f16").path)
+    assert types["blk.0.ffn_gate_inp.weight"][0] == "F32" and types["blk.0.ffn_up_exps.weight"][0] == "F16"
+    r = exported(model, tmp_path, "q8", quant="q8_0")
+    assert all("ffn_gate_inp" not in name for name, _ in r.fallbacks)
+    assert tensor_types(r.path)["blk.0.ffn_up_exps.weight"][0] == "Q8_0"
+
+
+@pytest.mark.parametrize(
+    "arch,overrides,edit,message",
+    [
+        ("qwen2_moe", {"norm_topk_prob": True}, None, "norm_topk_prob"),
+        ("qwen3_moe", {"norm_topk_prob": False}, None, "norm_topk_prob"),
+        ("qwen3_moe", {"mlp_only_layers": [1]}, None, "dense layers"),
+        ("olmoe", {"num_key_value_heads": 2}, None, "KV heads"),
+        ("qwen2_moe", {}, "heads", "query projection"),
+        ("mixtral", {}, "widths", "one width"),
+    ],
+)
+def test_moe_refusals(arch, overrides, edit, message, tmp_path):
+    model = tiny_moe(arch, **overrides)
+    a = get_adapter(model)
+    for i in range(a.num_layers):
+        if edit == "heads":
+            a.slice_attention(i, [0, 1], [0])
+        elif edit == "widths":
+            a.slice_expert_channels(i, [list(range(8 + 8 * (i % 2)))] * 8)
+    with pytest.raises(DomainpruneError, match=message):
+        exported(model, tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

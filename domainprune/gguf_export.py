@@ -528,19 +528,6 @@ def write_f32_or_f16(model: torch.nn.Module, tokenizer: Any, path: Path, half: b
     return built, pre
 
 
-def parse_export_spec(text: str) -> str:
-    """`prune --export gguf[:QUANT]` -> the quant type (f16 by default), checked before any pruning is done."""
-    target, _, quant = text.lower().partition(":")
-    quant = quant or "f16"
-    if target != "gguf":
-        raise DomainpruneError(f"--export {text!r}: write gguf or gguf:QUANT, e.g. gguf:q4_k_m")
-    if quant not in QUANTS:
-        raise DomainpruneError(f"--export {text!r}: quant type {quant!r} is not one of {', '.join(QUANTS)}")
-    if quant not in ("f32", "f16"):
-        llama_cpp_module()
-    return quant
-
-
 def llama_cpp_module():
     try:
         import llama_cpp

@@ -33,16 +33,17 @@ from .allocation import (
     uniform_layer,
 )
 from .criteria import CRITERIA, get_criterion
+from .criteria.depth import check_depth_recipe, depth_stage
 from .criteria.gradient import TAYLOR_MODES, GradientContext
 from .data import load_corpus
-from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
+from .depth import plan_frozen, zero_removed
 from .errors import DomainpruneError
 from .evaluate import parameter_count
-from .export import save_pruned
 from .latency import PHASES as SPEEDUP_PHASES
 from .models import LoadedModel, check_prunable, check_seq_len, load_model
 from .outputs import check_output, local_inputs
 from .plan import Plan, dense_plan, validate_plan
+from .runfolder import save_pruned
 from .stats import collect_statistics, derived
 from .surgery import apply_plan, finish, prune_layer
 from .training_aware import TRAINING_METHODS, is_training, prune_training
@@ -170,7 +171,8 @@ class Recipe(BaseModel):
             if (
                 not budgets
                 and self.experts_keep is None
-                and getattr(CRITERIA.get(self.method), "scores_experts", False)
+                and self.method in CRITERIA
+                and CRITERIA[self.method].scores_experts
             ):
                 raise ValueError(EXPERTS_KEEP_MISSING.format(method=self.method))
             given = f" (got {' and '.join(budgets)})" if budgets else ""
@@ -277,9 +279,9 @@ class Recipe(BaseModel):
                 f"--experts-keep needs an expert method (expert-frequency, easy-ep, tcess), not {self.method!r}; to "
                 "prune experts and channels, run prune twice: experts first (docs/moe.md)"
             )
-        gradient = getattr(criterion, "needs_gradients", False)
-        reconstruct = self.reconstruct or getattr(criterion, "default_reconstruct", None)
-        if getattr(criterion, "chooses_units", False):
+        gradient = criterion.needs_gradients
+        reconstruct = self.reconstruct or criterion.default_reconstruct
+        if criterion.chooses_units:
             if reconstruct != "obs":
                 raise DomainpruneError(f"method {self.method!r} always reconstructs; leave out --reconstruct none")
             if (self.allocation or criterion.default_allocation) != "uniform":
@@ -289,7 +291,7 @@ class Recipe(BaseModel):
                 )
         check_depth_recipe(self, criterion)
         stock = self.deploy in STOCK_TARGETS
-        depth_method = getattr(criterion, "depth", False)
+        depth_method = criterion.depth
         allocation = self.allocation or (None if depth_method else "uniform" if stock else criterion.default_allocation)
         if stock:
             if allocation not in ("uniform", None):
@@ -390,7 +392,7 @@ def target_sparsity(recipe: Recipe, adapter: DecoderAdapter, total_params: int) 
 def check_reachable(recipe: Recipe, adapter: DecoderAdapter, criterion, sparsity: float, total_params: int) -> None:
     """Refuse, before any statistics, a width budget no allocation can meet (every layer keeps one attention unit and
     one MLP channel), saying what the closest reachable budget is."""
-    if criterion.scores_experts or recipe.depth or recipe.hidden_sparsity or getattr(criterion, "depth", False):
+    if criterion.scores_experts or recipe.depth or recipe.hidden_sparsity or criterion.depth:
         return  # expert counts, whole layers and hidden channels reach further: the plan is checked afterwards
     reachable = max_width_sparsity(adapter, recipe.attention_unit)
     if sparsity <= reachable + budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, False) / 2:
@@ -415,7 +417,7 @@ def budget(recipe: Recipe, adapter: DecoderAdapter, total_params: int) -> tuple[
     budgets that are not parameter counts (--target-speedup, --experts-keep)."""
     if recipe.target_speedup is not None or recipe.experts_keep is not None:
         return None
-    depth = bool(recipe.depth) or getattr(CRITERIA.get(recipe.method), "depth", False)
+    depth = bool(recipe.depth) or (recipe.method in CRITERIA and CRITERIA[recipe.method].depth)
     return (
         target_sparsity(recipe, adapter, total_params),
         budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, depth),
@@ -528,7 +530,7 @@ def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
                 f"--deploy llamacpp: the GGUF export runs {', '.join(OWN_ARCH)} models, not this {kind} model"
             )
         own = OWN_ARCH[kind]
-        experts_only = getattr(CRITERIA.get(recipe.method), "scores_experts", False)
+        experts_only = recipe.method in CRITERIA and CRITERIA[recipe.method].scores_experts
         # no per-layer form in llama.cpp (gguf_export's docstring): these run only with equal layers
         if own in UNIFORM_ONLY or adapter.has_experts():
             uniform = experts_only or recipe.allocation == "uniform"
@@ -678,7 +680,8 @@ def _make_plan_once(
         )
     if adapter.has_experts() and getattr(recipe, "reconstruct", False):
         raise DomainpruneError("--reconstruct does not handle mixture-of-experts layers; leave it out on this model")
-    depth = depth_stage(loaded, recipe, criterion, adapter, sparsity, progress)  # None without depth pruning
+    calibration = lambda: calibration_sequences(recipe, loaded.tokenizer)  # noqa: E731  (built only for depth)
+    depth = depth_stage(loaded, recipe, criterion, adapter, sparsity, calibration, progress)  # None without depth
     if depth is not None and depth.method == recipe.method:  # a depth method alone: its removal is the plan
         plan = depth.mark(dense, dense)
         plan.params = plan.count_params(adapter, total_before)
@@ -693,8 +696,8 @@ def _make_plan_once(
             return counts_shapes(adapter, align_counts(adapter, counts, recipe.round_to or 1), recipe.attention_unit)
 
         sparsity, recipe = _solve_speedup(loaded, recipe, sparsity, uniform_shapes, progress)
-    gradient = getattr(criterion, "needs_gradients", False)
-    two_streams = getattr(criterion, "two_streams", False)
+    gradient = criterion.needs_gradients
+    two_streams = criterion.two_streams
     sequences = calibration_sequences(recipe, loaded.tokenizer, mix=not two_streams) if need_stats or gradient else None
     if gradient:
         criterion.prepare(
@@ -722,7 +725,7 @@ def _make_plan_once(
 
         counts = align_counts(adapter, uniform_counts(adapter, sparsity, recipe.attention_unit), recipe.round_to or 1)
         bias = bool(recipe.bias_compensation)
-        if getattr(criterion, "chooses_units", False):
+        if criterion.chooses_units:
             chooser = GreedyOBS(adapter, counts, recipe.attention_unit, bias=bias)
         else:
             chooser = ScoredUniform(criterion, adapter, counts, recipe.attention_unit)

@@ -21,8 +21,9 @@ from tiny_pipeline import FULL_VOCAB, cli, logits_on
 
 from domainprune.adapters import get_adapter
 from domainprune.errors import DomainpruneError
-from domainprune.export import load_pretrained, save_pruned
+from domainprune.export import load_pretrained
 from domainprune.gguf_export import export_gguf, tensor_types
+from domainprune.runfolder import save_pruned
 
 if os.environ.get("CI"):
     import llama_cpp  # CI installs the serve extra: a missing llama.cpp must fail there, not skip
@@ -540,7 +541,8 @@ def test_cli_refusals(capsys, tmp_path):
     per_layer_heads_and_widths(model)
     run = save_run(model, tmp_path, "qwen3")
     assert "--allocation uniform" in one_line_error(capsys, "export", run, "--out", tmp_path / "q.gguf")
-    assert "--to gguf" in one_line_error(capsys, "export", run, "--to", "onnx", "--out", tmp_path / "q.gguf")
+    unknown = one_line_error(capsys, "export", run, "--to", "onnx", "--out", tmp_path / "q.gguf")
+    assert "unknown exporter 'onnx'; available: gguf, hf, vllm" in unknown
     assert "q4_k_m" in one_line_error(capsys, "export", run, "--quant", "q3_x", "--out", tmp_path / "q.gguf")
     assert "input" in one_line_error(capsys, "export", run, "--out", run / "inside.gguf", "--force")
     assert "input" in one_line_error(capsys, "export", run, "--out", run, "--force")

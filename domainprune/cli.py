@@ -374,8 +374,9 @@ def prune(
         Optional[str],
         typer.Option(
             "--export",
-            help="Then also write OUT.QUANT.gguf (beside OUT) for llama.cpp: gguf (F16) or gguf:QUANT, e.g. "
-            "gguf:q4_k_m (see `domainprune export`).",
+            help="Then also export OUT beside it with a registered exporter, NAME[:VALUE]: gguf (OUT.f16.gguf for "
+            "llama.cpp) or gguf:QUANT, e.g. gguf:q4_k_m (OUT.q4_k_m.gguf); vllm (OUT.vllm); hf (see `domainprune "
+            "export`).",
         ),
     ] = None,
     offload: Annotated[
@@ -391,16 +392,14 @@ def prune(
     quiet: QuietOpt = False,
 ):
     """Score, plan, slice and export: a smaller checkpoint in OUT with plan.json, recipe.json and report.json."""
-    from .gguf_export import parse_export_spec
     from .pipeline import prune as run
 
     _setup_logging(quiet)
-    gguf_quant = parse_export_spec(export_to) if export_to is not None else None  # refused before any work
-    gguf_out = out.parent / f"{out.name}.{gguf_quant}.gguf" if gguf_quant else None  # beside OUT, never inside it
-    if gguf_out is not None:
-        from .gguf_export import check_out
+    if export_to is not None:  # refused before any work
+        from .exporters import parse_spec
 
-        check_out(gguf_out, force)
+        export_stage = parse_spec(export_to)
+        export_stage.check(out, force=force)
     model = recipe.pop("model")
     if _is_encoder(model):  # sentence encoders: their own path (docs/embeddings.md)
         from .encoders import cli as encoder_cli
@@ -447,15 +446,11 @@ def prune(
         )
     loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(out)!r})")
-    if gguf_quant is not None:
-        from .gguf_export import export_run
-
-        g = export_run(out, gguf_out, quant=gguf_quant, force=True)
-        console.print(
-            f"[bold green]exported[/] llama.cpp {g.arch!r} ({g.quant}): wrote {g.path} ({g.bytes / 1e6:.1f} MB)"
-            + (f"; {len(g.fallbacks)} tensor(s) fell back (see --round-to)" if g.fallbacks else ""),
-            soft_wrap=True,
-        )
+    if export_to is not None:
+        e = export_stage.run(out, force=True)
+        console.print(f"[bold green]exported[/] {e.summary}", soft_wrap=True)
+        for note in e.notes:
+            console.print(f"  {note}", soft_wrap=True)
 
 
 @app.command()
@@ -498,11 +493,11 @@ def apply(
     """Execute a plan exactly: slice the model it names and export the result."""
     from .adapters import get_adapter
     from .evaluate import parameter_count
-    from .export import save_pruned
     from .models import check_prunable, load_model
     from .outputs import check_output, local_inputs
     from .pipeline import apply as run
     from .plan import Plan
+    from .runfolder import save_pruned
 
     _setup_logging(quiet)
     p = Plan.load(plan_file)
@@ -1132,72 +1127,63 @@ def recover(
     console.print(f"wrote {result.out} (recovery.json, recovery_log.json)")
 
 
+def parse_key_values(items: list[str] | None, option: str, example: str) -> dict:
+    """Repeated `option KEY=VALUE` as a dict (JSON values, else strings)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DomainpruneError(f"{option} {item!r} is not KEY=VALUE; write e.g. {option} {example}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 @app.command()
 def export(
     run_dir: Annotated[
         Path, typer.Argument(metavar="RUN", help="Pruned run folder (any domainprune output) or HF model folder.")
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="The .gguf file (--to gguf) or folder (--to vllm) to write.")
+        Path, typer.Option("--out", "-o", help="What to write: the .gguf file (--to gguf), a folder (hf, vllm).")
     ],
     to: Annotated[
         str,
         typer.Option(
             "--to",
-            help="Target: gguf (llama.cpp, Ollama, LM Studio) or vllm (a DeciLM checkpoint for per-layer widths).",
+            help="Exporter: gguf (llama.cpp, Ollama, LM Studio), vllm (a DeciLM checkpoint for per-layer widths), hf "
+            "(a transformers checkpoint, e.g. in another --option dtype=bfloat16), or any registered one.",
         ),
     ] = "gguf",
     quant: Annotated[
-        str,
+        Optional[str],
         typer.Option(
-            help="--to gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's own "
-            "quantiser; needs the serve extra)."
+            help="--to gguf: f32 (default), f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's "
+            "own quantiser; needs the serve extra). The same as --option quant=QUANT."
         ),
-    ] = "f32",
+    ] = None,
+    option: Annotated[
+        Optional[list[str]],
+        typer.Option("--option", "-O", help="An exporter option KEY=VALUE, repeatable (docs/export.md lists them)."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     quiet: QuietOpt = False,
 ):
-    """Write a run for a serving engine: one GGUF file for llama.cpp (its own architecture when every layer is alike,
-    else `deci`), or a DeciLM checkpoint folder that vLLM runs with per-layer widths."""
+    """Write a run for a serving engine with a registered exporter: one GGUF file for llama.cpp (its own architecture
+    when every layer is alike, else `deci`), a DeciLM checkpoint folder that vLLM runs with per-layer widths, or a
+    transformers checkpoint."""
+    from .exporters import export as run_export
+
     _setup_logging(quiet)
-    if to.lower() == "vllm":
-        from .vllm_export import export_vllm
-
-        v = export_vllm(run_dir, out, force=force)
-        console.print(
-            f"[bold green]exported[/] {v.layers} layers as a DeciLM checkpoint for vLLM (MLP widths "
-            f"{min(v.mlp_widths)}–{max(v.mlp_widths)}, KV heads {min(v.kv_heads)}–{max(v.kv_heads)}): "
-            f"wrote {v.path}",
-            soft_wrap=True,
-        )
-        for note in v.notes:
-            console.print(f"  {note}", soft_wrap=True)
-        return
-    if to.lower() != "gguf":
-        raise DomainpruneError(f"--to {to!r} is not a target; use --to gguf or --to vllm")
-    if _is_encoder(run_dir):  # BERT-family sentence encoders: llama.cpp's bert architecture
-        from .encoders.gguf import export_encoder_gguf
-
-        path = export_encoder_gguf(run_dir, out, quant=quant.lower(), force=force)
-        console.print(f"[bold green]exported[/] encoder as llama.cpp 'bert' ({quant}): wrote {path}", soft_wrap=True)
-        return
-    from .gguf_export import export_run
-
-    r = export_run(run_dir, out, quant=quant, force=force)
-    console.print(
-        f"[bold green]exported[/] {r.layers} layers as llama.cpp {r.arch!r} ({r.quant}, tokenizer pre "
-        f"{r.pre_tokenizer!r}): wrote {r.path} ({r.bytes / 1e6:.1f} MB)",
-        soft_wrap=True,
-    )
+    options = parse_key_values(option, "--option", "quant=q4_k_m")
+    if quant is not None:
+        options["quant"] = quant
+    r = run_export(run_dir, out, to.lower(), force=force, **options)
+    console.print(f"[bold green]exported[/] {r.summary}", soft_wrap=True)
     for note in r.notes:
         console.print(f"  {note}", soft_wrap=True)
-    if r.fallbacks:
-        listed = ", ".join(f"{n} ({t})" for n, t in r.fallbacks[:8]) + (" …" if len(r.fallbacks) > 8 else "")
-        console.print(
-            f"{len(r.fallbacks)} tensor(s) fell back from {r.quant} (width not a multiple of the block; "
-            f"see --round-to): {listed}",
-            soft_wrap=True,
-        )
 
 
 # Operating-system failures that are the machine's state, not a bug: one line naming the fix, no traceback.

@@ -33,16 +33,17 @@ from .allocation import (
     uniform_layer,
 )
 from .criteria import CRITERIA, get_criterion
+from .criteria.depth import check_depth_recipe, depth_stage
 from .criteria.gradient import TAYLOR_MODES, GradientContext
 from .data import load_corpus
-from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
+from .depth import plan_frozen, zero_removed
 from .errors import DomainpruneError
 from .evaluate import parameter_count
-from .export import save_pruned
 from .latency import PHASES as SPEEDUP_PHASES
 from .models import LoadedModel, check_prunable, check_seq_len, load_model
 from .outputs import check_output, local_inputs
 from .plan import Plan, dense_plan, validate_plan
+from .runfolder import save_pruned
 from .stats import collect_statistics, derived
 from .surgery import apply_plan, finish, prune_layer
 from .training_aware import TRAINING_METHODS, is_training, prune_training
@@ -65,8 +66,9 @@ EXPERTS_KEEP_MISSING = (
 DEFAULT_RECIPE = {"method": "cfsp", "reconstruct": "obs"}
 FALLBACK_METHOD = "flap"
 # --deploy: what the serving stack runs (../shared/SERVING.md). transformers and vLLM load stock checkpoints, whose
-# layers are all alike (vLLM's DeciLM loader could take per-layer MLP widths, but no `--to vllm` export exists yet);
-# llama.cpp runs every dense plan through its `deci` architecture (domainprune.gguf_export), so it constrains nothing.
+# layers are all alike (`export --to vllm` writes vLLM's DeciLM form for per-layer MLP widths); llama.cpp runs every
+# Llama/Qwen2 plan through its `deci` architecture (domainprune.gguf_export), but Qwen3, Gemma 3 and MoE models only
+# with equal layers.
 DEPLOY_TARGETS = ("transformers", "llamacpp", "vllm")
 STOCK_TARGETS = ("transformers", "vllm")
 # the default where every layer must keep the same widths: no biases, so every family's stock config holds it
@@ -169,7 +171,8 @@ class Recipe(BaseModel):
             if (
                 not budgets
                 and self.experts_keep is None
-                and getattr(CRITERIA.get(self.method), "scores_experts", False)
+                and self.method in CRITERIA
+                and CRITERIA[self.method].scores_experts
             ):
                 raise ValueError(EXPERTS_KEEP_MISSING.format(method=self.method))
             given = f" (got {' and '.join(budgets)})" if budgets else ""
@@ -276,9 +279,9 @@ class Recipe(BaseModel):
                 f"--experts-keep needs an expert method (expert-frequency, easy-ep, tcess), not {self.method!r}; to "
                 "prune experts and channels, run prune twice: experts first (docs/moe.md)"
             )
-        gradient = getattr(criterion, "needs_gradients", False)
-        reconstruct = self.reconstruct or getattr(criterion, "default_reconstruct", None)
-        if getattr(criterion, "chooses_units", False):
+        gradient = criterion.needs_gradients
+        reconstruct = self.reconstruct or criterion.default_reconstruct
+        if criterion.chooses_units:
             if reconstruct != "obs":
                 raise DomainpruneError(f"method {self.method!r} always reconstructs; leave out --reconstruct none")
             if (self.allocation or criterion.default_allocation) != "uniform":
@@ -288,7 +291,7 @@ class Recipe(BaseModel):
                 )
         check_depth_recipe(self, criterion)
         stock = self.deploy in STOCK_TARGETS
-        depth_method = getattr(criterion, "depth", False)
+        depth_method = criterion.depth
         allocation = self.allocation or (None if depth_method else "uniform" if stock else criterion.default_allocation)
         if stock:
             if allocation not in ("uniform", None):
@@ -389,7 +392,7 @@ def target_sparsity(recipe: Recipe, adapter: DecoderAdapter, total_params: int) 
 def check_reachable(recipe: Recipe, adapter: DecoderAdapter, criterion, sparsity: float, total_params: int) -> None:
     """Refuse, before any statistics, a width budget no allocation can meet (every layer keeps one attention unit and
     one MLP channel), saying what the closest reachable budget is."""
-    if criterion.scores_experts or recipe.depth or recipe.hidden_sparsity or getattr(criterion, "depth", False):
+    if criterion.scores_experts or recipe.depth or recipe.hidden_sparsity or criterion.depth:
         return  # expert counts, whole layers and hidden channels reach further: the plan is checked afterwards
     reachable = max_width_sparsity(adapter, recipe.attention_unit)
     if sparsity <= reachable + budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, False) / 2:
@@ -414,7 +417,7 @@ def budget(recipe: Recipe, adapter: DecoderAdapter, total_params: int) -> tuple[
     budgets that are not parameter counts (--target-speedup, --experts-keep)."""
     if recipe.target_speedup is not None or recipe.experts_keep is not None:
         return None
-    depth = bool(recipe.depth) or getattr(CRITERIA.get(recipe.method), "depth", False)
+    depth = bool(recipe.depth) or (recipe.method in CRITERIA and CRITERIA[recipe.method].depth)
     return (
         target_sparsity(recipe, adapter, total_params),
         budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, depth),
@@ -520,25 +523,37 @@ def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
                 "o_proj/down_proj biases bias compensation adds; add --no-bias-compensation"
             )
     elif recipe.deploy == "llamacpp":
-        from .gguf_export import KERNEL_MULTIPLE, OWN_ARCH
+        from .gguf_export import FULL_WIDTH_Q, KERNEL_MULTIPLE, OWN_ARCH, UNIFORM_ONLY
 
-        if kind not in OWN_ARCH or adapter.has_experts():
+        if kind not in OWN_ARCH:
             raise DomainpruneError(
-                f"--deploy llamacpp: the GGUF export runs dense {', '.join(OWN_ARCH)} models, not this {kind} model"
+                f"--deploy llamacpp: the GGUF export runs {', '.join(OWN_ARCH)} models, not this {kind} model"
             )
-        if kind == "qwen3":  # llama.cpp's per-layer `deci` graph has no q/k norms: Qwen3 runs only with equal layers
+        own = OWN_ARCH[kind]
+        experts_only = recipe.method in CRITERIA and CRITERIA[recipe.method].scores_experts
+        # no per-layer form in llama.cpp (gguf_export's docstring): these run only with equal layers
+        if own in UNIFORM_ONLY or adapter.has_experts():
+            uniform = experts_only or recipe.allocation == "uniform"
+            if not uniform and recipe.default_recipe:  # the default recipe: its uniform form
+                update = {**DEFAULT_UNIFORM_RECIPE, "bias_compensation": None}
+                if adapter.has_experts():  # the fallback method already runs (OBS refits no experts)
+                    update = {"allocation": "uniform", "bias_compensation": False}
+                recipe, uniform = recipe.model_copy(update=update).resolved(), True
             if recipe.bias_compensation:
                 raise DomainpruneError(
-                    "--deploy llamacpp: llama.cpp's qwen3 graph reads no o_proj/down_proj bias; "
-                    "add --no-bias-compensation"
+                    f"--deploy llamacpp: llama.cpp's {own} graph has no place for the compensation biases of "
+                    f"this {kind} model; add --no-bias-compensation"
                 )
-            if recipe.depth or (recipe.allocation != "uniform" and not recipe.default_recipe):
+            if recipe.depth or not uniform:
                 raise DomainpruneError(
-                    "--deploy llamacpp: llama.cpp runs Qwen3 only with the same widths in every "
+                    f"--deploy llamacpp: llama.cpp runs {kind} only with the same widths in every "
                     "layer; use --allocation uniform and no --depth"
                 )
-            if recipe.allocation != "uniform":  # the default recipe: its uniform form
-                recipe = recipe.model_copy(update={**DEFAULT_UNIFORM_RECIPE, "bias_compensation": None}).resolved()
+            if own in FULL_WIDTH_Q and adapter.has_experts() and not experts_only:
+                raise DomainpruneError(
+                    f"--deploy llamacpp: llama.cpp's {own} graph needs every attention head; prune experts "
+                    "(--method expert-frequency, easy-ep or tcess) for this target"
+                )
         widths = [adapter.shape(i).intermediate_size for i in range(adapter.num_layers) if adapter.has_dense_mlp(i)]
         # kernel-friendly widths by default, where the step is fine enough (≥ 16 steps per MLP) not to cost quality
         if recipe.round_to is None and widths and min(widths) >= 16 * KERNEL_MULTIPLE:
@@ -665,7 +680,8 @@ def _make_plan_once(
         )
     if adapter.has_experts() and getattr(recipe, "reconstruct", False):
         raise DomainpruneError("--reconstruct does not handle mixture-of-experts layers; leave it out on this model")
-    depth = depth_stage(loaded, recipe, criterion, adapter, sparsity, progress)  # None without depth pruning
+    calibration = lambda: calibration_sequences(recipe, loaded.tokenizer)  # noqa: E731  (built only for depth)
+    depth = depth_stage(loaded, recipe, criterion, adapter, sparsity, calibration, progress)  # None without depth
     if depth is not None and depth.method == recipe.method:  # a depth method alone: its removal is the plan
         plan = depth.mark(dense, dense)
         plan.params = plan.count_params(adapter, total_before)
@@ -680,8 +696,8 @@ def _make_plan_once(
             return counts_shapes(adapter, align_counts(adapter, counts, recipe.round_to or 1), recipe.attention_unit)
 
         sparsity, recipe = _solve_speedup(loaded, recipe, sparsity, uniform_shapes, progress)
-    gradient = getattr(criterion, "needs_gradients", False)
-    two_streams = getattr(criterion, "two_streams", False)
+    gradient = criterion.needs_gradients
+    two_streams = criterion.two_streams
     sequences = calibration_sequences(recipe, loaded.tokenizer, mix=not two_streams) if need_stats or gradient else None
     if gradient:
         criterion.prepare(
@@ -709,7 +725,7 @@ def _make_plan_once(
 
         counts = align_counts(adapter, uniform_counts(adapter, sparsity, recipe.attention_unit), recipe.round_to or 1)
         bias = bool(recipe.bias_compensation)
-        if getattr(criterion, "chooses_units", False):
+        if criterion.chooses_units:
             chooser = GreedyOBS(adapter, counts, recipe.attention_unit, bias=bias)
         else:
             chooser = ScoredUniform(criterion, adapter, counts, recipe.attention_unit)

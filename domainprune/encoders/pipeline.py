@@ -61,10 +61,10 @@ class EncoderRecipe:
         if self.calib_samples < 2 or self.batch_size < 2:
             raise DomainpruneError("encoders need --calib-samples and --batch-size of at least 2 (in-batch negatives)")
         for source in (self.data, self.general_data):
-            if source not in retrieval.PRESETS and not Path(source).expanduser().is_file():
+            if source not in retrieval.RETRIEVAL_CORPORA and not Path(source).expanduser().is_file():
                 raise DomainpruneError(
                     f"retrieval data {source!r} not found: give a preset "
-                    f"({', '.join(retrieval.PRESETS)}) or a .jsonl file of query/positive rows"
+                    f"({', '.join(retrieval.RETRIEVAL_CORPORA)}) or a .jsonl file of query/positive rows"
                 )
 
 

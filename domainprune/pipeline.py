@@ -19,8 +19,6 @@ from pydantic import BaseModel, Field, model_validator
 
 from .adapters import DecoderAdapter, get_adapter
 from .allocation import (
-    ALLOCATIONS,
-    ATTENTION_UNITS,
     align_counts,
     align_widths,
     allocate,
@@ -33,16 +31,16 @@ from .allocation import (
     uniform_layer,
 )
 from .criteria import CRITERIA, get_criterion
-from .criteria.gradient import TAYLOR_MODES, GradientContext
+from .criteria.gradient import GradientContext
 from .data import load_corpus
 from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
 from .errors import DomainpruneError
 from .evaluate import parameter_count
 from .export import save_pruned
-from .latency import PHASES as SPEEDUP_PHASES
 from .models import LoadedModel, check_prunable, check_seq_len, load_model
 from .outputs import check_output, local_inputs
 from .plan import Plan, dense_plan, validate_plan
+from .stages import EXPERTS_KEEP_MISSING, check_flat, planning_results, recipe_files
 from .stats import collect_statistics, derived
 from .surgery import apply_plan, finish, prune_layer
 from .training_aware import TRAINING_METHODS, is_training, prune_training
@@ -50,12 +48,6 @@ from .training_aware import check_recipe as check_training_recipe
 from .training_aware import clean as clean_training
 
 log = logging.getLogger(__name__)
-
-
-EXPERTS_KEEP_MISSING = (
-    "method {method!r} prunes mixture-of-experts experts: give --experts-keep (experts kept per layer, e.g. 4, "
-    "or a fraction such as 0.5)"
-)
 
 
 # With no --method, `prune` and `plan` run the best recipe of the benchmark (README, "Which method by default"):
@@ -67,7 +59,6 @@ FALLBACK_METHOD = "flap"
 # --deploy: what the serving stack runs (../shared/SERVING.md). transformers and vLLM load stock checkpoints, whose
 # layers are all alike (vLLM's DeciLM loader could take per-layer MLP widths, but no `--to vllm` export exists yet);
 # llama.cpp runs every dense plan through its `deci` architecture (domainprune.gguf_export), so it constrains nothing.
-DEPLOY_TARGETS = ("transformers", "llamacpp", "vllm")
 STOCK_TARGETS = ("transformers", "vllm")
 # the default where every layer must keep the same widths: no biases, so every family's stock config holds it
 # (README "Which method by default": best uniform perplexity without biases; zero-shot rule met at 20 and 35 % only)
@@ -147,68 +138,9 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        if self.experts_keep is not None:  # expert pruning alone: sparsity and target_params may be left out
-            if not (0 < self.experts_keep < 1 or float(self.experts_keep).is_integer() and self.experts_keep >= 1):
-                raise ValueError(
-                    f"--experts-keep must be a whole count ≥ 1 or a fraction in (0, 1), got {self.experts_keep}"
-                )
-            if self.experts_keep >= 1:
-                self.experts_keep = int(self.experts_keep)
-        # a planned --target-speedup recipe records the sparsity it solved for beside the target (predicted_speedup)
-        solved = self.target_speedup is not None and self.predicted_speedup is not None
-        budgets = [
-            n
-            for n, v in (
-                ("sparsity", None if solved else self.sparsity),
-                ("target_params", self.target_params),
-                ("target_speedup", self.target_speedup),
-            )
-            if v is not None
-        ]
-        if len(budgets) != 1 and not (self.experts_keep is not None and self.sparsity is None):
-            if (
-                not budgets
-                and self.experts_keep is None
-                and getattr(CRITERIA.get(self.method), "scores_experts", False)
-            ):
-                raise ValueError(EXPERTS_KEEP_MISSING.format(method=self.method))
-            given = f" (got {' and '.join(budgets)})" if budgets else ""
-            raise ValueError(f"give exactly one of sparsity, target_params and target_speedup{given}")
-        if self.target_speedup is not None and not self.target_speedup > 1:
-            raise ValueError(
-                "--target-speedup must be above 1 (e.g. 1.5 for 1.5× the dense model's speed), got "
-                f"{self.target_speedup}"
-            )
-        if self.speedup_phase not in SPEEDUP_PHASES:  # what the latency table times
-            raise ValueError(f"--speedup-phase must be one of {', '.join(SPEEDUP_PHASES)}, not {self.speedup_phase!r}")
-        if self.sparsity is not None and not 0 <= self.sparsity < 1:
-            raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        if (self.depth is None) != (self.depth_sparsity is None):
-            raise ValueError("give --depth and --depth-sparsity together, e.g. --depth shortgpt --depth-sparsity 0.1")
-        if self.depth_sparsity is not None and self.sparsity is not None and self.depth_sparsity > self.sparsity:
-            raise ValueError(
-                f"--depth-sparsity {self.depth_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger"
-            )
-        if self.hidden_sparsity is not None and self.sparsity is not None and self.hidden_sparsity > self.sparsity:
-            raise ValueError(
-                f"--hidden-sparsity {self.hidden_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger"
-            )
-        if self.allocation is not None and self.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {self.allocation!r}; available: {', '.join(sorted(ALLOCATIONS))}")
-        if self.attention_unit not in ATTENTION_UNITS:
-            raise ValueError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}")
-        if self.deploy is not None and self.deploy not in DEPLOY_TARGETS:
-            raise ValueError(f"--deploy must be one of {', '.join(DEPLOY_TARGETS)}, not {self.deploy!r}")
-        if self.reconstruct not in (None, "none", "obs"):
-            raise ValueError(f"--reconstruct must be obs or none, not {self.reconstruct!r}")
-        if self.taylor_mode is not None and self.taylor_mode not in TAYLOR_MODES:
-            raise ValueError(f"--taylor-mode must be one of {', '.join(TAYLOR_MODES)}, not {self.taylor_mode!r}")
-        if self.vocab_coverage is not None and self.vocab_size is not None:
-            raise ValueError("give at most one of --vocab-coverage and --vocab-size")
-        if self.calib_candidate >= self.calib_candidates:
-            raise ValueError(
-                f"calib_candidate {self.calib_candidate} is not below calib_candidates {self.calib_candidates}"
-            )
+        check_flat(self)  # each stage's own checks, and those spanning stages (domainprune.stages)
+        if self.experts_keep is not None and self.experts_keep >= 1:
+            self.experts_keep = int(self.experts_keep)
         return self
 
     def fallback(self, why: str) -> "Recipe":
@@ -931,6 +863,7 @@ def prune_report(
         "uniform": adapter.is_uniform(),
         # stock AutoModelForCausalLM loads it as is: uniform widths and no biases the architecture's config lacks
         "stock_loadable": adapter.is_uniform() and not adapter.extra_biases(),
+        **({"planning": planning} if (planning := planning_results(recipe)) else {}),
     }
 
 
@@ -952,8 +885,8 @@ def prune(
     general_data, general_ratio, calib_candidates, micro_batch, gradient_checkpointing, taylor_mode (docs/criteria.md),
     target_speedup (instead of sparsity | target_params), speedup_phase, prefill_tokens (docs/allocation.md): then the
     dense model's and the pruned model's throughput are measured here and compared in `report["speedup"]`.
-    With `out`, the pruned checkpoint (plus plan.json, recipe.json and report.json) is written there, verified, and
-    moved into place.
+    With `out`, the pruned checkpoint (plus plan.json, recipe.yaml, recipe.json and report.json) is written there,
+    verified, and moved into place. A recipe.yaml's keyword arguments: `domainprune.stages.load_recipe(path).fields()`.
 
     `offload` (docs/streaming.md): "none" loads the whole model on the device; "cpu" keeps it in CPU memory and moves
     one layer at a time to the device; "disk" reads one layer at a time from the checkpoint's safetensors shards and
@@ -1034,7 +967,7 @@ def prune(
     if out is not None:
         files = {
             "plan.json": plan.model_dump_json(indent=1) + "\n",
-            "recipe.json": recipe.model_dump_json(indent=1) + "\n",
+            **recipe_files(recipe),
             "report.json": json.dumps(report, indent=1) + "\n",
         }
         if vocab is not None:  # the same side files `domainprune vocab` writes

@@ -631,9 +631,11 @@ def _report(recipe, plan, wanted, total_after: int, started: float, device: torc
 
 
 def _side_files(plan, recipe, report) -> dict[str, str]:
+    from .stages import recipe_files
+
     return {
         "plan.json": plan.model_dump_json(indent=1) + "\n",
-        "recipe.json": recipe.model_dump_json(indent=1) + "\n",
+        **recipe_files(recipe),
         "report.json": json.dumps(report, indent=1) + "\n",
     }
 

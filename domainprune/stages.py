@@ -10,7 +10,7 @@ Results written by planning (calib_kl, search_kl, predicted_speedup) are not opt
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -21,8 +21,12 @@ EXPERTS_KEEP_MISSING = (
     "or a fraction such as 0.5)"
 )
 RESULTS = ("calib_kl", "search_kl", "predicted_speedup")  # written by planning: report.json's "planning"
-# --deploy: what the serving stack runs (../shared/SERVING.md; domainprune.pipeline.fit_deploy)
+# --deploy: what the serving stack runs (../shared/SERVING.md; domainprune.pipeline.fit_deploy). transformers and
+# vLLM load stock checkpoints, whose layers are all alike (vLLM's DeciLM loader could take per-layer MLP widths, but no
+# `--to vllm` export exists yet); llama.cpp runs every dense plan through its `deci` architecture
+# (domainprune.gguf_export), so it constrains nothing here.
 DEPLOY_TARGETS = ("transformers", "llamacpp", "vllm")
+STOCK_TARGETS = ("transformers", "vllm")
 RECONSTRUCTIONS = ("obs", "none")
 
 
@@ -33,19 +37,25 @@ def option(
     flat: str | None = None,
     flags: tuple[str, ...] = (),
     cli: str | None = "",
-    panel: str | None = None,
+    record: bool = False,
     **constraints: Any,
 ):
     """A stage option: `flat` names the Recipe field it fills (default: its own name), `flags` its CLI spelling
-    (default: --flat-name), `cli` "count" for a 90M-style count, None for no CLI option."""
-    extra = {"flat": flat, "flags": list(flags), "cli": cli}
+    (default: --flat-name), `cli` "count" for a 90M-style count, None for no CLI option; `record`: always in
+    recipe.json (else only where it differs from the default)."""
+    extra = {"flat": flat, "flags": list(flags), "cli": cli, "record": record}
     return Field(default, description=help, json_schema_extra=extra, **constraints)
+
+
+def _flat(name: str, info: Any) -> str:
+    """The flat Recipe field an option fills."""
+    return (info.json_schema_extra or {}).get("flat") or name
 
 
 class Section(BaseModel):
     """A group of options; unknown options are refused (extra="forbid")."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    model_config = ConfigDict(extra="forbid")
     key: ClassVar[str]
     title: ClassVar[str]
     nested: ClassVar[tuple[str, ...]] = ()  # fields that are option groups of their own (method-specific options)
@@ -56,11 +66,15 @@ class Section(BaseModel):
         out = []
         for name, info in cls.model_fields.items():
             if name in cls.nested:
-                out += info.annotation.__args__[0].options() if hasattr(info.annotation, "__args__") else []
-                continue
-            extra = info.json_schema_extra or {}
-            out.append((name, extra.get("flat") or name, info))
+                out += cls.group(name).options()
+            else:
+                out.append((name, _flat(name, info), info))
         return out
+
+    @classmethod
+    def group(cls, name: str) -> type[Section]:
+        """The options model of nested group `name` (its field is `Model | None`)."""
+        return next(t for t in cls.model_fields[name].annotation.__args__ if t is not type(None))
 
     @classmethod
     def of(cls, flat: dict[str, Any]):
@@ -68,13 +82,11 @@ class Section(BaseModel):
         values = {}
         for name, info in cls.model_fields.items():
             if name in cls.nested:
-                group = info.annotation.__args__[0].of(flat)
+                group = cls.group(name).of(flat)
                 if group is not None:
                     values[name] = group
-                continue
-            key = (info.json_schema_extra or {}).get("flat") or name
-            if key in flat and flat[key] is not None:
-                values[name] = flat[key]
+            elif flat.get(_flat(name, info)) is not None:
+                values[name] = flat[_flat(name, info)]
         return cls(**values) if values else None
 
     def fields(self) -> dict[str, Any]:
@@ -85,7 +97,7 @@ class Section(BaseModel):
             if name in self.nested:
                 out |= value.fields() if value is not None else {}
             else:
-                out[(info.json_schema_extra or {}).get("flat") or name] = value
+                out[_flat(name, info)] = value
         return out
 
     def dump(self) -> dict[str, Any]:
@@ -106,17 +118,22 @@ class Input(Section):
         "Preset (smollm2-135m, qwen2.5-coder-0.5b; sentence encoder: all-minilm-l6-v2), "
         "HF folder, .gguf file or hub id.",
         flags=("--model", "-m"),
+        record=True,
     )
-    data: str = option("code", "Domain corpus: preset (code, general), file or folder.", flags=("--data", "-d"))
-    text_field: str = option("text", "Field holding the text in .jsonl/.parquet/datasets corpora.")
-    dtype: str = option("auto", "auto, float32, bfloat16 or float16.")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    data: str = option(
+        "code", "Domain corpus: preset (code, general), file or folder.", flags=("--data", "-d"), record=True
+    )
+    text_field: str = option("text", "Field holding the text in .jsonl/.parquet/datasets corpora.", record=True)
+    dtype: str = option("auto", "auto, float32, bfloat16 or float16.", record=True)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", record=True)
 
 
 class Budget(Section):
     key, title = "budget", "Budget"
-    sparsity: float | None = option(None, "Fraction of attention+MLP parameters to remove, in [0, 1).")
-    target_params: int | None = option(None, "Total parameters wanted instead of --sparsity, e.g. 90M.", cli="count")
+    sparsity: float | None = option(None, "Fraction of attention+MLP parameters to remove, in [0, 1).", record=True)
+    target_params: int | None = option(
+        None, "Total parameters wanted instead of --sparsity, e.g. 90M.", cli="count", record=True
+    )
     target_speedup: float | None = option(
         None,
         "Latency budget instead of --sparsity/--target-params: e.g. 1.5 prunes the least that a latency table "
@@ -157,16 +174,32 @@ class Budget(Section):
             out = {k: v for k, v in out.items() if k not in ("speedup_phase", "prefill_tokens")}
         return out
 
+    @staticmethod
+    def check_deploy(recipe: Any, allocation: str | None) -> None:
+        """What a stock --deploy target cannot load, with the method's allocation filled in (when resolved)."""
+        if recipe.deploy not in STOCK_TARGETS:
+            return
+        if allocation not in ("uniform", None):
+            raise DomainpruneError(
+                f"--deploy {recipe.deploy} runs checkpoints whose layers are all alike: use "
+                f"--allocation uniform (not {allocation}), or --deploy llamacpp"
+            )
+        if "finercut" in (recipe.method, recipe.depth):
+            raise DomainpruneError(
+                f"--deploy {recipe.deploy} cannot run layers without attention or MLP "
+                "(finercut): use --depth shortgpt, or --deploy llamacpp"
+            )
+
     def given(self) -> list[str]:
         return [n for n in ("sparsity", "target_params", "target_speedup") if getattr(self, n) is not None]
 
 
 class Calibration(Section):
     key, title = "calibration", "Calibration"
-    samples: int = option(128, "Calibration sequences.", flat="calib_samples", ge=1)
-    seq_len: int = option(256, "Tokens per sequence.", ge=2)
-    batch_size: int = option(8, "Sequences per forward pass.", ge=1)
-    seed: int = option(0, "Random seed.")
+    samples: int = option(128, "Calibration sequences.", flat="calib_samples", ge=1, record=True)
+    seq_len: int = option(256, "Tokens per sequence.", ge=2, record=True)
+    batch_size: int = option(8, "Sequences per forward pass.", ge=1, record=True)
+    seed: int = option(0, "Random seed.", record=True)
     general_data: str | None = option(
         None,
         "General corpus (preset, file or folder): dpruner/gaprune's second stream (default: the `general` preset), "
@@ -304,6 +337,15 @@ class TrainingOptions(Section):
     # command line --time-budget, --max-steps, --save-steps and --train-opt KEY=VALUE
     train: dict[str, Any] | None = option(None, "Training options.", cli=None)
 
+    @staticmethod
+    def check_given(recipe: Any) -> None:
+        """Training options belong to a training method or --iterative (checked when the recipe is resolved)."""
+        if recipe.train is not None and not recipe.iterative:
+            raise DomainpruneError(
+                "training options (--time-budget, --max-steps, --save-steps, --train-opt) need "
+                "--method atp, --method loraprune or --iterative N"
+            )
+
 
 class Width(Stage):
     key, title = "width", "Width stage"
@@ -315,13 +357,17 @@ class Width(Stage):
         "taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, "
         "easy-ep, tcess. Sentence encoders (docs/embeddings.md): magnitude, wanda-sp (default), flap, fisher, "
         "gaprune, shrp; shortgpt (whole layers).",
+        record=True,
     )
     allocation: str | None = option(
         None,
         "uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, "
         "cfsp for cfsp, else uniform).",
+        record=True,
     )
-    attention_unit: str = option("kv_group", "kv_group (whole KV groups) or query_head (same count per group).")
+    attention_unit: str = option(
+        "kv_group", "kv_group (whole KV groups) or query_head (same count per group).", record=True
+    )
     round_to: int | None = option(
         None,
         "Round every layer's kept MLP width to a multiple of this (64 or 128 for fast GPU kernels); the budget is "
@@ -329,7 +375,10 @@ class Width(Stage):
         ge=1,
     )
     bias_compensation: bool | None = option(
-        None, "FLAP bias compensation (default: on for flap).", flags=("--bias-compensation/--no-bias-compensation",)
+        None,
+        "FLAP bias compensation (default: on for flap).",
+        flags=("--bias-compensation/--no-bias-compensation",),
+        record=True,
     )
     reconstruct: str | None = option(
         None,
@@ -354,6 +403,22 @@ class Width(Stage):
             raise ValueError(f"search options (--search-*) need --allocation search, not {self.allocation}")
         return self
 
+    @staticmethod
+    def check_method(recipe: Any, criterion: Any, reconstruct: str | None) -> None:
+        """The width method's own combinations, from its registered capabilities (when the recipe is resolved)."""
+        if getattr(criterion, "chooses_units", False):
+            if reconstruct != "obs":
+                raise DomainpruneError(f"method {recipe.method!r} always reconstructs; leave out --reconstruct none")
+            if (recipe.allocation or criterion.default_allocation) != "uniform":
+                raise DomainpruneError(
+                    f"method {recipe.method!r} fills each layer's uniform budget greedily; use --allocation uniform "
+                    "(or another method with --reconstruct obs)"
+                )
+        if reconstruct == "obs" and criterion.scores_experts:
+            raise DomainpruneError(
+                "--reconstruct obs refits dense heads and MLP channels, not experts; leave it out with an expert method"
+            )
+
 
 class Experts(Stage):
     key, title = "experts", "Experts stage"
@@ -374,6 +439,26 @@ class Experts(Stage):
         if self.keep >= 1:
             self.keep = int(self.keep)
         return self
+
+    @staticmethod
+    def check_method(recipe: Any, criterion: Any) -> None:
+        """Experts need an expert method and it nothing else (when the recipe is resolved: registered capabilities)."""
+        if criterion.scores_experts:
+            if recipe.experts_keep is None:
+                raise DomainpruneError(EXPERTS_KEEP_MISSING.format(method=recipe.method))
+            if recipe.sparsity or recipe.target_params is not None:
+                raise DomainpruneError(
+                    f"method {recipe.method!r} scores experts only; leave out --sparsity and --target-params"
+                )
+            if recipe.hidden_sparsity:
+                raise DomainpruneError(
+                    f"method {recipe.method!r} scores experts only; prune hidden channels in a second run"
+                )
+        elif recipe.experts_keep is not None:
+            raise DomainpruneError(
+                f"--experts-keep needs an expert method (expert-frequency, easy-ep, tcess), not {recipe.method!r}; to "
+                "prune experts and channels, run prune twice: experts first (docs/moe.md)"
+            )
 
     @classmethod
     def of(cls, flat: dict[str, Any]):
@@ -490,6 +575,8 @@ class StagedRecipe(BaseModel):
             stages.append(Experts.of(flat))
         elif _depth_alone(method) and flat.get("depth") is None and flat.get("depth_sparsity") is None:
             stages.append(Depth(method=method, sparsity=None))
+        if stages and isinstance(stages[-1], (Experts, Depth)):
+            Width.of(flat)  # its options' own checks still apply to what a flat recipe gives (unused by this run)
         else:
             depth = Depth.of(flat)
             stages += [depth] if depth is not None else []
@@ -528,7 +615,7 @@ def _section(kind: type[Section], where: str, values: Any) -> Section:
         if name in values:
             values = {
                 **values,
-                name: _section(kind.model_fields[name].annotation.__args__[0], f"{where}.{name}", values[name]),
+                name: _section(kind.group(name), f"{where}.{name}", values[name]),
             }
     return _validated(kind, where, values)
 
@@ -605,6 +692,22 @@ def planning_results(recipe: Any) -> dict[str, Any]:
     return out
 
 
+def flat_fields() -> dict[str, tuple[Any, Any]]:
+    """The flat Recipe's fields (domainprune.pipeline.Recipe), one per flat name, generated from the declarations:
+    type and constraints as declared, a required stage option optional there (its stage may be absent)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for kind in (*SECTIONS, *STAGES):
+        for _, flat, info in kind.options():
+            if flat in out:  # the experts stage's method is the width stage's `method`
+                continue
+            kind_ = info.annotation | None if info.is_required() else info.annotation
+            default = None if info.is_required() else info.default
+            hide = None if info.json_schema_extra["record"] else (lambda v, d=default: v == d)
+            typed = Annotated[(kind_, *info.metadata)] if info.metadata else kind_
+            out[flat] = (typed, Field(default, exclude_if=hide))
+    return out
+
+
 def check_flat(recipe: Any) -> None:
     """Run the stage checks on a flat Recipe (pipeline.Recipe's validator); raises ValueError with the message."""
     try:
@@ -630,10 +733,10 @@ def options_markdown() -> str:
         lines += [f"#### `{kind.key}`", "", "| option | CLI | default | meaning |", "|---|---|---|---|"]
         for name, info in kind.model_fields.items():
             if name in kind.nested:
-                group = info.annotation.__args__[0]
+                group = kind.group(name)
                 rows = [(f"{name}.{n}", f, i) for n, f, i in group.options()]
             else:
-                rows = [(name, (info.json_schema_extra or {}).get("flat") or name, info)]
+                rows = [(name, _flat(name, info), info)]
             for own, flat, field in rows:
                 extra = field.json_schema_extra or {}
                 flag = (

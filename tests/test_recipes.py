@@ -17,6 +17,7 @@ from tiny_pipeline import cli, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune.errors import DomainpruneError
 from domainprune.pipeline import make_recipe
+from domainprune.plan import Plan
 from domainprune.stages import StagedRecipe, cli_options, load_recipe, options_markdown, parse_recipe
 
 GOLDEN = Path(__file__).with_name("golden")
@@ -126,6 +127,8 @@ def test_options_beside_recipe_override_it(capsys, folder, tmp_path):
     assert {k: v for k, v in b.items() if k != "sparsity"} == {k: v for k, v in a.items() if k != "sparsity"}
     report = json.loads((second / "report.json").read_text())
     assert abs(report["sparsity_achieved"] - 0.5) < 0.05
+    ok(capsys, "plan", "--recipe", first / "recipe.yaml", "--out", tmp_path / "plan.json", "--quiet")
+    assert Plan.load(tmp_path / "plan.json").layers == Plan.load(first / "plan.json").layers
 
 
 def write(tmp_path: Path, data: dict | str) -> Path:
@@ -191,3 +194,16 @@ def test_docs_option_tables_are_the_declarations():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
     generated = doc.split("<!-- options: generated -->\n")[1].split("<!-- options: end -->")[0]
     assert generated == options_markdown()
+
+
+def test_the_flat_recipe_fields_are_the_stage_declarations():
+    from domainprune.pipeline import Recipe
+    from domainprune.stages import SECTIONS, STAGES
+
+    declared = {flat: info for kind in (*SECTIONS, *STAGES) for _, flat, info in kind.options()}
+    recorded = {"default_recipe", "predicted_speedup", "calib_kl", "search_kl"}  # set by resolution and planning
+    assert set(Recipe.model_fields) == set(declared) | recorded
+    for flat, info in declared.items():
+        assert Recipe.model_fields[flat].default == (None if info.is_required() else info.default), flat
+    with pytest.raises(DomainpruneError, match="seq_len: Input should be greater than or equal to 2"):
+        make_recipe(sparsity=0.3, seq_len=1)  # the declared constraint, on the flat record too

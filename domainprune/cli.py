@@ -33,109 +33,15 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Options shared by several commands.
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        help="Preset (smollm2-135m, qwen2.5-coder-0.5b; "
-        "sentence encoder: all-minilm-l6-v2), HF folder, .gguf file "
-        "or hub id.",
-    ),
-]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
-MethodOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="Default: the benchmark's best recipe, cfsp with --reconstruct obs (flap where that cannot apply, e.g. "
-        "mixture-of-experts models; a line says so). Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, "
-        "taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, "
-        "easy-ep, tcess. Sentence encoders (docs/embeddings.md): magnitude, wanda-sp (default), flap, fisher, "
-        "gaprune, shrp; shortgpt (whole layers)."
-    ),
-]
-AllocOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for "
-        "nirvana, cfsp for cfsp, else uniform)."
-    ),
-]
-SparsityOpt = Annotated[
-    Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")
-]
-TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
-ExpertsKeepOpt = Annotated[
-    Optional[float],
-    typer.Option(
-        help="MoE models: routed experts kept per layer, a count (4) or a fraction (0.5); with an expert method."
-    ),
-]
-UnitOpt = Annotated[str, typer.Option(help="kv_group (whole KV groups) or query_head (same count per group).")]
-SamplesOpt = Annotated[int, typer.Option(help="Calibration sequences.")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sequence.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
-BiasOpt = Annotated[
-    Optional[bool],
-    typer.Option("--bias-compensation/--no-bias-compensation", help="FLAP bias compensation (default: on for flap)."),
-]
-ReconstructOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="obs: refit the kept o_proj/down_proj columns by least squares on the calibration data, layer by layer "
-        "(structured OBS); none: off (default: obs for method obs, else none)."
-    ),
-]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet/datasets corpora.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-GeneralDataOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="General corpus (preset, file or folder): dpruner/gaprune's second stream (default: the `general` "
-        "preset), and the source of --general-ratio."
-    ),
-]
-GeneralRatioOpt = Annotated[
-    float,
-    typer.Option(
-        help="Fraction of the calibration sequences taken from general data (one-stream criteria), in [0, 1]."
-    ),
-]
-CandidatesOpt = Annotated[
-    int,
-    typer.Option(
-        help="NIRVANA-style selection: prune with K calibration subsets, keep the lowest KL(dense‖pruned) on held-out "
-        "validation data."
-    ),
-]
-MicroBatchOpt = Annotated[
-    Optional[int],
-    typer.Option(help="Gradient criteria: sequences per forward+backward (default: 1, per-sample Fisher)."),
-]
-CheckpointingOpt = Annotated[
-    bool,
-    typer.Option(
-        "--gradient-checkpointing", help="Gradient criteria: recompute activations in backward to save memory."
-    ),
-]
-TaylorModeOpt = Annotated[
-    Optional[str], typer.Option(help="taylor: vector |Σ W·g| (default), element Σ|W·g| or param_mix.")
-]
-VocabCoverageOpt = Annotated[
-    Optional[float],
-    typer.Option(
-        help="Then trim the vocabulary to the tokens covering this fraction of the domain's calibration tokens, e.g. "
-        "0.999 (as `domainprune vocab`)."
-    ),
-]
-VocabSizeOpt = Annotated[
-    Optional[int],
-    typer.Option(help="Then trim the vocabulary to exactly this many tokens (as `domainprune vocab --size`)."),
-]
 LmEvalOpt = Annotated[
     bool,
     typer.Option(
@@ -195,101 +101,43 @@ def parse_train_options(*, opts: list[str] | None, **given) -> dict | None:
     return out or None
 
 
-def _recipe_options(
-    model: ModelOpt = "smollm2-135m",
-    data: DataOpt = "code",
-    method: MethodOpt = None,
-    allocation: AllocOpt = None,
-    deploy: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Serving stack the output must run on: transformers or vllm (every layer alike: uniform allocation), "
-            "llamacpp (anything; export with `domainprune export --to gguf`). The default recipe adapts to it."
+def _recipe_parameters() -> list[inspect.Parameter]:
+    """The recipe's options as command-line options, generated from the stages' declarations (domainprune.stages),
+    help text included, plus --recipe."""
+    from .stages import cli_options
+
+    params = [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        inspect.Parameter(
+            "recipe_file",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=Annotated[
+                Optional[Path],
+                typer.Option(
+                    "--recipe",
+                    help="Run this recipe.yaml (every run folder has one; docs/recipes.md); options given beside it "
+                    "override its values.",
+                ),
+            ],
+            default=None,
         ),
-    ] = None,
-    sparsity: SparsityOpt = None,
-    target_params: TargetOpt = None,
-    depth: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Depth pruning before the width --method: shortgpt (whole layers) or finercut (attention/MLP "
-            "sublayers); with --depth-sparsity."
-        ),
-    ] = None,
-    depth_sparsity: Annotated[
-        Optional[float],
-        typer.Option(
-            help="With --depth: the part of the budget (fraction of attention+MLP parameters) removed by depth; the "
-            "width method removes the rest."
-        ),
-    ] = None,
-    hidden_sparsity: Annotated[
-        Optional[float],
-        typer.Option(
-            help="Also remove this fraction of the residual-stream (hidden) channels in every layer, e.g. 0.1 (part "
-            "of --sparsity: it removes that fraction of every attention/MLP weight, the width method the rest). "
-            "Exports a stock config."
-        ),
-    ] = None,
-    experts_keep: ExpertsKeepOpt = None,
-    attention_unit: UnitOpt = "kv_group",
-    calib_samples: SamplesOpt = 128,
-    seq_len: SeqLenOpt = 256,
-    batch_size: BatchOpt = 8,
-    bias_compensation: BiasOpt = None,
-    reconstruct: ReconstructOpt = None,
-    seed: SeedOpt = 0,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
-    text_field: TextFieldOpt = "text",
-    general_data: GeneralDataOpt = None,
-    general_ratio: GeneralRatioOpt = 0.0,
-    calib_candidates: CandidatesOpt = 1,
-    micro_batch: MicroBatchOpt = None,
-    gradient_checkpointing: CheckpointingOpt = False,
-    taylor_mode: TaylorModeOpt = None,
-    round_to: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Round every layer's kept MLP width to a multiple of this (64 or 128 for fast GPU kernels); the "
-            "budget is then met to within half a multiple per layer."
-        ),
-    ] = None,
-    target_speedup: Annotated[
-        Optional[float],
-        typer.Option(
-            help="Latency budget instead of --sparsity/--target-params: e.g. 1.5 prunes the least that a latency "
-            "table measured on this machine (cached) predicts to run 1.5× faster than the dense model; the pruned "
-            "and dense models are then measured and compared (report.json)."
-        ),
-    ] = None,
-    speedup_phase: Annotated[
-        str,
-        typer.Option(
-            help="--target-speedup: decode (batch 1, one token at a time) or prefill (batch 1, --prefill-tokens "
-            "tokens)."
-        ),
-    ] = "decode",
-    prefill_tokens: Annotated[
-        int, typer.Option(help="--target-speedup: prompt length the prefill phase is timed at.")
-    ] = 256,
-    vocab_coverage: VocabCoverageOpt = None,
-    vocab_size: VocabSizeOpt = None,
-    search_generations: Annotated[
-        Optional[int], typer.Option(help="--allocation search: generations per round (default: 8).")
-    ] = None,
-    search_offspring: Annotated[
-        Optional[int], typer.Option(help="--allocation search: offspring per generation (default: 16).")
-    ] = None,
-    search_rounds: Annotated[
-        Optional[int], typer.Option(help="--allocation search: coarse-to-fine rounds, step halved each (default: 3).")
-    ] = None,
-    search_samples: Annotated[
-        Optional[int],
-        typer.Option(help="--allocation search: held-out validation sequences for the KL fitness (default: 32)."),
-    ] = None,
-):
-    """The Recipe fields as command-line options, declared once (see `recipe_command`)."""
+    ]
+    for flat, _, info, section in cli_options():
+        extra = info.json_schema_extra
+        kind = {"count": Optional[str], "float": Optional[float]}.get(extra["cli"], info.annotation)
+        args = typing.get_args(kind)
+        if type(None) in args and len(args) == 2:  # X | None: typer's spelling
+            kind = Optional[next(a for a in args if a is not type(None))]
+        option = typer.Option(*extra["flags"], help=info.description, rich_help_panel=f"{section.title} options")
+        params.append(
+            inspect.Parameter(
+                flat,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=Annotated[kind, option],
+                default=None if info.is_required() else info.default,
+            )
+        )
+    return params
 
 
 def _parameters(fn) -> list[inspect.Parameter]:
@@ -298,10 +146,9 @@ def _parameters(fn) -> list[inspect.Parameter]:
     return [p.replace(annotation=hints.get(p.name, p.annotation)) for p in inspect.signature(fn).parameters.values()]
 
 
-def with_options(template, into: str, after: int = 1, prepare=None):
-    """Give a command `template`'s options (declared once there) after its own first `after` parameters; it receives
+def with_options(shared: list[inspect.Parameter], into: str, after: int = 1, prepare=None):
+    """Give a command the options `shared` (declared once) after its own first `after` parameters; it receives
     them as one dict under the name `into` (passed through `prepare` first)."""
-    shared = _parameters(template)
     names = {p.name for p in shared}
 
     def wrap(fn):
@@ -321,10 +168,18 @@ def with_options(template, into: str, after: int = 1, prepare=None):
 
 
 def _recipe_fields(options: dict) -> dict:
-    return {**options, "target_params": parse_count(options["target_params"])}
+    """The flat recipe fields: --recipe's, overridden by the options given on the command line."""
+    ctx, path = options.pop("ctx"), options.pop("recipe_file")
+    options = {**options, "target_params": parse_count(options["target_params"])}
+    if path is None:
+        return options
+    from .stages import load_recipe
+
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
+    return {**load_recipe(path).fields(), **given}
 
 
-recipe_command = with_options(_recipe_options, "recipe", prepare=_recipe_fields)
+recipe_command = with_options(_recipe_parameters(), "recipe", prepare=_recipe_fields)
 
 
 @app.command()
@@ -335,13 +190,6 @@ def prune(
     recover: Annotated[
         bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")
     ] = False,
-    iterative: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Prune in N stages (Adapt-Pruner) with the --method criterion, a short LoRA tune on --data after "
-            "each (docs/training-aware.md)."
-        ),
-    ] = None,
     time_budget: Annotated[
         Optional[float],
         typer.Option(
@@ -391,7 +239,8 @@ def prune(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Score, plan, slice and export: a smaller checkpoint in OUT with plan.json, recipe.json and report.json."""
+    """Score, plan, slice and export: a smaller checkpoint in OUT with plan.json, recipe.yaml (replay it with
+    --recipe), recipe.json and report.json."""
     from .pipeline import prune as run
 
     _setup_logging(quiet)
@@ -406,9 +255,9 @@ def prune(
 
         return encoder_cli.prune(model, recipe, out=out, recover=recover, export_to=export_to, force=force, quiet=quiet)
     train = parse_train_options(time_budget=time_budget, max_steps=max_steps, save_steps=save_steps, opts=train_opt)
-    result = run(
-        model, out=out, force=force, progress=not quiet, offload=offload, iterative=iterative, train=train, **recipe
-    )
+    if train is not None:  # else --recipe's, if any
+        recipe["train"] = train
+    result = run(model, out=out, force=force, progress=not quiet, offload=offload, **recipe)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
     r = result.report
     if "vocab" in r:
@@ -706,7 +555,7 @@ def _measure_options(
     """What `compare` measures (and `report` without --figures), declared once."""
 
 
-measure_command = with_options(_measure_options, "measure")
+measure_command = with_options(_parameters(_measure_options), "measure")
 
 
 def _measure_runs(
@@ -795,7 +644,7 @@ def compare(
 
 
 @app.command()
-@with_options(_measure_options, "measure", after=2)
+@with_options(_parameters(_measure_options), "measure", after=2)
 def report(
     runs: Annotated[
         Optional[list[Path]],

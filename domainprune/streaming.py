@@ -506,18 +506,17 @@ def _plan_and_cut(
 ):
     """What `pipeline._make_plan_once` and `apply` do, as one or two layer walks through `source`; the last walk hands
     every finished layer to `writer` (disk). Returns (plan, recipe); the layers are cut, `surgery.finish` not run."""
-    from .allocation import (
-        OWL_RATIO_KEY,
-        align_counts,
-        align_widths,
-        allocate,
-        allocation_needs_statistics,
-        outlier_ratio,
-        uniform_counts,
-        uniform_layer,
-    )
+    from .allocation import OWL_RATIO_KEY, allocation_needs_statistics, outlier_ratio, uniform_layer
     from .criteria import get_criterion
-    from .pipeline import calibration_sequences, check_budget, check_reachable, target_sparsity
+    from .pipeline import (
+        calibration_sequences,
+        check_budget,
+        check_reachable,
+        layer_chooser,
+        plan_from_scores,
+        target_sparsity,
+        uniform_plan_counts,
+    )
     from .plan import dense_plan
     from .stats import collect_statistics, derived
     from .surgery import prune_layer
@@ -535,20 +534,16 @@ def _plan_and_cut(
             source.writer = writer
 
     if criterion.sequential and recipe.allocation == "uniform":  # one walk: each layer scored on its current inputs
-        counts = align_counts(adapter, uniform_counts(adapter, sparsity, recipe.attention_unit), recipe.round_to or 1)
+        counts = uniform_plan_counts(recipe, adapter, sparsity)
         last_walk()
         if recipe.reconstruct:
-            from .obs import GreedyOBS, ScoredUniform, reconstruct_layers
+            from .obs import reconstruct_layers
 
-            if criterion.chooses_units:
-                chooser = GreedyOBS(adapter, counts, recipe.attention_unit, bias=bias)
-            else:
-                chooser = ScoredUniform(criterion, adapter, counts, recipe.attention_unit)
             layers, _ = reconstruct_layers(
                 loaded.model,
                 adapter,
                 sequences,
-                chooser,
+                layer_chooser(recipe, criterion, adapter, counts),
                 batch_size=recipe.batch_size,
                 bias=bias,
                 progress=progress,
@@ -594,17 +589,7 @@ def _plan_and_cut(
             progress=progress,
             source=source,
         )
-        plan = allocate(
-            recipe.allocation,
-            dense,
-            adapter,
-            scores,
-            sparsity,
-            attention_unit=recipe.attention_unit,
-            standardized=criterion.standardized,
-            stats=stats if need_stats else None,
-        )
-        plan = align_widths(plan, scores, recipe.round_to or 1)
+        plan = plan_from_scores(recipe, criterion, adapter, dense, scores, sparsity, stats if need_stats else None)
         plan.params = plan.count_params(adapter, total_before)
         check_budget(recipe, plan, wanted)
         last_walk()
@@ -636,9 +621,11 @@ def _report(recipe, plan, wanted, total_after: int, started: float, device: torc
 
 
 def _side_files(plan, recipe, report) -> dict[str, str]:
+    from .stages import recipe_files
+
     return {
         "plan.json": plan.model_dump_json(indent=1) + "\n",
-        "recipe.json": recipe.model_dump_json(indent=1) + "\n",
+        **recipe_files(recipe),
         "report.json": json.dumps(report, indent=1) + "\n",
     }
 

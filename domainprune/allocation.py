@@ -490,7 +490,7 @@ def allocate(
 
 
 def allocation_needs_statistics(strategy: str | None) -> bool:
-    return bool(strategy) and getattr(ALLOCATIONS.get(strategy), "needs_statistics", False)
+    return bool(strategy) and strategy in ALLOCATIONS and ALLOCATIONS[strategy].needs_statistics
 
 
 def _layerwise(

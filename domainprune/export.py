@@ -5,7 +5,8 @@ as transformers' `per_layer_config` (keys `num_attention_heads`, `num_key_value_
 `skip` for a removed `self_attn`/`mlp`; for mixture-of-experts layers the architecture's expert-count key,
 `num_local_experts` or `num_experts`, and `num_experts_per_tok`); biases the architecture's config cannot express
 are listed under `"domainprune": {"extra_biases": [...]}`. `load_pretrained` loads both kinds in one call.
-Every export is reloaded and its logits compared with the in-memory model before the folder is moved into place.
+`verify_export` reloads a written folder and compares its logits with the in-memory model; `runfolder` writes the
+folders.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from typing import Any
 
 import torch
 
-from . import cache, faults
 from .adapters import adapter_class_for, get_adapter
 from .errors import DomainpruneError
-from .outputs import check_output
 
 log = logging.getLogger(__name__)
 VERIFY_TOKENS = 32
@@ -130,29 +129,3 @@ def verify_export(model: torch.nn.Module, folder: Path, atol: float | None = Non
     if not diff <= atol * scale:  # also catches NaN
         raise DomainpruneError(f"export verification failed: reloaded logits differ by {diff:.3g}; nothing was written")
     return diff
-
-
-def save_pruned(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    out: str | Path,
-    *,
-    extra_files: dict[str, str] | None = None,
-    force: bool = False,
-    verify: bool = True,
-) -> Path:
-    """Write safetensors + config + tokenizer (+ e.g. plan.json, recipe.json) to `out`, atomically and verified."""
-    out = check_output(out, force=force)
-    config = export_config(model)
-    with cache.atomic_dir(out, overwrite=force) as tmp:
-        model.save_pretrained(tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if verify:
-            diff = verify_export(model, tmp)
-            log.info("export verified: max logit difference after reload %.2e", diff)
-        faults.point("export")
-    return out

@@ -3,8 +3,10 @@
 Written directly with gguf-py's `GGUFWriter`, as llama.cpp's `convert_hf_to_gguf.py` would write it (docs/serve.md
 cites the llama.cpp source lines each choice rests on):
 
-- every layer with the same widths and both sublayers → the model's own architecture: `llama` (Llama, Mistral),
-  `qwen2`, `qwen3`;
+- every layer with the same widths and both sublayers → the model's own architecture: `llama` (Llama, Mistral,
+  Mixtral), `qwen2`, `qwen3`, `gemma3`, `qwen2moe`, `qwen3moe`, `olmoe`. Qwen3, Gemma 3 and the mixture-of-experts
+  models have no per-layer form in llama.cpp (deci has no q/k norms, sandwich norms or experts), so they export only
+  with the same widths, expert count and expert width in every layer;
 - otherwise (per-layer query heads, KV groups or MLP widths, removed sublayers; Qwen2 with fewer heads than
   hidden_size/head_dim or with compensation biases, which llama.cpp's `qwen2` cannot hold) → `deci`, whose head
   counts and FFN widths are per-layer arrays. Encodings that keep the computation exact there:
@@ -19,6 +21,12 @@ cites the llama.cpp source lines each choice rests on):
     a one-head "linear attention" with zero weights (deci's attention-free projection), and `key_length` /
     `value_length` are always written.
 - Q and K rows are permuted for llama and deci (their RoPE rotates adjacent pairs, HF's rotates halves).
+- Gemma 3: its RMSNorms scale by (1 + weight), so 1 is added to every norm weight (as llama.cpp's converter does);
+  llama.cpp scales queries by 1/√head_dim, so a `query_pre_attn_scalar` other than head_dim is folded into the
+  q-norm weights; sliding-window layers are written as a per-layer pattern (exact after dropped layers).
+- Mixture of experts: the routed experts as 3-D tensors, the router unquantised (llama.cpp never quantises it);
+  llama.cpp's graphs renormalise the top-k routing weights for llama/qwen3moe and not for qwen2moe/olmoe, so a
+  model whose `norm_topk_prob` says otherwise is refused.
 Biases llama.cpp's graph does not read are refused in one line naming the option that avoids them; a bias that is
 exactly zero is left out. Quantised types are made by llama.cpp's own quantiser (llama-cpp-python) from F32.
 """
@@ -54,7 +62,24 @@ QUANTS: dict[str, tuple[str, frozenset[str]]] = {
     "q5_k_m": ("MOSTLY_Q5_K_M", frozenset({"Q5_K", "Q6_K"})),
     "q6_k": ("MOSTLY_Q6_K", frozenset({"Q6_K"})),
 }
-OWN_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+OWN_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "mixtral": "llama",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "olmoe": "olmoe",
+}
+# llama.cpp architectures without a per-layer form (see the module docstring); MoE models are uniform-only too
+UNIFORM_ONLY = {"qwen3", "gemma3", "qwen2moe", "qwen3moe", "olmoe"}
+FULL_WIDTH_Q = {"qwen2", "qwen2moe", "olmoe"}  # llama.cpp sizes q (and o, and OLMoE's q norm) as n_embd
+FULL_WIDTH_KV = {"olmoe"}  # ... and OLMoE's k norm too (src/models/olmoe.cpp), so it runs without GQA only
+QK_NORM_ARCHS = {"qwen3", "qwen3moe", "olmoe", "gemma3"}
+# llama.cpp's `norm_w` argument of build_moe_ffn (src/models/<arch>.cpp): whether top-k weights are renormalised
+RENORMALISED_TOP_K = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True, "olmoe": False}
 # Input widths llama.cpp's CPU matrix kernels take on their fast path: tinyBLAS (ggml-cpu/llamafile/sgemm.cpp,
 # `tinyBLAS::matmul`: `k % KN`, KN = 16 floats with AVX-512, 8 with AVX2) for F16, and whole blocks of 32 for Q8_0 /
 # Q4_0 / Q5_0 (the types llama.cpp's quantiser falls back to). K-quants want 256 (`--round-to 256`). `--deploy
@@ -63,7 +88,8 @@ KERNEL_MULTIPLE = 32
 SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
 PERMUTED_ARCHS = ("llama", "deci")  # RoPE on adjacent pairs in llama.cpp: HF's q/k rows are permuted
 DECI_BIASES = {"q", "k", "v", "o", "gate", "up", "down"}
-ARCH_BIASES = {"llama": DECI_BIASES, "qwen2": {"q", "k", "v"}, "qwen3": {"q", "k", "v"}, "deci": DECI_BIASES}
+# build_qkv (llama-graph.cpp) adds q/k/v biases for every architecture; only llama and deci read the others
+ARCH_BIASES = {arch: {"q", "k", "v"} for arch in set(OWN_ARCH.values())} | {"llama": DECI_BIASES, "deci": DECI_BIASES}
 BIAS_FIX = "prune with --no-bias-compensation"
 
 
@@ -84,6 +110,7 @@ class Built:
     globals: dict[str, torch.Tensor]  # token_embd, output_norm, output, rope_freqs
     head_dim: int
     notes: list[str] = field(default_factory=list)  # encodings used, for the report
+    experts: tuple[int, int, int] | None = None  # mixture of experts: (count, used per token, shared expert width)
 
 
 @dataclass
@@ -115,15 +142,33 @@ def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _check_moe(adapter: Any) -> None:
+    """Refuse, in one line, a mixture-of-experts model llama.cpp's graph cannot compute as transformers does."""
     if not adapter.has_experts():
         return
-    counts = sorted({s.num_experts for s in adapter.shapes() if s.num_experts})
+    kind, shapes = adapter.config.model_type, adapter.shapes()
+    counts = sorted({s.num_experts for s in shapes})
+    if counts[0] == 0:  # some layers dense (Qwen MoE `mlp_only_layers`): no llama.cpp graph mixes them
+        raise DomainpruneError(
+            "llama.cpp's MoE graphs make every layer a mixture of experts, but this model has dense layers too "
+            "(mlp_only_layers / decoder_sparse_step); it cannot be exported to GGUF"
+        )
     if len(counts) > 1:
         raise DomainpruneError(
             f"llama.cpp's expert count is one number for the whole model, but the layers keep {counts} experts; "
             "prune experts with --allocation uniform so every layer keeps the same count"
         )
-    raise DomainpruneError("GGUF export of mixture-of-experts models is not implemented yet; export a dense model")
+    if len({(s.expert_width, s.shared_width) for s in shapes}) > 1:
+        raise DomainpruneError(
+            "llama.cpp's experts have one width for the whole model, but this model's layers differ; prune expert "
+            "channels with --allocation uniform"
+        )
+    renormalised = bool(getattr(adapter.config, "norm_topk_prob", True))
+    if renormalised != RENORMALISED_TOP_K[kind]:
+        raise DomainpruneError(
+            f"llama.cpp's {OWN_ARCH[kind]} graph {'renormalises' if not renormalised else 'does not renormalise'} "
+            f"the top-k routing weights, but this model's config has norm_topk_prob = {renormalised}; "
+            "it cannot run there"
+        )
 
 
 def _biases(adapter: Any) -> dict[str, set[int]]:
@@ -138,7 +183,7 @@ def _biases(adapter: Any) -> dict[str, set[int]]:
             named.update(q=q.bias, k=k.bias, v=v.bias, o=adapter.o_proj(i).bias)
         if adapter.mlp_removed(i):
             named["down"] = adapter.mlp(i).bias
-        else:
+        elif adapter.has_dense_mlp(i):
             gate, up = adapter.mlp_in_projs(i)
             named.update(gate=gate.bias, up=up.bias, down=adapter.down_proj(i).bias)
         for kind, b in named.items():
@@ -153,33 +198,63 @@ def _biases(adapter: Any) -> dict[str, set[int]]:
 def choose_arch(adapter: Any) -> str:
     """The llama.cpp architecture this model exports to, or a one-line refusal."""
     kind = adapter.config.model_type
-    _check_moe(adapter)
     if kind not in OWN_ARCH:
         raise DomainpruneError(
-            f"GGUF export supports llama, mistral, qwen2 and qwen3 models, not {kind!r}; use the safetensors output "
+            f"GGUF export supports {', '.join(OWN_ARCH)} models, not {kind!r}; use the safetensors output "
             "with transformers (domainprune.load_pretrained)"
         )
+    _check_moe(adapter)
+    own = OWN_ARCH[kind]
     shapes = adapter.shapes()
     removed = any(adapter.attention_removed(i) or adapter.mlp_removed(i) for i in range(adapter.num_layers))
     uniform = len(set(shapes)) == 1 and not removed
     biases = _biases(adapter)
-    if "head" in biases and kind != "qwen2":
+    if "head" in biases and own != "qwen2":
         raise DomainpruneError("the LM head has a bias, which llama.cpp's graph for this model does not read")
-    own = OWN_ARCH[kind]
-    if kind == "qwen3":
+    full_width_q = shapes[0].num_heads * adapter.head_dim == adapter.hidden_size
+    if own in FULL_WIDTH_KV and shapes[0].num_kv_heads * adapter.head_dim != adapter.hidden_size:
+        raise DomainpruneError(
+            f"llama.cpp's {own} graph sizes the key norm as the hidden size, so it runs this model only with as many "
+            "KV heads as query heads and none pruned; prune experts (--method expert-frequency, easy-ep or tcess)"
+        )
+    if own in UNIFORM_ONLY or adapter.has_experts():
         if not uniform:
             raise DomainpruneError(
-                "llama.cpp runs Qwen3 only with the same widths in every layer (its per-layer deci graph has no "
-                "q/k norms); prune with --allocation uniform and keep every sublayer"
+                f"llama.cpp runs {kind} only with the same widths in every layer (it has no per-layer form of this "
+                "architecture); prune with --allocation uniform (or --deploy llamacpp) and keep every sublayer"
             )
-        if extra := sorted(set(biases) - ARCH_BIASES["qwen3"]):
-            raise DomainpruneError(f"llama.cpp's qwen3 graph reads no {'/'.join(extra)} bias; {BIAS_FIX}")
+        if own in FULL_WIDTH_Q and not full_width_q:
+            raise DomainpruneError(
+                f"llama.cpp's {own} graph sizes the query projection as the hidden size, but this model keeps "
+                f"{shapes[0].num_heads} of {adapter.hidden_size // adapter.head_dim} heads; prune MLP channels only "
+                "(--attention-sparsity 0) or export with transformers"
+            )
+        if extra := sorted(set(biases) - ARCH_BIASES[own]):
+            raise DomainpruneError(f"llama.cpp's {own} graph reads no {'/'.join(extra)} bias; {BIAS_FIX}")
+        if own == "gemma3":
+            _check_gemma3(adapter.config)
         return own
-    if uniform and not set(biases) - ARCH_BIASES[own] - {"head"}:
-        s = shapes[0]
-        if own != "qwen2" or s.num_heads * adapter.head_dim == adapter.hidden_size:  # qwen2 sizes q/o as n_embd
-            return own
+    if uniform and not set(biases) - ARCH_BIASES[own] - {"head"} and (own not in FULL_WIDTH_Q or full_width_q):
+        return own
     return "deci"
+
+
+def _check_gemma3(config: Any) -> None:
+    if getattr(config, "attn_logit_softcapping", None):
+        raise DomainpruneError("llama.cpp's gemma3 graph has no attention logit soft-capping; this model uses it")
+    if config.hidden_activation != "gelu_pytorch_tanh":
+        raise DomainpruneError(f"llama.cpp's gemma3 MLP is tanh-GELU, not {config.hidden_activation!r}")
+    sliding = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+    if (sliding.get("rope_type") or "default") != "default":
+        raise DomainpruneError("llama.cpp's gemma3 graph applies no RoPE scaling to sliding-window layers")
+
+
+def llama_cpp_query_scale(config: Any, n_head: int) -> float:
+    """The query scale llama.cpp's gemma3 graph applies (`f_attention_scale`, src/models/gemma3.cpp: 1/√(n_embd /
+    n_head) for its 62-layer 27B type, 1/√head_dim otherwise)."""
+    if config.num_hidden_layers == 62:
+        return (config.hidden_size / n_head) ** -0.5
+    return config.head_dim**-0.5
 
 
 def _rope(config: Any) -> tuple[float, dict[str, Any]]:
@@ -228,16 +303,48 @@ def _attention_tensors(adapter: Any, i: int, arch: str) -> dict[str, torch.Tenso
     if _nonzero(o.bias):
         out["attn_output.bias"] = _f32(o.bias)
     attn = adapter.attention(i)
-    if arch == "qwen3":
+    if arch in QK_NORM_ARCHS:
         out["attn_q_norm.weight"], out["attn_k_norm.weight"] = _f32(attn.q_norm.weight), _f32(attn.k_norm.weight)
+    if arch == "gemma3":  # sandwich norms: the attention output is normalised before the residual add
+        out["post_attention_norm.weight"] = _f32(adapter.layers[i].post_attention_layernorm.weight)
     return out
 
 
-def _mlp_tensors(adapter: Any, i: int) -> dict[str, torch.Tensor]:
+def _ffn_norm(adapter: Any, i: int, arch: str) -> dict[str, torch.Tensor]:
+    layer = adapter.layers[i]
+    if arch == "gemma3":
+        return {
+            "ffn_norm.weight": _f32(layer.pre_feedforward_layernorm.weight),
+            "post_ffw_norm.weight": _f32(layer.post_feedforward_layernorm.weight),
+        }
+    return {"ffn_norm.weight": _f32(layer.post_attention_layernorm.weight)}
+
+
+def _moe_tensors(adapter: Any, i: int) -> dict[str, torch.Tensor]:
+    """Router, routed experts as (E, I, d) / (E, d, I) stacks (ggml's {d, I, E} / {I, d, E}) and the shared expert."""
+    gate, up, down = adapter.expert_mlp_weights(i)
+    out = {
+        "ffn_gate_inp.weight": _f32(adapter.router(i).weight),
+        "ffn_gate_exps.weight": _f32(gate),
+        "ffn_up_exps.weight": _f32(up),
+        "ffn_down_exps.weight": _f32(down),
+    }
+    shared = adapter.shared_mlp_weights(i)
+    if shared is not None:
+        shared_gate = getattr(adapter.mlp(i), adapter.shared_gate_name)
+        out["ffn_gate_inp_shexp.weight"] = _f32(shared_gate.weight).reshape(-1)  # (1, d) -> {d}
+        for name, w in zip(("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"), shared):
+            out[f"{name}.weight"] = _f32(w)
+    return out
+
+
+def _mlp_tensors(adapter: Any, i: int, arch: str) -> dict[str, torch.Tensor]:
+    if adapter.has_experts():
+        return {**_ffn_norm(adapter, i, arch), **_moe_tensors(adapter, i)}
     gate, up = adapter.mlp_in_projs(i)
     down = adapter.down_proj(i)
     out = {
-        "ffn_norm.weight": _f32(adapter.layers[i].post_attention_layernorm.weight),
+        **_ffn_norm(adapter, i, arch),
         "ffn_gate.weight": _f32(gate.weight),
         "ffn_up.weight": _f32(up.weight),
         "ffn_down.weight": _f32(down.weight),
@@ -257,6 +364,9 @@ def build(model: torch.nn.Module) -> Built:
     head = model.get_output_embeddings()
     tied = head is None or head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     built = Built(arch, [], {"token_embd.weight": embed}, hd)
+    if adapter.has_experts():
+        s = adapter.shape(0)
+        built.experts = (s.num_experts, adapter.top_k(0), s.shared_width)
     # The residual-stream bias slot a removed sublayer's constant output is added to: (layer, tensor name) or None
     # for the token embeddings.
     slot: tuple[Layer, str] | None = None
@@ -273,7 +383,7 @@ def build(model: torch.nn.Module) -> Built:
 
     for i in range(adapter.num_layers):
         s = adapter.shape(i)
-        layer = Layer(s.num_heads, s.num_kv_heads, s.intermediate_size)
+        layer = Layer(s.num_heads, s.num_kv_heads, s.intermediate_size or s.expert_width)
         if adapter.attention_removed(i):
             if _nonzero(adapter.attention(i).bias):
                 add_to_slot(adapter.attention(i).bias)
@@ -281,7 +391,7 @@ def build(model: torch.nn.Module) -> Built:
             layer.tensors.update(_attention_tensors(adapter, i, arch))
             slot = (layer, "attn_output.bias")
         if not adapter.mlp_removed(i):
-            layer.tensors.update(_mlp_tensors(adapter, i))
+            layer.tensors.update(_mlp_tensors(adapter, i, arch))
             slot = (layer, "ffn_down.bias")
         elif not adapter.attention_removed(i):
             # deci's n_ff = 0 drops the attention output (see the module docstring): one zero channel instead
@@ -317,6 +427,8 @@ def build(model: torch.nn.Module) -> Built:
     if folded_into_embedding:
         built.notes.append("a removed sublayer's bias before any other is added to the token embeddings")
     built.globals["output_norm.weight"] = _f32(adapter.decoder.norm.weight)
+    if arch == "gemma3":
+        _gemma3_weights(built, model.config)
     if not tied or folded_into_embedding:
         built.globals["output.weight"] = _f32(head.weight if head is not None else model.get_input_embeddings().weight)
     if head is not None and _nonzero(getattr(head, "bias", None)):
@@ -325,6 +437,20 @@ def build(model: torch.nn.Module) -> Built:
     if rope["rope_type"] == "llama3":
         built.globals["rope_freqs.weight"] = llama3_rope_factors(rope, hd, theta)
     return built
+
+
+def _gemma3_weights(built: Built, config: Any) -> None:
+    """Gemma3RMSNorm multiplies by (1 + weight): llama.cpp's RMS norm by the weight, so add 1 (its converter's
+    `norm_shift`). Queries: HF scales them by query_pre_attn_scalar^-½, llama.cpp by `llama_cpp_query_scale`; RoPE
+    is linear, so the ratio is folded into the q norm's weight."""
+    for tensors in [built.globals] + [layer.tensors for layer in built.layers]:
+        for name in tensors:
+            if name.endswith("norm.weight"):
+                tensors[name] = tensors[name] + 1.0
+    for layer in built.layers:
+        ratio = config.query_pre_attn_scalar**-0.5 / llama_cpp_query_scale(config, built.layers[0].n_head)
+        if ratio != 1.0:
+            layer.tensors["attn_q_norm.weight"] = layer.tensors["attn_q_norm.weight"] * ratio
 
 
 # ----- writing ---------------------------------------------------------------------------------------------------
@@ -350,6 +476,23 @@ def _write_hparams(writer: Any, built: Built, config: Any) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if built.experts:
+        count, used, shared = built.experts
+        writer.add_expert_count(count)
+        writer.add_expert_used_count(used)
+        if built.arch in ("qwen2moe", "qwen3moe"):  # their n_ff_exp; llama and olmoe size experts by n_ff
+            writer.add_expert_feed_forward_length(n_ff[0])
+        if shared:
+            writer.add_expert_shared_feed_forward_length(shared)
+    if built.arch == "gemma3":
+        swa = [kind == "sliding_attention" for kind in config.layer_types]
+        if any(swa):
+            writer.add_sliding_window(config.sliding_window)
+            writer.add_sliding_window_pattern(swa)  # per layer: exact after dropped layers
+            sliding = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+            writer.add_rope_freq_base_swa(float(sliding.get("rope_theta", 10000.0)))
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
     writer.add_key_length(built.head_dim)
     writer.add_value_length(built.head_dim)
     writer.add_vocab_size(config.vocab_size)
@@ -375,7 +518,7 @@ def write_f32_or_f16(model: torch.nn.Module, tokenizer: Any, path: Path, half: b
         tensors.update({f"blk.{n}.{name}": t for name, t in layer.tensors.items()})
     for name, t in tensors.items():
         arr = t.contiguous().numpy().astype(np.float32)
-        if half and arr.ndim == 2:
+        if half and arr.ndim >= 2 and not name.endswith("ffn_gate_inp.weight"):
             arr = arr.astype(np.float16)
         writer.add_tensor(name, arr)
     writer.write_header_to_file()
@@ -383,19 +526,6 @@ def write_f32_or_f16(model: torch.nn.Module, tokenizer: Any, path: Path, half: b
     writer.write_tensors_to_file()
     writer.close()
     return built, pre
-
-
-def parse_export_spec(text: str) -> str:
-    """`prune --export gguf[:QUANT]` -> the quant type (f16 by default), checked before any pruning is done."""
-    target, _, quant = text.lower().partition(":")
-    quant = quant or "f16"
-    if target != "gguf":
-        raise DomainpruneError(f"--export {text!r}: write gguf or gguf:QUANT, e.g. gguf:q4_k_m")
-    if quant not in QUANTS:
-        raise DomainpruneError(f"--export {text!r}: quant type {quant!r} is not one of {', '.join(QUANTS)}")
-    if quant not in ("f32", "f16"):
-        llama_cpp_module()
-    return quant
 
 
 def llama_cpp_module():
@@ -475,10 +605,15 @@ def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:
 
 
 def fallbacks(path: Path, quant: str) -> list[tuple[str, str]]:
-    """2-D weights whose type is not one the quant type gives (llama.cpp demoted them: width not a block multiple)."""
+    """Weights whose type is not one the quant type gives (llama.cpp demoted them: width not a block multiple);
+    the MoE router, which llama.cpp never quantises, is not one of them."""
     expected = QUANTS[quant][1]
     found = tensor_types(path).items()
-    return [(n, t) for n, (t, shape) in found if sum(x > 1 for x in shape) == 2 and t not in expected]
+    return [
+        (n, t)
+        for n, (t, shape) in found
+        if sum(x > 1 for x in shape) >= 2 and t not in expected and not n.endswith("ffn_gate_inp.weight")
+    ]
 
 
 def check_out(out: Path, force: bool, inputs: list[Path] | tuple = ()) -> Path:

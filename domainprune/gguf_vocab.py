@@ -1,4 +1,5 @@
-"""The tokenizer part of a GGUF file, written as llama.cpp's converter writes a byte-level BPE ("gpt2") tokenizer.
+"""The tokenizer part of a GGUF file, written as llama.cpp's converter writes a byte-level BPE ("gpt2") tokenizer,
+or a SentencePiece-style one ("llama": Llama 2, Mistral, Gemma; scores from the merges, see `spm_scores`).
 
 Mirrors `get_vocab_base`, `get_vocab_base_pre` and `_set_vocab_gpt2` in llama.cpp's `conversion/base.py`: every id
 below the model's vocabulary size becomes a token (`[PAD{i}]`, type UNUSED, where the tokenizer has none), added
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,14 +63,58 @@ def pre_tokenizer_name(tokenizer: Any, spec: dict[str, Any] | None = None) -> st
     )
 
 
-def _check_byte_level_bpe(spec: dict[str, Any]) -> None:
+def tokenizer_kind(spec: dict[str, Any]) -> str:
+    """ "gpt2" (byte-level BPE) or "llama" (BPE with byte fallback over "▁"-escaped text, SentencePiece-style), or a
+    one-line refusal."""
     model = spec.get("model") or {}
-    kinds = json.dumps(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in kinds:
-        raise DomainpruneError(
-            "only byte-level BPE tokenizers (GPT-2 style, as in SmolLM2, Llama 3, Qwen) export to GGUF here; this "
-            f"one is {model.get('type', '?')}{' with byte fallback' if model.get('byte_fallback') else ''}"
-        )
+    kinds = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and "ByteLevel" in kinds:
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback") and "\u2581" in kinds and "ByteLevel" not in kinds:
+        if not _splits_nothing(spec):
+            raise DomainpruneError(
+                "this SentencePiece-style tokenizer splits text before BPE, which llama.cpp's SentencePiece "
+                f"tokenizer does not; its pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:80]} cannot export"
+            )
+        return "llama"
+    raise DomainpruneError(
+        "only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen) and SentencePiece-style BPE ones with "
+        f"byte fallback (Llama 2, Mistral, Gemma) export to GGUF here; this one is {model.get('type', '?')}"
+    )
+
+
+def _splits_nothing(spec: dict[str, Any]) -> bool:
+    """Whether the pre-tokenizer leaves the normalised text whole, as SentencePiece does: none, a Metaspace that does
+    not split, or a split on " " after a normalizer that already turned every space into "▁" (Gemma's)."""
+    pre = spec.get("pre_tokenizer")
+    if pre is None:
+        return True
+    if pre.get("type") == "Metaspace":
+        return pre.get("split") is False
+    replaces = '"Replace", "pattern": {"String": " "}' in json.dumps(spec.get("normalizer"))
+    return pre.get("type") == "Split" and pre.get("pattern") == {"String": " "} and replaces
+
+
+def spm_scores(spec: dict[str, Any], tokens: list[str]) -> list[float]:
+    """llama.cpp's SentencePiece tokenizer merges, among adjacent pieces, the pair forming the highest-scoring
+    token first (`llm_tokenizer_spm_session`, src/llama-vocab.cpp); a BPE tokenizer.json merges the pair of lowest
+    rank first. So the token a merge of rank r makes gets the score -r, and tokens no merge makes get SentencePiece's
+    -1000 (`_create_vocab_sentencepiece` in llama.cpp's converter, for added tokens)."""
+    scores = [-1000.0] * len(tokens)
+    index = {t: i for i, t in enumerate(tokens)}
+    for rank, merge in enumerate(spec["model"].get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        i = index.get(left + right)
+        if i is not None and scores[i] == -1000.0:
+            scores[i] = -float(rank)
+    return scores
+
+
+def _adds_space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts "▁" before the text (Llama 2: Prepend; Metaspace with prepend_scheme first/always);
+    Gemma does not."""
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
+    return '"Prepend"' in text or '"prepend_scheme": "first"' in text or '"prepend_scheme": "always"' in text
 
 
 def _looks_special(token: str) -> bool:
@@ -81,7 +127,7 @@ def _looks_special(token: str) -> bool:
     )
 
 
-def vocab_tokens(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
+def vocab_tokens(tokenizer: Any, vocab_size: int, byte_fallback: bool = False) -> tuple[list[str], list[int]]:
     """Token strings and gguf token types for ids 0..vocab_size-1 (`get_vocab_base`)."""
     import gguf
 
@@ -106,6 +152,10 @@ def vocab_tokens(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]
             else:
                 token = token.replace("\u2581", " ")
                 types.append(gguf.TokenType.USER_DEFINED)
+        elif i == tokenizer.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types.append(gguf.TokenType.BYTE)
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
@@ -127,18 +177,21 @@ def write_tokenizer(writer: Any, tokenizer: Any, config: Any) -> str:
     import gguf
 
     spec = _backend_json(tokenizer)
-    _check_byte_level_bpe(spec)
-    pre = pre_tokenizer_name(tokenizer, spec)
-    tokens, types = vocab_tokens(tokenizer, config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
+    kind = tokenizer_kind(spec)
+    pre = pre_tokenizer_name(tokenizer, spec) if kind == "gpt2" else "default"
+    tokens, types = vocab_tokens(tokenizer, config.vocab_size, byte_fallback=kind == "llama")
+    writer.add_tokenizer_model(kind)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    if kind == "llama":
+        writer.add_token_scores(spm_scores(spec, tokens))
+        writer.add_add_space_prefix(_adds_space_prefix(spec))
     with tempfile.TemporaryDirectory(prefix="domainprune-gguf-vocab-") as tmp:
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / "config.json").write_text(config.to_json_string(use_diff=False))
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=config.vocab_size)
-    if not special.merges:
+        special = gguf.SpecialVocab(tmp, load_merges=kind == "gpt2", n_vocab=config.vocab_size)
+    if kind == "gpt2" and not special.merges:
         raise DomainpruneError("the tokenizer has no BPE merges; GGUF export needs a byte-level BPE tokenizer.json")
     # llama.cpp tokenises as the HF tokenizer does only if it adds the same BOS/EOS
     special.add_special_token["bos"], special.add_special_token["eos"] = _adds(tokenizer)

@@ -451,7 +451,7 @@ def check_speedup_recipe(recipe, criterion) -> None:
             f"--target-speedup budgets attention and MLP widths; method {recipe.method!r} removes whole experts "
             "(--experts-keep): leave --target-speedup out"
         )
-    if getattr(criterion, "depth", False):
+    if criterion.depth:
         raise DomainpruneError(
             f"--target-speedup needs a width method, not the depth method {recipe.method!r}; give depth beside one, "
             f"e.g. --method flap --depth {recipe.method} --depth-sparsity 0.1"

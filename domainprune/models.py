@@ -123,9 +123,10 @@ def preset_gguf(name: str) -> Path:
     return path
 
 
-def gguf_to_hf_dir(gguf_path: Path) -> Path:
-    """De-quantise a GGUF file to float32 safetensors once; later loads read the cached folder in seconds."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def gguf_to_hf_dir(gguf_path: Path, progress: bool = True) -> Path:
+    """De-quantise a GGUF file to float32 safetensors once, a few layers at a time (domainprune.gguf_import); later
+    loads read the cached folder in seconds."""
+    from .gguf_import import convert_gguf
 
     target = cache.entry("models", f"{gguf_path.stem}-{cache.file_fingerprint(gguf_path)}")
     if target.exists():
@@ -137,21 +138,8 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
         except DomainpruneError as e:  # a damaged cache entry is rebuilt, never trusted
             log.warning("converted model in the cache is unusable (%s); converting it again", e)
     log.info("converting %s to safetensors (once) at %s", gguf_path.name, target)
-    folder, name = str(gguf_path.parent), gguf_path.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except Exception as e:  # transformers raises many types for unreadable/unsupported GGUF
-        raise DomainpruneError(f"could not read GGUF file {gguf_path}: {e}".splitlines()[0]) from e
-    # The weights are plain floats now: forget the GGUF "quantisation" so the model saves as ordinary safetensors.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = str(gguf_path)
     with cache.atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        convert_gguf(gguf_path, Path(tmp), progress=progress)
     return target
 
 

@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
 from .adapters import DecoderAdapter, get_adapter
 from .allocation import (
-    ALLOCATIONS,
-    ATTENTION_UNITS,
     align_counts,
     align_widths,
     allocate,
@@ -33,16 +31,27 @@ from .allocation import (
     uniform_layer,
 )
 from .criteria import CRITERIA, get_criterion
-from .criteria.gradient import TAYLOR_MODES, GradientContext
+from .criteria.depth import check_depth_recipe, depth_stage
+from .criteria.gradient import GradientContext
 from .data import load_corpus
-from .depth import check_depth_recipe, depth_stage, plan_frozen, zero_removed
+from .depth import plan_frozen, zero_removed
 from .errors import DomainpruneError
 from .evaluate import parameter_count
-from .export import save_pruned
-from .latency import PHASES as SPEEDUP_PHASES
 from .models import LoadedModel, check_prunable, check_seq_len, load_model
 from .outputs import check_output, local_inputs
 from .plan import Plan, dense_plan, validate_plan
+from .runfolder import save_pruned
+from .stages import (
+    STOCK_TARGETS,
+    Budget,
+    Experts,
+    TrainingOptions,
+    Width,
+    check_flat,
+    flat_fields,
+    planning_results,
+    recipe_files,
+)
 from .stats import collect_statistics, derived
 from .surgery import apply_plan, finish, prune_layer
 from .training_aware import TRAINING_METHODS, is_training, prune_training
@@ -52,165 +61,34 @@ from .training_aware import clean as clean_training
 log = logging.getLogger(__name__)
 
 
-EXPERTS_KEEP_MISSING = (
-    "method {method!r} prunes mixture-of-experts experts: give --experts-keep (experts kept per layer, e.g. 4, "
-    "or a fraction such as 0.5)"
-)
-
-
 # With no --method, `prune` and `plan` run the best recipe of the benchmark (README, "Which method by default"):
 # cfsp + OBS has the lowest domain perplexity of every baseline at 20/35/50 % on SmolLM2 and no lower zero-shot
 # accuracy (bench/results/quality.md), and ties the best baseline on MBPP pass@1 on Qwen2.5-Coder at 35 %
 # (bench/results/skill.md). Where it cannot apply, FALLBACK_METHOD runs instead, and a log line says why.
 DEFAULT_RECIPE = {"method": "cfsp", "reconstruct": "obs"}
 FALLBACK_METHOD = "flap"
-# --deploy: what the serving stack runs (../shared/SERVING.md). transformers and vLLM load stock checkpoints, whose
-# layers are all alike (vLLM's DeciLM loader could take per-layer MLP widths, but no `--to vllm` export exists yet);
-# llama.cpp runs every dense plan through its `deci` architecture (domainprune.gguf_export), so it constrains nothing.
-DEPLOY_TARGETS = ("transformers", "llamacpp", "vllm")
-STOCK_TARGETS = ("transformers", "vllm")
 # the default where every layer must keep the same widths: no biases, so every family's stock config holds it
 # (README "Which method by default": best uniform perplexity without biases; zero-shot rule met at 20 and 35 % only)
 DEFAULT_UNIFORM_RECIPE = {"method": "cfsp", "allocation": "uniform", "reconstruct": "obs"}
 
 
-class Recipe(BaseModel):
-    """Everything that determines a pruned model. Saved beside it as recipe.json."""
+class RecipeBase(BaseModel):
+    """Everything that determines a pruned model, as one flat record: saved beside it as recipe.json (recipe.yaml holds
+    the same as stages). The option fields are generated from the stages' declarations (`Recipe` below,
+    domainprune.stages); declared here is only what resolution and planning record."""
 
-    model: str = "smollm2-135m"
-    data: str = "code"
-    text_field: str = "text"
-    method: str | None = None  # None: DEFAULT_RECIPE (or FALLBACK_METHOD where it cannot apply)
     default_recipe: bool = Field(False, exclude_if=lambda v: not v)  # the method was not given: the default chose it
-    deploy: str | None = Field(default=None, exclude_if=lambda v: v is None)  # serving stack the output must run on
-    allocation: str | None = None  # None: the method's default (global for flap, uniform otherwise)
-    sparsity: float | None = None  # fraction of attention+MLP parameters removed
-    target_params: int | None = None  # or: total parameters wanted
-    # depth pruning before the width method (domainprune.depth): `depth` (shortgpt, finercut) removes layers or
-    # sublayers worth `depth_sparsity` of the attention+MLP parameters; the width method removes the rest of the budget
-    depth: str | None = Field(default=None, exclude_if=lambda v: v is None)
-    depth_sparsity: float | None = Field(default=None, ge=0, lt=1, exclude_if=lambda v: v is None)
-    # hidden-dimension pruning (domainprune.hidden): this fraction of the residual-stream channels is removed in every
-    # layer, which removes the same fraction of every attention/MLP weight; the other stages remove the rest
-    hidden_sparsity: float | None = Field(default=None, gt=0, lt=1, exclude_if=lambda v: v is None)
-    # mixture-of-experts models: routed experts kept per MoE layer, a count (≥ 1) or a fraction (< 1) of each
-    # layer's experts; needs an expert method (expert-frequency, easy-ep, tcess)
-    experts_keep: int | float | None = Field(default=None, exclude_if=lambda v: v is None)
-    attention_unit: str = "kv_group"
-    # kept MLP widths rounded to a multiple of this (64 or 128 for GPU kernels; None: exact budget)
-    round_to: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
-    # latency budget instead of sparsity/target_params (domainprune.latency, ZipLM-style): the smallest sparsity whose
-    # allocation a latency table measured on this machine predicts to run this many times faster (> 1) in
-    # `speedup_phase` (batch-1 "decode", or "prefill" of `prefill_tokens` tokens). Planning fills in `sparsity` and
-    # `predicted_speedup`; a recipe carrying both is replayed at that sparsity (same weights on any machine)
-    target_speedup: float | None = Field(default=None, exclude_if=lambda v: v is None)
-    speedup_phase: str = Field("decode", exclude_if=lambda v: v == "decode")
-    prefill_tokens: int = Field(256, ge=1, exclude_if=lambda v: v == 256)
+    # written by planning, not options (report.json's "planning"; not in recipe.yaml): a solved --target-speedup's
+    # prediction (`sparsity` then holds the solution), the calibration candidates' KL, --allocation search's KL
     predicted_speedup: float | None = Field(default=None, exclude_if=lambda v: v is None)
-    calib_samples: int = Field(128, ge=1)
-    seq_len: int = Field(256, ge=2)
-    batch_size: int = Field(8, ge=1)
-    bias_compensation: bool | None = None  # None: the method's default (on for flap)
-    # structured OBS reconstruction (domainprune.obs, METHODS §11): "obs" refits the kept o_proj/down_proj columns by
-    # least squares, layer-sequentially; "none" or None: off (None: the method's default, "obs" for method obs)
-    reconstruct: str | None = Field(default=None, exclude_if=lambda v: v is None)
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    # general calibration data: the second stream of dpruner/gaprune (None: the bundled `general` preset, with a
-    # warning), and the fraction of the single calibration stream taken from it for the other criteria
-    general_data: str | None = Field(default=None, exclude_if=lambda v: v is None)
-    general_ratio: float = Field(0.0, ge=0, le=1, exclude_if=lambda v: v == 0)
-    # gradient criteria: sequences per forward+backward (None: 1 for gradient criteria, i.e. per-sample Fisher)
-    micro_batch: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
-    gradient_checkpointing: bool = Field(False, exclude_if=lambda v: not v)
-    taylor_mode: str | None = Field(default=None, exclude_if=lambda v: v is None)  # taylor: vector, element, param_mix
-    # NIRVANA-style selection: prune with K candidate calibration subsets, keep the lowest KL(dense‖pruned)
-    calib_candidates: int = Field(1, ge=1, exclude_if=lambda v: v == 1)
-    calib_candidate: int = Field(0, ge=0, exclude_if=lambda v: v == 0)  # which subset this recipe uses
-    calib_kl: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)  # KL of each candidate
-    # --allocation search (domainprune.search): generations per round, offspring per generation, coarse-to-fine
-    # rounds, held-out validation sequences for the fitness; None: the defaults, filled in when the search runs
-    search_generations: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
-    search_offspring: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
-    search_rounds: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
-    search_samples: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
-    search_kl: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)  # KL: uniform start, result
-    # with --reconstruct obs (domainprune.tyr): weight of the task-format KL in the fitness (0: domain text only)
-    search_task_weight: float | None = Field(default=None, ge=0, exclude_if=lambda v: v is None)
-    # vocabulary trimming after pruning (domainprune.vocab): keep the tokens covering this fraction of the domain's
-    # calibration tokens, or exactly this many; special tokens, byte alphabet and merge closure always kept
-    vocab_coverage: float | None = Field(default=None, gt=0, le=1, exclude_if=lambda v: v is None)
-    vocab_size: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None)
-    # training-aware pruning (domainprune.training_aware): `iterative` stages of the width method with a short domain
-    # tune between them, or a training method (atp, loraprune); `train` holds their options (time budget, steps, ...)
-    iterative: int | None = Field(default=None, ge=2, exclude_if=lambda v: v is None)
-    train: dict[str, Any] | None = Field(default=None, exclude_if=lambda v: v is None)
+    calib_kl: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)
+    search_kl: list[float] | None = Field(default=None, exclude_if=lambda v: v is None)  # uniform start, result
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        if self.experts_keep is not None:  # expert pruning alone: sparsity and target_params may be left out
-            if not (0 < self.experts_keep < 1 or float(self.experts_keep).is_integer() and self.experts_keep >= 1):
-                raise ValueError(
-                    f"--experts-keep must be a whole count ≥ 1 or a fraction in (0, 1), got {self.experts_keep}"
-                )
-            if self.experts_keep >= 1:
-                self.experts_keep = int(self.experts_keep)
-        # a planned --target-speedup recipe records the sparsity it solved for beside the target (predicted_speedup)
-        solved = self.target_speedup is not None and self.predicted_speedup is not None
-        budgets = [
-            n
-            for n, v in (
-                ("sparsity", None if solved else self.sparsity),
-                ("target_params", self.target_params),
-                ("target_speedup", self.target_speedup),
-            )
-            if v is not None
-        ]
-        if len(budgets) != 1 and not (self.experts_keep is not None and self.sparsity is None):
-            if (
-                not budgets
-                and self.experts_keep is None
-                and getattr(CRITERIA.get(self.method), "scores_experts", False)
-            ):
-                raise ValueError(EXPERTS_KEEP_MISSING.format(method=self.method))
-            given = f" (got {' and '.join(budgets)})" if budgets else ""
-            raise ValueError(f"give exactly one of sparsity, target_params and target_speedup{given}")
-        if self.target_speedup is not None and not self.target_speedup > 1:
-            raise ValueError(
-                "--target-speedup must be above 1 (e.g. 1.5 for 1.5× the dense model's speed), got "
-                f"{self.target_speedup}"
-            )
-        if self.speedup_phase not in SPEEDUP_PHASES:  # what the latency table times
-            raise ValueError(f"--speedup-phase must be one of {', '.join(SPEEDUP_PHASES)}, not {self.speedup_phase!r}")
-        if self.sparsity is not None and not 0 <= self.sparsity < 1:
-            raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        if (self.depth is None) != (self.depth_sparsity is None):
-            raise ValueError("give --depth and --depth-sparsity together, e.g. --depth shortgpt --depth-sparsity 0.1")
-        if self.depth_sparsity is not None and self.sparsity is not None and self.depth_sparsity > self.sparsity:
-            raise ValueError(
-                f"--depth-sparsity {self.depth_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger"
-            )
-        if self.hidden_sparsity is not None and self.sparsity is not None and self.hidden_sparsity > self.sparsity:
-            raise ValueError(
-                f"--hidden-sparsity {self.hidden_sparsity} is part of --sparsity {self.sparsity}; it cannot be larger"
-            )
-        if self.allocation is not None and self.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {self.allocation!r}; available: {', '.join(sorted(ALLOCATIONS))}")
-        if self.attention_unit not in ATTENTION_UNITS:
-            raise ValueError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}")
-        if self.deploy is not None and self.deploy not in DEPLOY_TARGETS:
-            raise ValueError(f"--deploy must be one of {', '.join(DEPLOY_TARGETS)}, not {self.deploy!r}")
-        if self.reconstruct not in (None, "none", "obs"):
-            raise ValueError(f"--reconstruct must be obs or none, not {self.reconstruct!r}")
-        if self.taylor_mode is not None and self.taylor_mode not in TAYLOR_MODES:
-            raise ValueError(f"--taylor-mode must be one of {', '.join(TAYLOR_MODES)}, not {self.taylor_mode!r}")
-        if self.vocab_coverage is not None and self.vocab_size is not None:
-            raise ValueError("give at most one of --vocab-coverage and --vocab-size")
-        if self.calib_candidate >= self.calib_candidates:
-            raise ValueError(
-                f"calib_candidate {self.calib_candidate} is not below calib_candidates {self.calib_candidates}"
-            )
+        check_flat(self)  # each stage's own checks, and those spanning stages (domainprune.stages)
+        if self.experts_keep is not None and self.experts_keep >= 1:
+            self.experts_keep = int(self.experts_keep)
         return self
 
     def fallback(self, why: str) -> "Recipe":
@@ -253,61 +131,21 @@ class Recipe(BaseModel):
                 return self.fallback(str(e))
         if self.method in TRAINING_METHODS:
             return self.model_copy(update={"train": check_training_recipe(self)})
-        if self.train is not None and not self.iterative:
-            raise DomainpruneError(
-                "training options (--time-budget, --max-steps, --save-steps, --train-opt) need "
-                "--method atp, --method loraprune or --iterative N"
-            )
+        TrainingOptions.check_given(self)
         criterion = get_criterion(self.method)
         if self.target_speedup is not None:
             from .latency import check_speedup_recipe
 
             check_speedup_recipe(self, criterion)
-        if criterion.scores_experts:
-            if self.experts_keep is None:
-                raise DomainpruneError(EXPERTS_KEEP_MISSING.format(method=self.method))
-            if self.sparsity or self.target_params is not None:
-                raise DomainpruneError(
-                    f"method {self.method!r} scores experts only; leave out --sparsity and --target-params"
-                )
-            if self.hidden_sparsity:
-                raise DomainpruneError(
-                    f"method {self.method!r} scores experts only; prune hidden channels in a second run"
-                )
-        elif self.experts_keep is not None:
-            raise DomainpruneError(
-                f"--experts-keep needs an expert method (expert-frequency, easy-ep, tcess), not {self.method!r}; to "
-                "prune experts and channels, run prune twice: experts first (docs/moe.md)"
-            )
-        gradient = getattr(criterion, "needs_gradients", False)
-        reconstruct = self.reconstruct or getattr(criterion, "default_reconstruct", None)
-        if getattr(criterion, "chooses_units", False):
-            if reconstruct != "obs":
-                raise DomainpruneError(f"method {self.method!r} always reconstructs; leave out --reconstruct none")
-            if (self.allocation or criterion.default_allocation) != "uniform":
-                raise DomainpruneError(
-                    f"method {self.method!r} fills each layer's uniform budget greedily; use --allocation uniform "
-                    "(or another method with --reconstruct obs)"
-                )
+        Experts.check_method(self, criterion)
+        gradient = criterion.needs_gradients
+        reconstruct = self.reconstruct or criterion.default_reconstruct
+        Width.check_method(self, criterion, reconstruct)
         check_depth_recipe(self, criterion)
         stock = self.deploy in STOCK_TARGETS
-        depth_method = getattr(criterion, "depth", False)
+        depth_method = criterion.depth
         allocation = self.allocation or (None if depth_method else "uniform" if stock else criterion.default_allocation)
-        if stock:
-            if allocation not in ("uniform", None):
-                raise DomainpruneError(
-                    f"--deploy {self.deploy} runs checkpoints whose layers are all alike: use "
-                    f"--allocation uniform (not {allocation}), or --deploy llamacpp"
-                )
-            if "finercut" in (self.method, self.depth):
-                raise DomainpruneError(
-                    f"--deploy {self.deploy} cannot run layers without attention or MLP "
-                    "(finercut): use --depth shortgpt, or --deploy llamacpp"
-                )
-        if reconstruct == "obs" and criterion.scores_experts:
-            raise DomainpruneError(
-                "--reconstruct obs refits dense heads and MLP channels, not experts; leave it out with an expert method"
-            )
+        Budget.check_deploy(self, allocation)
         if self.search_task_weight and (allocation != "search" or reconstruct != "obs"):
             raise DomainpruneError("--search-task-weight needs --allocation search --reconstruct obs; leave it out")
         train = check_training_recipe(self) if self.iterative else None
@@ -324,6 +162,9 @@ class Recipe(BaseModel):
                 else self.bias_compensation,
             }
         )
+
+
+Recipe = create_model("Recipe", __base__=RecipeBase, __module__=__name__, **flat_fields())
 
 
 def search_context(loaded: LoadedModel, recipe: Recipe, sequences: torch.Tensor, stats: list[dict], progress: bool):
@@ -400,7 +241,7 @@ def target_sparsity(recipe: Recipe, adapter: DecoderAdapter, total_params: int) 
 def check_reachable(recipe: Recipe, adapter: DecoderAdapter, criterion, sparsity: float, total_params: int) -> None:
     """Refuse, before any statistics, a width budget no allocation can meet (every layer keeps one attention unit and
     one MLP channel), saying what the closest reachable budget is."""
-    if criterion.scores_experts or recipe.depth or recipe.hidden_sparsity or getattr(criterion, "depth", False):
+    if criterion.scores_experts or recipe.depth or recipe.hidden_sparsity or criterion.depth:
         return  # expert counts, whole layers and hidden channels reach further: the plan is checked afterwards
     reachable = max_width_sparsity(adapter, recipe.attention_unit)
     if sparsity <= reachable + budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, False) / 2:
@@ -425,7 +266,7 @@ def budget(recipe: Recipe, adapter: DecoderAdapter, total_params: int) -> tuple[
     budgets that are not parameter counts (--target-speedup, --experts-keep)."""
     if recipe.target_speedup is not None or recipe.experts_keep is not None:
         return None
-    depth = bool(recipe.depth) or getattr(CRITERIA.get(recipe.method), "depth", False)
+    depth = bool(recipe.depth) or (recipe.method in CRITERIA and CRITERIA[recipe.method].depth)
     return (
         target_sparsity(recipe, adapter, total_params),
         budget_tolerance(adapter, recipe.attention_unit, recipe.round_to, depth),
@@ -531,25 +372,37 @@ def fit_deploy(recipe: Recipe, adapter: DecoderAdapter) -> Recipe:
                 "o_proj/down_proj biases bias compensation adds; add --no-bias-compensation"
             )
     elif recipe.deploy == "llamacpp":
-        from .gguf_export import KERNEL_MULTIPLE, OWN_ARCH
+        from .gguf_export import FULL_WIDTH_Q, KERNEL_MULTIPLE, OWN_ARCH, UNIFORM_ONLY
 
-        if kind not in OWN_ARCH or adapter.has_experts():
+        if kind not in OWN_ARCH:
             raise DomainpruneError(
-                f"--deploy llamacpp: the GGUF export runs dense {', '.join(OWN_ARCH)} models, not this {kind} model"
+                f"--deploy llamacpp: the GGUF export runs {', '.join(OWN_ARCH)} models, not this {kind} model"
             )
-        if kind == "qwen3":  # llama.cpp's per-layer `deci` graph has no q/k norms: Qwen3 runs only with equal layers
+        own = OWN_ARCH[kind]
+        experts_only = recipe.method in CRITERIA and CRITERIA[recipe.method].scores_experts
+        # no per-layer form in llama.cpp (gguf_export's docstring): these run only with equal layers
+        if own in UNIFORM_ONLY or adapter.has_experts():
+            uniform = experts_only or recipe.allocation == "uniform"
+            if not uniform and recipe.default_recipe:  # the default recipe: its uniform form
+                update = {**DEFAULT_UNIFORM_RECIPE, "bias_compensation": None}
+                if adapter.has_experts():  # the fallback method already runs (OBS refits no experts)
+                    update = {"allocation": "uniform", "bias_compensation": False}
+                recipe, uniform = recipe.model_copy(update=update).resolved(), True
             if recipe.bias_compensation:
                 raise DomainpruneError(
-                    "--deploy llamacpp: llama.cpp's qwen3 graph reads no o_proj/down_proj bias; "
-                    "add --no-bias-compensation"
+                    f"--deploy llamacpp: llama.cpp's {own} graph has no place for the compensation biases of "
+                    f"this {kind} model; add --no-bias-compensation"
                 )
-            if recipe.depth or (recipe.allocation != "uniform" and not recipe.default_recipe):
+            if recipe.depth or not uniform:
                 raise DomainpruneError(
-                    "--deploy llamacpp: llama.cpp runs Qwen3 only with the same widths in every "
+                    f"--deploy llamacpp: llama.cpp runs {kind} only with the same widths in every "
                     "layer; use --allocation uniform and no --depth"
                 )
-            if recipe.allocation != "uniform":  # the default recipe: its uniform form
-                recipe = recipe.model_copy(update={**DEFAULT_UNIFORM_RECIPE, "bias_compensation": None}).resolved()
+            if own in FULL_WIDTH_Q and adapter.has_experts() and not experts_only:
+                raise DomainpruneError(
+                    f"--deploy llamacpp: llama.cpp's {own} graph needs every attention head; prune experts "
+                    "(--method expert-frequency, easy-ep or tcess) for this target"
+                )
         widths = [adapter.shape(i).intermediate_size for i in range(adapter.num_layers) if adapter.has_dense_mlp(i)]
         # kernel-friendly widths by default, where the step is fine enough (≥ 16 steps per MLP) not to cost quality
         if recipe.round_to is None and widths and min(widths) >= 16 * KERNEL_MULTIPLE:
@@ -647,6 +500,53 @@ def kl_divergence(
     return total / count
 
 
+def uniform_plan_counts(
+    recipe: Recipe, adapter: DecoderAdapter, sparsity: float, frozen: frozenset = frozenset()
+) -> list[tuple[int, int]]:
+    """Units to remove per layer under uniform allocation, MLP widths rounded to --round-to: what a sequential pass
+    needs before any layer is scored (in-memory and streamed runs alike)."""
+    counts = uniform_counts(adapter, sparsity, recipe.attention_unit, frozen)
+    return align_counts(adapter, counts, recipe.round_to or 1)
+
+
+def layer_chooser(recipe: Recipe, criterion, adapter: DecoderAdapter, counts: list[tuple[int, int]]):
+    """What chooses each layer's units inside the OBS pass: greedy OBS itself, or the criterion's uniform pick."""
+    from .obs import GreedyOBS, ScoredUniform
+
+    if criterion.chooses_units:
+        return GreedyOBS(adapter, counts, recipe.attention_unit, bias=bool(recipe.bias_compensation))
+    return ScoredUniform(criterion, adapter, counts, recipe.attention_unit)
+
+
+def plan_from_scores(
+    recipe: Recipe,
+    criterion,
+    adapter: DecoderAdapter,
+    dense: Plan,
+    scores: list,
+    sparsity: float,
+    stats: list[dict] | None,
+    *,
+    context=None,
+    frozen: frozenset = frozenset(),
+) -> Plan:
+    """The budget allocated over every layer's scores, MLP widths rounded to --round-to: the planning step of
+    in-memory and streamed runs (domainprune.streaming) alike."""
+    plan = allocate(
+        recipe.allocation,
+        dense,
+        adapter,
+        scores,
+        sparsity,
+        attention_unit=recipe.attention_unit,
+        standardized=criterion.standardized,
+        stats=stats,
+        context=context,
+        frozen=frozen,
+    )
+    return align_widths(plan, scores, recipe.round_to or 1)
+
+
 def _make_plan_once(
     loaded: LoadedModel, recipe: Recipe, *, progress: bool = True
 ) -> tuple[Plan, list[dict] | None, bool]:
@@ -676,7 +576,8 @@ def _make_plan_once(
         )
     if adapter.has_experts() and getattr(recipe, "reconstruct", False):
         raise DomainpruneError("--reconstruct does not handle mixture-of-experts layers; leave it out on this model")
-    depth = depth_stage(loaded, recipe, criterion, adapter, sparsity, progress)  # None without depth pruning
+    calibration = lambda: calibration_sequences(recipe, loaded.tokenizer)  # noqa: E731  (built only for depth)
+    depth = depth_stage(loaded, recipe, criterion, adapter, sparsity, calibration, progress)  # None without depth
     if depth is not None and depth.method == recipe.method:  # a depth method alone: its removal is the plan
         plan = depth.mark(dense, dense)
         plan.params = plan.count_params(adapter, total_before)
@@ -687,12 +588,11 @@ def _make_plan_once(
         from .latency import counts_shapes
 
         def uniform_shapes(s: float):
-            counts = uniform_counts(adapter, s, recipe.attention_unit, frozen)
-            return counts_shapes(adapter, align_counts(adapter, counts, recipe.round_to or 1), recipe.attention_unit)
+            return counts_shapes(adapter, uniform_plan_counts(recipe, adapter, s, frozen), recipe.attention_unit)
 
         sparsity, recipe = _solve_speedup(loaded, recipe, sparsity, uniform_shapes, progress)
-    gradient = getattr(criterion, "needs_gradients", False)
-    two_streams = getattr(criterion, "two_streams", False)
+    gradient = criterion.needs_gradients
+    two_streams = criterion.two_streams
     sequences = calibration_sequences(recipe, loaded.tokenizer, mix=not two_streams) if need_stats or gradient else None
     if gradient:
         criterion.prepare(
@@ -716,14 +616,11 @@ def _make_plan_once(
         pruned = False
     elif recipe.reconstruct and criterion.sequential and recipe.allocation == "uniform":
         # choose each layer's units on its current inputs and refit it, in one layer-sequential pass (domainprune.obs)
-        from .obs import GreedyOBS, ScoredUniform, reconstruct_layers
+        from .obs import reconstruct_layers
 
-        counts = align_counts(adapter, uniform_counts(adapter, sparsity, recipe.attention_unit), recipe.round_to or 1)
+        counts = uniform_plan_counts(recipe, adapter, sparsity)
         bias = bool(recipe.bias_compensation)
-        if getattr(criterion, "chooses_units", False):
-            chooser = GreedyOBS(adapter, counts, recipe.attention_unit, bias=bias)
-        else:
-            chooser = ScoredUniform(criterion, adapter, counts, recipe.attention_unit)
+        chooser = layer_chooser(recipe, criterion, adapter, counts)
         key = obs_key(model, sequences, recipe.batch_size, bias, recipe.method, recipe.attention_unit, counts)
         layers, stats = reconstruct_layers(
             model,
@@ -740,9 +637,7 @@ def _make_plan_once(
         finish(adapter, plan, bias)
         pruned = True
     elif criterion.sequential and recipe.allocation == "uniform":
-        counts = align_counts(
-            adapter, uniform_counts(adapter, sparsity, recipe.attention_unit, frozen), recipe.round_to or 1
-        )
+        counts = uniform_plan_counts(recipe, adapter, sparsity, frozen)
         layers = []
 
         def after_layer(i: int, layer_stats: dict) -> bool:
@@ -772,33 +667,12 @@ def _make_plan_once(
             from .latency import plan_shapes
 
             def allocated_shapes(s: float):
-                p = allocate(
-                    recipe.allocation,
-                    dense,
-                    adapter,
-                    scores,
-                    s,
-                    attention_unit=recipe.attention_unit,
-                    standardized=criterion.standardized,
-                    stats=stats,
-                    frozen=frozen,
-                )
-                return plan_shapes(align_widths(p, scores, recipe.round_to or 1))
+                return plan_shapes(plan_from_scores(recipe, criterion, adapter, dense, scores, s, stats, frozen=frozen))
 
             sparsity, recipe = _solve_speedup(loaded, recipe, sparsity, allocated_shapes, progress)
-        plan = allocate(
-            recipe.allocation,
-            dense,
-            adapter,
-            scores,
-            sparsity,
-            attention_unit=recipe.attention_unit,
-            standardized=criterion.standardized,
-            stats=stats,
-            context=context,
-            frozen=frozen,
+        plan = plan_from_scores(
+            recipe, criterion, adapter, dense, scores, sparsity, stats, context=context, frozen=frozen
         )
-        plan = align_widths(plan, scores, recipe.round_to or 1)
         plan = depth.mark(plan, dense) if depth is not None else plan
         if context is not None:
             recipe = recipe.model_copy(
@@ -942,6 +816,7 @@ def prune_report(
         "uniform": adapter.is_uniform(),
         # stock AutoModelForCausalLM loads it as is: uniform widths and no biases the architecture's config lacks
         "stock_loadable": adapter.is_uniform() and not adapter.extra_biases(),
+        **({"planning": planning} if (planning := planning_results(recipe)) else {}),
     }
 
 
@@ -963,8 +838,8 @@ def prune(
     general_data, general_ratio, calib_candidates, micro_batch, gradient_checkpointing, taylor_mode (docs/criteria.md),
     target_speedup (instead of sparsity | target_params), speedup_phase, prefill_tokens (docs/allocation.md): then the
     dense model's and the pruned model's throughput are measured here and compared in `report["speedup"]`.
-    With `out`, the pruned checkpoint (plus plan.json, recipe.json and report.json) is written there, verified, and
-    moved into place.
+    With `out`, the pruned checkpoint (plus plan.json, recipe.yaml, recipe.json and report.json) is written there,
+    verified, and moved into place. A recipe.yaml's keyword arguments: `domainprune.stages.load_recipe(path).fields()`.
 
     `offload` (docs/streaming.md): "none" loads the whole model on the device; "cpu" keeps it in CPU memory and moves
     one layer at a time to the device; "disk" reads one layer at a time from the checkpoint's safetensors shards and
@@ -1045,7 +920,7 @@ def prune(
     if out is not None:
         files = {
             "plan.json": plan.model_dump_json(indent=1) + "\n",
-            "recipe.json": recipe.model_dump_json(indent=1) + "\n",
+            **recipe_files(recipe),
             "report.json": json.dumps(report, indent=1) + "\n",
         }
         if vocab is not None:  # the same side files `domainprune vocab` writes

@@ -13,7 +13,7 @@ Pipeline: load the pruned run -> training data in one of three formats (`train_f
 - "chat": the user's own instruction data (`train_file` with prompt/response rows), loss on the responses;
 -> training
 with `transformers.Trainer` (cross-entropy, plus KL to the teacher's logits with `kd_weight`) -> LoRA merged into the
-weights -> `export.save_pruned` (atomic, verified) with the same shapes as the pruned model.
+weights -> `runfolder.save_pruned` (atomic, verified) with the same shapes as the pruned model.
 
 Interrupted runs resume: Trainer checkpoints (every `save_steps`) and the prepared training data live in a staging
 folder beside the output, `.<out name>.recovery/`, which is removed once the output is in place.
@@ -39,7 +39,6 @@ from .errors import DomainpruneError
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RUN_FILES = ("plan.json", "recipe.json", "report.json", "vocab_report.json")
 LOG_FILE = "recovery_log.json"
 LIGHT_PARTS = ("norms", "biases", "lora")  # what --train may name (PERP)
 DATA_FILE = "recovery_data.safetensors"
@@ -519,9 +518,9 @@ def recover(
     run folder included) unless `in_place` (what `prune --recover` uses for the run it has just written); the run's
     plan/recipe/report files are carried over in any case. Config fields: see RecoveryConfig.
     """
-    from .export import save_pruned
     from .models import LoadedModel, load_model, resolve_device
     from .outputs import check_output, local_inputs
+    from .runfolder import RUN_FILES, save_pruned
 
     if isinstance(teacher, (str, Path)):
         config_fields["teacher"] = str(teacher)

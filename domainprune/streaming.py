@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import cache, faults
+from . import faults
 from .adapters import DecoderAdapter, get_adapter
 from .errors import DomainpruneError
 from .runner import CpuOffload, LayerSource, walk
@@ -322,11 +322,11 @@ def _full_name(model: nn.Module, module: nn.Module) -> str:
 
 def unsupported(recipe, criterion, adapter: DecoderAdapter | None = None) -> str | None:
     """Why `recipe` cannot run one layer at a time (None if it can): what needs the whole model at once."""
-    if getattr(criterion, "needs_gradients", False):
+    if criterion.needs_gradients:
         return f"method {recipe.method!r} back-propagates through the whole model"
     if criterion.scores_experts or (adapter is not None and adapter.has_experts()):
         return "mixture-of-experts checkpoints store experts in another layout than the model's fused tensors"
-    if recipe.depth or getattr(criterion, "depth", False):
+    if recipe.depth or criterion.depth:
         return "depth pruning scores whole layers against the model's output"
     if recipe.hidden_sparsity:
         return "hidden pruning slices every layer, the embedding and the LM head together"
@@ -453,14 +453,20 @@ def prune_streamed(
         return _plan_and_cut(loaded, adapter, recipe, source, wanted, total_before, writer, progress)
 
     if offload == "disk":
-        with cache.atomic_dir(Path(out), overwrite=force) as tmp:
+        from .runfolder import run_folder
+
+        with run_folder(out, force=force) as folder:
+            tmp = folder.path
             writer = ShardWriter(tmp, adapter.num_layers + 1)
             source.probe = _Probe(net, adapter) if verify else None
             plan, recipe = plan_and_cut(writer)
             _write_rest(net, adapter, checkpoint, writer, plan, bool(recipe.bias_compensation), dtype, device)
             report = _report(recipe, plan, wanted, parameter_count(net), started, device, adapter, offload)
             plan.params.total_after = report["total_params"][1]
-            _write_folder(net, tokenizer, tmp, _side_files(plan, recipe, report))
+            folder.write_config(net)
+            folder.write_generation_config(net)
+            folder.write_tokenizer(tokenizer)
+            folder.write_files(_side_files(plan, recipe, report))
             report["stream"] = source.summary()
             if verify:
                 verifying = time.perf_counter()
@@ -469,8 +475,7 @@ def prune_streamed(
                 seconds = round(time.perf_counter() - verifying, 2)
                 report["stream"].update(verify_max_logit_diff=diff, verify_seconds=seconds)
             report["peak_memory_bytes"] = peak_memory_bytes(device)
-            (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-            faults.point("export")
+            folder.write_json("report.json", report)
         return PruneResult(None, tokenizer, plan, recipe, out=Path(out), report=report)
     plan, recipe = plan_and_cut(None)
     net.to("cpu")
@@ -481,7 +486,7 @@ def prune_streamed(
     plan.params.total_after = report["total_params"][1]
     result = PruneResult(net, tokenizer, plan, recipe, report=report)
     if out is not None:
-        from .export import save_pruned
+        from .runfolder import save_pruned
 
         result.out = save_pruned(
             net, tokenizer, out, extra_files=_side_files(plan, recipe, report), force=force, verify=verify
@@ -501,18 +506,17 @@ def _plan_and_cut(
 ):
     """What `pipeline._make_plan_once` and `apply` do, as one or two layer walks through `source`; the last walk hands
     every finished layer to `writer` (disk). Returns (plan, recipe); the layers are cut, `surgery.finish` not run."""
-    from .allocation import (
-        OWL_RATIO_KEY,
-        align_counts,
-        align_widths,
-        allocate,
-        allocation_needs_statistics,
-        outlier_ratio,
-        uniform_counts,
-        uniform_layer,
-    )
+    from .allocation import OWL_RATIO_KEY, allocation_needs_statistics, outlier_ratio, uniform_layer
     from .criteria import get_criterion
-    from .pipeline import calibration_sequences, check_budget, check_reachable, target_sparsity
+    from .pipeline import (
+        calibration_sequences,
+        check_budget,
+        check_reachable,
+        layer_chooser,
+        plan_from_scores,
+        target_sparsity,
+        uniform_plan_counts,
+    )
     from .plan import dense_plan
     from .stats import collect_statistics, derived
     from .surgery import prune_layer
@@ -530,20 +534,16 @@ def _plan_and_cut(
             source.writer = writer
 
     if criterion.sequential and recipe.allocation == "uniform":  # one walk: each layer scored on its current inputs
-        counts = align_counts(adapter, uniform_counts(adapter, sparsity, recipe.attention_unit), recipe.round_to or 1)
+        counts = uniform_plan_counts(recipe, adapter, sparsity)
         last_walk()
         if recipe.reconstruct:
-            from .obs import GreedyOBS, ScoredUniform, reconstruct_layers
+            from .obs import reconstruct_layers
 
-            if getattr(criterion, "chooses_units", False):
-                chooser = GreedyOBS(adapter, counts, recipe.attention_unit, bias=bias)
-            else:
-                chooser = ScoredUniform(criterion, adapter, counts, recipe.attention_unit)
             layers, _ = reconstruct_layers(
                 loaded.model,
                 adapter,
                 sequences,
-                chooser,
+                layer_chooser(recipe, criterion, adapter, counts),
                 batch_size=recipe.batch_size,
                 bias=bias,
                 progress=progress,
@@ -589,17 +589,7 @@ def _plan_and_cut(
             progress=progress,
             source=source,
         )
-        plan = allocate(
-            recipe.allocation,
-            dense,
-            adapter,
-            scores,
-            sparsity,
-            attention_unit=recipe.attention_unit,
-            standardized=criterion.standardized,
-            stats=stats if need_stats else None,
-        )
-        plan = align_widths(plan, scores, recipe.round_to or 1)
+        plan = plan_from_scores(recipe, criterion, adapter, dense, scores, sparsity, stats if need_stats else None)
         plan.params = plan.count_params(adapter, total_before)
         check_budget(recipe, plan, wanted)
         last_walk()
@@ -631,9 +621,11 @@ def _report(recipe, plan, wanted, total_after: int, started: float, device: torc
 
 
 def _side_files(plan, recipe, report) -> dict[str, str]:
+    from .stages import recipe_files
+
     return {
         "plan.json": plan.model_dump_json(indent=1) + "\n",
-        "recipe.json": recipe.model_dump_json(indent=1) + "\n",
+        **recipe_files(recipe),
         "report.json": json.dumps(report, indent=1) + "\n",
     }
 
@@ -655,19 +647,6 @@ def _write_rest(net, adapter, checkpoint, writer: ShardWriter, plan, compensated
     tensors.update({name: params[name] for name in outside})
     writer.write(writer.shards - 1, tensors)
     writer.finish()
-
-
-def _write_folder(net, tokenizer, folder: Path, extra: dict[str, str]) -> None:
-    from .export import export_config
-
-    config = export_config(net)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if getattr(net, "generation_config", None) is not None and net.can_generate():
-        net.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    for name, text in extra.items():
-        (folder / name).write_text(text)
 
 
 def _verify(net, probe: _Probe, folder: Path, device: torch.device, dtype: torch.dtype, progress: bool) -> float:

@@ -28,13 +28,14 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from tqdm import tqdm
 
 from .errors import DomainpruneError
 from .evaluate import accepts_logits_to_keep, model_device
+from .registry import Registry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -166,10 +167,9 @@ def _load_mmlu(subjects: Sequence[str]) -> list[Item]:
     return items
 
 
-Loader = Callable[[], list[Item]]
-
 # name -> loader. The "rc" sets are the cloze-style multiple-choice requests (lm-eval's `multiple_choice`).
-TASKS: dict[str, Loader] = {
+TASKS = Registry("task")
+for _name, _loader in {
     "piqa": partial(_load_requests, "piqa", "rc_0shot"),  # validation, 1838
     "hellaswag": partial(_load_requests, "hellaswag", "rc_0shot"),  # validation, 10042
     "arc_easy": partial(_load_requests, "arc_easy", "rc_0shot"),  # validation, 570 (test is only shipped 5-shot)
@@ -185,7 +185,8 @@ TASKS: dict[str, Loader] = {
     "medmcqa": partial(_load_requests, "medmcqa", "rc_5shot", drop_fewshot=True),  # validation, 4183
     "mmlu": partial(_load_mmlu, MMLU_SUBJECTS),  # test, 14042, subjects in alphabetical order
     **{f"mmlu:{subject}": partial(_load_mmlu, (subject,)) for subject in MMLU_SUBJECTS},
-}
+}.items():
+    TASKS.add(_name, _loader)
 
 
 @lru_cache(maxsize=None)

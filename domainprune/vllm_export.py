@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from . import cache, vllm_decilm_config
+from . import vllm_decilm_config
 from .adapters import get_adapter
 from .errors import DomainpruneError
 
@@ -155,6 +154,7 @@ def export_vllm(run: str | Path, out: str | Path, *, force: bool = False) -> VLL
     """Load a run folder and write it as a DeciLM checkpoint folder for vLLM (`--trust-remote-code`)."""
     from .models import load_model
     from .outputs import check_output
+    from .runfolder import RUN_FILES, run_folder
 
     run = Path(run)
     if not (run / "config.json").is_file():
@@ -164,15 +164,12 @@ def export_vllm(run: str | Path, out: str | Path, *, force: bool = False) -> VLL
     blocks, heads = deci_blocks(loaded.model)  # refuses before anything is written
     state, flags = deci_state(loaded.model)
     config = deci_config(loaded.model, blocks, heads, flags)
-    with cache.atomic_dir(out, overwrite=force) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / CONFIG_FILE).write_text(inspect.getsource(vllm_decilm_config))
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        for name in ("generation_config.json", "plan.json", "recipe.json"):
-            if (run / name).is_file():
-                shutil.copy2(run / name, tmp / name)
+    with run_folder(out, force=force) as folder:
+        save_file(state, str(folder.path / "model.safetensors"), metadata={"format": "pt"})
+        folder.write_config(loaded.model, config)
+        folder.write_text(CONFIG_FILE, inspect.getsource(vllm_decilm_config))
+        folder.write_tokenizer(loaded.tokenizer)
+        folder.copy_from(run, ("generation_config.json", *RUN_FILES))
     shapes = get_adapter(loaded.model).shapes()
     return VLLMExport(
         path=out,

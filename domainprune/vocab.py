@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import cache
 from .data import Corpus, load_corpus
 from .errors import DomainpruneError
 from .evaluate import checkpoint_bytes, model_device, parameter_count, throughput
@@ -655,24 +654,16 @@ def save(model: torch.nn.Module, tokenizer: Any, report: VocabReport, out: str |
     """
     from transformers import AutoTokenizer
 
-    from .adapters import ADAPTERS
-    from .export import export_config, load_pretrained
-    from .outputs import check_output
+    from .export import load_pretrained
+    from .runfolder import run_folder
 
-    out = check_output(out, force=force)
-    if report.model_path and out.resolve() == Path(report.model_path).resolve():
+    if report.model_path and Path(out).resolve() == Path(report.model_path).resolve():
         raise DomainpruneError(f"--out {out} is the input model's folder; write the trimmed model somewhere else")
-    if model.config.model_type in ADAPTERS:
-        config = export_config(model)  # keeps per_layer_config / extra biases of pruned models
-    else:
-        config = json.loads(model.config.to_json_string(use_diff=False))
-        config["architectures"] = [type(model).__name__]
     dtype = next(model.parameters()).dtype
-    with cache.atomic_dir(out, overwrite=force) as tmp:
-        model.save_pretrained(tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(tmp)
-        (tmp / "vocab_map.json").write_text(json.dumps({"kept_old_ids": report.kept_ids}) + "\n")
+    with run_folder(out, force=force) as folder:
+        tmp = folder.path
+        folder.write_model(model, tokenizer)
+        folder.write_json("vocab_map.json", {"kept_old_ids": report.kept_ids}, indent=None)
         reloaded = load_pretrained(tmp, dtype=dtype, device="cpu")
         if reloaded.config.vocab_size != report.kept_vocab:
             raise DomainpruneError(
@@ -685,8 +676,8 @@ def save(model: torch.nn.Module, tokenizer: Any, report: VocabReport, out: str |
         if tok.get_vocab() != tokenizer.get_vocab():
             raise DomainpruneError("export verification: the written tokenizer reloads with a different vocabulary")
         report.checkpoint_bytes_trimmed = checkpoint_bytes(tmp)
-        (tmp / "vocab_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    return out
+        folder.write_json("vocab_report.json", report.to_dict())
+    return folder.out
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ modules) for structure; the real all-MiniLM-L6-v2 where noted."""
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,10 +14,12 @@ from typer.testing import CliRunner
 
 from domainprune.cli import app
 from domainprune.encoders import retrieval
-from domainprune.encoders.criteria import CRITERIA, Calibration, get_criterion
+from domainprune.encoders.allocate import ALLOCATIONS, uniform_widths
+from domainprune.encoders.compensate import correction, first_layer_inputs, input_gram
+from domainprune.encoders.criteria import CRITERIA, Calibration, LayerScores, get_criterion
 from domainprune.encoders.export import probe_embeddings, save_encoder
 from domainprune.encoders.model import BertUnits, load_encoder, preset_folder
-from domainprune.encoders.pipeline import prune_encoder, uniform_widths
+from domainprune.encoders.pipeline import EncoderRecipe, apply_plan, plan_units, prune_encoder
 from domainprune.errors import DomainpruneError
 
 TEXTS = [
@@ -230,6 +233,107 @@ def test_uniform_widths_meet_the_budget(tiny):
         uniform_widths(units, 0.9, "ffn")
 
 
+CALIB = [
+    "def add(a, b): return a + b",
+    "Return the sum of two numbers.",
+    "def parse(line):\n    key, _, value = line.partition('=')\n    return key.strip(), value.strip()",
+    "Split a configuration line into its key and value.",
+    "class Stack:\n    def push(self, item):\n        self.items.append(item)",
+    "Push an item on top of the stack.",
+    "for i in range(10): print(i * i)",
+    "Print the first ten squares.",
+]
+
+
+@pytest.mark.parametrize("how", ["bias", "refit", "refit-dense"])
+def test_compensation_exact_for_zero_contribution(tiny, how):
+    """Units that contribute nothing are removed exactly under every compensation (its correction is zero)."""
+    units = BertUnits(tiny)
+    hd = units.head_dim
+    with torch.no_grad():  # head 1 of layer 0 writes nothing; FFN channels 3, 9 of layer 2 never fire
+        units.layers[0].attention.output.dense.weight[:, hd : 2 * hd] = 0
+        units.layers[2].intermediate.dense.weight[[3, 9]] = 0
+        units.layers[2].intermediate.dense.bias[[3, 9]] = 0  # GELU(0) = 0: a zero input to output.dense
+    before = probe_embeddings(tiny)
+    plan = {"layers": [{"heads": [h for h in range(4) if h != 1], "channels": list(range(48))}]}
+    plan["layers"] += [{"heads": list(range(4)), "channels": list(range(48))}]
+    plan["layers"] += [{"heads": list(range(4)), "channels": [c for c in range(48) if c not in (3, 9)]}]
+    apply_plan(units, plan, how, CALIB, batch_size=4)
+    assert (units.heads(0), units.channels(2)) == (3, 46)
+    assert torch.allclose(probe_embeddings(tiny), before, atol=1e-5)
+
+
+def test_compensation_reduces_output_error(tiny_folder):
+    """On the calibration tokens, the output projection's error after removal: refit < bias < none; and the
+    sentence embeddings move less from the dense model's with refit (either target) than without compensation."""
+    dense = load_encoder(tiny_folder)
+    layers = BertUnits(dense).layers
+    inputs = first_layer_inputs(dense, CALIB, batch_size=4)
+    hidden = [layers[0](*x.args, **x.kwargs) for x in inputs]  # layer 1's inputs
+    out = layers[1].output.dense
+    gram, _, n = input_gram(layers[1], out, [replace(x, args=(h, *x.args[1:])) for x, h in zip(inputs, hidden)])
+    assert n == sum(len(dense.tokenizer(t)["input_ids"]) for t in CALIB)  # every real token, no padding
+    keep = list(range(0, 48, 2))
+    w, b = out.weight.detach().double(), out.bias.detach().double()
+    g = gram / n
+
+    def error(how: str) -> float:  # E‖(W x + b) − (W_K' x_K + b')‖² from the Gram matrix, exactly
+        new_w, new_b = correction(out.weight, out.bias, gram, keep, how)
+        full = torch.zeros_like(w)
+        full[:, keep] = new_w
+        diff = torch.cat([w - full, (b - new_b)[:, None]], 1)
+        return float((diff @ g @ diff.T).trace())
+
+    errors = {how: error(how) for how in ("none", "bias", "refit")}
+    assert errors["refit"] < errors["bias"] < errors["none"], errors
+    embed = {}
+    for how in ("none", "refit", "refit-dense"):
+        model = load_encoder(tiny_folder)
+        units = BertUnits(model)
+        scores = get_criterion("wanda-sp").score(model, Calibration(CALIB, [], [], batch_size=4))
+        apply_plan(units, plan_units(units, scores, EncoderRecipe(model="tiny", sparsity=0.5)), how, CALIB, 4)
+        embed[how] = model.encode(CALIB, convert_to_tensor=True)
+    reference = dense.encode(CALIB, convert_to_tensor=True)
+    distance = {how: float((e - reference).square().sum(1).mean()) for how, e in embed.items()}
+    assert distance["refit"] < distance["none"] and distance["refit-dense"] < distance["none"], distance
+
+
+def test_global_allocation_meets_the_budget_with_per_layer_widths(tiny):
+    units = BertUnits(tiny)
+    torch.manual_seed(1)
+    scores = [LayerScores(torch.rand(4) * (i + 1), torch.rand(48) * (3 - i)) for i in range(3)]  # layers differ
+    layers = ALLOCATIONS.lookup("global")(units, scores, 0.5, "all")
+    kept = sum(len(x["heads"]) * units.head_params() + len(x["channels"]) * units.channel_params() for x in layers)
+    kept += 3 * 2 * 32
+    assert abs(1 - kept / units.attention_mlp_params() - 0.5) <= units.head_params() / units.attention_mlp_params()
+    assert len({len(x["channels"]) for x in layers}) > 1  # widths follow the scores, not one width
+    assert all(x["heads"] and x["channels"] for x in layers)
+    assert all(x["channels"] == sorted(x["channels"]) for x in layers)
+    # at a sparsity near 1 every layer still keeps one head and one channel (whole layers are shortgpt's unit)
+    extreme = ALLOCATIONS.lookup("global")(units, scores, 0.99, "all")
+    assert [(len(x["heads"]), len(x["channels"])) for x in extreme] == [(1, 1)] * 3
+    ffn_only = ALLOCATIONS.lookup("global")(units, scores, 0.3, "ffn")
+    assert all(x["heads"] == list(range(4)) for x in ffn_only)
+    with pytest.raises(DomainpruneError, match="unknown encoder allocation 'nope'"):
+        ALLOCATIONS.lookup("nope")
+
+
+def test_general_ratio_mixes_calibration_texts(tmp_path):
+    from domainprune.encoders.pipeline import calibration
+
+    domain = _write_pairs(tmp_path / "d.jsonl", n=200, groups=200)
+    general = tmp_path / "g.jsonl"
+    general.write_text(
+        "".join(json.dumps({"query": f"general question {i}", "positive": f"answer {i}"}) + "\n" for i in range(200))
+    )
+    recipe = EncoderRecipe(model="x", data=str(domain), general_data=str(general), calib_samples=20, general_ratio=0.25)
+    calib = calibration(recipe, progress=False)
+    assert len(calib.texts) == 40 and sum(t.startswith("general question") for t in calib.texts) == 5
+    assert calib.general_pairs == [] and len(calib.pairs) == 20  # pairs (gradient criteria) stay the domain's
+    with pytest.raises(DomainpruneError, match="--general-ratio"):
+        EncoderRecipe(model="x", general_ratio=1.0).check()
+
+
 def test_prune_bad_input_before_work(tiny_folder, tmp_path):
     with pytest.raises(DomainpruneError, match="unknown encoder method 'nope'"):
         prune_encoder(str(tiny_folder), method="nope")
@@ -280,6 +384,55 @@ def test_cli_prune_eval_recover_tiny(tiny_folder, tmp_path):
     assert [c["name"] for c in compared] == [str(tiny_folder), str(out)]
     assert compared[1]["tasks"][data] == figures | {"sentences_per_s": compared[1]["tasks"][data]["sentences_per_s"]}
     r = runner.invoke(
+        app, ["report", "--figures", str(tmp_path / "cmp" / "compare.json"), "--out", str(tmp_path / "rep")]
+    )
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    dense_ndcg = compared[0]["tasks"][data]["ndcg@10"]
+    row = next(line for line in md.splitlines() if line.startswith(f"| {out} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == f"{figures['ndcg@10']:.4f}" and cells[5] == f"{100 * figures['ndcg@10'] / dense_ndcg:.1f}"
+    assert cells[1] == f"{compared[1]['params']:,}" and cells[3] == f"{compared[1]['attention_mlp_params']:,}"
+    assert "- method: gaprune" in md and "- attention+FFN removed: " in md
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "http" not in page.replace("http-equiv", "")
+    assert (tmp_path / "rep" / "layers.png").read_bytes()[:4] == b"\x89PNG"
+    r = runner.invoke(app, ["report", "--figures", str(tmp_path / "e.json"), "--out", str(tmp_path / "rep2")])
+    assert isinstance(r.exception, DomainpruneError) and "holds one model" in str(r.exception)
+    out2 = tmp_path / "run-global"
+    r = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(tiny_folder),
+            "--data",
+            data,
+            "--method",
+            "wanda-sp",
+            "--allocation",
+            "global",
+            "--reconstruct",
+            "obs",
+            "--sparsity",
+            "0.4",
+            "--calib-samples",
+            "16",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out2),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    recipe = json.loads((out2 / "recipe.json").read_text())
+    assert (recipe["allocation"], recipe["compensation"]) == ("global", "refit")
+    assert abs(json.loads((out2 / "report.json").read_text())["sparsity_achieved"] - 0.4) < 0.02
+    r = runner.invoke(app, ["report", str(out2), "--data", data, "--out", str(tmp_path / "rep3"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "- allocation: global" in (tmp_path / "rep3" / "report.md").read_text()
+    r = runner.invoke(
         app,
         [
             "recover",
@@ -314,3 +467,35 @@ def test_cli_prune_eval_recover_tiny(tiny_folder, tmp_path):
     )
     assert isinstance(r.exception, DomainpruneError) and "--depth applies to decoders only" in str(r.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_gguf_export_matches_sentence_transformers(tmp_path):
+    """A pruned MiniLM (uniform FFN widths: a stock config) exported to GGUF embeds like sentence-transformers in
+    llama.cpp itself; encoders with per-layer shapes are refused before any work."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    model = load_encoder("all-minilm-l6-v2")
+    units = BertUnits(model)
+    for i in range(units.num_layers()):
+        units.keep_channels(i, list(range(0, 1536, 3)) + list(range(1, 1536, 6)))
+    run = save_encoder(model, tmp_path / "run")
+    out = tmp_path / "minilm.gguf"
+    r = CliRunner().invoke(app, ["export", str(run), "--to", "gguf", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    texts = [*TEXTS, "Split a configuration line into its key and value, stripping whitespace around both."]
+    llm = llama_cpp.Llama(str(out), embedding=True, verbose=False, n_ctx=512)
+    try:
+        got = np.array(llm.embed(texts, normalize=True))
+        assert llm.tokenize(texts[1].encode()) == model.tokenizer(texts[1])["input_ids"]
+    finally:
+        llm.close()
+    reference = SentenceTransformer(str(run), device="cpu").encode(texts, normalize_embeddings=True)
+    assert got.shape == (5, 384) and np.abs(got - reference).max() < 1e-3
+    assert np.abs(got - model.encode(texts[:1] * 5, normalize_embeddings=True)).max() > 0.1  # texts do differ
+    units.keep_heads(0, list(range(11)))
+    per_layer = save_encoder(model, tmp_path / "heads")
+    r = CliRunner().invoke(app, ["export", str(per_layer), "--to", "gguf", "--out", str(tmp_path / "h.gguf"), "-q"])
+    assert isinstance(r.exception, DomainpruneError) and "--deploy transformers" in str(r.exception)
+    assert not (tmp_path / "h.gguf").exists()

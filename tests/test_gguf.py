@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import lru_cache
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ from tiny_pipeline import FULL_VOCAB, cli, logits_on
 
 from domainprune.adapters import get_adapter
 from domainprune.errors import DomainpruneError
-from domainprune.export import load_pretrained, save_pruned
+from domainprune.export import load_pretrained
 from domainprune.gguf_export import export_gguf, tensor_types
+from domainprune.runfolder import save_pruned
 
 if os.environ.get("CI"):
     import llama_cpp  # CI installs the serve extra: a missing llama.cpp must fail there, not skip
@@ -102,10 +104,99 @@ def bias(seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "arch,gguf_arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")]
+    "arch,gguf_arch",
+    [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("gemma3_text", "gemma3")],
 )
 def test_dense_model_exports_to_its_own_architecture_with_same_logits(arch, gguf_arch, tmp_path):
     check(tiny_lm(arch), tmp_path, gguf_arch)
+
+
+def test_gemma3_uniform_pruning_dropped_layer_and_query_scale(tmp_path):
+    """Gemma 3 pruned alike in every layer, with a layer dropped (the sliding-window pattern becomes irregular:
+    sliding, sliding, full) and a query_pre_attn_scalar that is not head_dim (folded into the q norm)."""
+    model = tiny_lm("gemma3_text", query_pre_attn_scalar=20)
+    a = get_adapter(model)
+    a.keep_layers([0, 2, 3])
+    assert model.config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+    for i in range(a.num_layers):
+        a.slice_attention(i, [0, 1, 3, 4], [0, 1])
+        a.slice_mlp(i, list(range(24)))
+    check(model, tmp_path, "gemma3")
+
+
+def test_gemma3_per_layer_widths_are_refused_naming_the_option(tmp_path):
+    model = tiny_lm("gemma3_text")
+    per_layer_heads_and_widths(model)
+    with pytest.raises(DomainpruneError, match="--allocation uniform"):
+        exported(model, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+# llama.cpp renormalises the top-k routing weights for llama (Mixtral) and qwen3moe, not for qwen2moe and olmoe;
+# OLMoE's key norm spans the hidden size in llama.cpp, so it runs without GQA only
+MOE = {
+    "mixtral": ("llama", {}),
+    "qwen2_moe": ("qwen2moe", {"norm_topk_prob": False}),
+    "qwen3_moe": ("qwen3moe", {"norm_topk_prob": True}),
+    "olmoe": ("olmoe", {"norm_topk_prob": False, "num_key_value_heads": 4}),
+}
+
+
+def tiny_moe(arch: str, **overrides):
+    from test_moe import tiny_moe
+
+    return tiny_moe(arch, vocab_size=FULL_VOCAB, **{**MOE[arch][1], **overrides})
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_moe_with_equal_expert_counts_runs_in_its_own_architecture(arch, tmp_path):
+    """Dense, then 6 of 8 experts kept in every layer and 8 of 16/24 channels of each expert (and 12 of the Qwen2-MoE
+    shared expert's 20): llama.cpp's logits equal transformers' both times."""
+    model = tiny_moe(arch)
+    check(model, tmp_path, MOE[arch][0])
+    a = get_adapter(model)
+    for i in range(a.num_layers):
+        a.slice_experts(i, [0, 1, 2, 3, 5, 7])
+        a.slice_expert_channels(i, [list(range(e, e + 8)) for e in range(6)])
+        if a.shared_expert(i) is not None:
+            a.slice_shared_expert(i, list(range(3, 15)))
+    r = exported(model, tmp_path, "pruned")
+    assert r.arch == MOE[arch][0] and rel_diff(model, r.path) < RTOL
+    types = tensor_types(r.path)
+    assert types["blk.0.ffn_gate_inp.weight"] == ("F32", [32, 6])
+    assert types["blk.0.ffn_down_exps.weight"][1] == [8, 32, 6]
+
+
+def test_moe_f16_keeps_the_router_in_f32_and_q8_0_reports_no_router_fallback(tmp_path):
+    model = tiny_moe("qwen3_moe")
+    types = tensor_types(exported(model, tmp_path, "half", quant="f16").path)
+    assert types["blk.0.ffn_gate_inp.weight"][0] == "F32" and types["blk.0.ffn_up_exps.weight"][0] == "F16"
+    r = exported(model, tmp_path, "q8", quant="q8_0")
+    assert all("ffn_gate_inp" not in name for name, _ in r.fallbacks)
+    assert tensor_types(r.path)["blk.0.ffn_up_exps.weight"][0] == "Q8_0"
+
+
+@pytest.mark.parametrize(
+    "arch,overrides,edit,message",
+    [
+        ("qwen2_moe", {"norm_topk_prob": True}, None, "norm_topk_prob"),
+        ("qwen3_moe", {"norm_topk_prob": False}, None, "norm_topk_prob"),
+        ("qwen3_moe", {"mlp_only_layers": [1]}, None, "dense layers"),
+        ("olmoe", {"num_key_value_heads": 2}, None, "KV heads"),
+        ("qwen2_moe", {}, "heads", "query projection"),
+        ("mixtral", {}, "widths", "one width"),
+    ],
+)
+def test_moe_refusals(arch, overrides, edit, message, tmp_path):
+    model = tiny_moe(arch, **overrides)
+    a = get_adapter(model)
+    for i in range(a.num_layers):
+        if edit == "heads":
+            a.slice_attention(i, [0, 1], [0])
+        elif edit == "widths":
+            a.slice_expert_channels(i, [list(range(8 + 8 * (i % 2)))] * 8)
+    with pytest.raises(DomainpruneError, match=message):
+        exported(model, tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -243,14 +334,91 @@ def test_trimmed_vocabulary_logits_and_tokens(tmp_path):
 # ----- tokenizer -------------------------------------------------------------------------------------------------
 
 
-def assert_same_tokens(path, tok) -> None:
+def assert_same_tokens(path, tok, texts: list[str] = TEXTS) -> None:
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
-        for text in TEXTS:
+        for text in texts:
             want = tok.encode(text, add_special_tokens=False)
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
         # what a chat/completion call does: llama.cpp adds a BOS exactly when the HF tokenizer does
         assert llm.tokenize(b"hi", add_bos=True, special=False) == tok.encode("hi")
+    finally:
+        llm.close()
+
+
+@lru_cache(maxsize=None)
+def sentencepiece_style_tokenizer(style: str):
+    """A real BPE tokenizer with byte fallback over "▁"-escaped text, trained by `tokenizers` on 100 files of the
+    bundled code corpus, in the three layouts SentencePiece models take in tokenizer.json: Llama 2 (Prepend + Replace
+    normalizer, BOS added), Gemma (Replace only, no space prefix) and Metaspace (newer Llama/Mistral conversions).
+    Pieces are numbered as SentencePiece numbers them: <unk> <s> </s>, the 256 byte pieces, then the learned ones."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from domainprune.data import load_code
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Split("\n", "merged_with_previous")  # training only: merges within lines
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=specials, show_progress=False, max_token_length=16)
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.train_from_iterator([d.text for d in load_code().documents[:100]], trainer)
+    spec = json.loads(tok.to_str())
+    learned = sorted((t for t in spec["model"]["vocab"] if t not in specials), key=spec["model"]["vocab"].get)
+    order = specials + [f"<0x{i:02X}>" for i in range(256)] + learned
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    for added in spec["added_tokens"]:
+        added["id"] = order.index(added["content"])
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.pre_tokenizer = None
+    if style == "llama2":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    elif style == "metaspace":
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer_that_splits_before_bpe_is_refused(tmp_path):
+    import copy
+
+    from tokenizers import pre_tokenizers
+
+    tok = copy.deepcopy(sentencepiece_style_tokenizer("gemma"))
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=True)
+    with pytest.raises(DomainpruneError, match="splits text before BPE"):
+        export_gguf(tiny_lm("llama", vocab_size=len(tok)), tok, tmp_path / "split.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("style", ["llama2", "gemma", "metaspace"])
+def test_sentencepiece_style_tokenizer_tokenises_like_transformers(style, tmp_path):
+    """llama.cpp's SentencePiece tokenizer ("llama" model: merges by score, byte fallback) tokenises the fixed text
+    set and 40 held-out code snippets exactly as the HF tokenizer does; a tiny model's logits agree as well."""
+    from domainprune.data import load_code
+
+    tok = sentencepiece_style_tokenizer(style)
+    model = tiny_lm("llama", vocab_size=len(tok))
+    r = export_gguf(model, tok, tmp_path / "spm.gguf")
+    assert r.pre_tokenizer == "default"
+    texts = TEXTS + [d.text[:1500] for d in load_code().documents[400:440]]
+    if style == "metaspace":  # HF's Metaspace adds no "▁" before a text that starts with a space; llama.cpp does
+        texts = [t for t in texts if not t.startswith(" ")]
+    assert_same_tokens(r.path, tok, texts)
+    ids = tok.encode(TEXTS[0])
+    assert rel_diff(model, r.path, ids) < RTOL
+    llm = llama_cpp.Llama(model_path=str(r.path), vocab_only=True, verbose=False)
+    try:  # byte-fallback pieces decode to the bytes they stand for
+        ids = tok.encode("naïve 日本 🚀", add_special_tokens=False)
+        # llama-cpp-python's detokenize joins token_to_piece outputs, without llama_detokenize's removal of the
+        # space prefix (src/llama-vocab.cpp, `remove_space`)
+        assert llm.detokenize(ids).decode().removeprefix(" ") == tok.decode(ids) == "naïve 日本 🚀"
     finally:
         llm.close()
 
@@ -373,7 +541,8 @@ def test_cli_refusals(capsys, tmp_path):
     per_layer_heads_and_widths(model)
     run = save_run(model, tmp_path, "qwen3")
     assert "--allocation uniform" in one_line_error(capsys, "export", run, "--out", tmp_path / "q.gguf")
-    assert "--to gguf" in one_line_error(capsys, "export", run, "--to", "onnx", "--out", tmp_path / "q.gguf")
+    unknown = one_line_error(capsys, "export", run, "--to", "onnx", "--out", tmp_path / "q.gguf")
+    assert "unknown exporter 'onnx'; available: gguf, hf, vllm" in unknown
     assert "q4_k_m" in one_line_error(capsys, "export", run, "--quant", "q3_x", "--out", tmp_path / "q.gguf")
     assert "input" in one_line_error(capsys, "export", run, "--out", run / "inside.gguf", "--force")
     assert "input" in one_line_error(capsys, "export", run, "--out", run, "--force")

@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM
 from domainprune import load_pretrained
 from domainprune.adapters import get_adapter
 from domainprune.errors import DomainpruneError
-from domainprune.export import save_pruned
 from domainprune.hidden import choose_hidden, kept_width, width_sparsity
 from domainprune.pipeline import make_recipe, prune
 from domainprune.plan import Plan, dense_plan
+from domainprune.runfolder import save_pruned
 from domainprune.stats import collect_statistics
 from domainprune.surgery import apply_plan
 

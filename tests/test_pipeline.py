@@ -589,25 +589,45 @@ def test_deploy_llamacpp_follows_what_the_gguf_export_runs():
         loaded(tiny_lm("qwen3"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB), progress=False
     )
     assert plan.recipe["allocation"] == "uniform" and plan.recipe["method"] == "cfsp"
-    with pytest.raises(DomainpruneError, match="llama.cpp runs Qwen3 only with the same widths in every layer"):
+    with pytest.raises(DomainpruneError, match="llama.cpp runs qwen3 only with the same widths in every layer"):
         make_plan(
             loaded(tiny_lm("qwen3"), tok),
             make_recipe(sparsity=0.3, deploy="llamacpp", method="flap", bias_compensation=False, **CALIB),
             progress=False,
         )
-    with pytest.raises(
-        DomainpruneError,
-        match="--deploy llamacpp: the GGUF export runs dense llama, mistral, qwen2, "
-        "qwen3 models, not this gemma3_text model",
-    ):
-        make_plan(
-            loaded(tiny_lm("gemma3_text"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB), progress=False
-        )
+    # Gemma 3 likewise (llama.cpp's gemma3 graph has no per-layer form)
+    plan, _, _ = make_plan(
+        loaded(tiny_lm("gemma3_text"), tok), make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB), progress=False
+    )
+    assert plan.recipe["allocation"] == "uniform"
+    assert len({(len(lp.query_heads), len(lp.mlp_channels)) for lp in plan.layers}) == 1
     # Llama: per-layer widths are fine (llama.cpp's deci)
     recipe = make_recipe(sparsity=0.3, deploy="llamacpp", **CALIB)
     plan, _, _ = make_plan(loaded(tiny_lm(), tok), recipe, progress=False)
     assert plan.recipe["allocation"] == "cfsp"
     assert "round_to" not in plan.recipe  # a 40-channel MLP: a 32-channel step would be too coarse to round to
+
+
+def test_deploy_llamacpp_on_moe_models():
+    """MoE models run in llama.cpp with equal layers only; Qwen2-MoE's graph needs every attention head, so a width
+    method is refused there and an expert method (equal counts) is the way."""
+    from test_moe import tiny_moe
+    from tiny_pipeline import VOCAB
+
+    tok = smol_tokenizer()
+    moe = loaded(tiny_moe("qwen2_moe", vocab_size=VOCAB, norm_topk_prob=False), tok)
+    with pytest.raises(DomainpruneError, match="needs every attention head; prune experts"):
+        make_plan(moe, make_recipe(sparsity=0.2, deploy="llamacpp", method="wanda-sp", **CALIB), progress=False)
+    plan, _, _ = make_plan(
+        moe, make_recipe(deploy="llamacpp", method="expert-frequency", experts_keep=6, **CALIB), progress=False
+    )
+    assert [len(lp.experts) for lp in plan.layers] == [6, 6, 6]
+    mixtral = loaded(tiny_moe("mixtral", vocab_size=VOCAB), tok)
+    with pytest.raises(DomainpruneError, match="no place for the compensation biases"):
+        make_plan(mixtral, make_recipe(sparsity=0.2, deploy="llamacpp", method="flap", **CALIB), progress=False)
+    with pytest.raises(DomainpruneError, match="llama.cpp runs mixtral only with the same widths"):
+        recipe = make_recipe(sparsity=0.2, deploy="llamacpp", method="flap", bias_compensation=False, **CALIB)
+        make_plan(mixtral, recipe, progress=False)
 
 
 def test_deploy_llamacpp_rounds_mlp_widths_to_the_kernels_multiple():

@@ -12,8 +12,8 @@ from domainprune import load_pretrained
 from domainprune.adapters import get_adapter
 from domainprune.adapters.base import LayerShape
 from domainprune.errors import DomainpruneError
-from domainprune.export import save_pruned
 from domainprune.plan import Plan, dense_plan, validate_plan
+from domainprune.runfolder import save_pruned
 from domainprune.surgery import apply_plan
 
 HD = 8  # head_dim of the tiny models; 6 query heads in 2 KV groups of 3

@@ -18,7 +18,7 @@ from transformers import AutoConfig
 
 from domainprune.adapters import get_adapter
 from domainprune.errors import DomainpruneError
-from domainprune.export import save_pruned
+from domainprune.runfolder import save_pruned
 from domainprune.vllm_export import export_vllm
 
 D, HD, H = 48, 8, 6  # tiny models: hidden 48, head_dim 8, 6 query heads in 2 KV groups of 3 (tests/tiny_models.py)

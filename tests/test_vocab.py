@@ -23,8 +23,8 @@ from domainprune import load_pretrained
 from domainprune.adapters import get_adapter
 from domainprune.data import Corpus, Document, split_of
 from domainprune.errors import DomainpruneError
-from domainprune.export import save_pruned
 from domainprune.models import LoadedModel, load_model
+from domainprune.runfolder import save_pruned
 from domainprune.vocab import (
     BPEInfo,
     always_kept,

@@ -42,6 +42,16 @@ class Criterion:
     scores_experts: ClassVar[bool] = False
     # Scores heads and the channels inside experts of mixture-of-experts layers (`moe_channel_scores`).
     scores_moe_channels: ClassVar[bool] = False
+    # Removes whole layers or attention/MLP sublayers (criteria/depth.py) instead of scoring heads and channels.
+    depth: ClassVar[bool] = False
+    # Back-propagates through the whole model before scoring (criteria/gradient.py: `prepare`).
+    needs_gradients: ClassVar[bool] = False
+    # Uses domain and general data as two streams (no --general-ratio mixing).
+    two_streams: ClassVar[bool] = False
+    # Chooses each layer's units itself while refitting it (structured OBS) instead of ranking scores.
+    chooses_units: ClassVar[bool] = False
+    # The reconstruction it runs with unless --reconstruct says otherwise.
+    default_reconstruct: ClassVar[str | None] = None
 
     def score_layer(self, adapter: DecoderAdapter, i: int, stats: LayerStats | None) -> LayerScores:
         raise NotImplementedError

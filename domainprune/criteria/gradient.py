@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -58,8 +58,7 @@ def aggregate(per_proj: dict[str, torch.Tensor], num_kv_heads: int) -> LayerScor
 
 class GradientCriterion(Criterion):
     needs_statistics = False
-    needs_gradients: ClassVar[bool] = True
-    two_streams: ClassVar[bool] = False  # uses domain and general data separately (no --general-ratio mixing)
+    needs_gradients = True
 
     def __init__(self):
         self.units: list[dict] | None = None
@@ -101,6 +100,7 @@ class GradientCriterion(Criterion):
 @register("taylor")
 class Taylor(GradientCriterion):
     QUANTITY = {"vector": "wg", "element": "abs_wgbar", "param_mix": "mix"}
+    mode = "vector"  # --taylor-mode, set by `compute`
 
     def compute(self, ctx):
         mode = ctx.taylor_mode or "vector"
@@ -110,7 +110,7 @@ class Taylor(GradientCriterion):
         return self._one_stream(ctx, {self.QUANTITY[mode]})
 
     def score_layer(self, adapter, i, stats):
-        q = self.QUANTITY[getattr(self, "mode", "vector")]
+        q = self.QUANTITY[self.mode]
         per = {p: v.abs() for p, v in self.layer_units(i)[q].items()}
         return aggregate(per, adapter.shape(i).num_kv_heads)
 

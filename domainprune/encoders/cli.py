@@ -21,16 +21,18 @@ DECODER_ONLY = {
     "hidden_sparsity": None,
     "experts_keep": None,
     "target_params": None,
-    "bias_compensation": None,
     "target_speedup": None,
     "vocab_coverage": None,
     "vocab_size": None,
     "round_to": None,
     "micro_batch": None,
     "taylor_mode": None,
-    "general_ratio": 0.0,
     "calib_candidates": 1,
 }
+
+
+# --reconstruct -> encoder compensation (encoders/compensate.py); --bias-compensation -> "bias"
+RECONSTRUCT = {"none": "none", "obs": "refit", "obs-dense": "refit-dense"}
 
 
 def _option(name: str) -> str:
@@ -45,22 +47,36 @@ def prune(
     for name, unset in DECODER_ONLY.items():
         if recipe.get(name) != unset:
             raise DomainpruneError(f"{_option(name)} applies to decoders only; drop it for the encoder {model!r}")
-    if recipe.get("allocation") not in (None, "uniform"):
-        raise DomainpruneError("encoders are pruned with --allocation uniform (every layer alike); drop --allocation")
-    if recipe.get("reconstruct") not in (None, "none"):
-        raise DomainpruneError("--reconstruct applies to decoders only; drop it for an encoder")
+    from .allocate import ALLOCATIONS
+
+    allocation = recipe.get("allocation") or "uniform"
+    ALLOCATIONS.lookup(allocation)
+    reconstruct = recipe.get("reconstruct") or "none"
+    if reconstruct not in RECONSTRUCT:
+        raise DomainpruneError(f"encoders take --reconstruct {', '.join(RECONSTRUCT)}, not {reconstruct!r}")
+    if reconstruct != "none" and recipe.get("bias_compensation"):
+        raise DomainpruneError("--reconstruct refits the biases itself; drop --bias-compensation")
+    compensation = "bias" if recipe.get("bias_compensation") else RECONSTRUCT[reconstruct]
+    if recipe.get("deploy") == "transformers" and allocation != "uniform":
+        raise DomainpruneError("--deploy transformers needs every layer alike: drop --allocation or the --deploy")
     if recipe.get("deploy") not in (None, "transformers"):
         raise DomainpruneError(
             "encoders deploy with sentence-transformers: use --deploy transformers (a stock "
             "config: FFN channels only) or leave --deploy out"
         )
     if export_to is not None:
-        raise DomainpruneError("--export gguf is for decoders; an encoder output is a sentence-transformers folder")
+        raise DomainpruneError(
+            "encoders are exported after pruning: prune with --deploy transformers, then "
+            "`domainprune export RUN --to gguf --out FILE.gguf`"
+        )
     fields: dict[str, Any] = {
         "data": recipe["data"],
         "general_data": recipe.get("general_data") or "general",
         "sparsity": 0.35 if recipe.get("sparsity") is None else recipe["sparsity"],
         "units": "ffn" if recipe.get("deploy") == "transformers" else "all",
+        "allocation": allocation,
+        "compensation": compensation,
+        "general_ratio": recipe.get("general_ratio") or 0.0,
         "calib_samples": recipe["calib_samples"],
         "batch_size": recipe["batch_size"],
         "seed": recipe["seed"],
@@ -117,15 +133,35 @@ def _table(title: str, names: list[str], figures: list[dict[str, dict[str, float
 
 def _measure(names: list[str], data: list[str], batch_size: int, device: str, quiet: bool) -> list[dict]:
     from ..models import resolve_device
-    from .model import load_encoder
+    from .model import BertUnits, load_encoder
     from .pipeline import evaluate_encoder
 
     results = []
     for name in names:
         model = load_encoder(name, device=resolve_device(device))
         figures = evaluate_encoder(model, data=data, batch_size=batch_size, progress=not quiet)
-        results.append({"name": name, "params": sum(p.numel() for p in model.parameters()), "tasks": figures})
+        units = BertUnits(model)
+        results.append(
+            {
+                "name": name,
+                "params": sum(p.numel() for p in model.parameters()),
+                "attention_mlp_params": units.attention_mlp_params(),
+                "per_layer": units.per_layer(),
+                "tasks": figures,
+            }
+        )
     return results
+
+
+def _baseline(runs: list[str], baseline: str | None) -> str:
+    """The dense model: --baseline, or the one model every run's recipe.json names."""
+    if baseline is not None:
+        return baseline
+    recipes = [Path(r) / "recipe.json" for r in runs]
+    models = {json.loads(f.read_text()).get("model") for f in recipes if f.is_file()}
+    if len(models) != 1:
+        raise DomainpruneError("give --baseline: the runs' recipe.json files do not name one dense model")
+    return models.pop()
 
 
 def evaluate(
@@ -171,13 +207,7 @@ def compare(
     from .. import cache
 
     check_output(out, force=force, inputs=local_inputs(*runs, baseline))
-    if baseline is None:
-        recipes = [Path(r) / "recipe.json" for r in runs]
-        models = {json.loads(f.read_text()).get("model") for f in recipes if f.is_file()}
-        if len(models) != 1:
-            raise DomainpruneError("give --baseline: the runs' recipe.json files do not name one dense model")
-        baseline = models.pop()
-    names = [baseline, *runs]
+    names = [_baseline(runs, baseline), *runs]
     results = _measure(names, data, batch_size, device, quiet)
     table = _table(
         "domainprune compare (encoders)", names, [r["tasks"] for r in results], [r["params"] for r in results]
@@ -197,6 +227,47 @@ def compare(
         (tmp / "compare.json").write_text(json.dumps({"results": results}, indent=1) + "\n")
         (tmp / "compare.md").write_text("\n".join(lines) + "\n")
     console.print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}")
+
+
+def report(
+    runs: list[str],
+    *,
+    figures: Path | None,
+    baseline: str | None,
+    data: list[str],
+    batch_size: int,
+    device: str,
+    title: str,
+    out: Path,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Measure the runs beside the dense model (or read a compare.json) and write report.html / report.md."""
+    from .report import load_results, write_report
+
+    check_output(out, force=force, inputs=local_inputs(*runs, figures, baseline))
+    if figures is not None:
+        results = load_results(figures)
+        if runs:  # the dense model and the named runs, in the order given
+            by_name = {r["name"]: r for r in results[1:]}
+            missing = [r for r in runs if r not in by_name]
+            if missing:
+                raise DomainpruneError(
+                    f"{figures} holds no figures for {', '.join(missing)}; measure them with compare"
+                )
+            results = [results[0], *(by_name[r] for r in runs)]
+        if baseline is not None:
+            results[0] = {**results[0], "name": baseline}
+    else:
+        if not runs:
+            raise DomainpruneError("give encoder run folders, or --figures with a compare.json")
+        results = _measure([_baseline(runs, baseline), *runs], data, batch_size, device, quiet)
+    files = write_report(results, out, title, force=force)
+    console.print(
+        f"[bold green]report[/] {len(results) - 1} encoder run(s) beside the dense model; wrote "
+        f"{files['report.html']} and {files['report.md']}",
+        soft_wrap=True,
+    )
 
 
 def recover(

@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from .. import cache
 from ..errors import DomainpruneError
-from ..outputs import check_output
+from ..runfolder import run_folder
 from .model import BertUnits, load_encoder
 
 log = logging.getLogger(__name__)
@@ -36,13 +35,12 @@ def save_encoder(
     inputs: tuple[Path, ...] = (),
 ) -> Path:
     """Config, safetensors, tokenizer and pooling modules in `out`, moved into place once reloaded and checked."""
-    out = check_output(out, force=force, inputs=inputs)
     units = BertUnits(model)
     units.sync_config()
-    with cache.atomic_dir(out, overwrite=force) as tmp:
+    with run_folder(out, force=force, inputs=inputs) as folder:
+        tmp = folder.path
         model.save(str(tmp), create_model_card=False)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        folder.write_files(extra_files or {})
         if verify:
             device = next(model.parameters()).device
             reference = probe_embeddings(model)
@@ -53,4 +51,4 @@ def save_encoder(
                     f"export verification failed: reloaded embeddings differ by {diff:.3g}; nothing was written"
                 )
             log.info("export verified: max embedding difference after reload %.2e", diff)
-    return out
+    return folder.out

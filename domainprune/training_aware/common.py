@@ -18,10 +18,16 @@ from .. import cache, faults
 from ..adapters import DecoderAdapter
 from ..errors import DomainpruneError
 from ..plan import LayerPlan, Plan
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.safetensors"
+
+
+# `--method NAME` of the methods that decide while they tune: each registers its
+# run(loaded, recipe, options, staging, progress) -> (plan, report) with its options class (`options`)
+TRAINING_METHODS = Registry("training method")
 
 
 class TrainOptions(BaseModel):

@@ -127,9 +127,9 @@ def _compose(maps: list[dict], stage_plan) -> list[dict]:
 
 
 def run(loaded, recipe, options: IterativeOptions, staging, progress: bool = True):
-    from ..export import save_pruned
     from ..models import load_model
     from ..pipeline import apply, make_plan
+    from ..runfolder import save_pruned
 
     n = recipe.iterative
     adapter = get_adapter(loaded.model)

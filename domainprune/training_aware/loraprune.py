@@ -26,7 +26,7 @@ from ..evaluate import parameter_count
 from ..plan import dense_plan
 from ..surgery import apply_plan
 from . import common
-from .common import TrainOptions, Units
+from .common import TRAINING_METHODS, TrainOptions, Units
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def prune_to(units: Units, counts, ema, keep) -> None:
                 mask[order[:extra]] = False
 
 
+@TRAINING_METHODS.register("loraprune", options=LoraPruneOptions)
 def run(loaded, recipe, options: LoraPruneOptions, staging, progress: bool = True):
     from tqdm.auto import tqdm
 

@@ -657,8 +657,7 @@ def allocate_search(
         raise DomainpruneError("allocation 'search' needs the model and held-out data: run it through prune or plan")
 
     rec = getattr(context, "reconstruction", None)
-    if rec is not None:  # --reconstruct obs: candidates judged after their refit (domainprune.tyr)
-        from . import tyr
+    if rec is not None:  # --reconstruct obs: candidates judged after their refit (domainprune.tyr.Reconstruction)
 
         def make_counts(counts: list[list[int]]) -> Plan:
             layers = [uniform_layer(adapter, i, sc, tuple(c), mode) for i, (sc, c) in enumerate(zip(scores, counts))]
@@ -666,7 +665,7 @@ def allocate_search(
 
         kw = dict(attention_unit=mode, standardized=standardized, stats=stats)
         starts = [allocate(name, dense, adapter, scores, sparsity, **kw) for name in rec.starts]
-        counts, context.summary = tyr.search(adapter, sparsity, mode, make_counts, starts, context, rec)
+        counts, context.summary = rec.search(adapter, sparsity, mode, make_counts, starts, context)
         return make_counts(counts)
 
     def make(per_layer: list[float]) -> Plan:

@@ -322,19 +322,19 @@ class FixedPlan(LayerChooser):
 
 
 class ScoredUniform(LayerChooser):
-    """A sequential criterion (wanda-sp) with uniform counts: layer i is scored on its current inputs."""
+    """A sequential criterion (wanda-sp) with uniform counts: layer i is scored on its current inputs, and `pick`
+    (allocation.uniform_layer, passed in so that obs does not import the allocations that import it) keeps its
+    strongest units."""
 
     needs_stats = True
 
-    def __init__(self, criterion, adapter: DecoderAdapter, counts: list[tuple[int, int]], mode: str):
-        self.criterion, self.adapter, self.counts, self.mode = criterion, adapter, counts, mode
+    def __init__(self, criterion, adapter: DecoderAdapter, counts: list[tuple[int, int]], mode: str, pick):
+        self.criterion, self.adapter, self.counts, self.mode, self.pick = criterion, adapter, counts, mode, pick
         self.current: LayerPlan | None = None
 
     def begin(self, i, stats):
-        from .allocation import uniform_layer
-
         scores = self.criterion.score_layer(self.adapter, i, stats)
-        self.current = uniform_layer(self.adapter, i, scores, self.counts[i], self.mode)
+        self.current = self.pick(self.adapter, i, scores, self.counts[i], self.mode)
 
     def attention(self, i, hess):
         return self.current.query_heads, self.current.kv_heads

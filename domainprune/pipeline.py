@@ -515,7 +515,7 @@ def layer_chooser(recipe: Recipe, criterion, adapter: DecoderAdapter, counts: li
 
     if criterion.chooses_units:
         return GreedyOBS(adapter, counts, recipe.attention_unit, bias=bool(recipe.bias_compensation))
-    return ScoredUniform(criterion, adapter, counts, recipe.attention_unit)
+    return ScoredUniform(criterion, adapter, counts, recipe.attention_unit, uniform_layer)
 
 
 def plan_from_scores(

@@ -75,6 +75,10 @@ class Reconstruction:
     task_weight: float = 0.0
     key: str = ""  # what the search's result depends on beyond domainprune.search's own key
 
+    def search(self, adapter, budget, mode, make_plan, starts, context) -> tuple[Counts, dict]:
+        """`search` below with this reconstruction (allocation's search calls it: no allocation → tyr import)."""
+        return search(adapter, budget, mode, make_plan, starts, context, self)
+
 
 def reconstruction(loaded, recipe, calibration: torch.Tensor, progress: bool) -> Reconstruction:
     """The Reconstruction of a recipe with `--allocation search --reconstruct obs`: calibration data, bias flag, the

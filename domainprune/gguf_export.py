@@ -447,9 +447,9 @@ def _gemma3_weights(built: Built, config: Any) -> None:
         for name in tensors:
             if name.endswith("norm.weight"):
                 tensors[name] = tensors[name] + 1.0
-    for layer in built.layers:
-        ratio = config.query_pre_attn_scalar**-0.5 / llama_cpp_query_scale(config, built.layers[0].n_head)
-        if ratio != 1.0:
+    ratio = config.query_pre_attn_scalar**-0.5 / llama_cpp_query_scale(config, built.layers[0].n_head)
+    if ratio != 1.0:
+        for layer in built.layers:
             layer.tensors["attn_q_norm.weight"] = layer.tensors["attn_q_norm.weight"] * ratio
 
 

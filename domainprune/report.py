@@ -133,6 +133,15 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _embedded_figure(name: str, caption: str, png: bytes) -> str:
+    """One plot as an HTML <figure> with the PNG inlined (the page needs no other file)."""
+    data = base64.b64encode(png).decode("ascii")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" data-plot="{name}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -364,12 +373,7 @@ def render_html(c: Comparison, images: list[bytes], title: str) -> str:
         "change in mean zero-shot accuracy; bytes dense/pruned is the memory-bound limit of decode speed-up.</p>",
         "<h2>Plots</h2>",
     ]
-    for (name, caption), png in zip(PLOTS, images):
-        data = base64.b64encode(png).decode("ascii")
-        parts.append(
-            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" data-plot="{name}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+    parts += [_embedded_figure(name, caption, png) for (name, caption), png in zip(PLOTS, images)]
     parts.append("<h2>Recipes</h2>")
     if c.runs:
         parts.append('<div class="recipes">')

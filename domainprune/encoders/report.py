@@ -8,7 +8,6 @@ measured here, or read back from a compare.json.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import platform
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DomainpruneError
-from ..report import CSS, _figure, _html_table, _png
+from ..report import CSS, _embedded_figure, _figure, _html_table, _png
 
 PLOTS = (("retrieval.png", "Retrieval quality against parameters"), ("layers.png", "What every layer keeps"))
 RUN_FILES = ("recipe.json", "report.json", "recover.json")
@@ -184,12 +183,7 @@ def render_html(results: list[dict[str, Any]], images: list[bytes], title: str) 
         _html_table(header, rows),
         "<h2>Plots</h2>",
     ]
-    for (name, caption), png in zip(PLOTS, images):
-        data = base64.b64encode(png).decode("ascii")
-        parts.append(
-            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" data-plot="{name}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+    parts += [_embedded_figure(name, caption, png) for (name, caption), png in zip(PLOTS, images)]
     parts.append('<h2>Recipes</h2><div class="recipes">')
     for r in results[1:]:
         body = "".join(

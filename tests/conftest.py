@@ -95,3 +95,33 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             red=True,
             bold=True,
         )
+
+
+@pytest.fixture
+def interrupted_search(monkeypatch):
+    """A context manager: inside it, the second save of a search's state raises KeyboardInterrupt (after the save
+    is on disk), as a kill between generations would; the real save is back afterwards."""
+    from contextlib import contextmanager
+
+    from domainprune import cache
+
+    @contextmanager
+    def interrupted():
+        saved = cache.save_json
+        calls = {"n": 0}
+
+        def crash_after_two(path, obj):
+            saved(path, obj)
+            if "search" in str(path):
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise KeyboardInterrupt
+
+        monkeypatch.setattr(cache, "save_json", crash_after_two)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(cache, "save_json", saved)
+
+    return interrupted

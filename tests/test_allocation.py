@@ -188,7 +188,7 @@ def _search_prune(tmp_path, **extra):
     return prune(loaded(tiny_lm(vocab_size=FULL_VOCAB), tok), progress=False, **fields, **extra)
 
 
-def test_search_meets_the_budget_improves_kl_and_resumes_identically(tmp_path, monkeypatch):
+def test_search_meets_the_budget_improves_kl_and_resumes_identically(tmp_path, monkeypatch, interrupted_search):
     """Also: a finished search is read back from its state file, not run again."""
     import shutil
 
@@ -205,20 +205,8 @@ def test_search_meets_the_budget_improves_kl_and_resumes_identically(tmp_path, m
 
     # interrupted after the second generation's state is saved, then resumed: the same plan and weights
     shutil.rmtree(searches)
-    saved = cache.save_json
-    calls = {"n": 0}
-
-    def crash_after_two(path, obj):
-        saved(path, obj)
-        if "search" in str(path):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(search.cache, "save_json", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_search():
         _search_prune(tmp_path)
-    monkeypatch.setattr(search.cache, "save_json", saved)
     resumed = _search_prune(tmp_path)
     assert resumed.plan.layers == full.plan.layers and resumed.recipe.search_kl == full.recipe.search_kl
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):

@@ -126,7 +126,7 @@ def _search(**extra):
     return prune(loaded(tiny_lm(), tok), progress=False, **fields, **extra)
 
 
-def test_search_with_reconstruction_meets_the_budget_and_resumes_identically(monkeypatch):
+def test_search_with_reconstruction_meets_the_budget_and_resumes_identically(monkeypatch, interrupted_search):
     searches = cache.cache_dir() / "search"
     shutil.rmtree(searches, ignore_errors=True)
     full = _search()
@@ -140,20 +140,8 @@ def test_search_with_reconstruction_meets_the_budget_and_resumes_identically(mon
 
     # interrupted after the second generation's state is saved, then resumed: the same plan and weights
     shutil.rmtree(searches)
-    saved = cache.save_json
-    calls = {"n": 0}
-
-    def crash_after_two(path, obj):
-        saved(path, obj)
-        if "search" in str(path):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(tyr.cache, "save_json", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_search():
         _search()
-    monkeypatch.setattr(tyr.cache, "save_json", saved)
     resumed = _search()
     assert resumed.plan.layers == full.plan.layers and resumed.recipe.search_kl == full.recipe.search_kl
     for (k, x), (_, y) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):

@@ -1,10 +1,17 @@
+import atexit
 import os
+import shutil
 import tempfile
 from collections import Counter
 
-# Tests never touch the user's cache: conversions, tokens and statistics go to a per-session folder unless the
-# caller points DOMAINPRUNE_CACHE somewhere (CI reuses one so the GGUF is converted once).
-os.environ.setdefault("DOMAINPRUNE_CACHE", tempfile.mkdtemp(prefix="domainprune-test-cache-"))
+# Tests never touch the user's cache: conversions, tokens and statistics go to a per-session folder, removed at
+# exit, unless the caller points DOMAINPRUNE_CACHE somewhere (CI reuses one so the GGUF is converted once).
+if "DOMAINPRUNE_CACHE" not in os.environ:
+    os.environ["DOMAINPRUNE_CACHE"] = tempfile.mkdtemp(prefix="domainprune-test-cache-")
+    _session_pid = os.getpid()  # a forked worker that exits must not remove the session's cache
+    atexit.register(
+        lambda: os.getpid() == _session_pid and shutil.rmtree(os.environ["DOMAINPRUNE_CACHE"], ignore_errors=True)
+    )
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

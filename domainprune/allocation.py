@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -554,6 +555,72 @@ def allocate_owl(
     per_layer = _spread(lod, weights, sparsity, lam)
     log.info(
         "owl: outlier ratios %s; layer sparsities %s", [round(v, 2) for v in lod], [round(v, 3) for v in per_layer]
+    )
+    return _layerwise(dense, adapter, scores, per_layer, mode)
+
+
+ADAPT_STRENGTH = 1.0  # A/Δ: the scripts' A = 0.02 against Δ = pruning_ratio/iterative_steps = 1.0/50
+
+
+def adapt_importance(stats: list[dict]) -> list[float]:
+    """Adapt-Pruner's normalised layer importance Î_l ∈ [−1, 1]: I_l = −mean_tokens cos(h_in, h_out) (a layer that
+    changes its input more matters more), centred and divided by its largest deviation."""
+    raw = [float(st["block_cos_sum"]) / float(st["tokens"]) for st in stats]  # 1 − mean cos = I_l + 1
+    mean = sum(raw) / len(raw)
+    dev = max(abs(v - mean) for v in raw)
+    return [(v - mean) / dev if dev > 0 else 0.0 for v in raw]
+
+
+def adapt_sparsities(
+    importance: list[float], sparsity: float, strength: float, removed: Callable[[list[float]], float]
+) -> list[float]:
+    """Layer sparsities S·(1 − strength·Î_l): Adapt-Pruner's update s_l ← s_l + Δ − A·Î_l summed over the steps that
+    remove S (A/Δ = strength). Clipped to [0, 0.99], then all moved by one constant (bisection) until `removed`, the
+    fraction of parameters those sparsities really remove, is S, as the reference's "stop at the stage target"
+    makes it."""
+    base = [sparsity * (1 - strength * v) for v in importance]
+
+    def at(shift: float) -> list[float]:
+        return [min(max(b + shift, 0.0), 0.99) for b in base]
+
+    lo, hi = -1.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(at(mid)) < sparsity else (lo, mid)
+    return at(hi)
+
+
+@register("adapt", needs_statistics=True)
+def allocate_adapt(
+    dense: Plan,
+    adapter: DecoderAdapter,
+    scores: list[LayerScores],
+    sparsity: float,
+    mode: str,
+    standardized: bool,
+    *,
+    stats: list,
+    strength: float = ADAPT_STRENGTH,
+) -> Plan:
+    """Adapt-Pruner's layer-adaptive sparsity (METHODS.md §15) on the domain calibration; within a layer the units go
+    by the criterion's scores. Under `--iterative N` every stage recomputes Î on the tuned model, as the reference
+    does between its pruning steps."""
+    importance = adapt_importance(stats)
+    shapes = adapter.shapes()
+    total = sum(adapter.layer_params(x) for x in shapes)
+
+    def removed(per_layer: list[float]) -> float:  # what uniform_counts' rounding and capacities really remove
+        counts = uniform_counts(adapter, per_layer, mode)
+        cut = sum(
+            a * attention_unit_cost(adapter, x, mode) + c * adapter.mlp_params(1) for (a, c), x in zip(counts, shapes)
+        )
+        return cut / total
+
+    per_layer = adapt_sparsities(importance, sparsity, strength, removed)
+    log.info(
+        "adapt: layer importances %s; layer sparsities %s",
+        [round(v, 3) for v in importance],
+        [round(v, 3) for v in per_layer],
     )
     return _layerwise(dense, adapter, scores, per_layer, mode)
 

@@ -459,7 +459,7 @@ def check_speedup_recipe(recipe, criterion) -> None:
     if (recipe.allocation or criterion.default_allocation) == "search":
         raise DomainpruneError(
             "--target-speedup cannot be combined with --allocation search (it searches at one parameter budget); "
-            "use uniform, global, nirvana-ratio, owl or cfsp"
+            "use uniform, global, nirvana-ratio, owl, adapt or cfsp"
         )
     if getattr(recipe, "hidden_sparsity", None):
         raise DomainpruneError("--target-speedup times blocks at the full hidden size; leave out --hidden-sparsity")

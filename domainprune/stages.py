@@ -378,8 +378,8 @@ class Width(Stage):
     )
     allocation: str | None = option(
         None,
-        "uniform, global, nirvana-ratio, owl, cfsp or search (default: global for flap, nirvana-ratio for nirvana, "
-        "cfsp for cfsp, else uniform).",
+        "uniform, global, nirvana-ratio, owl, adapt, cfsp or search (default: global for flap, nirvana-ratio for "
+        "nirvana, cfsp for cfsp, else uniform).",
         record=True,
     )
     attention_unit: str = option(

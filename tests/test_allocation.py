@@ -11,7 +11,15 @@ from tiny_pipeline import CALIB, FULL_VOCAB, loaded, logits_on, smol_tokenizer, 
 
 from domainprune import load_pretrained
 from domainprune.adapters import get_adapter
-from domainprune.allocation import OWL_LAMBDA, _spread, allocate, cfsp_keep_ratios, outlier_ratio
+from domainprune.allocation import (
+    OWL_LAMBDA,
+    _spread,
+    adapt_importance,
+    adapt_sparsities,
+    allocate,
+    cfsp_keep_ratios,
+    outlier_ratio,
+)
 from domainprune.criteria import get_criterion
 from domainprune.errors import DomainpruneError
 from domainprune.pipeline import make_plan, make_recipe, prune
@@ -83,6 +91,45 @@ def test_owl_prunes_the_layer_with_outliers_least():
         allocate("owl", dense_plan(a, "tiny"), a, scores, 0.4)
 
 
+# --- Adapt-Pruner ------------------------------------------------------------------------------------------------
+
+
+def test_adapt_sparsities_follow_the_update_rule_and_keep_the_budget():
+    imp = [-1.0, 0.5, 1.0, -0.5]
+
+    def weighted(weights):  # the fraction removed when every layer's sparsity is met exactly
+        return lambda sp: sum(min(s, 0.99) * w for s, w in zip(sp, weights)) / sum(weights)
+
+    # centred importances, equal weights: no shift, s_l = S·(1 − Î_l)
+    assert adapt_sparsities(imp, 0.3, 1.0, weighted([1, 1, 1, 1])) == pytest.approx([0.6, 0.15, 0.0, 0.45])
+    for weights, strength in (([3, 1, 2, 5], 1.0), ([1, 1, 1, 1], 3.0), ([2, 1, 1, 1], 0.5)):
+        sp = adapt_sparsities(imp, 0.3, strength, weighted(weights))
+        assert weighted(weights)(sp) == pytest.approx(0.3, abs=1e-9)
+        assert all(0 <= s <= 0.99 for s in sp)
+        assert all(sp[i] <= sp[j] for i in range(4) for j in range(4) if imp[i] > imp[j])  # important: pruned less
+    stats = [{"block_cos_sum": torch.tensor(c), "tokens": torch.tensor(10)} for c in (1.0, 3.0, 2.0)]
+    assert adapt_importance(stats) == pytest.approx([-1.0, 1.0, 0.0])
+
+
+def test_adapt_prunes_the_layer_that_changes_its_input_most_least():
+    model = tiny_model("llama", num_hidden_layers=4)
+    a = get_adapter(model)
+    with torch.no_grad():  # layer 1 writes a much larger update into the residual stream: cos(h_in, h_out) drops
+        a.down_proj(1).weight *= 30
+        a.o_proj(1).weight *= 30
+    stats = stats_of(model)
+    assert max(range(4), key=adapt_importance(stats).__getitem__) == 1
+    scores = [get_criterion("wanda-sp").score_layer(a, i, stats[i]) for i in range(4)]
+    plan = allocate("adapt", dense_plan(a, "tiny"), a, scores, 0.4, stats=stats)
+    removed = [1 - len(lp.mlp_channels) / a.shape(i).intermediate_size for i, lp in enumerate(plan.layers)]
+    assert removed[1] == min(removed) and max(removed) - min(removed) > 0.1
+    before = sum(a.layer_params(s) for s in a.shapes())
+    after = sum(a.layer_params(lp.shape()) for lp in plan.layers)
+    assert 0 <= (before - after) / before - 0.4 < a.mlp_params(1) / before  # one MLP channel at most over
+    with pytest.raises(DomainpruneError, match="needs calibration statistics"):
+        allocate("adapt", dense_plan(a, "tiny"), a, scores, 0.4)
+
+
 # --- CFSP ----------------------------------------------------------------------------------------------------------
 
 
@@ -114,7 +161,7 @@ def test_cfsp_scores_depend_on_weights_not_only_on_activations():
     assert ch[5] > ch[[c for c in range(len(ch)) if c not in (3, 5)]].max()
 
 
-@pytest.mark.parametrize("allocation", ["owl", "cfsp"])
+@pytest.mark.parametrize("allocation", ["owl", "adapt", "cfsp"])
 def test_prune_with_layerwise_allocation_exports_and_meets_the_budget(allocation, tmp_path):
     tok = smol_tokenizer()
     method = "cfsp" if allocation == "cfsp" else "wanda-sp"

@@ -60,6 +60,7 @@ RECIPES = {
     "flap-global": dict(method="flap", sparsity=0.35),
     "flap-uniform": dict(method="flap", allocation="uniform", sparsity=0.35),
     "flap-owl": dict(method="flap", allocation="owl", sparsity=0.3),
+    "wanda-sp-adapt": dict(method="wanda-sp", allocation="adapt", sparsity=0.3),
     "magnitude-uniform": dict(method="magnitude", sparsity=0.35),
     "magnitude-nirvana-ratio": dict(method="magnitude", allocation="nirvana-ratio", sparsity=0.35),
     "wanda-sp-sequential": dict(method="wanda-sp", sparsity=0.35),

@@ -219,13 +219,16 @@ def test_cubic_schedule():
 # --- iterative -------------------------------------------------------------------------------------------------
 
 
-def test_iterative_stages_meet_the_budget(tmp_path):
+@pytest.mark.parametrize("method,allocation", [("magnitude", None), ("wanda-sp", "adapt")])
+def test_iterative_stages_meet_the_budget(tmp_path, method, allocation):
+    """Any criterion and allocation; with `adapt`, Adapt-Pruner's own layer update re-scored on each tuned stage."""
     tok = smol_tokenizer()
     model = tiny_lm("qwen2")
     result = prune(
         loaded(model, tok),
         out=tmp_path / "it",
-        method="magnitude",
+        method=method,
+        allocation=allocation,
         sparsity=0.4,
         iterative=3,
         train=dict(TRAIN, max_steps=3),
@@ -240,6 +243,8 @@ def test_iterative_stages_meet_the_budget(tmp_path):
     cut = tiny_lm("qwen2")  # the composed plan indexes the original model and gives the checkpoint's shapes
     apply_plan(cut, Plan.load(tmp_path / "it" / "plan.json"))
     assert get_adapter(cut).shapes() == get_adapter(result.model).shapes()
+    if allocation == "adapt":  # layer-adaptive: the layers end at different widths
+        assert len({x.intermediate_size for x in get_adapter(result.model).shapes()}) > 1
 
 
 # --- PERP-style light recovery -----------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ import json
 
 import pytest
 import torch
-from tiny_models import ARCHS
+from tiny_models import ARCHS, tiny_model
 from tiny_pipeline import CALIB, VOCAB, cli, loaded, logits_on, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune import faults
 from domainprune.adapters import get_adapter
+from domainprune.allocation import uniform_counts
 from domainprune.errors import DomainpruneError
 from domainprune.evaluate import parameter_count
 from domainprune.export import load_pretrained
@@ -201,12 +202,27 @@ def test_loraprune_meets_budget_with_gqa_groups(arch, tmp_path):
     assert abs(result.plan.params.sparsity - 0.35) <= one_unit(units)
     for lp in result.plan.layers:  # whole KV groups with all their query heads (GQA: 3 per group)
         assert lp.query_heads == [h for g in lp.kv_heads for h in range(3 * g, 3 * g + 3)]
+    dense = get_adapter(tiny_lm(arch)).shape(3)  # the last layer is protected (the reference's rule)
+    assert result.plan.layers[3].shape() == dense and result.plan.layers[2].shape() != dense
     assert result.report["training"]["steps"] == 6
     sched = [e["sparsity"] for e in json.loads((tmp_path / "lp" / "training_log.json").read_text()) if "sparsity" in e]
     assert sched == sorted(sched) and sched[-1] == 0.35
     torch.testing.assert_close(
         logits_on(load_pretrained(tmp_path / "lp"), IDS), logits_on(result.model, IDS), atol=1e-5, rtol=1e-5
     )
+
+
+def test_loraprune_protected_layers_keep_every_unit_and_the_rest_meet_the_budget():
+    a = get_adapter(tiny_model("llama", num_hidden_layers=10))
+    assert loraprune.protected_layers(10) == {0, 9} and loraprune.protected_layers(4) == {3}
+    counts = loraprune.target_counts(a, 0.35, protect=True)
+    assert counts[0] == counts[9] == (0, 0) and all(g > 0 and c > 0 for g, c in counts[1:9])
+    units = common.Units.of(a)
+    cut = sum(g * units.group_cost[i] + c * units.channel_cost for i, (g, c) in enumerate(counts))
+    assert abs(cut / units.total - 0.35) <= one_unit(units)
+    assert loraprune.target_counts(a, 0.35, protect=False) == uniform_counts(a, 0.35, "kv_group")
+    with pytest.raises(DomainpruneError, match="protect_layers=false"):
+        loraprune.target_counts(get_adapter(tiny_model("llama")), 0.7, protect=True)  # 4 layers: 93 % of 3
 
 
 def test_cubic_schedule():

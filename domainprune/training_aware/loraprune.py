@@ -7,7 +7,8 @@
   module's per-unit sums are L2-normalised and summed over the unit's modules; S̄ ← ema·S̄ + (1 − ema)·S every step.
 - Sparsity follows the cubic schedule s_t = s_f·(1 − (1 − (t − t_w)/(T − t_w − t_c))³) between a warm-up and a
   cool-down; every `prune_every` steps each layer drops its lowest-S̄ live units down to the uniform per-layer counts
-  of the target scaled by s_t/s_f (allocation.uniform_counts at the target: whole KV groups and channels), masks
+  of the target scaled by s_t/s_f (allocation.uniform_counts at the target: whole KV groups and channels; by the
+  reference's rule the first 10 % of layers and the last keep every unit, the others taking their share), masks
   multiplying the units' outputs. The last pruning reaches the target
   exactly (the reference stops just short of it); then LoRA is merged and the units are removed through the plan.
 """
@@ -22,6 +23,7 @@ from pydantic import Field
 
 from ..adapters import get_adapter
 from ..allocation import uniform_counts
+from ..errors import DomainpruneError
 from ..evaluate import parameter_count
 from ..plan import dense_plan
 from ..surgery import apply_plan
@@ -36,6 +38,34 @@ class LoraPruneOptions(TrainOptions):
     ema: float = Field(0.9, ge=0, lt=1)  # S̄ ← ema·S̄ + (1 − ema)·S
     warmup_fraction: float = Field(0.1, ge=0, lt=1)  # share of the steps before pruning starts
     cooldown_fraction: float = Field(0.1, ge=0, lt=1)  # share of the steps at the final sparsity
+    # The reference's `freeze`: the first int(0.1·L) layers and the last layer keep every unit; the other layers take
+    # the whole budget (the reference does not make it up, so its total falls short of the target).
+    protect_layers: bool = True
+
+
+PROTECT_LIMIT = 0.9  # the other layers' sparsity above which protection is refused (uniform counts cap a layer)
+
+
+def protected_layers(num_layers: int) -> set[int]:
+    return set(range(int(0.1 * num_layers))) | {num_layers - 1}
+
+
+def target_counts(adapter, sparsity: float, protect: bool) -> list[tuple[int, int]]:
+    """(KV groups, MLP channels) each layer loses at the target: uniform, or zero in the protected layers and one
+    higher fraction in the others that removes the same parameters."""
+    if not protect:
+        return uniform_counts(adapter, sparsity, "kv_group")
+    shapes = adapter.shapes()
+    keep = protected_layers(len(shapes))
+    sizes = [adapter.layer_params(x) for x in shapes]
+    free = sum(n for i, n in enumerate(sizes) if i not in keep)
+    rest = sparsity * sum(sizes) / free if free else float("inf")
+    if rest > PROTECT_LIMIT:
+        raise DomainpruneError(
+            f"loraprune keeps layers {sorted(keep)} whole (the reference's rule), so reaching {sparsity:.0%} would "
+            f"take {rest:.0%} of every other layer; lower --sparsity or give --train-opt protect_layers=false"
+        )
+    return uniform_counts(adapter, [0.0 if i in keep else rest for i in range(len(shapes))], "kv_group")
 
 
 def lora_gradient(module) -> torch.Tensor:
@@ -105,7 +135,7 @@ def run(loaded, recipe, options: LoraPruneOptions, staging, progress: bool = Tru
     units = Units.of(base_adapter)
     total_before = parameter_count(model)
     dense = dense_plan(base_adapter, loaded.source)
-    final_counts = uniform_counts(base_adapter, recipe.sparsity, "kv_group")
+    final_counts = target_counts(base_adapter, recipe.sparsity, options.protect_layers)
 
     def counts(s: float):
         """The final per-layer removals scaled by s/s_f: monotone in s (the uniform counts at a lower sparsity are

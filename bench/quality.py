@@ -71,7 +71,7 @@ VARIANTS = {
     "shortgpt10": dict(depth="shortgpt", depth_sparsity=0.10),
 }
 ISSUE4_METHODS = {"obs", "shortgpt", "finercut"}
-ISSUE4_ALLOCATIONS = {"owl", "cfsp", "search"}
+ISSUE4_ALLOCATIONS = {"owl", "adapt", "cfsp", "search"}
 
 
 def row_key(method: str, allocation: str, level: float, variant: str = "") -> str:

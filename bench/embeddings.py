@@ -32,7 +32,7 @@ from rows import load_rows, save_rows
 from domainprune import cache
 from domainprune.encoders import retrieval
 from domainprune.encoders.criteria import Calibration, LayerScores, get_criterion
-from domainprune.encoders.model import BertUnits, load_encoder
+from domainprune.encoders.model import encoder_units, load_encoder
 from domainprune.encoders.pipeline import EncoderRecipe, apply_plan, plan_units
 from domainprune.encoders.train import recover
 
@@ -62,7 +62,7 @@ def calibration_pairs(pairs: list[retrieval.Pair], n: int, seed: int = 0) -> lis
 def measure(model, tasks: dict[str, retrieval.RetrievalSplit], batch_size: int) -> dict:
     out = {name: retrieval.evaluate(model, task, batch_size=batch_size) for name, task in tasks.items()}
     out["params"] = sum(p.numel() for p in model.parameters())
-    out["attention_mlp_params"] = BertUnits(model).attention_mlp_params()
+    out["attention_mlp_params"] = encoder_units(model).attention_mlp_params()
     return out
 
 
@@ -136,20 +136,43 @@ def run(args) -> None:
             n = round(share * len(domain))
             domain = domain[: len(domain) - n] + general[:n]
         scores = None
-        for level in (float(x) for x in args.levels.split(",")):
+        # `dense`: no pruning, the same recovery as the pruned rows (is a recovered row's gain more than what
+        # recovery gives any model?)
+        levels = [0.0] if name == "dense" else [float(x) for x in args.levels.split(",")]
+        for level in levels:
             key = f"{method}{args.tag}|{level:.2f}"
             row = done.get(key)
             untagged = done.get(f"{method}|{level:.2f}")
             if row is None and args.tag and untagged is not None:  # the same pruned model: its figures, not a rerun
                 row = {k: v for k, v in untagged.items() if k not in ("recovery", "recovered")}
                 row.update(key=key, method=method + args.tag)
-            wants_recovery = args.recover_steps > 0 and level in recover_levels and method in recover_methods
+            wants_recovery = (
+                args.recover_steps > 0 and (level in recover_levels or name == "dense") and method in recover_methods
+            )
             if row is not None and (not wants_recovery or "recovered" in row):
+                continue
+            if name == "dense":  # the dense figures measured above, then recovered
+                model = copy.deepcopy(dense)
+                row = row or {
+                    "key": key,
+                    "method": method + args.tag,
+                    "level": 0.0,
+                    "sparsity": 0.0,
+                    "machine": machine,
+                    **{k: done["dense"][k] for k in ("code", "general", "params", "attention_mlp_params")},
+                }
+                row["recovery"] = recover(
+                    model, train, steps=args.recover_steps, batch_size=args.recover_batch, lr=args.lr, seed=0
+                )
+                row["recovered"] = measure(model, tasks, args.batch_size)
+                done[key] = row
+                save_rows(raw, done)
+                print(key, f"code nDCG@10 {row['code']['ndcg@10']:.4f} -> {row['recovered']['code']['ndcg@10']:.4f}")
                 continue
             if scores is None:
                 scores, score_seconds = method_scores(dense, name, stream, domain, general, args)
             model = copy.deepcopy(dense)
-            units = BertUnits(model)
+            units = encoder_units(model)
             recipe = EncoderRecipe(model=args.model, sparsity=level, allocation=allocation)
             texts = [t for p in domain for t in p[:2]]
             started = time.perf_counter()

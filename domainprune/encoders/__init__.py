@@ -3,6 +3,6 @@ evaluation and contrastive recovery (`encoders.pipeline`: prune_encoder, evaluat
 docs/embeddings.md. Only the model layer is imported with the package: `load_pretrained` reads encoder checkpoints
 through it, and the pipeline, which loads models and writes checkpoints, sits above both."""
 
-from .model import PRESETS, BertUnits, is_encoder, load_encoder
+from .model import PRESETS, BertUnits, encoder_units, is_encoder, load_encoder
 
-__all__ = ["PRESETS", "BertUnits", "is_encoder", "load_encoder"]
+__all__ = ["PRESETS", "BertUnits", "encoder_units", "is_encoder", "load_encoder"]

@@ -34,8 +34,7 @@ def uniform_widths(units: BertUnits, sparsity: float, which: str) -> tuple[int, 
     heads in the same proportion (at least one), FFN channels make up the rest; `ffn` keeps every head."""
     i = 0
     heads = units.heads(i) if which == "ffn" else max(1, round(units.heads(i) * (1 - sparsity)))
-    d = units.bert.config.hidden_size
-    target = (1 - sparsity) * units.layer_params(i) - heads * units.head_params() - 2 * d
+    target = (1 - sparsity) * units.layer_params(i) - heads * units.head_params() - units.fixed_params()
     channels = round(target / units.channel_params())
     if channels < 1:
         raise DomainpruneError(

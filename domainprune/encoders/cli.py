@@ -133,14 +133,14 @@ def _table(title: str, names: list[str], figures: list[dict[str, dict[str, float
 
 def _measure(names: list[str], data: list[str], batch_size: int, device: str, quiet: bool) -> list[dict]:
     from ..models import resolve_device
-    from .model import BertUnits, load_encoder
+    from .model import encoder_units, load_encoder
     from .pipeline import evaluate_encoder
 
     results = []
     for name in names:
         model = load_encoder(name, device=resolve_device(device))
         figures = evaluate_encoder(model, data=data, batch_size=batch_size, progress=not quiet)
-        units = BertUnits(model)
+        units = encoder_units(model)
         results.append(
             {
                 "name": name,

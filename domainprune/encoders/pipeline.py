@@ -21,7 +21,7 @@ from .allocate import ALLOCATIONS, keep_top
 from .compensate import COMPENSATIONS, apply_compensated
 from .criteria import Calibration, LayerScores, get_criterion
 from .export import save_encoder
-from .model import BertUnits, is_encoder, load_encoder, resolve
+from .model import BertUnits, encoder_units, is_encoder, load_encoder, resolve
 from .train import recover as contrastive_recover
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,9 @@ def plan_units(units: BertUnits, scores: list[LayerScores] | torch.Tensor, recip
         drop = round(recipe.sparsity * units.num_layers())
         if drop >= units.num_layers():
             raise DomainpruneError(f"--sparsity {recipe.sparsity} would remove every layer; lower it")
-        return {"keep_layers": keep_top(scores, units.num_layers() - drop), "layer_scores": scores.tolist()}
+        protected = scores.clone()
+        protected[list(units.protected_layers)] = float("inf")
+        return {"keep_layers": keep_top(protected, units.num_layers() - drop), "layer_scores": scores.tolist()}
     return {"layers": ALLOCATIONS.lookup(recipe.allocation)(units, scores, recipe.sparsity, recipe.units)}
 
 
@@ -114,6 +116,11 @@ def apply_plan(
         units.keep_layers(plan["keep_layers"])
         return
     if compensation != "none":
+        if units.attn_out(0).bias is None or units.ffn_out(0).bias is None:
+            raise DomainpruneError(
+                f"compensation {compensation!r} adds to the output projections' biases, which this "
+                f"{units.bert.config.model_type} model does not have; use no compensation"
+            )
         if not texts:
             raise DomainpruneError(f"compensation {compensation!r} needs calibration texts")
         apply_compensated(units, plan["layers"], compensation, list(texts), batch_size)
@@ -142,7 +149,7 @@ def prune_encoder(
     deployed_length = model.max_seq_length
     if recipe.seq_len is not None:  # calibration only: the output keeps the model's own max_seq_length
         model.max_seq_length = min(recipe.seq_len, deployed_length or recipe.seq_len)
-    units = BertUnits(model)
+    units = encoder_units(model)
     before_total = sum(p.numel() for p in model.parameters())
     before = units.attention_mlp_params()
     calib = calibration(recipe, progress)

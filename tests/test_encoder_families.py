@@ -31,8 +31,14 @@ def _config(family: str):
         return XLMRobertaConfig(**common, max_position_embeddings=66, type_vocab_size=1)
     # layers 0 and 2 global, layer 1 sliding (window of 8 < the probes' length: the layer types matter)
     return ModernBertConfig(
-        **common, max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=8,
-        bos_token_id=101, eos_token_id=102, cls_token_id=101, sep_token_id=102,
+        **common,
+        max_position_embeddings=64,
+        global_attn_every_n_layers=2,
+        local_attention=8,
+        bos_token_id=101,
+        eos_token_id=102,
+        cls_token_id=101,
+        sep_token_id=102,
     )
 
 
@@ -101,9 +107,7 @@ def test_registry_picks_the_family(tiny):
     assert (units.num_layers(), units.heads(0), units.channels(0), units.head_dim) == (LAYERS, HEADS, FFN, 8)
     # the parameter bookkeeping matches the real modules
     for i in range(units.num_layers()):
-        counted = sum(
-            p.numel() for n, p in units.layers[i].named_parameters() if "norm" not in n.lower()
-        )
+        counted = sum(p.numel() for n, p in units.layers[i].named_parameters() if "norm" not in n.lower())
         assert units.layer_params(i) == counted
 
 

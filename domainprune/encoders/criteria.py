@@ -289,7 +289,8 @@ class ShortGPT(Criterion):
         for chunk in batches(calib.texts, calib.batch_size, calib.progress, "block influence"):
             features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model.preprocess(inputs=chunk).items()}
             mask = features["attention_mask"].bool()
-            extra = {"token_type_ids": features["token_type_ids"]} if units.token_types and "token_type_ids" in features else {}
+            types = features.get("token_type_ids") if units.token_types else None
+            extra = {} if types is None else {"token_type_ids": types}
             out = units.bert(
                 input_ids=features["input_ids"],
                 attention_mask=features["attention_mask"],

@@ -7,8 +7,8 @@ whole layers. Each architecture's layout is a units class registered by model_ty
 picks it): `bert` and `xlm-roberta` share BERT's module layout; `modernbert` has a fused Wqkv, a GLU MLP and no
 biases by default (ModernBertUnits).
 
-Stock `BertModel` (and every model here) derives the head size from hidden_size / num_attention_heads, so a model with fewer heads cannot
-be described by a stock config: outputs with removed heads or per-layer widths carry
+Stock `BertModel` (and every model here) derives the head size from hidden_size / num_attention_heads, so a model
+with fewer heads cannot be described by a stock config: outputs with removed heads or per-layer widths carry
 `"domainprune": {"encoder_layers": [{"heads": h, "intermediate": i}, ...]}` in config.json and load with
 `domainprune.load_pretrained` (stock loaders refuse them with a size mismatch rather than misloading). Outputs that
 only remove FFN channels (the same number in every layer) and whole layers have a stock config.
@@ -324,8 +324,8 @@ class ModernBertUnits(BertUnits):
         return self.layers[i].mlp.Wo.in_features
 
     def head_params(self) -> int:
-        config = self.bert.config
-        return 3 * self.head_dim * (config.hidden_size + bool(config.attention_bias)) + self.head_dim * config.hidden_size
+        d, bias = self.bert.config.hidden_size, bool(self.bert.config.attention_bias)
+        return 3 * self.head_dim * (d + bias) + self.head_dim * d
 
     def channel_params(self) -> int:
         config = self.bert.config

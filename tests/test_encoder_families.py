@@ -205,3 +205,43 @@ def test_compensation_needs_biases(family_folder):
     else:  # BERT's layout: compensation works as for BERT
         apply_plan(units, plan, "bias", ["def f(): pass", "a sentence about Paris"], 2)
         assert units.heads(0) == 3 and units.channels(0) == 40
+
+
+def test_cli_prune_eval_recover(family_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from domainprune.cli import app
+
+    family, folder = family_folder
+    data = tmp_path / "pairs.jsonl"
+    rows = [
+        {"query": f"how do I compute item {i}", "positive": f"def item_{i}(): return {i} * {i}", "group": f"f{i}"}
+        for i in range(80)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["prune", "--model", str(folder), "--data", str(data), "--method", "wanda-sp", "--sparsity", "0.4"]
+    r = runner.invoke(app, [*args, "--allocation", "global", "--calib-samples", "16", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["sparsity_achieved"] - 0.4) < 0.02
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    r = runner.invoke(app, ["eval", str(out), "--data", str(data), "--json", str(tmp_path / "e.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    figures = json.loads((tmp_path / "e.json").read_text())["results"][0]["tasks"][str(data)]
+    assert figures["queries"] > 0 and 0 <= figures["ndcg@10"] <= 1
+    rec = ["recover", str(out), "--out", str(tmp_path / "rec"), "--data", str(data), "--max-steps", "2"]
+    r = runner.invoke(app, [*rec, "--batch-size", "4", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "rec" / "recover.json").read_text())["steps"] == 2
+    assert encoder_units(load_pretrained(tmp_path / "rec")).per_layer() == report["per_layer"]
+
+
+def test_gguf_export_is_bert_only(family_folder, tmp_path):
+    from domainprune.encoders.gguf import export_encoder_gguf
+
+    family, folder = family_folder
+    with pytest.raises(DomainpruneError, match=f"{family} is not bert"):
+        export_encoder_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()

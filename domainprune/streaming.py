@@ -212,6 +212,8 @@ class WalkResume:
             return
         state = cache.load_tensors(self.folder / self.RESUME_FILE)
         if state is None or not isinstance(state[1], dict):
+            if (self.folder / self.RESUME_FILE).exists():
+                log.warning("%s: the saved progress in %s is unreadable; starting at layer 0", self.name, self.folder)
             return
         k = int(state[1].get("next_layer", 0))
         hidden = self.activations and k < self.n_layers  # the last layer's outputs are needed by nobody

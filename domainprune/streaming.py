@@ -16,6 +16,10 @@ layer is loaded) in the first walk, then the allocation, then a second walk that
 `--offload cpu` keeps the model in CPU memory and moves one layer at a time to the compute device (the GPU), with
 the same passes; its export is the ordinary in-memory one.
 
+Resuming (`--offload disk`): each walk keeps what its finished layers produced (statistics and scores; the written
+shard, the layer's plan, the activations entering the next layer) in the run's cache entry (`WalkResume`), so a
+rerun of a killed run continues at the first unfinished layer and writes the same weights.
+
 Verification (`--offload disk`): a 32-token probe is carried through every finished layer during the last walk;
 the written folder is then rebuilt on the meta device from its own config and streamed back, and the probe's logits
 must match, so a config or shard that does not describe the weights fails before the folder is moved into place.

@@ -232,9 +232,9 @@ class WalkResume:
 
     def hidden(self, batch_size: int, device: torch.device) -> list[torch.Tensor] | None:
         """The calibration activations entering layer `start`, in the batches they were saved in (the batch size is
-        part of the key)."""
+        part of the key); handed over, not kept here as well."""
         keys = sorted((n for n in self.saved if n.startswith("hidden/")), key=lambda n: int(n.split("/")[1]))
-        return [self.saved[n].to(device) for n in keys] or None
+        return [self.saved.pop(n).to(device) for n in keys] or None
 
     def carried(self, name: str) -> torch.Tensor:
         return self.saved[f"carry/{name}"]

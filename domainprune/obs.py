@@ -535,6 +535,13 @@ def reconstruct_layers(
     if point is not None and _restore(adapter, folder, point[0], layers, stats_all):
         start, hidden = point
         log.info("obs reconstruction: resuming at layer %d (%s)", start, folder)
+    resume = source.resume if source is not None else None  # a streamed walk's saved progress (streaming.py)
+    if resume is not None and resume.start:  # the finished layers are the source's shards: only their plans here
+        start, hidden = resume.start, resume.hidden(batch_size, runner.device)
+        for tensors, meta in resume.records:
+            layers.append(LayerPlan.model_validate(meta["plan"]))
+            if stats_all is not None and not layers[-1].drop:
+                stats_all.append({k.removeprefix("stats/"): v for k, v in tensors.items() if k.startswith("stats/")})
     for i in walk(adapter, source, start=start, desc="obs reconstruction", progress=progress):
         s = adapter.shape(i)
         biased = {"attention": False, "mlp": False}
@@ -548,7 +555,7 @@ def reconstruct_layers(
                     mlp_channels=list(range(s.intermediate_size)),
                 )
             )
-            _checkpoint(adapter, folder, i, layers[-1], biased, None, hidden)
+            _checkpoint(adapter, folder, i, layers[-1], biased, None, hidden, resume)
             continue
         stats = None
         if chooser.needs_stats:
@@ -611,16 +618,20 @@ def reconstruct_layers(
         with adapter.swapped(i, **stand_ins):
             hidden = runner.outputs(i, hidden, kwargs[i])
         stand_ins.clear()
-        _checkpoint(adapter, folder, i, layers[-1], biased, stats, hidden)
+        _checkpoint(adapter, folder, i, layers[-1], biased, stats, hidden, resume)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)  # the result lives in the model now; the checkpoints served
     return layers, stats_all
 
 
-def _checkpoint(adapter: DecoderAdapter, folder, i: int, lp: LayerPlan, biased: dict, stats, hidden) -> None:
-    """Layer i's weights, plan and statistics, then the next layer's inputs (the resume point), in the cache."""
+def _checkpoint(adapter: DecoderAdapter, folder, i: int, lp: LayerPlan, biased: dict, stats, hidden, resume) -> None:
+    """Layer i's weights, plan and statistics, then the next layer's inputs (the resume point), in the cache; or,
+    streamed, its plan and statistics staged in the walk's `resume` (the source keeps its weights, as its shard)."""
     from . import cache
 
+    if resume is not None:
+        stats = {f"stats/{k}": v for k, v in (stats or {}).items()}
+        resume.stage(i, tensors=stats, meta={"plan": lp.model_dump(mode="json"), "biased": biased}, hidden=hidden)
     if folder is None:
         return
     tensors = {f"weight/{k}": v for k, v in adapter.layers[i].state_dict().items()}

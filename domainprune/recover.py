@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -657,6 +658,7 @@ def recover(
         config=config,
     )
     trainer.stopped_by_budget = False
+    report["distributed"] = check_sharding(trainer.accelerator)
     if t_model is not None:
         t_model.to(args.device)  # under `accelerate launch` / torchrun: this process's device
     trainer.add_callback(Progress(trainer, staging / LOG_FILE, config.time_budget))
@@ -708,6 +710,31 @@ def recover(
             shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def check_sharding(accelerator) -> str:
+    """How the processes train (accelerate's distributed type, e.g. NO, MULTI_CPU, MULTI_GPU), before any step.
+
+    Weight sharding (FSDP, DeepSpeed ZeRO-3) is refused: each process would merge LoRA into its own shard and the first
+    would write that shard as the model (gathering the full state dict first is not implemented; docs/recovery.md).
+    `accelerate launch --use_fsdp` on CPUs is not FSDP at all: accelerate 1.15 turns FSDP on only for GPU-type
+    devices and trains the CPU processes data-parallel (DDP over gloo), which is said in a warning."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    plugin = accelerator.state.deepspeed_plugin if kind == DistributedType.DEEPSPEED else None
+    if kind == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3):
+        raise DomainpruneError(
+            "recover does not gather weights sharded by FSDP or ZeRO-3 before merging and writing them: launch it "
+            "data-parallel instead (accelerate launch --multi_gpu, or DeepSpeed --zero_stage 2)"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        log.warning(
+            "accelerate launch --use_fsdp: accelerate shards with FSDP on GPUs only; these processes train "
+            "data-parallel instead (%s), each holding the whole model",
+            kind.value,
+        )
+    return kind.value
 
 
 def prepare_data(

@@ -30,6 +30,8 @@ class LayerSource:
     """Every layer resident on one device (`--offload none`): loading and releasing are no-ops."""
 
     name = "none"
+    # a streamed walk's progress on disk (`streaming.WalkResume`): the stages resume from it and stage into it
+    resume = None
 
     def load(self, adapter: DecoderAdapter, i: int) -> None:
         """Make layer i's weights usable on its compute device."""

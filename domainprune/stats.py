@@ -240,6 +240,10 @@ def collect_statistics(
         start, hidden = point
         stats_all = done[:start]
         log.info("statistics: resuming at layer %d", start)
+    resume = source.resume if source is not None else None  # a streamed walk's saved progress (streaming.py)
+    if resume is not None and resume.start:
+        start, hidden = resume.start, resume.hidden(batch_size, runner.device)
+        stats_all = [{k[6:]: v for k, v in t.items() if k.startswith("stats/")} for t, _ in resume.records]
     first_hidden, kwargs = runner.capture()
     hidden = hidden if hidden is not None else first_hidden
     for i in walk(adapter, source, start=start, desc="statistics", progress=progress):
@@ -248,6 +252,8 @@ def collect_statistics(
         if sequential and after_layer(i, stats):
             outputs = runner.outputs(i, hidden, kwargs[i])
         hidden = outputs
+        if resume is not None:
+            resume.stage(i, tensors={f"stats/{k}": v for k, v in stats.items()}, hidden=hidden)
         if use_cache:
             # after every layer: a killed run resumes here (the layer's inputs are one tensor write)
             cache.save_tensors(layer_file(i), stats)

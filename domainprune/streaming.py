@@ -16,6 +16,10 @@ layer is loaded) in the first walk, then the allocation, then a second walk that
 `--offload cpu` keeps the model in CPU memory and moves one layer at a time to the compute device (the GPU), with
 the same passes; its export is the ordinary in-memory one.
 
+Resuming (`--offload disk`): each walk keeps what its finished layers produced (statistics and scores; the written
+shard, the layer's plan, the activations entering the next layer) in the run's cache entry (`WalkResume`), so a
+rerun of a killed run continues at the first unfinished layer and writes the same weights.
+
 Verification (`--offload disk`): a 32-token probe is carried through every finished layer during the last walk;
 the written folder is then rebuilt on the meta device from its own config and streamed back, and the probe's logits
 must match, so a config or shard that does not describe the weights fails before the folder is moved into place.
@@ -23,8 +27,12 @@ must match, so a config or shard that does not describe the weights fails before
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+import os
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import faults
+from . import cache, faults
 from .adapters import DecoderAdapter, get_adapter
 from .errors import DomainpruneError
 from .runner import CpuOffload, LayerSource, walk
@@ -46,6 +54,7 @@ OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
 FIT_FRACTION = 0.6
 INDEX_FILE = "model.safetensors.index.json"
 _ITEMSIZE = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_BYTES = {**_ITEMSIZE, "F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 class Checkpoint:
@@ -101,26 +110,180 @@ class Checkpoint:
 
 
 class ShardWriter:
-    """Writes the output checkpoint one shard at a time (a decoder layer each, the rest last) and its index."""
+    """Writes the output checkpoint one shard at a time (a decoder layer each, the rest last) into `folder` (the run's
+    cache entry, so that a killed run keeps its finished layers), and at the end links them into the output with
+    their index."""
 
     def __init__(self, folder: Path, shards: int):
         self.folder, self.shards = Path(folder), shards
         self.weight_map: dict[str, str] = {}
         self.total = 0
 
+    def name(self, k: int) -> str:
+        return f"model-{k + 1:05d}-of-{self.shards:05d}.safetensors"
+
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        name = f"model-{k + 1:05d}-of-{self.shards:05d}.safetensors"
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
-        save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
-        for n, t in tensors.items():
-            self.weight_map[n] = name
-            self.total += t.numel() * t.element_size()
+        cache.atomic_write(self.folder / self.name(k), lambda tmp: save_file(tensors, str(tmp), {"format": "pt"}))
+        self._register(k, {n: t.numel() * t.element_size() for n, t in tensors.items()})
 
-    def finish(self) -> None:
+    def shapes(self, k: int) -> dict[str, tuple[int, ...]] | None:
+        """The tensor shapes of shard k as written by an earlier run, or None if it is missing or unreadable."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.folder / self.name(k)), framework="pt") as f:
+                return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+        except Exception:  # noqa: BLE001 - missing or damaged: the layer is redone
+            return None
+
+    def adopt(self, k: int) -> None:
+        """Count shard k, written by the run that was killed, as written."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self.name(k)), framework="pt") as f:
+            sizes = {}
+            for n in f.keys():
+                s = f.get_slice(n)
+                sizes[n] = math.prod(s.get_shape()) * _BYTES[s.get_dtype()]
+        self._register(k, sizes)
+
+    def _register(self, k: int, sizes: dict[str, int]) -> None:
+        for n, size in sizes.items():
+            self.weight_map[n] = self.name(k)
+            self.total += size
+
+    def finish(self, out: Path) -> None:
+        """Link (or, across file systems, copy) every shard into `out` and write the index there."""
+        for name in sorted(set(self.weight_map.values())):
+            try:
+                os.link(self.folder / name, out / name)
+            except OSError:
+                shutil.copyfile(self.folder / name, out / name)
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+STREAM_VERSION = 1  # of the cache entries below: a change in what they hold makes older entries unreadable
+
+
+def stream_key(recipe, checkpoint: Checkpoint, sequences: torch.Tensor, dtype: torch.dtype, device) -> str:
+    """The cache key of a streamed run's progress: the recipe, the input (each file's path, size and modification
+    time) and the calibration tokens, in this dtype on this kind of device."""
+    from .stats import STATS_VERSION, tensor_fingerprint
+
+    files = sorted({*checkpoint.files.values(), checkpoint.folder / "config.json"})
+    return cache.fingerprint(
+        "stream",
+        STREAM_VERSION,
+        STATS_VERSION,
+        recipe.model_dump(mode="json"),
+        [cache.file_fingerprint(f) for f in files if f.is_file()],
+        tensor_fingerprint(sequences),
+        str(dtype),
+        torch.device(device).type,
+    )
+
+
+class WalkResume:
+    """One streamed layer walk's progress in the run's cache entry (docs/streaming.md, "Resuming"): a record per
+    finished layer (tensors in safetensors, the rest as JSON in its header) and, after each, the resume point: the
+    index of the next layer and the calibration activations entering it (plus what the source carries, the probe).
+
+    The stage running the walk (statistics, OBS, the cut) reads `start`, `hidden()` and `records` before it begins and
+    `stage`s what layer i produced in its loop body; the source `commit`s it after the layer's turn (after writing its
+    shard), so a resume point never names a layer whose shard is not on disk. Every file is written to a temporary
+    name and renamed; a missing, unreadable or inconsistent entry is not trusted: the walk starts again at layer 0.
+    Without a folder (`--offload cpu`) nothing is kept."""
+
+    RESUME_FILE = "resume.safetensors"
+
+    def __init__(self, folder: Path | None, name: str, n_layers: int, activations: bool = True):
+        self.folder = folder / name if folder is not None else None
+        self.name, self.n_layers = name, n_layers
+        self.activations = activations  # whether the walk carries them from layer to layer (the plain cut does not)
+        self.start = 0
+        self.records: list[tuple[dict[str, torch.Tensor], dict]] = []
+        self.saved: dict[str, torch.Tensor] = {}  # the resume file's tensors: "hidden/<batch>", "carry/<name>"
+        self._pending: tuple[dict, dict, list[torch.Tensor] | None] = ({}, {}, None)
+
+    def open(self, has_layer=lambda i: True, carried: tuple[str, ...] = ()) -> None:
+        """Read the resume point; keep it only if every record before it, `has_layer(i)` for each of those layers
+        (their shards) and the tensors `carried` are there."""
+        if self.folder is None:
+            return
+        state = cache.load_tensors(self.folder / self.RESUME_FILE)
+        if state is None or not isinstance(state[1], dict):
+            if (self.folder / self.RESUME_FILE).exists():
+                log.warning("%s: the saved progress in %s is unreadable; starting at layer 0", self.name, self.folder)
+            return
+        k = int(state[1].get("next_layer", 0))
+        hidden = self.activations and k < self.n_layers  # the last layer's outputs are needed by nobody
+        ok = 0 < k <= self.n_layers and (any(n.startswith("hidden/") for n in state[0]) or not hidden)
+        ok = ok and all(f"carry/{c}" in state[0] for c in carried)
+        records = [cache.load_tensors(self._record(i)) for i in range(k)] if ok else []
+        if not ok or any(r is None or not isinstance(r[1], dict) for r in records) or not all(map(has_layer, range(k))):
+            log.warning("%s: the saved progress in %s is incomplete; starting at layer 0", self.name, self.folder)
+            return
+        self.start, self.records, self.saved = k, records, state[0]
+        log.info("%s: resuming at layer %d/%d (%s)", self.name, k, self.n_layers, self.folder)
+
+    def hidden(self, batch_size: int, device: torch.device) -> list[torch.Tensor] | None:
+        """The calibration activations entering layer `start`, in the batches they were saved in (the batch size is
+        part of the key); handed over, not kept here as well."""
+        keys = sorted((n for n in self.saved if n.startswith("hidden/")), key=lambda n: int(n.split("/")[1]))
+        return [self.saved.pop(n).to(device) for n in keys] or None
+
+    def carried(self, name: str) -> torch.Tensor:
+        return self.saved[f"carry/{name}"]
+
+    def stage(self, i: int, tensors: dict | None = None, meta: dict | None = None, hidden=None) -> None:
+        """What layer i's turn produced (called in the loop body, possibly several times: merged)."""
+        if self.folder is None:
+            return
+        old_tensors, old_meta, old_hidden = self._pending
+        self._pending = (
+            {**old_tensors, **(tensors or {})},
+            {**old_meta, **(meta or {})},
+            hidden if hidden is not None else old_hidden,
+        )
+
+    def commit(self, i: int, carry: dict[str, torch.Tensor] | None = None) -> None:
+        """Layer i is finished: its record, then the resume point at layer i+1 (called by the source)."""
+        tensors, meta, hidden = self._pending
+        self._pending = ({}, {}, None)
+        if self.folder is None:
+            return
+        cache.save_tensors(self._record(i), tensors, {"layer": i, **meta})
+        state = {f"carry/{k}": v for k, v in (carry or {}).items()}
+        if self.activations and i + 1 < self.n_layers:
+            if hidden is None:
+                raise RuntimeError(f"{self.name}: layer {i} staged no activations for layer {i + 1}")
+            state.update({f"hidden/{j}": h for j, h in enumerate(hidden)})
+        _save_in_place(self.folder / self.RESUME_FILE, state, {"next_layer": i + 1})
+        faults.point(f"stream:{self.name}:{i}")
+
+    def _record(self, i: int) -> Path:
+        return self.folder / f"layer_{i:05d}.safetensors"
+
+
+def _save_in_place(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """`cache.save_tensors` without its copy of every tensor: the activations saved after each layer are the largest
+    thing in memory, and a CPU tensor that is already contiguous is written as it is."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    cache.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)}))
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}/{k}": v for k, v in tensors.items()}
+
+
+def _unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(f"{prefix}/"): v for k, v in tensors.items() if k.startswith(f"{prefix}/")}
 
 
 def _materialize(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -217,7 +380,8 @@ class DiskStream(LayerSource):
         self.prefixes = [names[id(layer)] + "." for layer in adapter.layers]
         self.writer: ShardWriter | None = None
         self.probe: _Probe | None = None
-        self.walks: list[list[float]] = []  # seconds of each layer's turn, per walk (report.json "stream")
+        self.folder: Path | None = None  # the run's cache entry: each walk's progress (`WalkResume`), the shards
+        self.walks: list[dict[str, Any]] = []  # per walk: where it resumed, seconds of each layer's turn
         self.read_seconds = self.write_seconds = 0.0
         self._turn = 0.0
         for i, prefix in enumerate(self.prefixes):  # a checkpoint that does not match is refused before any work
@@ -228,10 +392,26 @@ class DiskStream(LayerSource):
                     "do not match the architecture, so it cannot be streamed: use --offload none"
                 )
 
+    def begin(self, name: str, n_layers: int, activations: bool = True) -> WalkResume:
+        """A new walk; on the last one (with a writer) a layer counts as finished only with its shard on disk."""
+        resume = WalkResume(self.folder, name, n_layers, activations)
+        if self.writer is None:
+            resume.open()
+        else:
+            probe = ("probe",) if self.probe is not None else ()
+            resume.open(lambda i: self.writer.shapes(i) is not None, probe)
+            for i in range(resume.start):
+                self.writer.adopt(i)
+            if self.probe is not None and resume.start:
+                self.probe.hidden = resume.carried("probe").to(self.probe.hidden.device)
+        self.resume = resume
+        self.walks.append({"name": name, "resumed_at": resume.start, "turns": []})
+        return resume
+
     def load(self, adapter, i):
         self._turn = time.perf_counter()
-        if i == 0:
-            self.walks.append([])
+        if not self.walks:  # a walk without `begin` (the verification's): nothing to resume
+            self.walks.append({"name": "walk", "resumed_at": 0, "turns": []})
         prefix = self.prefixes[i]
         names = _param_names(adapter.layers[i])
         tensors = self.checkpoint.read([prefix + n for n in names], self.dtype, self.device)
@@ -240,29 +420,59 @@ class DiskStream(LayerSource):
 
     def release(self, adapter, i):
         layer = adapter.layers[i]
+        carry = {}
         if self.writer is not None:
             if self.probe is not None:
                 self.probe.step(layer, i)
+                carry["probe"] = self.probe.hidden
             writing = time.perf_counter()
             self.writer.write(i, {self.prefixes[i] + k: v for k, v in layer.state_dict().items()})
             self.write_seconds += time.perf_counter() - writing
-            faults.point(f"stream:{i}")
+        if self.resume is not None:
+            self.resume.commit(i, carry)
         _to_meta(layer)
         _release_freed_memory()
-        self.walks[-1].append(time.perf_counter() - self._turn)
+        self.walks[-1]["turns"].append(time.perf_counter() - self._turn)
+
+    def reshape_finished(self, adapter: DecoderAdapter, plan) -> None:
+        """Give the layers a killed run finished (their shards adopted, not recomputed) their pruned shapes on the meta
+        device, as the cut gave the others: what `surgery.finish` and config.json read. A shard whose shapes the plan
+        does not give is refused (and the progress removed), never trusted."""
+        start = self.walks[-1]["resumed_at"] if self.walks else 0
+        for i in range(start):
+            layer = adapter.layers[i]
+            shard = {n.removeprefix(self.prefixes[i]): shape for n, shape in (self.writer.shapes(i) or {}).items()}
+            names = {id(m): n for n, m in layer.named_modules()}
+            lp = plan.layers[i]
+            s = adapter.shape(i)
+
+            def added_bias(linear: nn.Module) -> torch.Tensor | None:
+                has = f"{names[id(linear)]}.bias" in shard and linear.bias is None
+                return torch.zeros(adapter.hidden_size, device="meta", dtype=self.dtype) if has else None
+
+            if (len(lp.query_heads), len(lp.kv_heads)) != (s.num_heads, s.num_kv_heads):
+                adapter.slice_attention(i, lp.query_heads, lp.kv_heads, added_bias(adapter.o_proj(i)))
+            if len(lp.mlp_channels) != s.intermediate_size:
+                adapter.slice_mlp(i, lp.mlp_channels, added_bias(adapter.down_proj(i)))
+            _to_meta(layer)
+            got = {n: tuple(p.shape) for n, p in layer.state_dict().items()}
+            if got != shard:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                raise DomainpruneError(
+                    f"the saved layer {i} of an interrupted run does not match its plan; the saved progress was "
+                    "removed: run the command again"
+                )
 
     def summary(self) -> dict[str, Any]:
+        walks = []
+        for w in self.walks:
+            t = w["turns"]
+            entry = {"name": w["name"], "resumed_at": w["resumed_at"], "layers": len(t), "seconds": round(sum(t), 2)}
+            if t:
+                entry.update(mean_layer_seconds=round(sum(t) / len(t), 3), max_layer_seconds=round(max(t), 3))
+            walks.append(entry)
         return {
-            "walks": [
-                {
-                    "layers": len(w),
-                    "seconds": round(sum(w), 2),
-                    "mean_layer_seconds": round(sum(w) / len(w), 3),
-                    "max_layer_seconds": round(max(w), 3),
-                }
-                for w in self.walks
-                if w
-            ],
+            "walks": walks,
             "read_seconds": round(self.read_seconds, 2),
             "write_seconds": round(self.write_seconds, 2),
         }
@@ -449,18 +659,19 @@ def prune_streamed(
     total_before = parameter_count(net)
     wanted = budget(recipe, adapter, total_before)
 
-    def plan_and_cut(writer: ShardWriter | None):
-        return _plan_and_cut(loaded, adapter, recipe, source, wanted, total_before, writer, progress)
+    def plan_and_cut():
+        return _plan_and_cut(loaded, adapter, recipe, source, wanted, total_before, progress)
 
     if offload == "disk":
         from .runfolder import run_folder
 
         with run_folder(out, force=force) as folder:
             tmp = folder.path
-            writer = ShardWriter(tmp, adapter.num_layers + 1)
             source.probe = _Probe(net, adapter) if verify else None
-            plan, recipe = plan_and_cut(writer)
-            _write_rest(net, adapter, checkpoint, writer, plan, bool(recipe.bias_compensation), dtype, device)
+            plan, recipe = plan_and_cut()
+            source.reshape_finished(adapter, plan)
+            _write_rest(net, adapter, checkpoint, source.writer, plan, bool(recipe.bias_compensation), dtype, device)
+            source.writer.finish(tmp)
             report = _report(recipe, plan, wanted, parameter_count(net), started, device, adapter, offload)
             plan.params.total_after = report["total_params"][1]
             folder.write_config(net)
@@ -470,14 +681,19 @@ def prune_streamed(
             report["stream"] = source.summary()
             if verify:
                 verifying = time.perf_counter()
-                diff = _verify(net, source.probe, tmp, device, dtype, progress)
+                try:
+                    diff = _verify(net, source.probe, tmp, device, dtype, progress)
+                except DomainpruneError:  # whatever was wrong, the saved progress is not reused
+                    shutil.rmtree(source.folder, ignore_errors=True)
+                    raise
                 log.info("export verified: max logit difference after streaming the output back %.2e", diff)
                 seconds = round(time.perf_counter() - verifying, 2)
                 report["stream"].update(verify_max_logit_diff=diff, verify_seconds=seconds)
             report["peak_memory_bytes"] = peak_memory_bytes(device)
             folder.write_json("report.json", report)
+        shutil.rmtree(source.folder, ignore_errors=True)  # the output holds the result now; the progress served
         return PruneResult(None, tokenizer, plan, recipe, out=Path(out), report=report)
-    plan, recipe = plan_and_cut(None)
+    plan, recipe = plan_and_cut()
     net.to("cpu")
     from .surgery import finish
 
@@ -501,13 +717,15 @@ def _plan_and_cut(
     source: LayerSource,
     wanted,
     total_before: int,
-    writer: ShardWriter | None,
     progress: bool,
 ):
-    """What `pipeline._make_plan_once` and `apply` do, as one or two layer walks through `source`; the last walk hands
-    every finished layer to `writer` (disk). Returns (plan, recipe); the layers are cut, `surgery.finish` not run."""
+    """What `pipeline._make_plan_once` and `apply` do, as one or two layer walks through `source`; with `--offload disk`
+    the last walk writes every finished layer as a shard, and each walk keeps its progress in the run's cache entry,
+    so that a killed run resumes at its first unfinished layer (`WalkResume`). Returns (plan, recipe); the layers are
+    cut, `surgery.finish` not run."""
     from .allocation import OWL_RATIO_KEY, allocation_needs_statistics, outlier_ratio, uniform_layer
     from .criteria import get_criterion
+    from .criteria.base import LayerScores
     from .pipeline import (
         calibration_sequences,
         check_budget,
@@ -517,7 +735,7 @@ def _plan_and_cut(
         target_sparsity,
         uniform_plan_counts,
     )
-    from .plan import dense_plan
+    from .plan import LayerPlan, dense_plan
     from .stats import collect_statistics, derived
     from .surgery import prune_layer
 
@@ -528,14 +746,22 @@ def _plan_and_cut(
     dense = dense_plan(adapter, loaded.source)
     sequences = calibration_sequences(recipe, loaded.tokenizer)
     bias = bool(recipe.bias_compensation)
+    n = adapter.num_layers
+    disk = isinstance(source, DiskStream)
+    if disk:
+        key = stream_key(recipe, source.checkpoint, sequences, source.dtype, source.device)
+        source.folder = cache.entry("stream", key)
 
-    def last_walk():
-        if writer is not None:
-            source.writer = writer
+    def begin(name: str, last: bool, activations: bool = True) -> WalkResume:
+        if not disk:
+            return WalkResume(None, name, n)
+        if last:
+            source.writer = ShardWriter(source.folder / "shards", n + 1)
+        return source.begin(name, n, activations)
 
     if criterion.sequential and recipe.allocation == "uniform":  # one walk: each layer scored on its current inputs
         counts = uniform_plan_counts(recipe, adapter, sparsity)
-        last_walk()
+        resume = begin("cut", last=True)
         if recipe.reconstruct:
             from .obs import reconstruct_layers
 
@@ -550,13 +776,14 @@ def _plan_and_cut(
                 source=source,
             )
         else:
-            layers = []
+            layers = [LayerPlan.model_validate(meta["plan"]) for _, meta in resume.records]
 
             def after_layer(i: int, layer_stats: dict) -> bool:
                 scores = criterion.score_layer(adapter, i, layer_stats)
                 lp = uniform_layer(adapter, i, scores, counts[i], recipe.attention_unit)
                 layers.append(lp)
                 prune_layer(adapter, lp, derived(layer_stats) if bias else None)
+                resume.stage(i, meta={"plan": lp.model_dump(mode="json")})
                 return True
 
             collect_statistics(
@@ -572,12 +799,15 @@ def _plan_and_cut(
         plan.params = plan.count_params(adapter, total_before)
     else:  # two walks: statistics and scores of every layer, the allocation, then the cuts
         need_stats = criterion.needs_statistics or bias or allocation_needs_statistics(recipe.allocation)
-        scores = []
+        resume = begin("statistics", last=False)
+        scores = [LayerScores(**_unprefixed(tensors, "score")) for tensors, _ in resume.records]
 
         def score(i: int, layer_stats: dict) -> bool:
             scores.append(criterion.score_layer(adapter, i, layer_stats if need_stats else None))
             if recipe.allocation == "owl":  # it reads the weights too: while they are here
                 layer_stats[OWL_RATIO_KEY] = torch.tensor(outlier_ratio(adapter, i, layer_stats), dtype=torch.float64)
+            kept = {f.name: getattr(scores[-1], f.name) for f in dataclasses.fields(LayerScores)}
+            resume.stage(i, tensors=_prefixed({k: v for k, v in kept.items() if v is not None}, "score"))
             return False
 
         stats = collect_statistics(
@@ -592,7 +822,7 @@ def _plan_and_cut(
         plan = plan_from_scores(recipe, criterion, adapter, dense, scores, sparsity, stats if need_stats else None)
         plan.params = plan.count_params(adapter, total_before)
         check_budget(recipe, plan, wanted)
-        last_walk()
+        resume = begin("cut", last=True, activations=bool(recipe.reconstruct))
         if recipe.reconstruct:
             from .obs import FixedPlan, reconstruct_layers
 
@@ -608,7 +838,7 @@ def _plan_and_cut(
             )
         else:
             means = [derived(s) for s in stats] if bias else None
-            for i in walk(adapter, source, desc="pruning", progress=progress):
+            for i in walk(adapter, source, start=resume.start, desc="pruning", progress=progress):
                 prune_layer(adapter, plan.layers[i], means[i] if means is not None else None)
     check_budget(recipe, plan, wanted)
     return plan.model_copy(update={"recipe": recipe.model_dump()}), recipe
@@ -646,7 +876,6 @@ def _write_rest(net, adapter, checkpoint, writer: ShardWriter, plan, compensated
     params = dict(net.named_parameters())
     tensors.update({name: params[name] for name in outside})
     writer.write(writer.shards - 1, tensors)
-    writer.finish()
 
 
 def _verify(net, probe: _Probe, folder: Path, device: torch.device, dtype: torch.dtype, progress: bool) -> float:

@@ -1,5 +1,6 @@
 """Distributed recovery: `domainprune recover` run unchanged by `accelerate launch` with 2 data-parallel CPU processes
-(gloo) gives the weights one process gives with the same global batch (docs/recovery.md, "Several devices")."""
+(gloo) gives the weights one process gives with the same global batch (docs/recovery.md, "Several processes").
+`--use_fsdp` on CPUs trains data-parallel too (accelerate 1.15 shards with FSDP on GPUs only), with a warning."""
 
 from __future__ import annotations
 
@@ -40,7 +41,17 @@ def run_dir(tmp_path_factory):
     return out
 
 
-def launch(run_dir: Path, out: Path, processes: int, batch_size: int) -> subprocess.CompletedProcess:
+# the FSDP2 launch a GPU user would give (docs/recovery.md)
+FSDP = [
+    "--use_fsdp",
+    "--fsdp_version=2",
+    "--fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP",
+    "--fsdp_transformer_layer_cls_to_wrap=LlamaDecoderLayer",
+    "--fsdp_state_dict_type=FULL_STATE_DICT",
+]
+
+
+def launch(run_dir: Path, out: Path, processes: int, batch_size: int, mode: list[str]) -> subprocess.CompletedProcess:
     """`accelerate launch` of the console command on CPU processes (accelerate's `--cpu` starts one process only;
     its multi-GPU launcher falls back to gloo on CPUs when no GPU is visible)."""
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # this checkout's domainprune
@@ -50,7 +61,7 @@ def launch(run_dir: Path, out: Path, processes: int, batch_size: int) -> subproc
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        *mode,
         f"--num_processes={processes}",
         "--num_machines=1",
         "--mixed_precision=no",
@@ -68,15 +79,19 @@ def launch(run_dir: Path, out: Path, processes: int, batch_size: int) -> subproc
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
-def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(run_dir, tmp_path):
-    done = launch(run_dir, tmp_path / "ddp", processes=2, batch_size=2)
+@pytest.mark.parametrize("mode", [["--multi_gpu"], FSDP], ids=["ddp", "fsdp-flags"])
+def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(run_dir, tmp_path, mode):
+    done = launch(run_dir, tmp_path / "ddp", processes=2, batch_size=2, mode=mode)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "ddp" / "recovery.json").read_text())["report"]
     assert report["processes"] == 2 and report["steps"] == 3
+    assert report["distributed"] == "MULTI_CPU"  # data-parallel over gloo, FSDP asked for or not
+    warned = "accelerate shards with FSDP on GPUs only" in " ".join(done.stderr.split())
+    assert warned == (mode == FSDP)
     assert not (tmp_path / ".ddp.recovery").exists()  # the first process cleaned up after the others finished
 
     single = recover(run_dir, out=tmp_path / "one", batch_size=4, progress=False, **TRAIN)
-    assert single.report["processes"] == 1
+    assert single.report["processes"] == 1 and single.report["distributed"] == "NO"
     pruned, two, one = (load_file(p / "model.safetensors") for p in (run_dir, tmp_path / "ddp", tmp_path / "one"))
     assert two.keys() == one.keys()
     moved = max(float((one[k] - pruned[k]).abs().max()) for k in one)

@@ -241,7 +241,7 @@ def prune(
 ):
     """Score, plan, slice and export: a smaller checkpoint in OUT with plan.json, recipe.yaml (replay it with
     --recipe), recipe.json and report.json."""
-    from .pipeline import prune as run
+    from .run import prune as run
 
     _setup_logging(quiet)
     if export_to is not None:  # refused before any work

@@ -14,8 +14,9 @@ from domainprune.adapters import get_adapter
 from domainprune.allocation import OWL_LAMBDA, _spread, allocate, cfsp_keep_ratios, outlier_ratio
 from domainprune.criteria import get_criterion
 from domainprune.errors import DomainpruneError
-from domainprune.pipeline import make_plan, make_recipe, prune
+from domainprune.pipeline import make_plan, make_recipe
 from domainprune.plan import dense_plan
+from domainprune.run import prune
 from domainprune.stats import collect_statistics
 
 

@@ -1,16 +1,17 @@
 """Training-aware pruning (issue 18, docs/training-aware.md): methods that decide what to remove while tuning on the
 domain, registered by name like the criteria. `prune --method atp|loraprune` runs one; `prune --iterative N` runs any
-width criterion in N stages with a short domain tune between them. Each writes an ordinary run folder."""
+width criterion in N stages with a short domain tune between them. Each writes an ordinary run folder.
+
+This package's own import registers the methods and checks recipes; it never imports `iterative` (which plans with
+`domainprune.pipeline`, which checks recipes here): `domainprune.run` does, when it runs one."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 from ..errors import DomainpruneError
-from . import atp, common, iterative, loraprune  # noqa: F401  (atp, loraprune: registration)
-from .common import TRAINING_METHODS
+from . import atp, common, loraprune  # noqa: F401  (atp, loraprune: registration)
+from .common import TRAINING_METHODS, IterativeOptions
 
 # recipe fields the training-aware methods do not combine with (what the user wrote -> the option to leave out)
 EXCLUSIVE = {
@@ -27,7 +28,7 @@ def is_training(recipe) -> bool:
 
 
 def options_class(recipe) -> type[common.TrainOptions]:
-    return TRAINING_METHODS[recipe.method].options if recipe.method in TRAINING_METHODS else iterative.IterativeOptions
+    return TRAINING_METHODS[recipe.method].options if recipe.method in TRAINING_METHODS else IterativeOptions
 
 
 def check_recipe(recipe) -> dict[str, Any]:
@@ -49,23 +50,3 @@ def check_recipe(recipe) -> dict[str, Any]:
             if getattr(recipe, name) not in (None, False):
                 raise DomainpruneError(f"{what} decides its own units and widths; leave out --{name.replace('_', '-')}")
     return common.parse_options(options_class(recipe), recipe.train, what).model_dump()
-
-
-def prune_training(loaded, recipe, out: Path | None, progress: bool):
-    """Run the recipe's training-aware method on `loaded` (pruned in place); returns (plan, report). Checkpoints live
-    in `.<out>.train/` beside the output until it is written (none without `out`)."""
-    from ..models import check_seq_len
-
-    options = options_class(recipe)(**recipe.train)
-    check_seq_len(loaded.model, options.seq_len, "--train-opt seq_len")
-    staging = out.parent / f".{out.name}.train" if out is not None else None
-    if recipe.method in TRAINING_METHODS:
-        plan, report = TRAINING_METHODS[recipe.method](loaded, recipe, options, staging, progress)
-    else:
-        plan, report = iterative.run(loaded, recipe, options, staging, progress)
-    return plan, report, staging
-
-
-def clean(staging: Path | None) -> None:
-    if staging is not None:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -54,6 +54,10 @@ class TrainOptions(BaseModel):
         return self
 
 
+class IterativeOptions(TrainOptions):
+    """`--iterative N`'s tune between stages: `time_budget` (or `max_steps`) is the total over all stages."""
+
+
 def parse_options(cls: type[TrainOptions], fields: dict[str, Any] | None, what: str) -> TrainOptions:
     """`fields` validated as `cls`, errors as one line naming the option."""
     from pydantic import ValidationError

@@ -31,7 +31,7 @@ from .allocation import (
     uniform_layer,
 )
 from .criteria import CRITERIA, get_criterion
-from .criteria.depth import check_depth_recipe, depth_stage
+from .criteria.depth import depth_stage
 from .criteria.gradient import GradientContext
 from .data import load_corpus
 from .depth import plan_frozen, zero_removed
@@ -43,7 +43,6 @@ from .stages import (
     STOCK_TARGETS,
     Budget,
     Experts,
-    TrainingOptions,
     Width,
     check_flat,
     flat_fields,
@@ -51,8 +50,7 @@ from .stages import (
 )
 from .stats import collect_statistics, derived
 from .surgery import apply_plan, finish, prune_layer
-from .training_aware import TRAINING_METHODS, is_training
-from .training_aware import check_recipe as check_training_recipe
+from .training_aware import TRAINING_METHODS, is_training, train_options
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +110,17 @@ class RecipeBase(BaseModel):
             "search_samples": self.search_samples or d.samples,
         }
 
+    def checked(self) -> "Recipe":
+        """The stages' checks again (domainprune.stages), on a copy that pydantic did not validate (model_copy)."""
+        try:
+            check_flat(self)
+        except ValueError as e:
+            raise DomainpruneError(str(e)) from None
+        return self
+
     def resolved(self) -> "Recipe":
         """Fill the method-dependent defaults so the saved recipe says exactly what ran."""
+        self.checked()  # the default recipe and the fallback are copies
         if self.method is None:
             best = DEFAULT_UNIFORM_RECIPE if self.deploy in STOCK_TARGETS else DEFAULT_RECIPE
             best = {
@@ -126,25 +133,17 @@ class RecipeBase(BaseModel):
             except DomainpruneError as e:
                 return self.fallback(str(e))
         if self.method in TRAINING_METHODS:
-            return self.model_copy(update={"train": check_training_recipe(self)})
-        TrainingOptions.check_given(self)
+            return self.model_copy(update={"train": train_options(self.method, None, self.train)})
         criterion = get_criterion(self.method)
-        if self.target_speedup is not None:
-            from .latency import check_speedup_recipe
-
-            check_speedup_recipe(self, criterion)
         Experts.check_method(self, criterion)
         gradient = criterion.needs_gradients
         reconstruct = self.reconstruct or criterion.default_reconstruct
         Width.check_method(self, criterion, reconstruct)
-        check_depth_recipe(self, criterion)
         stock = self.deploy in STOCK_TARGETS
         depth_method = criterion.depth
         allocation = self.allocation or (None if depth_method else "uniform" if stock else criterion.default_allocation)
         Budget.check_deploy(self, allocation)
-        if self.search_task_weight and (allocation != "search" or reconstruct != "obs"):
-            raise DomainpruneError("--search-task-weight needs --allocation search --reconstruct obs; leave it out")
-        train = check_training_recipe(self) if self.iterative else None
+        train = train_options(self.method, self.iterative, self.train) if self.iterative else None
         return self.model_copy(
             update={
                 "train": train,

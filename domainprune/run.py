@@ -41,7 +41,7 @@ def prune_training(loaded: LoadedModel, recipe: Recipe, out: Path | None, progre
     Checkpoints live in `.<out>.train/` beside the output until it is written (none without `out`)."""
     from .training_aware import iterative
 
-    options = options_class(recipe)(**recipe.train)
+    options = options_class(recipe.method)(**recipe.train)
     check_seq_len(loaded.model, options.seq_len, "--train-opt seq_len")
     staging = out.parent / f".{out.name}.train" if out is not None else None
     if recipe.method in TRAINING_METHODS:

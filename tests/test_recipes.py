@@ -156,6 +156,72 @@ BASE = {"input": {"model": "smollm2-135m"}, "budget": {"sparsity": 0.3}, "stages
         ({"budget": {"sparsity": 0.3, "target_params": 100}}, "got sparsity and target_params"),
         ({"stages": [{"width": {"reconstruct": "lsq"}}]}, "--reconstruct must be obs or none"),
         ({"stages": [{"hidden": {"sparsity": 1.5}}]}, "stage hidden: sparsity: Input should be less than 1"),
+        # depth (formerly depth.check_depth_recipe)
+        ({"stages": [{"depth": {"method": "flap", "sparsity": 0.1}}, {"width": {}}]}, "--depth must be a depth method"),
+        ({"stages": [{"width": {"method": "shortgpt", "allocation": "global"}}]}, "--allocation applies to width"),
+        ({"stages": [{"width": {"method": "finercut", "reconstruct": "obs"}}]}, "removes layers without reconstruct"),
+        (
+            {"stages": [{"depth": {"method": "shortgpt", "sparsity": 0.1}}, {"width": {"method": "finercut"}}]},
+            "method 'finercut' already prunes depth",
+        ),
+        (
+            {
+                "stages": [
+                    {"depth": {"method": "shortgpt", "sparsity": 0.1}},
+                    {"width": {"method": "flap", "reconstruct": "obs"}},
+                ]
+            },
+            "--depth cannot be combined with --reconstruct obs yet",
+        ),
+        (
+            {"stages": [{"depth": {"method": "shortgpt", "sparsity": 0.1}}, {"width": {"method": "nirvana"}}]},
+            "--depth needs --allocation global or uniform for the width part, not 'nirvana-ratio'",
+        ),
+        # the latency budget (formerly latency.check_speedup_recipe)
+        (
+            {"budget": {"target_speedup": 1.5}, "stages": [{"width": {"allocation": "search"}}]},
+            "--target-speedup cannot be combined with --allocation search",
+        ),
+        (
+            {"budget": {"target_speedup": 1.5}, "stages": [{"hidden": {"sparsity": 0.1}}, {"width": {}}]},
+            "--target-speedup times blocks at the full hidden size",
+        ),
+        ({"budget": {"target_speedup": 1.5}, "stages": [{"depth": {"method": "shortgpt"}}]}, "needs a width method"),
+        (
+            {"budget": {"target_speedup": 1.5}, "stages": [{"experts": {"method": "easy-ep", "keep": 4}}]},
+            "method 'easy-ep' removes whole experts",
+        ),
+        # training-aware pruning (formerly training_aware.check_recipe)
+        ({"stages": [{"width": {"method": "atp", "allocation": "global"}}]}, "--method atp decides its own units"),
+        (
+            {"stages": [{"width": {"method": "loraprune", "training": {"train": {"lora_rank": 4}}}}]},
+            "lora_rank is not an option of --method loraprune",
+        ),
+        (
+            {"stages": [{"width": {"method": "atp", "training": {"iterative": 2}}}]},
+            "--iterative runs a width criterion in stages; --method atp decides while it trains",
+        ),
+        (
+            {"stages": [{"depth": {"method": "shortgpt", "sparsity": 0.1}}, {"width": {"method": "atp"}}]},
+            "--method atp does not combine with --depth; give --sparsity alone",
+        ),
+        (
+            {"calibration": {"candidates": 2}, "stages": [{"width": {"training": {"iterative": 2}}}]},
+            "--iterative 2 does not combine with --calib-candidates",
+        ),
+        (
+            {"budget": {"target_params": 100}, "stages": [{"width": {"method": "loraprune"}}]},
+            "--method loraprune does not combine with --target-params",
+        ),
+        ({"stages": [{"width": {"training": {"train": {"max_steps": 3}}}}]}, "training options (--time-budget"),
+        (
+            {"stages": [{"width": {"allocation": "global", "search": {"task_weight": 0.5}}}]},
+            "need --allocation search",
+        ),
+        (
+            {"stages": [{"width": {"method": "flap", "allocation": "search", "search": {"task_weight": 0.5}}}]},
+            "--search-task-weight needs --allocation search --reconstruct obs",
+        ),
     ],
 )
 def test_a_bad_recipe_file_fails_in_one_line_naming_it(capsys, tmp_path, change, message):

@@ -256,6 +256,34 @@ def test_the_cli_options_are_the_stages_declarations():
     assert {flat for flat, *_ in declared} | {"recipe_file"} <= plan
 
 
+def test_the_training_flags_are_the_training_declarations(capsys, folder, tmp_path):
+    """prune's training flags are generated from domainprune.options.TrainOptions (help text included), and a flag
+    reaches the method's options."""
+    import typer.main
+
+    from domainprune.cli import app
+    from domainprune.options import RecoveryConfig, TrainOptions, cli_options
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["prune"].params}
+    declared = cli_options(TrainOptions)
+    assert {"time_budget", "max_steps", "save_steps", "lr", "lora_r"} <= set(declared)
+    assert "seq_len" not in declared and params["seq_len"].help != TrainOptions.model_fields["seq_len"].description
+    for name, info in declared.items():
+        assert params[name].help == info.description and params[name].default is None, name
+        assert params[name].rich_help_panel == "Training options"
+    recover = {p.name: p for p in typer.main.get_command(app).commands["recover"].params}
+    assert set(RecoveryConfig.model_fields) <= set(recover) and len(RecoveryConfig.model_fields) > 25
+    for name, info in RecoveryConfig.model_fields.items():
+        assert recover[name].help == info.description and recover[name].default == info.default, name
+    assert recover["full"].opts == ["--full"] and recover["data"].opts == ["--data", "-d"]
+    out = tmp_path / "it"
+    args = ["--method", "wanda-sp", "--iterative", "2", "--sparsity", "0.2", "--max-steps", "2", "--lr", "0.001"]
+    small = ["--train-opt", "samples=4", "--train-opt", "seq_len=16", "--train-opt", "batch_size=2"]
+    ok(capsys, "prune", "--model", folder, *args, "--lora-r", "4", *small, "--out", out, *SMALL)
+    train = json.loads((out / "recipe.json").read_text())["train"]
+    assert (train["max_steps"], train["lr"], train["lora_r"], train["save_steps"]) == (2, 0.001, 4, 20)
+
+
 def test_docs_option_tables_are_the_declarations():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
     generated = doc.split("<!-- options: generated -->\n")[1].split("<!-- options: end -->")[0]

@@ -177,7 +177,12 @@ def _recipe_fields(options: dict) -> dict:
     from .stages import load_recipe
 
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
-    return {**load_recipe(path).fields(), **given}
+    staged = load_recipe(path)
+    recovery = {RECOVER_KEY: staged.recover} if staged.recover is not None else {}  # run by prune after pruning
+    return {**staged.fields(), **given, **recovery}
+
+
+RECOVER_KEY = "recover stage"  # not a recipe field: a recipe file's `recover:` options, for prune
 
 
 recipe_command = with_options(_recipe_parameters(), "recipe", prepare=_recipe_fields)
@@ -264,6 +269,7 @@ def prune(
 
         export_stage = parse_spec(export_to)
         export_stage.check(out, force=force)
+    recovery = recipe.pop(RECOVER_KEY, None)
     model = recipe.pop("model")
     if _is_encoder(model):  # sentence encoders: their own path (docs/embeddings.md)
         from .encoders import cli as encoder_cli
@@ -290,21 +296,13 @@ def prune(
     console.print(
         f"wrote {result.out} in {r['prune_seconds']:.0f} s (peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB)"
     )
-    if recover:
+    if recover or recovery is not None:  # --recover: the defaults on the recipe's data; a recipe file's own options
         from .recover import recover as run_recovery
 
         del result  # the pruned model is reloaded from OUT
-        rec = run_recovery(
-            out,
-            out=out,
-            force=True,
-            in_place=True,
-            progress=not quiet,
-            data=recipe["data"],
-            text_field=recipe["text_field"],
-            seed=recipe["seed"],
-            device=recipe["device"],
-        )
+        if recovery is None:
+            recovery = {k: recipe[k] for k in ("data", "text_field", "seed", "device")}
+        rec = run_recovery(out, out=out, force=True, in_place=True, progress=not quiet, **recovery)
         console.print(
             f"[bold green]recovered[/] {rec.report['steps']} steps in {rec.report['train_seconds']:.0f} s; wrote {out}"
         )
@@ -331,6 +329,7 @@ def plan(
     from .pipeline import check_data, make_plan, make_recipe
 
     _setup_logging(quiet)
+    recipe.pop(RECOVER_KEY, None)  # recovery comes after pruning: no part of a plan
     resolved = make_recipe(**recipe)
     inputs = local_inputs(resolved.model, resolved.data, resolved.general_data)
     check_output(out, force=force, kind="file", inputs=inputs)

@@ -622,6 +622,8 @@ def recover(
             "seconds": round(time.perf_counter() - started, 2),
         }
     )
+    if run_dir is not None and (run_dir / "recipe.yaml").is_file():  # the run's recipe, with this recovery after it
+        extra["recipe.yaml"] = recipe_with_recovery((run_dir / "recipe.yaml").read_text(), config)
     files = {
         **extra,
         "recovery.json": json.dumps({"config": config.model_dump(), "report": report}, indent=1) + "\n",
@@ -635,6 +637,17 @@ def recover(
             shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def recipe_with_recovery(text: str, config: RecoveryConfig) -> str:
+    """recipe.yaml's text with `recover:` recording `config` (options that differ from their defaults), so that
+    `domainprune prune --recipe` replays pruning and this recovery."""
+    import yaml
+
+    head = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    data = yaml.safe_load(text) or {}
+    data["recover"] = config.model_dump(exclude_defaults=True)
+    return head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def prepare_data(

@@ -593,6 +593,9 @@ class StagedRecipe(BaseModel):
     budget: Budget = Budget()
     calibration: Calibration = Calibration()
     stages: list[Stage] = []
+    # then `domainprune recover` on the output, with these options (domainprune.options.RecoveryConfig); recorded by
+    # `recover RUN` in the run's recipe.yaml, run by `prune --recipe` after the pruning stages
+    recover: dict[str, Any] | None = None
 
     def stage(self, kind: type[Stage]) -> Stage | None:
         return next((s for s in self.stages if isinstance(s, kind)), None)
@@ -761,6 +764,8 @@ class StagedRecipe(BaseModel):
     def dump(self) -> dict[str, Any]:
         out: dict[str, Any] = {part.key: part.dump() for part in (self.input, self.budget, self.calibration)}
         out["stages"] = [{s.key: s.dump()} for s in self.stages]
+        if self.recover is not None:
+            out["recover"] = self.recover
         return out
 
     def to_yaml(self) -> str:
@@ -808,8 +813,9 @@ def parse_recipe(data: Any, where: str = "recipe") -> StagedRecipe:
         raise DomainpruneError(f"{where}: expected a mapping with input, budget, calibration and stages")
     known = {k.key: k for k in SECTIONS}
     for name in data:
-        if name not in (*known, "stages"):
-            raise DomainpruneError(f"{where}: unknown section {name!r}; sections: {', '.join([*known, 'stages'])}")
+        if name not in (*known, "stages", "recover"):
+            sections = ", ".join([*known, "stages", "recover"])
+            raise DomainpruneError(f"{where}: unknown section {name!r}; sections: {sections}")
     parts: dict[str, Any] = {k: _section(known[k], f"{where} {k}", data.get(k)) for k in known}
     stages = []
     kinds = {k.key: k for k in STAGES}
@@ -822,10 +828,26 @@ def parse_recipe(data: Any, where: str = "recipe") -> StagedRecipe:
         if name not in kinds:
             raise DomainpruneError(f"{where}: unknown stage {name!r}; stages: {', '.join(kinds)}")
         stages.append(_section(kinds[name], f"{where} stage {name}", values))
+    recover = _recover_section(f"{where} recover", data["recover"]) if "recover" in data else None
     try:
-        return StagedRecipe(**parts, stages=stages)
+        return StagedRecipe(**parts, stages=stages, recover=recover)
     except ValidationError as e:
         raise DomainpruneError(_one_line(e, where).replace(f"{where}: stages: ", f"{where}: ")) from None
+
+
+def _recover_section(where: str, values: Any) -> dict[str, Any]:
+    """recipe.yaml's `recover:` options, checked as `domainprune recover` checks them (one line naming a bad one)."""
+    from .options import RecoveryConfig
+
+    values = values or {}
+    if not isinstance(values, dict):
+        raise DomainpruneError(f"{where}: expected a mapping of options, got {values!r}")
+    for name in values:
+        if name not in RecoveryConfig.model_fields:
+            known = ", ".join(RecoveryConfig.model_fields)
+            raise DomainpruneError(f"{where}: unknown option {name!r}; options: {known}")
+    _validated(RecoveryConfig, where, values)
+    return values
 
 
 def load_recipe(path: str | Path) -> StagedRecipe:

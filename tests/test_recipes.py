@@ -118,6 +118,32 @@ def test_prune_recipe_of_a_run_rebuilds_identical_weights(capsys, folder, tmp_pa
     assert (second / "plan.json").read_text() == (first / "plan.json").read_text()
 
 
+def test_a_recovered_runs_recipe_replays_pruning_and_recovery(capsys, folder, tmp_path, monkeypatch):
+    """`recover RUN` records its options in the run's recipe.yaml (`recover:`); `prune --recipe` of that file prunes,
+    then recovers into the one output folder: the same weights."""
+    pruned, recovered, again = tmp_path / "pruned", tmp_path / "recovered", tmp_path / "again"
+    ok(capsys, "prune", "--model", folder, "--method", "wanda-sp", "--sparsity", "0.3", "--out", pruned, *SMALL)
+    train = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--max-steps", "3", "--lr", "0.01"]
+    ok(capsys, "recover", pruned, "--out", recovered, "--data", GOLDEN / "code.jsonl", *train, "--quiet")
+    text = (recovered / "recipe.yaml").read_text()
+    recorded = yaml.safe_load(text)
+    assert recorded["recover"] == {
+        "data": str(GOLDEN / "code.jsonl"),
+        "samples": 4,
+        "seq_len": 16,
+        "batch_size": 2,
+        "lr": 0.01,
+        "max_steps": 3,
+    }
+    assert {k: v for k, v in recorded.items() if k != "recover"} == yaml.safe_load((pruned / "recipe.yaml").read_text())
+    assert sha256(recovered / "model.safetensors") != sha256(pruned / "model.safetensors")
+    monkeypatch.setenv("DOMAINPRUNE_CACHE", str(tmp_path / "fresh-cache"))
+    ok(capsys, "prune", "--recipe", recovered / "recipe.yaml", "--out", again, "--quiet")
+    assert sha256(again / "model.safetensors") == sha256(recovered / "model.safetensors")
+    assert (again / "recipe.yaml").read_text() == text
+    assert json.loads((again / "recovery.json").read_text())["report"]["steps"] == 3
+
+
 def test_options_beside_recipe_override_it(capsys, folder, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     ok(capsys, "prune", "--model", folder, "--method", "wanda-sp", "--sparsity", "0.3", "--out", first, *SMALL)
@@ -156,6 +182,8 @@ BASE = {"input": {"model": "smollm2-135m"}, "budget": {"sparsity": 0.3}, "stages
         ({"budget": {"sparsity": 0.3, "target_params": 100}}, "got sparsity and target_params"),
         ({"stages": [{"width": {"reconstruct": "lsq"}}]}, "--reconstruct must be obs or none"),
         ({"stages": [{"hidden": {"sparsity": 1.5}}]}, "stage hidden: sparsity: Input should be less than 1"),
+        ({"recover": {"max_step": 3}}, "recover: unknown option 'max_step'; options: data"),
+        ({"recover": {"kd_top_k": 4}}, "recover: --kd-top-k needs --kd-weight > 0"),
         # depth (formerly depth.check_depth_recipe)
         ({"stages": [{"depth": {"method": "flap", "sparsity": 0.1}}, {"width": {}}]}, "--depth must be a depth method"),
         ({"stages": [{"width": {"method": "shortgpt", "allocation": "global"}}]}, "--allocation applies to width"),

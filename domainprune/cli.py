@@ -178,11 +178,12 @@ def _recipe_fields(options: dict) -> dict:
 
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
     staged = load_recipe(path)
-    recovery = {RECOVER_KEY: staged.recover} if staged.recover is not None else {}  # run by prune after pruning
-    return {**staged.fields(), **given, **recovery}
+    after = {RECOVER_KEY: staged.recover, EXPORT_KEY: staged.export}  # what prune runs after pruning
+    return {**staged.fields(), **given, **{k: v for k, v in after.items() if v is not None}}
 
 
-RECOVER_KEY = "recover stage"  # not a recipe field: a recipe file's `recover:` options, for prune
+# not recipe fields: a recipe file's `recover:` and `export:` sections, for prune
+RECOVER_KEY, EXPORT_KEY = "recover stage", "export stage"
 
 
 recipe_command = with_options(_recipe_parameters(), "recipe", prepare=_recipe_fields)
@@ -264,12 +265,18 @@ def prune(
     from .run import prune as run
 
     _setup_logging(quiet)
-    if export_to is not None:  # refused before any work
+    recovery, exporting = recipe.pop(RECOVER_KEY, None), recipe.pop(EXPORT_KEY, None)
+    if export_to is not None:  # refused before any work; --export replaces a recipe file's export:
         from .exporters import parse_spec
 
         export_stage = parse_spec(export_to)
+    elif exporting is not None:
+        from .stages import export_stage as recipe_export
+
+        export_stage = recipe_export(exporting)
+        export_stage.exporter.check(export_stage.options)
+    if export_to is not None or exporting is not None:
         export_stage.check(out, force=force)
-    recovery = recipe.pop(RECOVER_KEY, None)
     model = recipe.pop("model")
     if _is_encoder(model):  # sentence encoders: their own path (docs/embeddings.md)
         from .encoders import cli as encoder_cli
@@ -308,11 +315,29 @@ def prune(
         )
     loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(out)!r})")
-    if export_to is not None:
+    if export_to is not None or exporting is not None:
         e = export_stage.run(out, force=True)
+        _record_export(out, export_stage)
         console.print(f"[bold green]exported[/] {e.summary}", soft_wrap=True)
         for note in e.notes:
             console.print(f"  {note}", soft_wrap=True)
+
+
+def _record_export(out: Path, stage) -> None:
+    """OUT's recipe.yaml gains `export:` (the exporter and its options), so that `prune --recipe` replays it too."""
+    import yaml
+
+    from .cache import atomic_write
+
+    path = out / "recipe.yaml"
+    if not path.is_file():  # sentence encoders' runs have none
+        return
+    text = path.read_text()
+    head = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    data = yaml.safe_load(text) or {}
+    data["export"] = {"to": stage.exporter.name, **stage.options.model_dump()}
+    body = head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    atomic_write(path, lambda tmp: tmp.write_text(body))
 
 
 @app.command()
@@ -329,7 +354,7 @@ def plan(
     from .pipeline import check_data, make_plan, make_recipe
 
     _setup_logging(quiet)
-    recipe.pop(RECOVER_KEY, None)  # recovery comes after pruning: no part of a plan
+    recipe.pop(RECOVER_KEY, None), recipe.pop(EXPORT_KEY, None)  # they come after pruning: no part of a plan
     resolved = make_recipe(**recipe)
     inputs = local_inputs(resolved.model, resolved.data, resolved.general_data)
     check_output(out, force=force, kind="file", inputs=inputs)

@@ -596,6 +596,9 @@ class StagedRecipe(BaseModel):
     # then `domainprune recover` on the output, with these options (domainprune.options.RecoveryConfig); recorded by
     # `recover RUN` in the run's recipe.yaml, run by `prune --recipe` after the pruning stages
     recover: dict[str, Any] | None = None
+    # then an export beside the output: {"to": exporter name, its options...} (domainprune.exporters), as prune's
+    # --export; recorded by prune --export in the run's recipe.yaml
+    export: dict[str, Any] | None = None
 
     def stage(self, kind: type[Stage]) -> Stage | None:
         return next((s for s in self.stages if isinstance(s, kind)), None)
@@ -766,6 +769,8 @@ class StagedRecipe(BaseModel):
         out["stages"] = [{s.key: s.dump()} for s in self.stages]
         if self.recover is not None:
             out["recover"] = self.recover
+        if self.export is not None:
+            out["export"] = self.export
         return out
 
     def to_yaml(self) -> str:
@@ -813,8 +818,8 @@ def parse_recipe(data: Any, where: str = "recipe") -> StagedRecipe:
         raise DomainpruneError(f"{where}: expected a mapping with input, budget, calibration and stages")
     known = {k.key: k for k in SECTIONS}
     for name in data:
-        if name not in (*known, "stages", "recover"):
-            sections = ", ".join([*known, "stages", "recover"])
+        if name not in (*known, "stages", "recover", "export"):
+            sections = ", ".join([*known, "stages", "recover", "export"])
             raise DomainpruneError(f"{where}: unknown section {name!r}; sections: {sections}")
     parts: dict[str, Any] = {k: _section(known[k], f"{where} {k}", data.get(k)) for k in known}
     stages = []
@@ -829,8 +834,9 @@ def parse_recipe(data: Any, where: str = "recipe") -> StagedRecipe:
             raise DomainpruneError(f"{where}: unknown stage {name!r}; stages: {', '.join(kinds)}")
         stages.append(_section(kinds[name], f"{where} stage {name}", values))
     recover = _recover_section(f"{where} recover", data["recover"]) if "recover" in data else None
+    export = _export_section(f"{where} export", data["export"]) if "export" in data else None
     try:
-        return StagedRecipe(**parts, stages=stages, recover=recover)
+        return StagedRecipe(**parts, stages=stages, recover=recover, export=export)
     except ValidationError as e:
         raise DomainpruneError(_one_line(e, where).replace(f"{where}: stages: ", f"{where}: ")) from None
 
@@ -848,6 +854,27 @@ def _recover_section(where: str, values: Any) -> dict[str, Any]:
             raise DomainpruneError(f"{where}: unknown option {name!r}; options: {known}")
     _validated(RecoveryConfig, where, values)
     return values
+
+
+def _export_section(where: str, values: Any) -> dict[str, Any]:
+    """recipe.yaml's `export:` (`to: NAME` and the exporter's options), checked as `domainprune export` checks them."""
+    if not isinstance(values, dict) or not isinstance(values.get("to"), str):
+        raise DomainpruneError(f"{where}: expected `to: NAME` (an exporter, e.g. gguf) and its options, got {values!r}")
+    export_stage(values, where)
+    return values
+
+
+def export_stage(values: dict[str, Any], where: str = "export") -> Any:
+    """The exporters.ExportStage of an `export:` section; an unknown exporter or option is refused in one line."""
+    from .exporters import EXPORTERS, ExportStage
+    from .exporters.base import options_of
+
+    try:
+        exporter = EXPORTERS.lookup(values["to"])()
+        options = options_of(exporter, {k: v for k, v in values.items() if k != "to"})
+    except DomainpruneError as e:
+        raise DomainpruneError(f"{where}: {e}") from None
+    return ExportStage(exporter, options)
 
 
 def load_recipe(path: str | Path) -> StagedRecipe:

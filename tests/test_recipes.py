@@ -144,6 +144,19 @@ def test_a_recovered_runs_recipe_replays_pruning_and_recovery(capsys, folder, tm
     assert json.loads((again / "recovery.json").read_text())["report"]["steps"] == 3
 
 
+def test_an_exported_runs_recipe_replays_the_export(capsys, folder, tmp_path):
+    """prune --export records `export:` in recipe.yaml; prune --recipe runs the export again, beside its output."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = ["--method", "flap", "--sparsity", "0.3", "--export", "hf"]
+    ok(capsys, "prune", "--model", folder, *args, "--out", first, *SMALL)
+    text = (first / "recipe.yaml").read_text()
+    assert yaml.safe_load(text)["export"] == {"to": "hf", "dtype": "auto"}
+    ok(capsys, "prune", "--recipe", first / "recipe.yaml", "--out", second, "--quiet")
+    assert (second / "recipe.yaml").read_text() == text
+    exported = [tmp_path / "first.hf" / "model.safetensors", tmp_path / "second.hf" / "model.safetensors"]
+    assert sha256(exported[0]) == sha256(exported[1]) == sha256(first / "model.safetensors")
+
+
 def test_options_beside_recipe_override_it(capsys, folder, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     ok(capsys, "prune", "--model", folder, "--method", "wanda-sp", "--sparsity", "0.3", "--out", first, *SMALL)
@@ -184,6 +197,9 @@ BASE = {"input": {"model": "smollm2-135m"}, "budget": {"sparsity": 0.3}, "stages
         ({"stages": [{"hidden": {"sparsity": 1.5}}]}, "stage hidden: sparsity: Input should be less than 1"),
         ({"recover": {"max_step": 3}}, "recover: unknown option 'max_step'; options: data"),
         ({"recover": {"kd_top_k": 4}}, "recover: --kd-top-k needs --kd-weight > 0"),
+        ({"export": {"to": "onnx"}}, "export: unknown exporter 'onnx'; available:"),
+        ({"export": {"to": "hf", "dtype": "int3"}}, "export: --to hf: dtype Input should be"),
+        ({"export": {"quant": "q4_0"}}, "export: expected `to: NAME`"),
         # depth (formerly depth.check_depth_recipe)
         ({"stages": [{"depth": {"method": "flap", "sparsity": 0.1}}, {"width": {}}]}, "--depth must be a depth method"),
         ({"stages": [{"width": {"method": "shortgpt", "allocation": "global"}}]}, "--allocation applies to width"),

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from domainprune.evaluate import parameter_count, throughput  # noqa: E402
 from domainprune.models import LoadedModel  # noqa: E402
-from domainprune.pipeline import prune  # noqa: E402
+from domainprune.run import prune  # noqa: E402
 from domainprune.runfolder import save_pruned  # noqa: E402
 
 LLAMA3_8B = dict(

@@ -29,7 +29,7 @@ from rows import load_rows, save_rows
 from domainprune.evaluate import checkpoint_bytes
 from domainprune.measure import BENCH_TASKS, Measurement, measure, ratios
 from domainprune.models import LoadedModel, load_model
-from domainprune.pipeline import prune
+from domainprune.run import prune
 from domainprune.runfolder import save_pruned
 
 RESULTS = Path(__file__).parent / "results"

@@ -28,8 +28,8 @@ from rows import load_rows, save_rows
 
 from domainprune.measure import BENCH_TASKS, Measurement, measure, ratios
 from domainprune.models import LoadedModel, load_model
-from domainprune.pipeline import prune
 from domainprune.recover import recover
+from domainprune.run import prune
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {

@@ -127,7 +127,7 @@ def cut_model(full: Path, folder: Path, layers: int, tokenizer: Path) -> None:
 CHILD = """
 import json, resource, sys, time
 import torch
-from domainprune.pipeline import prune
+from domainprune.run import prune
 src, out, device = sys.argv[1:4]
 calib = json.loads(sys.argv[4])
 if device == "cuda":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from domainprune import streaming
-from domainprune.pipeline import prune
+from domainprune.run import prune
 
 def mib(key):
     return int(re.search(rf"{key}:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) // 1024

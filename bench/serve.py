@@ -37,7 +37,7 @@ QUANTS = ("f16", "q4_k_m")
 
 def make_runs(args) -> dict[str, Path]:
     from domainprune.models import load_model
-    from domainprune.pipeline import prune
+    from domainprune.run import prune
 
     runs = {}
     for name in args.recipes:

@@ -39,7 +39,7 @@ from rows import load_rows, save_rows  # noqa: E402
 from domainprune.mbpp import MAX_NEW_TOKENS, evaluate_mbpp, standard_error  # noqa: E402
 from domainprune.measure import measure  # noqa: E402
 from domainprune.models import LoadedModel, load_model  # noqa: E402
-from domainprune.pipeline import prune  # noqa: E402
+from domainprune.run import prune  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # In order of what the issue needs first: the best recipe and the default, then every baseline, then the levels.

@@ -35,7 +35,7 @@ from domainprune.evaluate import throughput
 from domainprune.latency import latency_table
 from domainprune.measure import Measurement, measure
 from domainprune.models import LoadedModel, load_model
-from domainprune.pipeline import prune
+from domainprune.run import prune
 
 RESULTS = Path(__file__).parent / "results"
 TOLERANCE = 0.05

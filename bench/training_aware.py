@@ -39,8 +39,8 @@ from rows import load_rows, save_rows  # noqa: E402
 
 from domainprune.measure import measure  # noqa: E402
 from domainprune.models import LoadedModel, load_model  # noqa: E402
-from domainprune.pipeline import prune  # noqa: E402
 from domainprune.recover import recover  # noqa: E402
+from domainprune.run import prune  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 RECIPES = "two-stage,atp,loraprune,iterative4,perp-light"

@@ -21,7 +21,7 @@ from quality import PeakRSS
 
 from domainprune.measure import measure
 from domainprune.models import load_model
-from domainprune.pipeline import prune
+from domainprune.run import prune
 
 RESULTS = Path(__file__).parent / "results"
 CALIB = dict(data="code", calib_samples=128, seq_len=128, sparsity=0.35)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from domainprune.generation import domain_prompts  # noqa: E402
 from domainprune.models import load_model, resolve_source  # noqa: E402
-from domainprune.pipeline import prune  # noqa: E402
+from domainprune.run import prune  # noqa: E402
 from domainprune.vllm_export import export_vllm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

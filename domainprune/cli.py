@@ -88,7 +88,8 @@ def parse_count(text: str | None) -> int | None:
 
 
 def parse_train_options(*, opts: list[str] | None, **given) -> dict | None:
-    """--time-budget/--max-steps/--save-steps and --train-opt KEY=VALUE (JSON values, else strings) as one dict."""
+    """The training flags (--time-budget, --max-steps, ...) and --train-opt KEY=VALUE (JSON values, else strings) as
+    one dict."""
     out = {k: v for k, v in given.items() if v is not None}
     for item in opts or []:
         key, sep, value = item.partition("=")
@@ -176,40 +177,60 @@ def _recipe_fields(options: dict) -> dict:
     from .stages import load_recipe
 
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
-    return {**load_recipe(path).fields(), **given}
+    staged = load_recipe(path)
+    after = {RECOVER_KEY: staged.recover, EXPORT_KEY: staged.export}  # what prune runs after pruning
+    return {**staged.fields(), **given, **{k: v for k, v in after.items() if v is not None}}
+
+
+# not recipe fields: a recipe file's `recover:` and `export:` sections, for prune
+RECOVER_KEY, EXPORT_KEY = "recover stage", "export stage"
 
 
 recipe_command = with_options(_recipe_parameters(), "recipe", prepare=_recipe_fields)
 
 
+def _declared_parameters(model, panel: str | None = None, declared_defaults: bool = True) -> list[inspect.Parameter]:
+    """A pydantic model's command-line options as typer options, generated from its declarations (domainprune.options):
+    type, flags, help text and (with `declared_defaults`, else None: left out, the recipe's value holds) default."""
+    from .options import cli_options
+
+    params = []
+    for name, info in cli_options(model).items():
+        kind = info.annotation
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is typing.Literal:  # checked by the model itself
+            kind = str
+        elif args and type(None) in typing.get_args(kind):
+            kind = Optional[args[0]]
+        if not declared_defaults and typing.get_origin(kind) is not typing.Union:
+            kind = Optional[kind]
+        option = typer.Option(*info.json_schema_extra["flags"], help=info.description, rich_help_panel=panel)
+        default = info.default if declared_defaults else None
+        kind_ = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        params.append(inspect.Parameter(name, kind_, annotation=Annotated[kind, option], default=default))
+    return params
+
+
+def _train_parameters() -> list[inspect.Parameter]:
+    """prune's training flags (domainprune.options.TrainOptions); left out, the recipe's (or the default) holds."""
+    from .options import TrainOptions
+
+    return _declared_parameters(TrainOptions, "Training options", declared_defaults=False)
+
+
+train_flags = with_options(_train_parameters(), "train_flags", after=3)
+
+
 @app.command()
 @recipe_command
+@train_flags
 def prune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")],
     recipe: dict,
+    train_flags: dict,
     recover: Annotated[
         bool, typer.Option("--recover", help="Then run `domainprune recover` (defaults) on OUT in place.")
     ] = False,
-    time_budget: Annotated[
-        Optional[float],
-        typer.Option(
-            help="--method atp|loraprune, --iterative: seconds of training, summed over resumed runs (default 600)."
-        ),
-    ] = None,
-    max_steps: Annotated[
-        Optional[int],
-        typer.Option(
-            help="--method atp|loraprune, --iterative: training steps (default: what fits the time budget, sized "
-            "after the first step)."
-        ),
-    ] = None,
-    save_steps: Annotated[
-        Optional[int],
-        typer.Option(
-            help="--method atp|loraprune, --iterative: checkpoint every N steps; a killed run resumes there (default "
-            "20)."
-        ),
-    ] = None,
     train_opt: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -241,20 +262,27 @@ def prune(
 ):
     """Score, plan, slice and export: a smaller checkpoint in OUT with plan.json, recipe.yaml (replay it with
     --recipe), recipe.json and report.json."""
-    from .pipeline import prune as run
+    from .run import prune as run
 
     _setup_logging(quiet)
-    if export_to is not None:  # refused before any work
+    recovery, exporting = recipe.pop(RECOVER_KEY, None), recipe.pop(EXPORT_KEY, None)
+    if export_to is not None:  # refused before any work; --export replaces a recipe file's export:
         from .exporters import parse_spec
 
         export_stage = parse_spec(export_to)
+    elif exporting is not None:
+        from .stages import export_stage as recipe_export
+
+        export_stage = recipe_export(exporting)
+        export_stage.exporter.check(export_stage.options)
+    if export_to is not None or exporting is not None:
         export_stage.check(out, force=force)
     model = recipe.pop("model")
     if _is_encoder(model):  # sentence encoders: their own path (docs/embeddings.md)
         from .encoders import cli as encoder_cli
 
         return encoder_cli.prune(model, recipe, out=out, recover=recover, export_to=export_to, force=force, quiet=quiet)
-    train = parse_train_options(time_budget=time_budget, max_steps=max_steps, save_steps=save_steps, opts=train_opt)
+    train = parse_train_options(opts=train_opt, **train_flags)
     if train is not None:  # else --recipe's, if any
         recipe["train"] = train
     result = run(model, out=out, force=force, progress=not quiet, offload=offload, **recipe)
@@ -275,31 +303,41 @@ def prune(
     console.print(
         f"wrote {result.out} in {r['prune_seconds']:.0f} s (peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB)"
     )
-    if recover:
+    if recover or recovery is not None:  # --recover: the defaults on the recipe's data; a recipe file's own options
         from .recover import recover as run_recovery
 
         del result  # the pruned model is reloaded from OUT
-        rec = run_recovery(
-            out,
-            out=out,
-            force=True,
-            in_place=True,
-            progress=not quiet,
-            data=recipe["data"],
-            text_field=recipe["text_field"],
-            seed=recipe["seed"],
-            device=recipe["device"],
-        )
+        if recovery is None:
+            recovery = {k: recipe[k] for k in ("data", "text_field", "seed", "device")}
+        rec = run_recovery(out, out=out, force=True, in_place=True, progress=not quiet, **recovery)
         console.print(
             f"[bold green]recovered[/] {rec.report['steps']} steps in {rec.report['train_seconds']:.0f} s; wrote {out}"
         )
     loader = "AutoModelForCausalLM.from_pretrained" if r["stock_loadable"] else "domainprune.load_pretrained"
     console.print(f"load it with {loader}({str(out)!r})")
-    if export_to is not None:
+    if export_to is not None or exporting is not None:
         e = export_stage.run(out, force=True)
+        _record_export(out, export_stage)
         console.print(f"[bold green]exported[/] {e.summary}", soft_wrap=True)
         for note in e.notes:
             console.print(f"  {note}", soft_wrap=True)
+
+
+def _record_export(out: Path, stage) -> None:
+    """OUT's recipe.yaml gains `export:` (the exporter and its options), so that `prune --recipe` replays it too."""
+    import yaml
+
+    from .cache import atomic_write
+
+    path = out / "recipe.yaml"
+    if not path.is_file():  # sentence encoders' runs have none
+        return
+    text = path.read_text()
+    head = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    data = yaml.safe_load(text) or {}
+    data["export"] = {"to": stage.exporter.name, **stage.options.model_dump()}
+    body = head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    atomic_write(path, lambda tmp: tmp.write_text(body))
 
 
 @app.command()
@@ -316,6 +354,7 @@ def plan(
     from .pipeline import check_data, make_plan, make_recipe
 
     _setup_logging(quiet)
+    recipe.pop(RECOVER_KEY, None), recipe.pop(EXPORT_KEY, None)  # they come after pruning: no part of a plan
     resolved = make_recipe(**recipe)
     inputs = local_inputs(resolved.model, resolved.data, resolved.general_data)
     check_output(out, force=force, kind="file", inputs=inputs)
@@ -815,7 +854,14 @@ def vocab(
     )
 
 
+def _recovery_parameters() -> list[inspect.Parameter]:
+    from .options import RecoveryConfig
+
+    return _declared_parameters(RecoveryConfig)
+
+
 @app.command()
+@with_options(_recovery_parameters(), "config", after=3)
 def recover(
     ctx: typer.Context,
     run_dir: Annotated[
@@ -830,71 +876,7 @@ def recover(
             "`prune --recover` recovers its own output).",
         ),
     ],
-    data: DataOpt = "code",
-    teacher: Annotated[
-        Optional[str],
-        typer.Option(help="Dense model for KD / self-distillation / selection (default: the run's recipe.json model)."),
-    ] = None,
-    full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
-    train: Annotated[
-        Optional[str],
-        typer.Option(
-            "--train",
-            help="PERP-style light recovery: train only these, comma-separated: norms (RMSNorm gains), biases "
-            "(compensation and q/k/v biases), lora. Default: LoRA alone.",
-        ),
-    ] = None,
-    kd_weight: Annotated[float, typer.Option(help="Weight w of the KD loss: (1-w)·CE + w·KD, in [0, 1].")] = 0.0,
-    kd_temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 2.0,
-    kd_top_k: Annotated[
-        Optional[int], typer.Option(help="KD over the teacher's top-k logits only (renormalised over them).")
-    ] = None,
-    train_format: Annotated[
-        str,
-        typer.Option(
-            help="text: corpus sequences; sdd: the dense model answers domain requests (for code, built from the "
-            "corpus's documented functions, or --train-file) and the pruned model learns the answers; chat: "
-            "--train-file prompt/response rows."
-        ),
-    ] = "text",
-    train_file: Annotated[
-        Optional[Path], typer.Option(help='JSONL: {"prompt"} rows (sdd) or {"prompt", "response"} rows (chat).')
-    ] = None,
-    answer_tokens: Annotated[int, typer.Option(help="sdd: new tokens at most per teacher answer.")] = 256,
-    self_distill: Annotated[
-        bool,
-        typer.Option("--self-distill", help="The teacher regenerates the second half of each training sequence first."),
-    ] = False,
-    select: Annotated[
-        bool, typer.Option("--select", help="PASER-style selection of the worst-hit sequences from a larger pool.")
-    ] = False,
-    pool_factor: Annotated[int, typer.Option(help="--select: candidates scored = pool-factor × samples.")] = 4,
-    clusters: Annotated[int, typer.Option(help="--select: k-means clusters.")] = 8,
-    samples: Annotated[
-        int, typer.Option(help="Training sequences (from the corpus's calibration split), or requests for sdd.")
-    ] = 256,
-    seq_len: Annotated[
-        Optional[int], typer.Option(help="Tokens per training sequence (default 128 for text, 512 for sdd/chat).")
-    ] = None,
-    batch_size: BatchOpt = 4,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: 2e-4 LoRA, 2e-5 --full).")] = None,
-    epochs: Annotated[
-        float, typer.Option(help="Epochs over the training sequences (when --max-steps does not stop first).")
-    ] = 1.0,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimiser steps at most (0: epochs decide).")] = 60,
-    time_budget: Annotated[
-        Optional[float], typer.Option(help="Seconds of training at most, over resumed runs too (0: none).")
-    ] = 600.0,
-    save_steps: Annotated[
-        int, typer.Option(help="Checkpoint every N steps; an interrupted recovery resumes from the last one.")
-    ] = 20,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    text_field: TextFieldOpt = "text",
+    config: dict,
     keep_checkpoints: Annotated[
         bool, typer.Option("--keep-checkpoints", help="Keep the staging folder with Trainer checkpoints.")
     ] = False,
@@ -915,51 +897,17 @@ def recover(
         return encoder_cli.recover(
             run_dir,
             out=out,
-            data=data,
-            steps=max_steps or 60,
-            batch_size=batch_size if explicit else 32,
-            lr=lr or 2e-5,
-            seed=seed,
-            device=device,
+            data=config["data"],
+            steps=config["max_steps"] or 60,
+            batch_size=config["batch_size"] if explicit else 32,
+            lr=config["lr"] or 2e-5,
+            seed=config["seed"],
+            device=config["device"],
             force=force,
             quiet=quiet,
         )
-    result = run(
-        run_dir,
-        out=out,
-        teacher=teacher,
-        force=force,
-        keep_checkpoints=keep_checkpoints,
-        progress=not quiet,
-        data=data,
-        text_field=text_field,
-        full=full,
-        train=train,
-        kd_weight=kd_weight,
-        kd_temperature=kd_temperature,
-        kd_top_k=kd_top_k,
-        train_format=train_format,
-        train_file=str(train_file) if train_file else None,
-        answer_tokens=answer_tokens,
-        self_distill=self_distill,
-        select=select,
-        pool_factor=pool_factor,
-        clusters=clusters,
-        samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        epochs=epochs,
-        max_steps=max_steps or None,
-        time_budget=time_budget or None,
-        save_steps=save_steps,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        seed=seed,
-        device=device,
-    )
+    config |= {"max_steps": config["max_steps"] or None, "time_budget": config["time_budget"] or None}  # 0: none
+    result = run(run_dir, out=out, force=force, keep_checkpoints=keep_checkpoints, progress=not quiet, **config)
     r = result.report
     first, last = r.get("first_loss"), r.get("last_loss")
     curve = f"loss {first:.3f} → {last:.3f}, " if first is not None and last is not None else ""

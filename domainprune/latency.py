@@ -444,27 +444,6 @@ def counts_shapes(adapter: DecoderAdapter, counts: list[tuple[int, int]], mode: 
     return out
 
 
-def check_speedup_recipe(recipe, criterion) -> None:
-    """One-line errors for recipes that combine --target-speedup with what it cannot go with (Recipe.resolved)."""
-    if criterion.scores_experts:
-        raise DomainpruneError(
-            f"--target-speedup budgets attention and MLP widths; method {recipe.method!r} removes whole experts "
-            "(--experts-keep): leave --target-speedup out"
-        )
-    if criterion.depth:
-        raise DomainpruneError(
-            f"--target-speedup needs a width method, not the depth method {recipe.method!r}; give depth beside one, "
-            f"e.g. --method flap --depth {recipe.method} --depth-sparsity 0.1"
-        )
-    if (recipe.allocation or criterion.default_allocation) == "search":
-        raise DomainpruneError(
-            "--target-speedup cannot be combined with --allocation search (it searches at one parameter budget); "
-            "use uniform, global, nirvana-ratio, owl, adapt or cfsp"
-        )
-    if getattr(recipe, "hidden_sparsity", None):
-        raise DomainpruneError("--target-speedup times blocks at the full hidden size; leave out --hidden-sparsity")
-
-
 SPEEDUP_TOLERANCE = 0.05  # the measured speedup should be within 5 % of the target
 
 

@@ -28,94 +28,21 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from . import cache, faults
 from .errors import DomainpruneError
+from .options import LIGHT_PARTS, RecoveryConfig  # noqa: F401  (declared there, without torch, for the CLI)
 
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOG_FILE = "recovery_log.json"
-LIGHT_PARTS = ("norms", "biases", "lora")  # what --train may name (PERP)
 DATA_FILE = "recovery_data.safetensors"
-
-
-class RecoveryConfig(BaseModel):
-    """Everything that determines a recovery. Saved beside the recovered model as recovery.json."""
-
-    data: str = "code"
-    text_field: str = "text"
-    train_format: Literal["text", "sdd", "chat"] = "text"
-    train_file: str | None = None  # JSONL rows: {"prompt"} for sdd (else built from the corpus); {"prompt", "response"}
-    answer_tokens: int = Field(256, ge=1)  # sdd: the teacher's new tokens at most per answer
-    teacher: str | None = None  # dense model; None: the run's recipe.json "model" (only loaded when needed)
-    full: bool = False  # full fine-tuning instead of LoRA
-    # PERP-style light recovery: train only these parts ("norms", "biases", "lora", comma-separated); None: LoRA
-    train: str | None = None
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    kd_weight: float = Field(0.0, ge=0, le=1)  # loss = (1 - w) * CE + w * KD
-    kd_temperature: float = Field(2.0, gt=0)
-    kd_top_k: int | None = Field(None, ge=1)  # KD over the teacher's top-k logits only (renormalised)
-    self_distill: bool = False  # the teacher regenerates the second half of every training sequence
-    select: bool = False  # PASER-style selection from a pool of pool_factor × samples candidates
-    pool_factor: int = Field(4, ge=1)
-    clusters: int = Field(8, ge=1)
-    samples: int = Field(256, ge=1)  # training sequences, or requests for sdd (the data budget)
-    seq_len: int | None = Field(None, ge=4)  # None: 128 tokens for text, 512 for sdd/chat (request + answer)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float | None = Field(None, gt=0)  # None: 2e-4 for LoRA, 2e-5 for full fine-tuning
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(60, ge=1)  # None: epochs decide
-    time_budget: float | None = Field(600.0, gt=0)  # seconds of training (summed over resumed runs); None: no limit
-    warmup_steps: int = Field(5, ge=0)
-    save_steps: int = Field(20, ge=1)
-    seed: int = 0
-    device: str = "auto"
-
-    @model_validator(mode="after")
-    def _check(self) -> "RecoveryConfig":
-        if self.kd_top_k is not None and self.kd_weight == 0:
-            raise ValueError("--kd-top-k needs --kd-weight > 0")
-        if self.train_format != "text" and (self.self_distill or self.select):
-            raise ValueError(
-                f"--self-distill and --select work on raw text; drop them with --train-format {self.train_format}"
-            )
-        if self.train_format == "chat" and not self.train_file:
-            raise ValueError("--train-format chat needs --train-file FILE.jsonl with prompt/response rows")
-        if self.train is not None:
-            parts = [p.strip() for p in self.train.split(",") if p.strip()]
-            if not parts or set(parts) - set(LIGHT_PARTS):
-                raise ValueError(
-                    f"--train takes a comma-separated subset of {','.join(LIGHT_PARTS)}, not {self.train!r}"
-                )
-            if self.full:
-                raise ValueError("--train trains a few parts; --full trains everything: give one of them")
-            self.train = ",".join(p for p in LIGHT_PARTS if p in parts)
-        if self.train_format == "text" and self.train_file:
-            raise ValueError("--train-file needs --train-format sdd (prompts the dense model answers) or chat")
-        return self
-
-    @property
-    def sequence_length(self) -> int:
-        return self.seq_len or (128 if self.train_format == "text" else 512)
-
-    @property
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 2e-5 if self.full else 5e-4 if self.train is not None else 2e-4  # PERP's default for light retraining
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.kd_weight > 0 or self.self_distill or self.select or self.train_format == "sdd"
 
 
 def make_config(**kwargs: Any) -> RecoveryConfig:
@@ -697,6 +624,8 @@ def recover(
             "seconds": round(time.perf_counter() - started, 2),
         }
     )
+    if run_dir is not None and (run_dir / "recipe.yaml").is_file():  # the run's recipe, with this recovery after it
+        extra["recipe.yaml"] = recipe_with_recovery((run_dir / "recipe.yaml").read_text(), config)
     files = {
         **extra,
         "recovery.json": json.dumps({"config": config.model_dump(), "report": report}, indent=1) + "\n",
@@ -735,6 +664,17 @@ def check_sharding(accelerator) -> str:
             kind.value,
         )
     return kind.value
+
+
+def recipe_with_recovery(text: str, config: RecoveryConfig) -> str:
+    """recipe.yaml's text with `recover:` recording `config` (options that differ from their defaults), so that
+    `domainprune prune --recipe` replays pruning and this recovery."""
+    import yaml
+
+    head = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    data = yaml.safe_load(text) or {}
+    data["recover"] = config.model_dump(exclude_defaults=True)
+    return head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def prepare_data(

@@ -30,6 +30,21 @@ STOCK_TARGETS = ("transformers", "vllm")
 RECONSTRUCTIONS = ("obs", "none")
 
 
+def _criterion(method: str | None) -> Any:
+    """The registered criterion of `method`; None for no method (the default recipe, checked once it is resolved) or
+    a name that is not a criterion (training-aware and encoder methods; an unknown name is refused when resolved)."""
+    from .criteria import CRITERIA  # imported here: the CLI builds its options without torch
+
+    return CRITERIA[method] if method in CRITERIA else None
+
+
+def _trains(method: str | None) -> bool:
+    """A training-aware method (domainprune.training_aware): it decides its units while it tunes."""
+    from .training_aware import TRAINING_METHODS
+
+    return method in TRAINING_METHODS
+
+
 def option(
     default: Any,
     help: str,
@@ -271,6 +286,12 @@ class Depth(Stage):
     def _check(self) -> Depth:
         if self.method is None:
             raise ValueError("give --depth and --depth-sparsity together, e.g. --depth shortgpt --depth-sparsity 0.1")
+        criterion = _criterion(self.method)
+        if criterion is None or not criterion.depth:
+            from .criteria import CRITERIA
+
+            names = ", ".join(sorted(n for n, c in CRITERIA.items() if c.depth))
+            raise ValueError(f"--depth must be a depth method ({names}), not {self.method!r}")
         return self
 
     @classmethod
@@ -354,15 +375,6 @@ class TrainingOptions(Section):
     # command line --time-budget, --max-steps, --save-steps and --train-opt KEY=VALUE
     train: dict[str, Any] | None = option(None, "Training options.", cli=None)
 
-    @staticmethod
-    def check_given(recipe: Any) -> None:
-        """Training options belong to a training method or --iterative (checked when the recipe is resolved)."""
-        if recipe.train is not None and not recipe.iterative:
-            raise DomainpruneError(
-                "training options (--time-budget, --max-steps, --save-steps, --train-opt) need "
-                "--method atp, --method loraprune or --iterative N"
-            )
-
 
 class Width(Stage):
     key, title = "width", "Width stage"
@@ -418,7 +430,64 @@ class Width(Stage):
             raise ValueError(f"--reconstruct must be obs or none, not {self.reconstruct!r}")
         if self.search is not None and self.allocation not in (None, "search"):
             raise ValueError(f"search options (--search-*) need --allocation search, not {self.allocation}")
+        criterion = _criterion(self.method)
+        if criterion is not None and criterion.depth:
+            if self.allocation is not None:
+                raise ValueError(
+                    f"method {self.method!r} removes whole layers/sublayers; --allocation applies to width methods, "
+                    "leave it out"
+                )
+            if self.reconstruct not in (None, "none"):
+                raise ValueError(
+                    f"method {self.method!r} removes layers without reconstruction; leave out --reconstruct"
+                )
+        if criterion is not None and self.search is not None and self.search.task_weight:
+            allocation = self.allocation or criterion.default_allocation
+            if allocation != "search" or (self.reconstruct or criterion.default_reconstruct) != "obs":
+                raise ValueError("--search-task-weight needs --allocation search --reconstruct obs; leave it out")
+        self._check_training()
         return self
+
+    def _check_training(self) -> None:
+        """A training-aware method decides its own units; training options need one (or --iterative)."""
+        training = self.training or TrainingOptions()
+        if _trains(self.method):
+            what = f"--method {self.method}"
+            if training.iterative:
+                raise ValueError(
+                    f"--iterative runs a width criterion in stages; {what} decides while it trains: give one of them"
+                )
+            gradient = self.gradient or GradientOptions()
+            for name, value in (
+                ("allocation", self.allocation),
+                ("reconstruct", self.reconstruct),
+                ("bias_compensation", self.bias_compensation),
+                ("taylor_mode", gradient.taylor_mode),
+                ("micro_batch", gradient.micro_batch),
+            ):
+                if value not in (None, False):
+                    raise ValueError(f"{what} decides its own units and widths; leave out --{name.replace('_', '-')}")
+        elif training.train is not None and not training.iterative:
+            raise ValueError(
+                "training options (--time-budget, --max-steps, --save-steps, --train-opt) need "
+                "--method atp, --method loraprune or --iterative N"
+            )
+        else:
+            return
+        from .training_aware import train_options
+
+        try:
+            train_options(self.method, training.iterative, training.train)
+        except DomainpruneError as e:
+            raise ValueError(str(e)) from None
+
+    def trains(self) -> str | None:
+        """How this stage names its training-aware pruning in messages (None: it has none)."""
+        if _trains(self.method):
+            return f"--method {self.method}"
+        if self.training is not None and self.training.iterative:
+            return f"--iterative {self.training.iterative}"
+        return None
 
     @staticmethod
     def check_method(recipe: Any, criterion: Any, reconstruct: str | None) -> None:
@@ -524,6 +593,12 @@ class StagedRecipe(BaseModel):
     budget: Budget = Budget()
     calibration: Calibration = Calibration()
     stages: list[Stage] = []
+    # then `domainprune recover` on the output, with these options (domainprune.options.RecoveryConfig); recorded by
+    # `recover RUN` in the run's recipe.yaml, run by `prune --recipe` after the pruning stages
+    recover: dict[str, Any] | None = None
+    # then an export beside the output: {"to": exporter name, its options...} (domainprune.exporters), as prune's
+    # --export; recorded by prune --export in the run's recipe.yaml
+    export: dict[str, Any] | None = None
 
     def stage(self, kind: type[Stage]) -> Stage | None:
         return next((s for s in self.stages if isinstance(s, kind)), None)
@@ -562,7 +637,86 @@ class StagedRecipe(BaseModel):
                     raise ValueError(
                         f"{option} {stage.sparsity} is part of --sparsity {budget.sparsity}; it cannot be larger"
                     )
+        self._check_depth()
+        self._check_speedup()
+        self._check_training()
         return self
+
+    def _width(self) -> tuple[Width | None, Any, str | None, str | None]:
+        """The width stage, its criterion, and its allocation and reconstruction with the method's defaults."""
+        width = self.stage(Width)
+        criterion = _criterion(width.method) if width is not None else None
+        if width is None:
+            return None, None, None, None
+        allocation = width.allocation or (criterion.default_allocation if criterion is not None else None)
+        reconstruct = width.reconstruct or (criterion.default_reconstruct if criterion is not None else None)
+        return width, criterion, allocation, reconstruct
+
+    def _check_depth(self) -> None:
+        """A depth stage before a width stage: the width method prunes widths, with an allocation that can spend
+        the rest of the budget, and no reconstruction yet."""
+        from .depth import DEPTH_ALLOCATIONS
+
+        width, criterion, allocation, reconstruct = self._width()
+        if self.stage(Depth) is None or criterion is None:
+            return
+        if criterion.depth:
+            raise ValueError(
+                f"method {width.method!r} already prunes depth; give --depth with a width method (e.g. --method flap)"
+            )
+        if criterion.scores_experts:
+            raise ValueError("--depth cannot be combined with an expert method")
+        if criterion.chooses_units or reconstruct not in (None, "none"):
+            raise ValueError("--depth cannot be combined with --reconstruct obs yet; leave one of them out")
+        if allocation not in DEPTH_ALLOCATIONS:
+            raise ValueError(f"--depth needs --allocation global or uniform for the width part, not {allocation!r}")
+
+    def _check_speedup(self) -> None:
+        """--target-speedup budgets attention and MLP widths at the full hidden size, solved by bisection."""
+        if self.budget.target_speedup is None:
+            return
+        width, criterion, allocation, _ = self._width()
+        experts, depth = self.stage(Experts), self.stage(Depth)
+        if experts is not None or (criterion is not None and criterion.scores_experts):
+            method = experts.method if experts is not None else width.method
+            raise ValueError(
+                f"--target-speedup budgets attention and MLP widths; method {method!r} removes whole experts "
+                "(--experts-keep): leave --target-speedup out"
+            )
+        if depth is not None and width is None:
+            raise ValueError(
+                f"--target-speedup needs a width method, not the depth method {depth.method!r}; give depth beside "
+                f"one, e.g. --method flap --depth {depth.method} --depth-sparsity 0.1"
+            )
+        if allocation == "search":
+            raise ValueError(
+                "--target-speedup cannot be combined with --allocation search (it searches at one parameter budget); "
+                "use uniform, global, nirvana-ratio, owl, adapt or cfsp"
+            )
+        if self.stage(Hidden) is not None:
+            raise ValueError("--target-speedup times blocks at the full hidden size; leave out --hidden-sparsity")
+
+    def _check_training(self) -> None:
+        """Training-aware pruning (a training method or --iterative) spends a --sparsity on widths alone."""
+        width, experts = self.stage(Width), self.stage(Experts)
+        what = width.trains() if width is not None else None
+        if experts is not None and _trains(experts.method):
+            what = f"--method {experts.method}"
+        if what is None:
+            return
+        for given, option in (
+            (self.stage(Depth), "--depth"),
+            (self.stage(Hidden), "--hidden-sparsity"),
+            (experts, "--experts-keep"),
+            (self.budget.target_speedup, "--target-speedup"),
+            (self.budget.target_params, "--target-params"),
+        ):
+            if given is not None:
+                raise ValueError(f"{what} does not combine with {option}; give --sparsity alone")
+        if self.budget.sparsity is None:
+            raise ValueError(f"{what} needs --sparsity (the fraction of attention+MLP parameters removed)")
+        if self.calibration.candidates > 1:
+            raise ValueError(f"{what} does not combine with --calib-candidates")
 
     def fields(self) -> dict[str, Any]:
         """The flat `Recipe` keyword arguments (domainprune.prune's) of this recipe."""
@@ -593,7 +747,10 @@ class StagedRecipe(BaseModel):
         elif _depth_alone(method) and flat.get("depth") is None and flat.get("depth_sparsity") is None:
             stages.append(Depth(method=method, sparsity=None))
         if stages and isinstance(stages[-1], (Experts, Depth)):
-            Width.of(flat)  # its options' own checks still apply to what a flat recipe gives (unused by this run)
+            width = Width.of(flat)  # its options' own checks still apply to what a flat recipe gives (unused here)
+            if width is not None and width.training is not None and width.training.iterative:
+                what = "--experts-keep" if isinstance(stages[-1], Experts) else f"the depth method {method!r}"
+                raise ValueError(f"--iterative {width.training.iterative} does not combine with {what}")
         else:
             depth = Depth.of(flat)
             stages += [depth] if depth is not None else []
@@ -610,6 +767,10 @@ class StagedRecipe(BaseModel):
     def dump(self) -> dict[str, Any]:
         out: dict[str, Any] = {part.key: part.dump() for part in (self.input, self.budget, self.calibration)}
         out["stages"] = [{s.key: s.dump()} for s in self.stages]
+        if self.recover is not None:
+            out["recover"] = self.recover
+        if self.export is not None:
+            out["export"] = self.export
         return out
 
     def to_yaml(self) -> str:
@@ -657,8 +818,9 @@ def parse_recipe(data: Any, where: str = "recipe") -> StagedRecipe:
         raise DomainpruneError(f"{where}: expected a mapping with input, budget, calibration and stages")
     known = {k.key: k for k in SECTIONS}
     for name in data:
-        if name not in (*known, "stages"):
-            raise DomainpruneError(f"{where}: unknown section {name!r}; sections: {', '.join([*known, 'stages'])}")
+        if name not in (*known, "stages", "recover", "export"):
+            sections = ", ".join([*known, "stages", "recover", "export"])
+            raise DomainpruneError(f"{where}: unknown section {name!r}; sections: {sections}")
     parts: dict[str, Any] = {k: _section(known[k], f"{where} {k}", data.get(k)) for k in known}
     stages = []
     kinds = {k.key: k for k in STAGES}
@@ -671,10 +833,48 @@ def parse_recipe(data: Any, where: str = "recipe") -> StagedRecipe:
         if name not in kinds:
             raise DomainpruneError(f"{where}: unknown stage {name!r}; stages: {', '.join(kinds)}")
         stages.append(_section(kinds[name], f"{where} stage {name}", values))
+    recover = _recover_section(f"{where} recover", data["recover"]) if "recover" in data else None
+    export = _export_section(f"{where} export", data["export"]) if "export" in data else None
     try:
-        return StagedRecipe(**parts, stages=stages)
+        return StagedRecipe(**parts, stages=stages, recover=recover, export=export)
     except ValidationError as e:
         raise DomainpruneError(_one_line(e, where).replace(f"{where}: stages: ", f"{where}: ")) from None
+
+
+def _recover_section(where: str, values: Any) -> dict[str, Any]:
+    """recipe.yaml's `recover:` options, checked as `domainprune recover` checks them (one line naming a bad one)."""
+    from .options import RecoveryConfig
+
+    values = values or {}
+    if not isinstance(values, dict):
+        raise DomainpruneError(f"{where}: expected a mapping of options, got {values!r}")
+    for name in values:
+        if name not in RecoveryConfig.model_fields:
+            known = ", ".join(RecoveryConfig.model_fields)
+            raise DomainpruneError(f"{where}: unknown option {name!r}; options: {known}")
+    _validated(RecoveryConfig, where, values)
+    return values
+
+
+def _export_section(where: str, values: Any) -> dict[str, Any]:
+    """recipe.yaml's `export:` (`to: NAME` and the exporter's options), checked as `domainprune export` checks them."""
+    if not isinstance(values, dict) or not isinstance(values.get("to"), str):
+        raise DomainpruneError(f"{where}: expected `to: NAME` (an exporter, e.g. gguf) and its options, got {values!r}")
+    export_stage(values, where)
+    return values
+
+
+def export_stage(values: dict[str, Any], where: str = "export") -> Any:
+    """The exporters.ExportStage of an `export:` section; an unknown exporter or option is refused in one line."""
+    from .exporters import EXPORTERS, ExportStage
+    from .exporters.base import options_of
+
+    try:
+        exporter = EXPORTERS.lookup(values["to"])()
+        options = options_of(exporter, {k: v for k, v in values.items() if k != "to"})
+    except DomainpruneError as e:
+        raise DomainpruneError(f"{where}: {e}") from None
+    return ExportStage(exporter, options)
 
 
 def load_recipe(path: str | Path) -> StagedRecipe:

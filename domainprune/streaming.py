@@ -597,7 +597,7 @@ def prune_streamed(
     progress: bool = True,
     **recipe_fields: Any,
 ):
-    """`pipeline.prune` one layer at a time (`offload` cpu or disk); see the module docstring."""
+    """`run.prune` one layer at a time (`offload` cpu or disk); see the module docstring."""
     from transformers import AutoTokenizer
 
     from .evaluate import parameter_count

@@ -22,8 +22,9 @@ from domainprune.allocation import (
 )
 from domainprune.criteria import get_criterion
 from domainprune.errors import DomainpruneError
-from domainprune.pipeline import make_plan, make_recipe, prune
+from domainprune.pipeline import make_plan, make_recipe
 from domainprune.plan import dense_plan
+from domainprune.run import prune
 from domainprune.stats import collect_statistics
 
 

@@ -34,8 +34,9 @@ from domainprune import cache, load_pretrained
 from domainprune.data import load_corpus
 from domainprune.evaluate import parameter_count
 from domainprune.models import load_model
-from domainprune.pipeline import calibration_sequences, make_recipe, prune
+from domainprune.pipeline import calibration_sequences, make_recipe
 from domainprune.plan import Plan
+from domainprune.run import prune
 
 HD = 8
 SMALL = ["--calib-samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]

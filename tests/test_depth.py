@@ -18,8 +18,9 @@ from domainprune import load_pretrained
 from domainprune.adapters import get_adapter
 from domainprune.depth import DepthRemoval, FinerCut, block_influence, js_divergence, zero_removed
 from domainprune.errors import DomainpruneError
-from domainprune.pipeline import apply, calibration_sequences, make_plan, make_recipe, prune
+from domainprune.pipeline import apply, calibration_sequences, make_plan, make_recipe
 from domainprune.plan import Plan, dense_plan, validate_plan
+from domainprune.run import prune
 from domainprune.runfolder import save_pruned
 from domainprune.stats import collect_statistics
 from domainprune.surgery import apply_plan

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_pipeline import loaded, smol_tokenizer, tiny_lm
 
-from domainprune.pipeline import prune
 from domainprune.recover import recover
+from domainprune.run import prune
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = str(ROOT / "tests" / "golden" / "code.jsonl")  # small and fixed: each process tokenises it quickly

@@ -9,7 +9,7 @@ import torch
 from domainprune import load_pretrained
 from domainprune.measure import heldout_sequences, measure
 from domainprune.models import LoadedModel, load_model
-from domainprune.pipeline import prune
+from domainprune.run import prune
 
 pytestmark = pytest.mark.slow
 

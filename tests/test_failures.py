@@ -63,7 +63,7 @@ def _snapshot(*roots: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """Inputs: a tiny Llama folder, a corpus, damaged copies of both, a pruned run with its plan."""
-    from domainprune.pipeline import prune
+    from domainprune.run import prune
 
     tok = smol_tokenizer()
     root = tmp_path_factory.mktemp("failures")

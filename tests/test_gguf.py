@@ -603,7 +603,7 @@ def test_smollm2_cfsp_obs_35_greedy_continuations_and_q8_0_perplexity(tmp_path):
     from domainprune.generation import domain_prompts
     from domainprune.measure import heldout_sequences
     from domainprune.models import load_model
-    from domainprune.pipeline import prune
+    from domainprune.run import prune
 
     dense = load_model("smollm2-135m", dtype="float32", device="cpu")
     result = prune(

@@ -3,7 +3,7 @@ weights recorded in tests/golden/weights.json.
 
 Every width method × uniform/global allocation, OBS reconstruction, depth (alone and beside a width method), hidden
 and vocabulary pruning on the dense architectures of tests/tiny_models.py, and every expert method plus channel
-pruning on the mixture-of-experts ones, each `domainprune.pipeline.prune`d from the same tiny random model with
+pruning on the mixture-of-experts ones, each `domainprune.run.prune`d from the same tiny random model with
 calibration from tests/golden/ (fixed text, so the record does not move with the interpreter's standard library)
 and written with `out=`. A recipe that is refused records its one-line error instead.
 
@@ -39,7 +39,7 @@ from tiny_models import ARCHS
 from tiny_pipeline import VOCAB, loaded, smol_tokenizer, tiny_lm
 
 from domainprune.errors import DomainpruneError
-from domainprune.pipeline import prune
+from domainprune.run import prune
 
 HERE = Path(__file__).with_name("golden")
 RECORD = HERE / "weights.json"

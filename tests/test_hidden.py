@@ -18,8 +18,9 @@ from domainprune import load_pretrained
 from domainprune.adapters import get_adapter
 from domainprune.errors import DomainpruneError
 from domainprune.hidden import choose_hidden, kept_width, width_sparsity
-from domainprune.pipeline import make_recipe, prune
+from domainprune.pipeline import make_recipe
 from domainprune.plan import Plan, dense_plan
+from domainprune.run import prune
 from domainprune.runfolder import save_pruned
 from domainprune.stats import collect_statistics
 from domainprune.surgery import apply_plan

@@ -16,15 +16,6 @@ import domainprune
 
 ROOT = Path(domainprune.__file__).parent
 PACKAGE = "domainprune"
-# The one cycle left, with function-level imports only: `pipeline.prune` hands over to streamed and training-aware
-# pruning, which call pipeline's planning. Splitting the planning core from the entry point is issue 16's stage
-# redesign; it removes these names from here.
-KNOWN_CYCLE = {
-    "domainprune.pipeline",
-    "domainprune.streaming",
-    "domainprune.training_aware",
-    "domainprune.training_aware.iterative",
-}
 
 
 def module_files() -> dict[str, Path]:
@@ -129,10 +120,20 @@ def test_top_level_imports_have_no_cycle():
     assert cycles(graph(top_level=True)) == []
 
 
-def test_function_level_imports_add_no_cycle_but_the_known_one():
-    found = cycles(graph(top_level=False))
-    assert [c for c in found if c != KNOWN_CYCLE] == [], "new import cycle"
-    assert found == [KNOWN_CYCLE], "the known cycle is gone: empty KNOWN_CYCLE and assert no cycle at all"
+def test_function_level_imports_add_no_cycle():
+    assert cycles(graph(top_level=False)) == []
+
+
+def test_the_entry_point_sits_above_the_planning_core():
+    """`prune` hands over to streamed and training-aware pruning, which plan with pipeline: only `run` imports them."""
+    edges = graph(top_level=False)
+    assert {"domainprune.pipeline", "domainprune.streaming", "domainprune.training_aware.iterative"} <= edges[
+        "domainprune.run"
+    ]
+    assert "domainprune.pipeline" in edges["domainprune.streaming"]
+    assert "domainprune.pipeline" in edges["domainprune.training_aware.iterative"]
+    assert not {"domainprune.run", "domainprune.streaming"} & edges["domainprune.pipeline"]
+    assert "domainprune.training_aware.iterative" not in edges["domainprune.training_aware"]
 
 
 def test_depth_neither_imports_pipeline_nor_the_criteria_that_run_it():

@@ -25,7 +25,8 @@ from domainprune.latency import (
     predicted_speedup,
     solve_sparsity,
 )
-from domainprune.pipeline import Recipe, make_plan, make_recipe, prune
+from domainprune.pipeline import Recipe, make_plan, make_recipe
+from domainprune.run import prune
 
 SMALL = dict(context=16, prefill_tokens=32, repeats=3, progress=False)
 # wide enough that a 256-token prefill is compute-bound on a CPU — its blocks far outweigh the embedding and LM head —

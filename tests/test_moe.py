@@ -21,8 +21,9 @@ from domainprune.allocation import keep_top_experts
 from domainprune.criteria import CRITERIA, get_criterion
 from domainprune.errors import DomainpruneError
 from domainprune.models import LoadedModel
-from domainprune.pipeline import make_plan, make_recipe, prune
+from domainprune.pipeline import make_plan, make_recipe
 from domainprune.plan import Plan, dense_plan, validate_plan
+from domainprune.run import prune
 from domainprune.runfolder import save_pruned
 from domainprune.stats import collect_statistics
 from domainprune.surgery import apply_plan

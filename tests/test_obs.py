@@ -26,8 +26,9 @@ from domainprune.obs import (
     reconstruct_layers,
     refit,
 )
-from domainprune.pipeline import apply, calibration_sequences, kl_divergence, make_recipe, prune
+from domainprune.pipeline import apply, calibration_sequences, kl_divergence, make_recipe
 from domainprune.plan import dense_plan
+from domainprune.run import prune
 from domainprune.surgery import apply_plan, finish, removed_mean_output
 
 HD = 8  # head_dim of the tiny models; 6 query heads in 2 KV groups of 3, 40 MLP channels

@@ -18,8 +18,9 @@ from domainprune import cache
 from domainprune.adapters import get_adapter
 from domainprune.errors import DomainpruneError
 from domainprune.evaluate import parameter_count
-from domainprune.pipeline import apply, calibration_sequences, make_plan, make_recipe, prune
+from domainprune.pipeline import apply, calibration_sequences, make_plan, make_recipe
 from domainprune.plan import dense_plan, validate_plan
+from domainprune.run import prune
 from domainprune.stats import collect_statistics, derived
 from domainprune.surgery import apply_plan
 

@@ -118,6 +118,45 @@ def test_prune_recipe_of_a_run_rebuilds_identical_weights(capsys, folder, tmp_pa
     assert (second / "plan.json").read_text() == (first / "plan.json").read_text()
 
 
+def test_a_recovered_runs_recipe_replays_pruning_and_recovery(capsys, folder, tmp_path, monkeypatch):
+    """`recover RUN` records its options in the run's recipe.yaml (`recover:`); `prune --recipe` of that file prunes,
+    then recovers into the one output folder: the same weights."""
+    pruned, recovered, again = tmp_path / "pruned", tmp_path / "recovered", tmp_path / "again"
+    ok(capsys, "prune", "--model", folder, "--method", "wanda-sp", "--sparsity", "0.3", "--out", pruned, *SMALL)
+    train = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--max-steps", "3", "--lr", "0.01"]
+    ok(capsys, "recover", pruned, "--out", recovered, "--data", GOLDEN / "code.jsonl", *train, "--quiet")
+    text = (recovered / "recipe.yaml").read_text()
+    recorded = yaml.safe_load(text)
+    assert recorded["recover"] == {
+        "data": str(GOLDEN / "code.jsonl"),
+        "samples": 4,
+        "seq_len": 16,
+        "batch_size": 2,
+        "lr": 0.01,
+        "max_steps": 3,
+    }
+    assert {k: v for k, v in recorded.items() if k != "recover"} == yaml.safe_load((pruned / "recipe.yaml").read_text())
+    assert sha256(recovered / "model.safetensors") != sha256(pruned / "model.safetensors")
+    monkeypatch.setenv("DOMAINPRUNE_CACHE", str(tmp_path / "fresh-cache"))
+    ok(capsys, "prune", "--recipe", recovered / "recipe.yaml", "--out", again, "--quiet")
+    assert sha256(again / "model.safetensors") == sha256(recovered / "model.safetensors")
+    assert (again / "recipe.yaml").read_text() == text
+    assert json.loads((again / "recovery.json").read_text())["report"]["steps"] == 3
+
+
+def test_an_exported_runs_recipe_replays_the_export(capsys, folder, tmp_path):
+    """prune --export records `export:` in recipe.yaml; prune --recipe runs the export again, beside its output."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = ["--method", "flap", "--sparsity", "0.3", "--export", "hf"]
+    ok(capsys, "prune", "--model", folder, *args, "--out", first, *SMALL)
+    text = (first / "recipe.yaml").read_text()
+    assert yaml.safe_load(text)["export"] == {"to": "hf", "dtype": "auto"}
+    ok(capsys, "prune", "--recipe", first / "recipe.yaml", "--out", second, "--quiet")
+    assert (second / "recipe.yaml").read_text() == text
+    exported = [tmp_path / "first.hf" / "model.safetensors", tmp_path / "second.hf" / "model.safetensors"]
+    assert sha256(exported[0]) == sha256(exported[1]) == sha256(first / "model.safetensors")
+
+
 def test_options_beside_recipe_override_it(capsys, folder, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     ok(capsys, "prune", "--model", folder, "--method", "wanda-sp", "--sparsity", "0.3", "--out", first, *SMALL)
@@ -156,6 +195,77 @@ BASE = {"input": {"model": "smollm2-135m"}, "budget": {"sparsity": 0.3}, "stages
         ({"budget": {"sparsity": 0.3, "target_params": 100}}, "got sparsity and target_params"),
         ({"stages": [{"width": {"reconstruct": "lsq"}}]}, "--reconstruct must be obs or none"),
         ({"stages": [{"hidden": {"sparsity": 1.5}}]}, "stage hidden: sparsity: Input should be less than 1"),
+        ({"recover": {"max_step": 3}}, "recover: unknown option 'max_step'; options: data"),
+        ({"recover": {"kd_top_k": 4}}, "recover: --kd-top-k needs --kd-weight > 0"),
+        ({"export": {"to": "onnx"}}, "export: unknown exporter 'onnx'; available:"),
+        ({"export": {"to": "hf", "dtype": "int3"}}, "export: --to hf: dtype Input should be"),
+        ({"export": {"quant": "q4_0"}}, "export: expected `to: NAME`"),
+        # depth (formerly depth.check_depth_recipe)
+        ({"stages": [{"depth": {"method": "flap", "sparsity": 0.1}}, {"width": {}}]}, "--depth must be a depth method"),
+        ({"stages": [{"width": {"method": "shortgpt", "allocation": "global"}}]}, "--allocation applies to width"),
+        ({"stages": [{"width": {"method": "finercut", "reconstruct": "obs"}}]}, "removes layers without reconstruct"),
+        (
+            {"stages": [{"depth": {"method": "shortgpt", "sparsity": 0.1}}, {"width": {"method": "finercut"}}]},
+            "method 'finercut' already prunes depth",
+        ),
+        (
+            {
+                "stages": [
+                    {"depth": {"method": "shortgpt", "sparsity": 0.1}},
+                    {"width": {"method": "flap", "reconstruct": "obs"}},
+                ]
+            },
+            "--depth cannot be combined with --reconstruct obs yet",
+        ),
+        (
+            {"stages": [{"depth": {"method": "shortgpt", "sparsity": 0.1}}, {"width": {"method": "nirvana"}}]},
+            "--depth needs --allocation global or uniform for the width part, not 'nirvana-ratio'",
+        ),
+        # the latency budget (formerly latency.check_speedup_recipe)
+        (
+            {"budget": {"target_speedup": 1.5}, "stages": [{"width": {"allocation": "search"}}]},
+            "--target-speedup cannot be combined with --allocation search",
+        ),
+        (
+            {"budget": {"target_speedup": 1.5}, "stages": [{"hidden": {"sparsity": 0.1}}, {"width": {}}]},
+            "--target-speedup times blocks at the full hidden size",
+        ),
+        ({"budget": {"target_speedup": 1.5}, "stages": [{"depth": {"method": "shortgpt"}}]}, "needs a width method"),
+        (
+            {"budget": {"target_speedup": 1.5}, "stages": [{"experts": {"method": "easy-ep", "keep": 4}}]},
+            "method 'easy-ep' removes whole experts",
+        ),
+        # training-aware pruning (formerly training_aware.check_recipe)
+        ({"stages": [{"width": {"method": "atp", "allocation": "global"}}]}, "--method atp decides its own units"),
+        (
+            {"stages": [{"width": {"method": "loraprune", "training": {"train": {"lora_rank": 4}}}}]},
+            "lora_rank is not an option of --method loraprune",
+        ),
+        (
+            {"stages": [{"width": {"method": "atp", "training": {"iterative": 2}}}]},
+            "--iterative runs a width criterion in stages; --method atp decides while it trains",
+        ),
+        (
+            {"stages": [{"depth": {"method": "shortgpt", "sparsity": 0.1}}, {"width": {"method": "atp"}}]},
+            "--method atp does not combine with --depth; give --sparsity alone",
+        ),
+        (
+            {"calibration": {"candidates": 2}, "stages": [{"width": {"training": {"iterative": 2}}}]},
+            "--iterative 2 does not combine with --calib-candidates",
+        ),
+        (
+            {"budget": {"target_params": 100}, "stages": [{"width": {"method": "loraprune"}}]},
+            "--method loraprune does not combine with --target-params",
+        ),
+        ({"stages": [{"width": {"training": {"train": {"max_steps": 3}}}}]}, "training options (--time-budget"),
+        (
+            {"stages": [{"width": {"allocation": "global", "search": {"task_weight": 0.5}}}]},
+            "need --allocation search",
+        ),
+        (
+            {"stages": [{"width": {"method": "flap", "allocation": "search", "search": {"task_weight": 0.5}}}]},
+            "--search-task-weight needs --allocation search --reconstruct obs",
+        ),
     ],
 )
 def test_a_bad_recipe_file_fails_in_one_line_naming_it(capsys, tmp_path, change, message):
@@ -188,6 +298,34 @@ def test_the_cli_options_are_the_stages_declarations():
         assert params[flat].rich_help_panel == f"{section.title} options"
     plan = {p.name for p in typer.main.get_command(app).commands["plan"].params}
     assert {flat for flat, *_ in declared} | {"recipe_file"} <= plan
+
+
+def test_the_training_flags_are_the_training_declarations(capsys, folder, tmp_path):
+    """prune's training flags are generated from domainprune.options.TrainOptions (help text included), and a flag
+    reaches the method's options."""
+    import typer.main
+
+    from domainprune.cli import app
+    from domainprune.options import RecoveryConfig, TrainOptions, cli_options
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["prune"].params}
+    declared = cli_options(TrainOptions)
+    assert {"time_budget", "max_steps", "save_steps", "lr", "lora_r"} <= set(declared)
+    assert "seq_len" not in declared and params["seq_len"].help != TrainOptions.model_fields["seq_len"].description
+    for name, info in declared.items():
+        assert params[name].help == info.description and params[name].default is None, name
+        assert params[name].rich_help_panel == "Training options"
+    recover = {p.name: p for p in typer.main.get_command(app).commands["recover"].params}
+    assert set(RecoveryConfig.model_fields) <= set(recover) and len(RecoveryConfig.model_fields) > 25
+    for name, info in RecoveryConfig.model_fields.items():
+        assert recover[name].help == info.description and recover[name].default == info.default, name
+    assert recover["full"].opts == ["--full"] and recover["data"].opts == ["--data", "-d"]
+    out = tmp_path / "it"
+    args = ["--method", "wanda-sp", "--iterative", "2", "--sparsity", "0.2", "--max-steps", "2", "--lr", "0.001"]
+    small = ["--train-opt", "samples=4", "--train-opt", "seq_len=16", "--train-opt", "batch_size=2"]
+    ok(capsys, "prune", "--model", folder, *args, "--lora-r", "4", *small, "--out", out, *SMALL)
+    train = json.loads((out / "recipe.json").read_text())["train"]
+    assert (train["max_steps"], train["lr"], train["lora_r"], train["save_steps"]) == (2, 0.001, 4, 20)
 
 
 def test_docs_option_tables_are_the_declarations():

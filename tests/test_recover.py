@@ -13,8 +13,8 @@ from tiny_pipeline import VOCAB, cli, loaded, logits_on, save_folder, smol_token
 
 from domainprune.errors import DomainpruneError
 from domainprune.export import load_pretrained
-from domainprune.pipeline import prune
 from domainprune.recover import allocate_budget, kd_loss, kmeans, lora_targets, recover
+from domainprune.run import prune
 
 # small and quick: 8 sequences of 16 tokens, batches of 2, no time budget unless a test sets one
 FAST = dict(data="code", samples=8, seq_len=16, batch_size=2, time_budget=None, warmup_steps=0, lr=5e-3)

@@ -24,8 +24,8 @@ from domainprune.criteria.base import register as register_criterion
 from domainprune.errors import DomainpruneError
 from domainprune.export import load_pretrained
 from domainprune.exporters import EXPORTERS, Exported, Exporter
-from domainprune.pipeline import prune
 from domainprune.registry import Registry
+from domainprune.run import prune
 from domainprune.runfolder import save_pruned
 
 CALLS = []

@@ -19,7 +19,7 @@ from tiny_pipeline import CALIB, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune.errors import DomainpruneError
 from domainprune.export import load_pretrained
-from domainprune.pipeline import prune
+from domainprune.run import prune
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -144,7 +144,7 @@ PEAK = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    from domainprune.pipeline import prune
+    from domainprune.run import prune
 
     def status(key):
         return int(re.search(rf"{key}:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024

@@ -10,8 +10,8 @@ from tiny_pipeline import loaded, smol_tokenizer, tiny_lm
 
 from domainprune.data import Corpus, Document, split_of
 from domainprune.errors import DomainpruneError
-from domainprune.pipeline import prune
 from domainprune.recover import ANSWERS_FILE, make_config, recover, task_format_data, teacher_answers
+from domainprune.run import prune
 from domainprune.task_data import IGNORE, chat_prompt, code_prompts, read_jsonl, sample, training_example
 
 SOURCE = '''

@@ -17,8 +17,9 @@ from domainprune.allocation import uniform_counts
 from domainprune.errors import DomainpruneError
 from domainprune.evaluate import parameter_count
 from domainprune.export import load_pretrained
-from domainprune.pipeline import make_recipe, prune
+from domainprune.pipeline import make_recipe
 from domainprune.plan import Plan, dense_plan
+from domainprune.run import prune
 from domainprune.surgery import apply_plan
 from domainprune.training_aware import atp, common, loraprune
 

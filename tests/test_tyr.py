@@ -20,8 +20,9 @@ from domainprune.allocation import uniform_counts
 from domainprune.criteria import get_criterion
 from domainprune.errors import DomainpruneError
 from domainprune.obs import _write_columns, refit
-from domainprune.pipeline import calibration_sequences, make_recipe, prune
+from domainprune.pipeline import calibration_sequences, make_recipe
 from domainprune.plan import dense_plan
+from domainprune.run import prune
 from domainprune.search import MAX_LAYER_SPARSITY
 from domainprune.stats import collect_statistics
 

@@ -1,5 +1,5 @@
 """Pruned run folders of tiny models, built once per test process, for the `compare` and `report` tests: a dense
-tiny Llama saved as a model folder, two `domainprune.pipeline.prune` outputs (FLAP global 35 %, Wanda-sp uniform
+tiny Llama saved as a model folder, two `domainprune.run.prune` outputs (FLAP global 35 %, Wanda-sp uniform
 50 %) with plan.json/recipe.json/report.json, a three-item JSONL task, and one `domainprune compare` of them.
 
 The domain corpus is a small folder of standard-library code (a few kB per file), so that calibration, test
@@ -15,7 +15,7 @@ from pathlib import Path
 from tiny_pipeline import cli, loaded, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune.data import split_of
-from domainprune.pipeline import prune
+from domainprune.run import prune
 
 RUNS = {"flap35": dict(method="flap", sparsity=0.35), "wanda50": dict(method="wanda-sp", sparsity=0.5)}
 # Room for the throughput measurement's 64 + 128 tokens without a length warning.

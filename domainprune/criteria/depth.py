@@ -1,7 +1,7 @@
 """Depth methods (METHODS.md §6), registered by name so `--method shortgpt` / `--method finercut` work like any
 criterion. They score no heads or channels: they remove whole layers or attention/MLP sublayers (`domainprune.depth`
 holds the algorithms; a depth method's `remove` runs its own). `--depth NAME --depth-sparsity F` runs one before a
-width method under one budget; the recipe checks and the depth stage of a prune are here too."""
+width method under one budget; the depth stage of a prune is here too (its recipe checks: domainprune.stages)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from ..adapters import DecoderAdapter
-from ..depth import DEPTH_ALLOCATIONS, DepthRemoval, finercut, shortgpt, zero_removed
+from ..depth import DepthRemoval, finercut, shortgpt, zero_removed
 from ..errors import DomainpruneError
 from .base import CRITERIA, Criterion, register
 
@@ -60,36 +60,6 @@ def remove_depth(
     total = sum(adapter.layer_params(s) for s in adapter.shapes())
     depth_method = CRITERIA.lookup(method)()
     return depth_method.remove(model, adapter, sequences, sparsity * total, batch_size=batch_size, progress=progress)
-
-
-def check_depth_recipe(recipe, criterion) -> None:
-    """One-line errors for recipes that combine depth pruning with what it cannot go with (Recipe.resolved)."""
-    depth_names = ", ".join(sorted(n for n, c in CRITERIA.items() if c.depth))
-    method_is_depth = criterion.depth
-    if method_is_depth and recipe.allocation is not None:
-        raise DomainpruneError(
-            f"method {recipe.method!r} removes whole layers/sublayers; --allocation applies to width methods, leave it "
-            "out"
-        )
-    if recipe.depth is None:
-        if method_is_depth and recipe.reconstruct not in (None, "none"):
-            raise DomainpruneError(
-                f"method {recipe.method!r} removes layers without reconstruction; leave out --reconstruct"
-            )
-        return
-    if recipe.depth not in CRITERIA or not CRITERIA[recipe.depth].depth:
-        raise DomainpruneError(f"--depth must be a depth method ({depth_names}), not {recipe.depth!r}")
-    if method_is_depth:
-        raise DomainpruneError(
-            f"method {recipe.method!r} already prunes depth; give --depth with a width method (e.g. --method flap)"
-        )
-    if criterion.scores_experts:
-        raise DomainpruneError("--depth cannot be combined with an expert method")
-    if criterion.chooses_units or (recipe.reconstruct or criterion.default_reconstruct) not in (None, "none"):
-        raise DomainpruneError("--depth cannot be combined with --reconstruct obs yet; leave one of them out")
-    allocation = recipe.allocation or criterion.default_allocation
-    if allocation not in DEPTH_ALLOCATIONS:
-        raise DomainpruneError(f"--depth needs --allocation global or uniform for the width part, not {allocation!r}")
 
 
 def depth_stage(

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, model_validator
 
 from .. import cache, faults
 from ..adapters import DecoderAdapter
 from ..errors import DomainpruneError
+from ..options import IterativeOptions, TrainOptions  # noqa: F401  (the methods' options build on them)
 from ..plan import LayerPlan, Plan
 from ..registry import Registry
 
@@ -28,30 +28,6 @@ STATE_FILE = "state.safetensors"
 # `--method NAME` of the methods that decide while they tune: each registers its
 # run(loaded, recipe, options, staging, progress) -> (plan, report) with its options class (`options`)
 TRAINING_METHODS = Registry("training method")
-
-
-class TrainOptions(BaseModel):
-    """Options every training-aware method takes (`--time-budget`, `--max-steps`, `--save-steps`, `--train-opt`)."""
-
-    model_config = {"extra": "forbid"}
-
-    time_budget: float | None = Field(600.0, gt=0)  # seconds of training, summed over resumed runs; None: max_steps
-    max_steps: int | None = Field(None, ge=1)  # None: sized from the time budget after the first step
-    save_steps: int = Field(20, ge=1)  # checkpoint interval: a kill loses at most this many steps
-    samples: int = Field(256, ge=1)  # training sequences from the domain's calibration split
-    seq_len: int = Field(128, ge=4)
-    batch_size: int = Field(4, ge=1)
-    lr: float = Field(2e-4, gt=0)  # LoRA learning rate (AdamW, warm-up then cosine to a tenth)
-    warmup_steps: int = Field(5, ge=0)
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.time_budget is None and self.max_steps is None:
-            raise ValueError("give --time-budget or --max-steps: a training-aware method needs an end")
-        return self
 
 
 def parse_options(cls: type[TrainOptions], fields: dict[str, Any] | None, what: str) -> TrainOptions:

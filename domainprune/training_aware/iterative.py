@@ -23,15 +23,11 @@ from ..evaluate import parameter_count
 from ..plan import LayerPlan, dense_plan
 from ..stats import model_fingerprint, tensor_fingerprint
 from . import common
-from .common import TrainOptions
+from .common import IterativeOptions, TrainOptions
 
 log = logging.getLogger(__name__)
 
 MAPS_FILE = "stage.json"
-
-
-class IterativeOptions(TrainOptions):
-    """The tune between stages: `time_budget` (or `max_steps`) is the total over all stages."""
 
 
 def tune(

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import shutil
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run, weights_digest
 from tiny_pipeline import save_folder, smol_tokenizer, tiny_lm
 
 from domainprune import cache
 
-SCRIPT = str(Path(sys.executable).with_name("domainprune"))
 SMALL = ["--calib-samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
 
 
@@ -38,21 +37,6 @@ def inputs(tmp_path_factory):
     for name in sorted(p.name for p in stdlib.glob("*.py"))[:60]:
         shutil.copy(stdlib / name, corpus / name)
     return model, corpus
-
-
-def run(args: list, cache_dir: Path, cwd: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DOMAINPRUNE_CACHE": str(cache_dir), "TQDM_DISABLE": "1"}
-    env.pop("DOMAINPRUNE_KILL_AT", None)
-    if kill_at:
-        env["DOMAINPRUNE_KILL_AT"] = kill_at
-    return subprocess.run([SCRIPT, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-
-
-def weights_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def prune_args(model, corpus, *extra):

@@ -6,15 +6,15 @@ tokenizer and pooling modules: removal of zero-contribution units, export -> rel
 uniform, domainprune.load_pretrained otherwise), every criterion end to end."""
 
 import json
-import shutil
 
 import pytest
 import torch
+from tiny_encoders import sentence_folder
 
 from domainprune import load_pretrained
 from domainprune.encoders.criteria import CRITERIA, Calibration, get_criterion
 from domainprune.encoders.export import probe_embeddings, save_encoder
-from domainprune.encoders.model import BertUnits, ModernBertUnits, encoder_units, load_encoder, preset_folder
+from domainprune.encoders.model import BertUnits, ModernBertUnits, encoder_units, load_encoder
 from domainprune.encoders.pipeline import EncoderRecipe, apply_plan, plan_units
 from domainprune.errors import DomainpruneError
 
@@ -47,22 +47,9 @@ def family_folder(request, tmp_path_factory):
     from transformers import AutoModel
 
     family = request.param
-    source = preset_folder("all-minilm-l6-v2")
     folder = tmp_path_factory.mktemp(f"tiny-{family}")
     torch.manual_seed(0)
-    model = AutoModel.from_config(_config(family))
-    with torch.no_grad():  # larger weights than the init, so that differences show
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embeddings" not in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json"):
-        shutil.copy(source / name, folder / name)
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
-    (folder / "1_Pooling").mkdir()
-    pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "word_embedding_dimension": HIDDEN}))
-    return family, folder
+    return family, sentence_folder(AutoModel.from_config(_config(family)), folder, HIDDEN)
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ modules) for structure; the real all-MiniLM-L6-v2 where noted."""
 
 import json
 import math
-import shutil
 from dataclasses import replace
 
 import pytest
 import torch
+from tiny_encoders import sentence_folder
 from typer.testing import CliRunner
 
 from domainprune.cli import app
@@ -18,7 +18,7 @@ from domainprune.encoders.allocate import ALLOCATIONS, uniform_widths
 from domainprune.encoders.compensate import correction, first_layer_inputs, input_gram
 from domainprune.encoders.criteria import CRITERIA, Calibration, LayerScores, get_criterion
 from domainprune.encoders.export import probe_embeddings, save_encoder
-from domainprune.encoders.model import BertUnits, load_encoder, preset_folder
+from domainprune.encoders.model import BertUnits, load_encoder
 from domainprune.encoders.pipeline import EncoderRecipe, apply_plan, plan_units, prune_encoder
 from domainprune.errors import DomainpruneError
 
@@ -35,7 +35,6 @@ def tiny_folder(tmp_path_factory):
     """A sentence-transformers folder: tiny random BertModel + the MiniLM tokenizer, mean pooling, normalize."""
     from transformers import BertConfig, BertModel
 
-    source = preset_folder("all-minilm-l6-v2")
     folder = tmp_path_factory.mktemp("tiny-encoder")
     torch.manual_seed(0)
     config = BertConfig(
@@ -46,19 +45,7 @@ def tiny_folder(tmp_path_factory):
         intermediate_size=48,
         max_position_embeddings=64,
     )
-    model = BertModel(config, add_pooling_layer=False)
-    with torch.no_grad():  # larger weights than the init, so that differences show
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embeddings" not in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json"):
-        shutil.copy(source / name, folder / name)
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
-    (folder / "1_Pooling").mkdir()
-    pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "word_embedding_dimension": 32}))
-    return folder
+    return sentence_folder(BertModel(config, add_pooling_layer=False), folder, 32)
 
 
 @pytest.fixture

@@ -4,20 +4,16 @@ each walk computed and where it resumed); damaged progress is rebuilt, not trust
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import run, weights_digest
 from tiny_pipeline import save_folder, smol_tokenizer, tiny_lm
 
 from domainprune import cache
 
-SCRIPT = str(Path(sys.executable).with_name("domainprune"))
 SMALL = ["--data", "code", "--calib-samples", "4", "--seq-len", "32", "--batch-size", "2", "--offload", "disk"]
 LAYERS = 4  # tiny_lm's
 
@@ -25,21 +21,6 @@ LAYERS = 4  # tiny_lm's
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return save_folder(tiny_lm("llama"), smol_tokenizer(), tmp_path_factory.mktemp("resume") / "model")
-
-
-def run(args: list, cache_dir: Path, cwd: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DOMAINPRUNE_CACHE": str(cache_dir), "TQDM_DISABLE": "1", "COLUMNS": "200"}
-    env.pop("DOMAINPRUNE_KILL_AT", None)
-    if kill_at:
-        env["DOMAINPRUNE_KILL_AT"] = kill_at
-    return subprocess.run([SCRIPT, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-
-
-def weights_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def walks(out: Path) -> dict[str, tuple[int, int]]:

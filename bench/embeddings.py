@@ -45,13 +45,14 @@ GENERAL_IMPORTANCE = ("magnitude", "wanda-sp@general", "fisher@general")  # no d
 NOISE = 0.01
 
 
-def parse_spec(spec: str) -> tuple[str, str, float, str, str]:
-    """METHOD[@general][~G][/ALLOCATION[/COMPENSATION]] -> (criterion, stream, general share, allocation,
-    compensation)."""
+def parse_spec(spec: str) -> tuple[str, str, float, str, str, str]:
+    """METHOD[@general][~G][/ALLOCATION[:ffn][/COMPENSATION]] -> (criterion, stream, general share, allocation,
+    compensation, units); `:ffn` prunes FFN channels only, every head kept (`--encoder-units ffn`)."""
     head, allocation, compensation = (spec.split("/") + ["uniform", "none"])[:3]
     head, _, share = head.partition("~")
     name, _, stream = head.partition("@")
-    return name, stream, float(share or 0), allocation, compensation
+    allocation, _, units = allocation.partition(":")
+    return name, stream, float(share or 0), allocation, compensation, units or "all"
 
 
 def calibration_pairs(pairs: list[retrieval.Pair], n: int, seed: int = 0) -> list[tuple[str, ...]]:
@@ -129,7 +130,7 @@ def run(args) -> None:
     recover_levels = {float(x) for x in (args.recover_levels or args.levels).split(",")}
     recover_methods = set((args.recover_methods or args.methods).split(","))
     for method in args.methods.split(","):
-        name, stream, share, allocation, compensation = parse_spec(method)
+        name, stream, share, allocation, compensation, units_kind = parse_spec(method)
         domain, general = calib["code"], calib["general"]
         if stream == "general":
             domain, general = general, domain
@@ -174,7 +175,7 @@ def run(args) -> None:
                 scores, score_seconds = method_scores(dense, name, stream, domain, general, args)
             model = copy.deepcopy(dense)
             units = encoder_units(model)
-            recipe = EncoderRecipe(model=args.model, sparsity=level, allocation=allocation)
+            recipe = EncoderRecipe(model=args.model, sparsity=level, allocation=allocation, units=units_kind)
             texts = [t for p in domain for t in p[:2]]
             started = time.perf_counter()
             apply_plan(units, plan_units(units, scores, recipe), compensation, texts, args.calib_batch)

@@ -172,11 +172,17 @@ def attention_unit_cost(adapter: DecoderAdapter, s: LayerShape, mode: str) -> in
 def max_width_sparsity(adapter: DecoderAdapter, mode: str) -> float:
     """The largest fraction of attention+MLP parameters width pruning can remove: every layer keeps one attention
     unit (where heads are prunable at all) and one MLP channel (per expert)."""
-    shapes = adapter.shapes()
-    removed = 0
-    for (a, c), s in zip(uniform_counts(adapter, 1.0, mode), shapes):
-        removed += a * attention_unit_cost(adapter, s, mode) + c * adapter.mlp_params(1)
-    return removed / sum(adapter.layer_params(s) for s in shapes)
+    return removed_params(adapter, uniform_counts(adapter, 1.0, mode), mode) / sum(
+        adapter.layer_params(s) for s in adapter.shapes()
+    )
+
+
+def removed_params(adapter: DecoderAdapter, counts: list[tuple[int, int]], mode: str) -> int:
+    """Attention+MLP parameters that per-layer (attention units, MLP channels) removal counts take."""
+    return sum(
+        a * attention_unit_cost(adapter, s, mode) + c * adapter.mlp_params(1)
+        for (a, c), s in zip(counts, adapter.shapes())
+    )
 
 
 def budget_tolerance(adapter: DecoderAdapter, mode: str, round_to: int | None, depth: bool) -> float:
@@ -606,15 +612,10 @@ def allocate_adapt(
     by the criterion's scores. Under `--iterative N` every stage recomputes Î on the tuned model, as the reference
     does between its pruning steps."""
     importance = adapt_importance(stats)
-    shapes = adapter.shapes()
-    total = sum(adapter.layer_params(x) for x in shapes)
+    total = sum(adapter.layer_params(x) for x in adapter.shapes())
 
     def removed(per_layer: list[float]) -> float:  # what uniform_counts' rounding and capacities really remove
-        counts = uniform_counts(adapter, per_layer, mode)
-        cut = sum(
-            a * attention_unit_cost(adapter, x, mode) + c * adapter.mlp_params(1) for (a, c), x in zip(counts, shapes)
-        )
-        return cut / total
+        return removed_params(adapter, uniform_counts(adapter, per_layer, mode), mode) / total
 
     per_layer = adapt_sparsities(importance, sparsity, strength, removed)
     log.info(

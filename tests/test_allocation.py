@@ -60,6 +60,19 @@ def test_statistics_hold_the_inputs_of_every_linear():
     torch.testing.assert_close(s["up_in_sqsum"], seen["up"], rtol=1e-5, atol=1e-5)
 
 
+def layerwise_at_40(a, allocation: str, stats) -> tuple[list[float], float]:
+    """`allocation` at 40 % over Wanda-sp scores: each layer's removed MLP fraction and the removed fraction of
+    attention+MLP parameters. Without statistics the allocation is refused."""
+    scores = [get_criterion("wanda-sp").score_layer(a, i, stats[i]) for i in range(a.num_layers)]
+    plan = allocate(allocation, dense_plan(a, "tiny"), a, scores, 0.4, stats=stats)
+    with pytest.raises(DomainpruneError, match="needs calibration statistics"):
+        allocate(allocation, dense_plan(a, "tiny"), a, scores, 0.4)
+    removed = [1 - len(lp.mlp_channels) / a.shape(i).intermediate_size for i, lp in enumerate(plan.layers)]
+    before = sum(a.layer_params(s) for s in a.shapes())
+    after = sum(a.layer_params(lp.shape()) for lp in plan.layers)
+    return removed, (before - after) / before
+
+
 # --- OWL -----------------------------------------------------------------------------------------------------------
 
 
@@ -81,15 +94,9 @@ def test_owl_prunes_the_layer_with_outliers_least():
     stats = stats_of(model)
     ratios = [outlier_ratio(a, i, stats[i]) for i in range(4)]
     assert max(ratios) == ratios[2] > 0
-    scores = [get_criterion("wanda-sp").score_layer(a, i, stats[i]) for i in range(4)]
-    plan = allocate("owl", dense_plan(a, "tiny"), a, scores, 0.4, stats=stats)
-    removed = [1 - len(lp.mlp_channels) / a.shape(i).intermediate_size for i, lp in enumerate(plan.layers)]
+    removed, sparsity = layerwise_at_40(a, "owl", stats)
     assert removed[2] == min(removed) and max(removed) - min(removed) > 0.1
-    before = sum(a.layer_params(s) for s in a.shapes())
-    after = sum(a.layer_params(lp.shape()) for lp in plan.layers)
-    assert abs((before - after) / before - 0.4) < 0.02
-    with pytest.raises(DomainpruneError, match="needs calibration statistics"):
-        allocate("owl", dense_plan(a, "tiny"), a, scores, 0.4)
+    assert abs(sparsity - 0.4) < 0.02
 
 
 # --- Adapt-Pruner ------------------------------------------------------------------------------------------------
@@ -120,15 +127,10 @@ def test_adapt_prunes_the_layer_that_changes_its_input_most_least():
         a.o_proj(1).weight *= 30
     stats = stats_of(model)
     assert max(range(4), key=adapt_importance(stats).__getitem__) == 1
-    scores = [get_criterion("wanda-sp").score_layer(a, i, stats[i]) for i in range(4)]
-    plan = allocate("adapt", dense_plan(a, "tiny"), a, scores, 0.4, stats=stats)
-    removed = [1 - len(lp.mlp_channels) / a.shape(i).intermediate_size for i, lp in enumerate(plan.layers)]
+    removed, sparsity = layerwise_at_40(a, "adapt", stats)
     assert removed[1] == min(removed) and max(removed) - min(removed) > 0.1
     before = sum(a.layer_params(s) for s in a.shapes())
-    after = sum(a.layer_params(lp.shape()) for lp in plan.layers)
-    assert 0 <= (before - after) / before - 0.4 < a.mlp_params(1) / before  # one MLP channel at most over
-    with pytest.raises(DomainpruneError, match="needs calibration statistics"):
-        allocate("adapt", dense_plan(a, "tiny"), a, scores, 0.4)
+    assert 0 <= sparsity - 0.4 < a.mlp_params(1) / before  # one MLP channel at most over
 
 
 # --- CFSP ----------------------------------------------------------------------------------------------------------

@@ -152,11 +152,12 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
 # --- cache entries without pickle: tensors in safetensors, everything else in JSON ---------------------------------
 
 
-def save_tensors(path: Path, tensors: dict[str, Any], meta: Any = None) -> None:
-    """Tensors (contiguous CPU copies) in a safetensors file; `meta` (JSON) in its header."""
+def save_tensors(path: Path, tensors: dict[str, Any], meta: Any = None, copy: bool = True) -> None:
+    """Tensors (contiguous CPU copies) in a safetensors file; `meta` (JSON) in its header. `copy=False` writes a CPU
+    tensor that is already contiguous as it is, for large tensors that share no storage (activations)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}  # no shared storage
+    tensors = {k: v.detach().to("cpu", copy=copy).contiguous() for k, v in tensors.items()}  # no shared storage
     header = {"json": json.dumps(meta)} if meta is not None else None
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 

@@ -262,20 +262,12 @@ class WalkResume:
             if hidden is None:
                 raise RuntimeError(f"{self.name}: layer {i} staged no activations for layer {i + 1}")
             state.update({f"hidden/{j}": h for j, h in enumerate(hidden)})
-        _save_in_place(self.folder / self.RESUME_FILE, state, {"next_layer": i + 1})
+        # not copied: the activations saved after each layer are the largest thing in memory
+        cache.save_tensors(self.folder / self.RESUME_FILE, state, {"next_layer": i + 1}, copy=False)
         faults.point(f"stream:{self.name}:{i}")
 
     def _record(self, i: int) -> Path:
         return self.folder / f"layer_{i:05d}.safetensors"
-
-
-def _save_in_place(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """`cache.save_tensors` without its copy of every tensor: the activations saved after each layer are the largest
-    thing in memory, and a CPU tensor that is already contiguous is written as it is."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    cache.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)}))
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -674,10 +674,16 @@ def allocate_cfsp(
         )
     angles = [float(st["block_angle_sum"]) / float(st["tokens"]) * CFSP_REFERENCE_TOKENS for st in stats]
     keep = cfsp_keep_ratios(angles, p)
+    widths = [s.intermediate_size for s in shapes]
+    # The ratios average to 1 − p, which removes p of the channels only when every layer is as wide as the others.
+    # On a model already pruned to per-layer widths (a stage of --iterative) the layers CFSP prunes hardest are the
+    # narrow ones, so the removal fractions are scaled by one factor to remove p of the channels there too.
+    wanted = p * sum(widths)
+    scale = wanted / max(sum((1 - k) * n for k, n in zip(keep, widths)), 1e-12)
     layers = []
     for i, (lp, sc, k) in enumerate(zip(dense.layers, scores, keep)):
-        n = shapes[i].intermediate_size
-        remove = min(n - 1, max(0, round((1 - k) * n)))
+        n = widths[i]
+        remove = min(n - 1, max(0, round((1 - k) * scale * n)))
         gone = set(sc.channels.argsort(stable=True)[:remove].tolist())
         layers.append(lp.model_copy(update={"mlp_channels": [c for c in lp.mlp_channels if c not in gone]}))
     return dense.model_copy(update={"layers": layers})

@@ -164,6 +164,31 @@ def test_cfsp_scores_depend_on_weights_not_only_on_activations():
     assert ch[5] > ch[[c for c in range(len(ch)) if c not in (3, 5)]].max()
 
 
+def test_cfsp_removes_its_share_of_channels_from_per_layer_widths():
+    """On a model already pruned to different widths (a stage of --iterative), the narrow layers being the ones CFSP
+    prunes hardest, the plan still removes the MLP fraction p of the remaining channels, not p of each layer on
+    average (which fell short of the budget, stage after stage)."""
+    from domainprune.allocation import allocate_cfsp, cfsp_mlp_fraction
+    from domainprune.surgery import apply_plan
+
+    model = tiny_model("llama")
+    a = get_adapter(model)
+    dense = dense_plan(a, "tiny")
+    widths = [a.shape(i).intermediate_size * f // 8 for i, f in enumerate((2, 8, 3, 7))][: a.num_layers]
+    layers = [lp.model_copy(update={"mlp_channels": lp.mlp_channels[:w]}) for lp, w in zip(dense.layers, widths)]
+    apply_plan(model, dense.model_copy(update={"layers": layers}))
+    a = get_adapter(model)
+    stats = stats_of(model)
+    for st, w in zip(stats, widths):  # the narrow layers change their input least: CFSP keeps the least of them
+        st["block_angle_sum"] = torch.tensor(float(w) * 500 * float(st["tokens"]) / 128 / 1024)
+    scores = [get_criterion("cfsp").score_layer(a, i, stats[i]) for i in range(a.num_layers)]
+    plan = allocate_cfsp(dense_plan(a, "tiny"), a, scores, 0.3, "both", False, stats=stats)
+    removed = sum(widths) - sum(len(lp.mlp_channels) for lp in plan.layers)
+    assert abs(removed - cfsp_mlp_fraction(a, 0.3) * sum(widths)) <= a.num_layers / 2  # rounding, one per layer
+    kept = [len(lp.mlp_channels) / w for lp, w in zip(plan.layers, widths)]
+    assert kept.index(min(kept)) == widths.index(min(widths))
+
+
 @pytest.mark.parametrize("allocation", ["owl", "adapt", "cfsp"])
 def test_prune_with_layerwise_allocation_exports_and_meets_the_budget(allocation, tmp_path):
     tok = smol_tokenizer()

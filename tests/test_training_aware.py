@@ -236,9 +236,10 @@ def test_cubic_schedule():
 # --- iterative -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,allocation", [("magnitude", None), ("wanda-sp", "adapt")])
+@pytest.mark.parametrize("method,allocation", [("magnitude", None), ("wanda-sp", "adapt"), ("cfsp", None)])
 def test_iterative_stages_meet_the_budget(tmp_path, method, allocation):
-    """Any criterion and allocation; with `adapt`, Adapt-Pruner's own layer update re-scored on each tuned stage."""
+    """Any criterion and allocation; with `adapt`, Adapt-Pruner's own layer update re-scored on each tuned stage; cfsp
+    (MLP only) on the non-uniform widths of stages 2 and 3 still removes each stage's share."""
     tok = smol_tokenizer()
     model = tiny_lm("qwen2")
     result = prune(

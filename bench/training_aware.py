@@ -43,7 +43,15 @@ from domainprune.recover import recover  # noqa: E402
 from domainprune.run import prune  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-RECIPES = "two-stage,atp,loraprune,iterative4,perp-light"
+RECIPES = "two-stage,two-stage-kd,two-stage-sdd,atp,loraprune,iterative4,perp-light"
+# the recovery stage of each two-stage recipe (domainprune.recover options): raw-text CE, CE + KD on the dense logits,
+# task-format self-distillation (the dense model's answers to requests built from the corpus, generated in the budget)
+RECOVERY = {
+    "two-stage": {},
+    "two-stage-kd": {"kd_weight": 0.5},
+    "two-stage-sdd": {"train_format": "sdd", "answer_tokens": 96, "samples": 32},  # 32 answers generated on CPU
+    "perp-light": {"train": "norms,biases"},
+}
 RESERVE = 20.0  # seconds kept back from a training budget for merging, surgery and the end of the last step
 
 
@@ -72,20 +80,22 @@ def one_shot(loaded: LoadedModel, args, level: float):
 
 def run_recipe(name: str, loaded: LoadedModel, args, level: float, started: float) -> tuple[LoadedModel, dict]:
     left = lambda: args.budget - (time.perf_counter() - started) - RESERVE  # noqa: E731
-    if name in ("two-stage", "perp-light"):
+    if name in RECOVERY:
         result = one_shot(loaded, args, level)
         info = {
             "prune_seconds": round(time.perf_counter() - started, 1),
             "plan": result.plan.summary(),
             "recipe": result.recipe.model_dump(mode="json"),
         }
-        light = {"train": "norms,biases"} if name == "perp-light" else {}
+        extra = dict(RECOVERY[name])
+        if "kd_weight" in extra or "train_format" in extra:
+            # the dense model; its loading and (sdd) its answers come before the training budget starts: all-in s
+            extra["teacher"] = args.model
         with tempfile.TemporaryDirectory() as tmp:
             rec = recover(
                 LoadedModel(result.model, loaded.tokenizer, None, loaded.source),
                 out=Path(tmp) / "r",
                 data=args.data,
-                samples=args.train_samples,
                 seq_len=args.seq_len,
                 batch_size=args.batch_size,
                 max_steps=None,
@@ -95,7 +105,7 @@ def run_recipe(name: str, loaded: LoadedModel, args, level: float, started: floa
                 device=args.device,
                 progress=False,
                 verify=False,
-                **light,
+                **{"samples": args.train_samples, **extra},
             )
         info["training"] = {
             k: rec.report.get(k)

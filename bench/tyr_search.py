@@ -30,6 +30,8 @@ ROWS = {
     "cfsp cfsp+obs": dict(method="cfsp", reconstruct="obs"),
     "cfsp uniform+obs": dict(method="cfsp", allocation="uniform", reconstruct="obs"),
     "cfsp global+obs": dict(method="cfsp", allocation="global", reconstruct="obs"),
+    # the fitness adds the KL over the dense model's answers to 8 task-format requests (docs/allocation.md)
+    "cfsp search+obs task1": dict(method="cfsp", allocation="search", reconstruct="obs", search_task_weight=1.0),
 }
 
 

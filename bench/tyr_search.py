@@ -88,8 +88,8 @@ def write_md(rows: list[dict]) -> None:
         "(docs/allocation.md). `prune CPU s`: the process's CPU time, both threads together. The load column shows "
         "what the other sessions on the same 2 cores did to wall times: the search ran at load 8–11 for most of "
         "its 55 min; cfsp + OBS took 733 s at load 6–8 and 55 s at load 2–3. The `task1` row "
-        "(`--search-task-weight 1`: the fitness adds the KL over the dense model's answers to 8 task-format requests) ran alone on the machine, "
-        "from an empty statistics cache.",
+        "(`--search-task-weight 1`: the fitness adds the KL over the dense model's answers to 8 task-format "
+        "requests) ran alone on the machine, from an empty statistics cache.",
         "",
     ]
     if dense:

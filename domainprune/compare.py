@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .data import jsonl_records
 from .errors import DomainpruneError
 from .generation import NEW_TOKENS, PROMPTS, Samples, domain_prompts
 from .mbpp import CODE_TASKS, MAX_NEW_TOKENS
@@ -494,7 +495,7 @@ def load_figures(path: str | Path) -> Comparison:
     text = path.read_text()
     try:
         if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = [row for _, row in jsonl_records(path, "give the benchmark's JSONL as it was written", text)]
             return from_bench_rows(rows, str(path), relative_to=path)
         data = json.loads(text)
     except (ValueError, KeyError, TypeError) as e:

@@ -281,17 +281,21 @@ def _field_error(where: str, text_field: str, problem: str) -> DomainpruneError:
     return DomainpruneError(f"{where}: {problem}; name the text field with --text-field (now {text_field!r})")
 
 
-def _jsonl_documents(path: Path, rel: str, text_field: str) -> Iterator[Document]:
+def jsonl_records(path: Path, fix: str, text: str | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file (or of its `text`, already read); a line
+    that is not JSON stops it with one line naming the file, the line and `fix`."""
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which must not shift line numbers.
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+    for lineno, line in enumerate((_read_text(path) if text is None else text).split("\n"), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            raise DomainpruneError(
-                f"{path} line {lineno} is not JSON ({e.msg}); fix the line, or check --text-field {text_field!r}"
-            ) from e
+            raise DomainpruneError(f"{path} line {lineno} is not JSON ({e.msg}); {fix}") from None
+
+
+def _jsonl_documents(path: Path, rel: str, text_field: str) -> Iterator[Document]:
+    for lineno, record in jsonl_records(path, f"fix the line, or check --text-field {text_field!r}"):
         if not isinstance(record, dict) or text_field not in record:
             raise _field_error(f"{path} line {lineno}", text_field, f"no field {text_field!r}")
         text = record[text_field]

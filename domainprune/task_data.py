@@ -17,12 +17,11 @@ Python files are parsed (`ast`) to find functions; nothing in them is run.
 from __future__ import annotations
 
 import ast
-import json
 import random
 from pathlib import Path
 from typing import Any
 
-from .data import Corpus
+from .data import Corpus, jsonl_records
 from .errors import DomainpruneError
 
 MIN_DOCSTRING = 20  # characters: shorter docstrings rarely say what the function does
@@ -69,19 +68,10 @@ def read_jsonl(path: str | Path, *, response: bool) -> list[dict[str, str]]:
         raise DomainpruneError(f'--train-file {path} not found; give a JSONL file with one {{"prompt": ...}} per line')
     fields = ("prompt", "response") if response else ("prompt",)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DomainpruneError(
-                    f"{path}:{lineno} is not JSON ({e.msg}); give one JSON object per line"
-                ) from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip() for k in fields):
-                raise DomainpruneError(f"{path}:{lineno} needs non-empty string field(s) {', '.join(fields)}")
-            rows.append({k: row[k] for k in fields})
+    for lineno, row in jsonl_records(path, "give one JSON object per line"):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip() for k in fields):
+            raise DomainpruneError(f"{path} line {lineno} needs non-empty string field(s) {', '.join(fields)}")
+        rows.append({k: row[k] for k in fields})
     if not rows:
         raise DomainpruneError(f"{path} holds no rows; give one JSON object per line")
     return rows

@@ -143,7 +143,8 @@ def test_report_from_benchmark_rows(capsys, runs, figures, tmp_path):
         },
     ]
     jsonl = tmp_path / "quality.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows[0]["machine"] = "CPU\u2028(a line separator inside a JSON string is not a line break of the JSONL)"
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     code, _, err = cli(
         capsys,
         "report",

@@ -82,11 +82,11 @@ def test_jsonl_rows_and_their_errors(tmp_path):
     assert read_jsonl(good, response=True) == [{"prompt": "Sort a list.", "response": "sorted(x)"}]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\nnot json\n')
-    with pytest.raises(DomainpruneError, match=r"bad.jsonl:2 is not JSON"):
+    with pytest.raises(DomainpruneError, match=r"bad.jsonl line 2 is not JSON"):
         read_jsonl(bad, response=False)
     half = tmp_path / "q.jsonl"
     half.write_text(json.dumps({"prompt": "a"}) + "\n")
-    with pytest.raises(DomainpruneError, match=r"q.jsonl:1 needs non-empty string field\(s\) prompt, response"):
+    with pytest.raises(DomainpruneError, match=r"q.jsonl line 1 needs non-empty string field\(s\) prompt, response"):
         read_jsonl(half, response=True)
     with pytest.raises(DomainpruneError, match="not found"):
         read_jsonl(tmp_path / "missing.jsonl", response=False)

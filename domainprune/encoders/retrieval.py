@@ -127,17 +127,8 @@ def general_pairs() -> list[Pair]:
 
 def jsonl_pairs(path: Path) -> list[Pair]:
     pairs = []
-    text = data._read_text(path)
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
+    for lineno, row in data.jsonl_records(path, 'give one {"query", "positive"} object per line'):
         where = f"{path} line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DomainpruneError(
-                f'{where} is not JSON ({e.msg}); give one {{"query", "positive"}} object per line'
-            ) from None
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("query", "positive")):
             raise DomainpruneError(
                 f'{where}: needs string fields "query" and "positive" (and optionally a list "negatives"); fix the line'

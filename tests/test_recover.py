@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from tiny_models import tiny_model
-from tiny_pipeline import VOCAB, cli, loaded, logits_on, save_folder, smol_tokenizer, tiny_lm
+from tiny_pipeline import VOCAB, cli, flap_run, loaded, logits_on, save_folder, smol_tokenizer, tiny_lm
 
 from domainprune.errors import DomainpruneError
 from domainprune.export import load_pretrained
@@ -28,20 +28,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer):
-    """A heterogeneous (global allocation) FLAP run of a tiny llama, written like `domainprune prune --out`."""
-    out = tmp_path_factory.mktemp("runs") / "pruned"
-    prune(
-        loaded(tiny_lm("llama"), tokenizer),
-        out=out,
-        method="flap",
-        sparsity=0.35,
-        data="code",
-        calib_samples=2,
-        seq_len=16,
-        batch_size=2,
-        progress=False,
-    )
-    return out
+    return flap_run(tmp_path_factory.mktemp("runs") / "pruned", tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_pipeline import loaded, smol_tokenizer, tiny_lm
+from tiny_pipeline import flap_run, loaded, smol_tokenizer, tiny_lm
 
 from domainprune.data import Corpus, Document, split_of
 from domainprune.errors import DomainpruneError
 from domainprune.recover import ANSWERS_FILE, make_config, recover, task_format_data, teacher_answers
-from domainprune.run import prune
 from domainprune.task_data import IGNORE, chat_prompt, code_prompts, read_jsonl, sample, training_example
 
 SOURCE = '''
@@ -120,19 +119,7 @@ def test_option_combinations_are_refused_in_one_line():
 
 @pytest.fixture(scope="module")
 def run_and_dense(tmp_path_factory, tokenizer):
-    out = tmp_path_factory.mktemp("runs") / "pruned"
-    prune(
-        loaded(tiny_lm("llama"), tokenizer),
-        out=out,
-        method="flap",
-        sparsity=0.35,
-        data="code",
-        calib_samples=2,
-        seq_len=16,
-        batch_size=2,
-        progress=False,
-    )
-    return out, loaded(tiny_lm("llama"), tokenizer)
+    return flap_run(tmp_path_factory.mktemp("runs") / "pruned", tokenizer), loaded(tiny_lm("llama"), tokenizer)
 
 
 # the chat template alone is 63 tokens of the tiny models' 512-token tokenizer

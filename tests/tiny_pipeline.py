@@ -82,6 +82,25 @@ def loaded(model: torch.nn.Module, tokenizer=None) -> LoadedModel:
     return LoadedModel(model, tokenizer, path=None, source="tiny")
 
 
+def flap_run(out: Path, tokenizer) -> Path:
+    """A heterogeneous (global allocation) FLAP run of a tiny llama at 35 %, written to `out` like `domainprune prune
+    --out`: the pruned model that the recovery tests start from."""
+    from domainprune.run import prune
+
+    prune(
+        loaded(tiny_lm("llama"), tokenizer),
+        out=out,
+        method="flap",
+        sparsity=0.35,
+        data="code",
+        calib_samples=2,
+        seq_len=16,
+        batch_size=2,
+        progress=False,
+    )
+    return out
+
+
 def save_folder(model: torch.nn.Module, tokenizer, path: Path) -> Path:
     """An ordinary Hugging Face model folder (config, safetensors, tokenizer files)."""
     model.save_pretrained(path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,44 @@ def sparsities(
     return [c + d * step * mean_w / w for c, d, w in zip(centre, offsets, weights)]
 
 
+def resumed_rng(state: dict) -> random.Random:
+    """The generator saved in a search state (`random.getstate()`, which JSON turned from tuples into lists)."""
+    rng = random.Random()
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    log.info("search: resuming at round %d, generation %d", state["round"] + 1, state["generation"] + 1)
+    return rng
+
+
+def generations_bar(state: dict, settings, desc: str, progress: bool):
+    return tqdm(
+        total=settings.rounds * settings.generations,
+        initial=state["round"] * settings.generations + state["generation"],
+        desc=desc,
+        unit="gen",
+        disable=not progress,
+    )
+
+
+def select(children: list, evaluate: Callable[[Any, int], float]) -> tuple[float, int]:
+    """(fitness, index) of the best child: every child judged on the first stage's tokens, the best `STAGE_KEEP` of
+    each stage judged again on the next stage's, more, tokens; (inf, -1) without children."""
+    pool = sorted((evaluate(c, 0), i) for i, c in enumerate(children))
+    for stage, keep in zip((1, 2), STAGE_KEEP):
+        pool = sorted((evaluate(children[i], stage), i) for _, i in pool[:keep])
+    return pool[0] if pool else (float("inf"), -1)
+
+
+def end_generation(state: dict, rng: random.Random, state_file: Path | None, bar) -> None:
+    """Save the state after a generation (a killed search resumes after it) and show its fitness."""
+    state["rng"] = rng.getstate()
+    if state_file is not None:
+        cache.save_json(state_file, state)
+        faults.point(f"search:{len(state['history'])}")
+    bar.update(1)
+    bar.set_postfix(kl=f"{state['fitness']:.5f}")
+
+
 def search(adapter: DecoderAdapter, budget: float, make_plan, context: SearchContext) -> tuple[list[float], dict]:
     """Per-layer sparsities minimising the fitness; `make_plan(sparsities)` builds a candidate's plan.
 
@@ -205,18 +244,8 @@ def search(adapter: DecoderAdapter, budget: float, make_plan, context: SearchCon
             }
             state["start_fitness"] = state["fitness"]
         else:
-            rng = random.Random()
-            version, internal, gauss = state["rng"]  # JSON turned getstate()'s tuples into lists
-            rng.setstate((version, tuple(internal), gauss))
-            log.info("search: resuming at round %d, generation %d", state["round"] + 1, state["generation"] + 1)
-        total = st.rounds * st.generations
-        bar = tqdm(
-            total=total,
-            initial=state["round"] * st.generations + state["generation"],
-            desc="search",
-            unit="gen",
-            disable=not context.progress,
-        )
+            rng = resumed_rng(state)
+        bar = generations_bar(state, st, "search", context.progress)
         while not state["done"]:
             step = st.step / 2 ** state["round"]
             centre, parent = state["centre"], state["offsets"]
@@ -225,12 +254,7 @@ def search(adapter: DecoderAdapter, budget: float, make_plan, context: SearchCon
                 for c in (mutate(parent, centre, step, weights, st.levels, rng) for _ in range(st.offspring))
                 if c is not None
             ]
-            pool = sorted((evaluate(sparsities(c, centre, step, weights), 0), i) for i, c in enumerate(children))
-            for stage, keep in zip((1, 2), STAGE_KEEP):  # the best of each stage go on to more tokens
-                pool = sorted(
-                    (evaluate(sparsities(children[i], centre, step, weights), stage), i) for _, i in pool[:keep]
-                )
-            best_fit, best = pool[0] if pool else (float("inf"), -1)
+            best_fit, best = select(children, lambda c, stage: evaluate(sparsities(c, centre, step, weights), stage))
             if best_fit < state["fitness"]:
                 state["offsets"], state["fitness"] = children[best], best_fit
             state["history"].append(round(state["fitness"], 8))
@@ -240,12 +264,7 @@ def search(adapter: DecoderAdapter, budget: float, make_plan, context: SearchCon
                 state["offsets"] = [0] * len(centre)
                 state["round"], state["generation"] = state["round"] + 1, 0
                 state["done"] = state["round"] == st.rounds
-            state["rng"] = rng.getstate()
-            if state_file is not None:
-                cache.save_json(state_file, state)
-                faults.point(f"search:{len(state['history'])}")
-            bar.update(1)
-            bar.set_postfix(kl=f"{state['fitness']:.5f}")
+            end_generation(state, rng, state_file, bar)
         bar.close()
     return _result(state, weights)
 

@@ -44,13 +44,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import cache, faults
+from . import cache
 from .adapters import DecoderAdapter, get_adapter
 from .allocation import attention_unit_cost
 from .errors import DomainpruneError
 from .obs import OBS_DAMPING, FixedPlan, InputHessian, _head_columns, reconstruct_layers, refit
 from .plan import Plan
-from .search import MAX_LAYER_SPARSITY, STAGE_FRACTIONS, STAGE_KEEP, Fitness
+from .search import MAX_LAYER_SPARSITY, STAGE_FRACTIONS, Fitness, end_generation, generations_bar, resumed_rng, select
 
 log = logging.getLogger(__name__)
 TYR_VERSION = 1
@@ -440,18 +440,9 @@ def search(
                 "done": False,
             }
         else:
-            rng = random.Random()
-            version, internal, gauss = state["rng"]  # JSON turned getstate()'s tuples into lists
-            rng.setstate((version, tuple(internal), gauss))
-            log.info("search: resuming at round %d, generation %d", state["round"] + 1, state["generation"] + 1)
+            rng = resumed_rng(state)
             variants.supernet = build(state["centre"])
-        bar = tqdm(
-            total=st.rounds * st.generations,
-            initial=state["round"] * st.generations + state["generation"],
-            desc="search (refitted)",
-            unit="gen",
-            disable=not context.progress,
-        )
+        bar = generations_bar(state, st, "search (refitted)", context.progress)
         mean_width = sum(genes.width) / genes.n
         while not state["done"]:
             step = max(1, round(st.step / 2 ** state["round"] * mean_width))
@@ -461,10 +452,7 @@ def search(
                 for c in (genes.mutate(parent, centre, step, st.levels, rng) for _ in range(st.offspring))
                 if c is not None
             ]
-            pool = sorted((evaluate(c, 0), i) for i, c in enumerate(children))
-            for stage, keep in zip((1, 2), STAGE_KEEP):  # the best of each stage go on to more tokens
-                pool = sorted((evaluate(children[i], stage), i) for _, i in pool[:keep])
-            best_fit, best = pool[0] if pool else (float("inf"), -1)
+            best_fit, best = select(children, evaluate)
             if best_fit < state["fitness"]:
                 state["current"], state["fitness"] = children[best], best_fit
             state["history"].append(round(state["fitness"], 8))
@@ -478,12 +466,7 @@ def search(
                     state["fitness"] = evaluate(state["centre"], 2)  # judged again on the new supernet
                 else:  # the start judged on the last supernet too, so that the two figures compare
                     state["start_fitness"] = evaluate(state["start"], 2)
-            state["rng"] = rng.getstate()
-            if state_file is not None:
-                cache.save_json(state_file, state)
-                faults.point(f"search:{len(state['history'])}")
-            bar.update(1)
-            bar.set_postfix(kl=f"{state['fitness']:.5f}")
+            end_generation(state, rng, state_file, bar)
         bar.close()
     return state["current"], _summary(state)
 

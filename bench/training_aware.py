@@ -23,8 +23,10 @@ calibration split (ATP's decision steps: its validation split), never the test s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
+import os
 import platform
 import sys
 import tempfile
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rows import load_rows, save_rows  # noqa: E402
 
+from domainprune import cache  # noqa: E402
 from domainprune.measure import measure  # noqa: E402
 from domainprune.models import LoadedModel, load_model  # noqa: E402
 from domainprune.recover import recover  # noqa: E402
@@ -52,6 +55,9 @@ RECOVERY = {
     "two-stage-sdd": {"train_format": "sdd", "answer_tokens": 96, "samples": 32},  # 32 answers generated on CPU
     "perp-light": {"train": "norms,biases"},
 }
+# --cold: what a recipe may reuse from the cache (the converted model, its GGUF, the tokenised corpora); statistics,
+# OBS refits and gradients are recomputed inside each recipe's budget
+SHARED_CACHE = ("models", "gguf", "tokens")
 RESERVE = 20.0  # seconds kept back from a training budget for merging, surgery and the end of the last step
 
 
@@ -170,6 +176,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="each recipe starts from an empty statistics cache (only the model and tokenised corpora are shared)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -210,8 +221,9 @@ def main() -> None:
             print(f"== {key}", file=sys.stderr, flush=True)
             loaded = LoadedModel(copy.deepcopy(dense.model), dense.tokenizer, None, args.model)
             torch.manual_seed(0)
-            started = time.perf_counter()
-            trained, info = run_recipe(name, loaded, args, level, started)
+            with cold_cache(args.cold):
+                started = time.perf_counter()
+                trained, info = run_recipe(name, loaded, args, level, started)
             if cuda:
                 torch.cuda.synchronize()
             all_in = time.perf_counter() - started
@@ -223,6 +235,7 @@ def main() -> None:
                 "level": level,
                 "budget": args.budget,
                 "all_in_seconds": round(all_in, 1),
+                "cold_cache": args.cold,
                 "machine": machine,
                 **info,
                 "measurement": m.to_dict(),
@@ -237,6 +250,27 @@ def main() -> None:
             del loaded, trained
             gc.collect()
     write_markdown(done, out / "training-aware.md")
+
+
+@contextlib.contextmanager
+def cold_cache(cold: bool):
+    """With `cold`, point DOMAINPRUNE_CACHE at a fresh folder that links only SHARED_CACHE from the real cache."""
+    if not cold:
+        yield
+        return
+    real, before = cache.cache_dir(), os.environ.get("DOMAINPRUNE_CACHE")
+    with tempfile.TemporaryDirectory(prefix="domainprune-cold-") as tmp:
+        for name in SHARED_CACHE:
+            if (real / name).exists():
+                (Path(tmp) / name).symlink_to(real / name)
+        os.environ["DOMAINPRUNE_CACHE"] = tmp
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("DOMAINPRUNE_CACHE")
+            else:
+                os.environ["DOMAINPRUNE_CACHE"] = before
 
 
 NOTES = "<!-- notes: kept when the table is rewritten -->"

@@ -121,6 +121,8 @@ class RecipeBase(BaseModel):
     def resolved(self) -> "Recipe":
         """Fill the method-dependent defaults so the saved recipe says exactly what ran."""
         self.checked()  # the default recipe and the fallback are copies
+        if self.encoder_units != "all":
+            raise DomainpruneError("--encoder-units applies to sentence encoders only; drop it for a decoder")
         if self.method is None:
             best = DEFAULT_UNIFORM_RECIPE if self.deploy in STOCK_TARGETS else DEFAULT_RECIPE
             best = {

@@ -21,6 +21,7 @@ EXPERTS_KEEP_MISSING = (
     "or a fraction such as 0.5)"
 )
 RESULTS = ("calib_kl", "search_kl", "predicted_speedup")  # written by planning: report.json's "planning"
+ENCODER_UNITS = ("all", "ffn")  # domainprune.encoders.pipeline.UNITS
 # --deploy: what the serving stack runs (../shared/SERVING.md; domainprune.pipeline.fit_deploy). transformers and
 # vLLM load stock checkpoints, whose layers are all alike (`export --to vllm` writes vLLM's DeciLM form for per-layer
 # MLP widths); llama.cpp runs every Llama/Qwen2 plan through its `deci` architecture (domainprune.gguf_export), but
@@ -397,6 +398,11 @@ class Width(Stage):
     attention_unit: str = option(
         "kv_group", "kv_group (whole KV groups) or query_head (same count per group).", record=True
     )
+    encoder_units: str = option(
+        "all",
+        "Sentence encoders only: all (attention heads and FFN channels) or ffn (every head kept, FFN channels only: "
+        "the best code-retrieval recipe with --allocation global, docs/embeddings.md).",
+    )
     round_to: int | None = option(
         None,
         "Round every layer's kept MLP width to a multiple of this (64 or 128 for fast GPU kernels); the budget is "
@@ -426,6 +432,8 @@ class Width(Stage):
             raise ValueError(f"unknown allocation {self.allocation!r}; available: {', '.join(sorted(ALLOCATIONS))}")
         if self.attention_unit not in ATTENTION_UNITS:
             raise ValueError(f"--attention-unit must be one of {', '.join(ATTENTION_UNITS)}")
+        if self.encoder_units not in ENCODER_UNITS:
+            raise ValueError(f"--encoder-units must be one of {', '.join(ENCODER_UNITS)}, not {self.encoder_units!r}")
         if self.reconstruct not in (None, *RECONSTRUCTIONS):
             raise ValueError(f"--reconstruct must be obs or none, not {self.reconstruct!r}")
         if self.search is not None and self.allocation not in (None, "search"):

@@ -462,6 +462,21 @@ def test_bad_budgets(capsys, folder, tmp_path):
         match="--attention-unit must be one of kv_group, query_head",
     )
     fails(capsys, "prune", "--sparsity", "0.3", "--method", "nope", "--out", out, match="unknown method 'nope'")
+    fails(capsys, "prune", "--sparsity", "0.3", "--encoder-units", "heads", "--out", out, match="one of all, ffn")
+    fails(
+        capsys,
+        "prune",
+        "--model",
+        folder,
+        "--sparsity",
+        "0.3",
+        "--encoder-units",
+        "ffn",
+        "--out",
+        out,
+        *SMALL,
+        match="--encoder-units applies to sentence encoders only",
+    )
     assert leftovers(tmp_path, "out") == []
 
 

@@ -285,6 +285,23 @@ def test_compensation_reduces_output_error(tiny_folder):
     assert distance["refit"] < distance["none"] and distance["refit-dense"] < distance["none"], distance
 
 
+def test_global_allocation_prunes_a_model_already_pruned_to_per_layer_widths(tiny):
+    """A second global round, on scores re-computed on the pruned model, meets its own budget; uniform refuses."""
+    units = BertUnits(tiny)
+    calib = Calibration(CALIB, [], [], batch_size=4)
+    torch.manual_seed(1)
+    first = [LayerScores(torch.rand(4) * (i + 1), torch.rand(48) * (3 - i)) for i in range(3)]  # layers differ
+    apply_plan(units, plan_units(units, first, EncoderRecipe(model="tiny", sparsity=0.3, allocation="global")))
+    assert len({(units.heads(i), units.channels(i)) for i in range(units.num_layers())}) > 1
+    before = units.attention_mlp_params()
+    second = get_criterion("wanda-sp").score(tiny, calib)
+    apply_plan(units, plan_units(units, second, EncoderRecipe(model="tiny", sparsity=0.25, allocation="global")))
+    assert abs(1 - units.attention_mlp_params() / before - 0.25) <= units.head_params() / before
+    assert tiny.encode(CALIB, convert_to_tensor=True).isfinite().all()
+    with pytest.raises(DomainpruneError, match="one width"):
+        plan_units(units, second, EncoderRecipe(model="tiny", sparsity=0.25))
+
+
 def test_global_allocation_meets_the_budget_with_per_layer_widths(tiny):
     units = BertUnits(tiny)
     torch.manual_seed(1)
@@ -328,6 +345,21 @@ def test_prune_bad_input_before_work(tiny_folder, tmp_path):
         prune_encoder(str(tiny_folder), sparsity=1.5)
     with pytest.raises(DomainpruneError, match="not found"):
         prune_encoder(str(tiny_folder), data=str(tmp_path / "missing.jsonl"))
+
+
+def test_cli_encoder_units_ffn_keeps_every_head(tiny_folder, tmp_path):
+    """--encoder-units ffn --allocation global: every head stays, the FFNs take the whole budget."""
+    data = str(_write_pairs(tmp_path / "pairs.jsonl", n=120, groups=120))
+    out = tmp_path / "run"
+    args = ["prune", "--model", str(tiny_folder), "--data", data, "--method", "wanda-sp", "--sparsity", "0.3"]
+    args += ["--encoder-units", "ffn", "--allocation", "global", "--calib-samples", "16", "--batch-size", "8"]
+    r = CliRunner().invoke(app, [*args, "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    units = BertUnits(load_encoder(tiny_folder))
+    assert [x["heads"] for x in report["per_layer"]] == [units.heads(i) for i in range(units.num_layers())]
+    assert abs(report["sparsity_achieved"] - 0.3) <= units.channel_params() / report["attention_mlp_params"][0]
+    assert json.loads((out / "recipe.json").read_text())["units"] == "ffn"
 
 
 def test_cli_prune_eval_recover_tiny(tiny_folder, tmp_path):

@@ -5,7 +5,9 @@ fraction of attention+FFN parameters. Registered by name (`--allocation`):
   make up the rest of the layer's budget); identical layers keep identical widths.
 - `global`: FLAP's single threshold over every unit of the model: scores standardised per layer and kind (heads,
   channels), sorted, and removed weakest first, each weighted by its parameter cost, until the budget is met
-  (within one unit); every layer keeps at least one head and one channel. Widths then differ per layer.
+  (within one unit); every layer keeps at least one head and one channel. Widths then differ per layer. It also
+  prunes a model already pruned to per-layer widths (a head or channel costs the same in every layer), e.g. a
+  further round on re-computed scores.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def allocate_uniform(units: BertUnits, scores: list[LayerScores], sparsity: floa
     return [{"heads": keep_top(s.heads, heads), "channels": keep_top(s.channels, channels)} for s in scores]
 
 
-def _zscore(x: torch.Tensor) -> torch.Tensor:
+def zscore(x: torch.Tensor) -> torch.Tensor:
     x = x.double()
     std = x.std() if len(x) > 1 else torch.tensor(0.0, dtype=torch.float64)
     return (x - x.mean()) / (std if std > 0 else 1)
@@ -64,13 +66,12 @@ def _zscore(x: torch.Tensor) -> torch.Tensor:
 
 @ALLOCATIONS.register("global")
 def allocate_global(units: BertUnits, scores: list[LayerScores], sparsity: float, which: str) -> list[dict]:
-    _check_dense(units, "global")
     head_cost, channel_cost = units.head_params(), units.channel_params()
     candidates = []  # (standardised score, layer, kind, index, cost)
     for i, s in enumerate(scores):
         if which != "ffn":
-            candidates += [(float(z), i, "heads", j, head_cost) for j, z in enumerate(_zscore(s.heads))]
-        candidates += [(float(z), i, "channels", j, channel_cost) for j, z in enumerate(_zscore(s.channels))]
+            candidates += [(float(z), i, "heads", j, head_cost) for j, z in enumerate(zscore(s.heads))]
+        candidates += [(float(z), i, "channels", j, channel_cost) for j, z in enumerate(zscore(s.channels))]
     candidates.sort(key=lambda c: (c[0], c[1], c[2], c[3]))
     target = sparsity * units.attention_mlp_params()
     left = {(i, kind): len(getattr(s, kind)) for i, s in enumerate(scores) for kind in ("heads", "channels")}

@@ -59,6 +59,9 @@ def prune(
     compensation = "bias" if recipe.get("bias_compensation") else RECONSTRUCT[reconstruct]
     if recipe.get("deploy") == "transformers" and allocation != "uniform":
         raise DomainpruneError("--deploy transformers needs every layer alike: drop --allocation or the --deploy")
+    units = recipe.get("encoder_units") or "all"
+    if recipe.get("deploy") == "transformers":  # a stock config has one head count: every head stays
+        units = "ffn"
     if recipe.get("deploy") not in (None, "transformers"):
         raise DomainpruneError(
             "encoders deploy with sentence-transformers: use --deploy transformers (a stock "
@@ -73,7 +76,7 @@ def prune(
         "data": recipe["data"],
         "general_data": recipe.get("general_data") or "general",
         "sparsity": 0.35 if recipe.get("sparsity") is None else recipe["sparsity"],
-        "units": "ffn" if recipe.get("deploy") == "transformers" else "all",
+        "units": units,
         "allocation": allocation,
         "compensation": compensation,
         "general_ratio": recipe.get("general_ratio") or 0.0,

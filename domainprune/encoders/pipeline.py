@@ -16,6 +16,7 @@ import torch
 from ..errors import DomainpruneError
 from ..models import resolve_device
 from ..outputs import check_output, local_inputs
+from ..stages import ENCODER_UNITS
 from . import retrieval
 from .allocate import ALLOCATIONS, keep_top
 from .compensate import COMPENSATIONS, apply_compensated
@@ -25,7 +26,7 @@ from .model import BertUnits, encoder_units, is_encoder, load_encoder, resolve
 from .train import recover as contrastive_recover
 
 log = logging.getLogger(__name__)
-UNITS = ("all", "ffn")  # all: heads + FFN channels; ffn: FFN channels only (a stock config, every loader reads it)
+UNITS = ENCODER_UNITS  # all: heads + FFN channels; ffn: FFN channels only (uniform: a stock config)
 DEFAULT_METHOD = "wanda-sp"
 
 

@@ -69,8 +69,7 @@ def prune(model, recipe: str, method: str, scores: list[LayerScores], calib: Cal
     elif recipe.startswith("heads"):
         left = keep_heads(units, scores, int(recipe.removeprefix("heads")))
         share = 1 - (1 - LEVEL) * dense_params / units.attention_mlp_params()  # of what is left, from channels
-        for i, layer in enumerate(ALLOCATIONS.lookup("global")(units, left, share, "ffn")):
-            units.keep_channels(i, layer["channels"])
+        apply_plan(units, {"layers": ALLOCATIONS.lookup("global")(units, left, share, "ffn")})
     elif recipe.startswith("rounds"):
         rounds = int(recipe.removeprefix("rounds"))
         for k in range(1, rounds + 1):
@@ -112,6 +111,7 @@ def main() -> None:
     if "dense" not in done:
         done["dense"] = {"key": "dense", "machine": machine, "ndcg@10": measure(dense)}
         save_rows(raw, done)
+    dense_params = encoder_units(dense).attention_mlp_params()
     options = argparse.Namespace(model=MODEL, max_seq_length=128, calib_batch=16, device="cpu")
     for seed in (int(s) for s in args.seeds.split(",")):
         domain = calibration_pairs(pairs["code"], 64, seed)
@@ -134,7 +134,7 @@ def main() -> None:
                 "seed": seed,
                 "machine": machine,
                 "prune_seconds": round(time.perf_counter() - started, 1),
-                "sparsity": 1 - units.attention_mlp_params() / encoder_units(dense).attention_mlp_params(),
+                "sparsity": 1 - units.attention_mlp_params() / dense_params,
                 "per_layer": units.per_layer(),
                 "ndcg@10": measure(model),
             }

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -258,19 +259,13 @@ def cold_cache(cold: bool):
     if not cold:
         yield
         return
-    real, before = cache.cache_dir(), os.environ.get("DOMAINPRUNE_CACHE")
+    real = cache.cache_dir()
     with tempfile.TemporaryDirectory(prefix="domainprune-cold-") as tmp:
         for name in SHARED_CACHE:
             if (real / name).exists():
                 (Path(tmp) / name).symlink_to(real / name)
-        os.environ["DOMAINPRUNE_CACHE"] = tmp
-        try:
+        with mock.patch.dict(os.environ, {"DOMAINPRUNE_CACHE": tmp}):
             yield
-        finally:
-            if before is None:
-                os.environ.pop("DOMAINPRUNE_CACHE")
-            else:
-                os.environ["DOMAINPRUNE_CACHE"] = before
 
 
 NOTES = "<!-- notes: kept when the table is rewritten -->"

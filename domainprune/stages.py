@@ -21,7 +21,7 @@ EXPERTS_KEEP_MISSING = (
     "or a fraction such as 0.5)"
 )
 RESULTS = ("calib_kl", "search_kl", "predicted_speedup")  # written by planning: report.json's "planning"
-ENCODER_UNITS = ("all", "ffn")  # domainprune.encoders.pipeline.UNITS
+ENCODER_UNITS = ("all", "ffn")  # sentence encoders: heads + FFN channels, or FFN channels only (every head kept)
 # --deploy: what the serving stack runs (../shared/SERVING.md; domainprune.pipeline.fit_deploy). transformers and
 # vLLM load stock checkpoints, whose layers are all alike (`export --to vllm` writes vLLM's DeciLM form for per-layer
 # MLP widths); llama.cpp runs every Llama/Qwen2 plan through its `deci` architecture (domainprune.gguf_export), but

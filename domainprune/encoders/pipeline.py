@@ -26,7 +26,6 @@ from .model import BertUnits, encoder_units, is_encoder, load_encoder, resolve
 from .train import recover as contrastive_recover
 
 log = logging.getLogger(__name__)
-UNITS = ENCODER_UNITS  # all: heads + FFN channels; ffn: FFN channels only (uniform: a stock config)
 DEFAULT_METHOD = "wanda-sp"
 
 
@@ -55,8 +54,8 @@ class EncoderRecipe:
             raise DomainpruneError(f"--general-ratio {self.general_ratio} is outside [0, 1); give e.g. 0.25")
         if not 0 <= self.sparsity < 1:
             raise DomainpruneError(f"--sparsity {self.sparsity} is outside [0, 1); give e.g. 0.35")
-        if self.units not in UNITS:
-            raise DomainpruneError(f"--encoder-units {self.units!r} is not one of {', '.join(UNITS)}")
+        if self.units not in ENCODER_UNITS:
+            raise DomainpruneError(f"--encoder-units {self.units!r} is not one of {', '.join(ENCODER_UNITS)}")
         if self.seq_len is not None and self.seq_len < 2:
             raise DomainpruneError(f"--seq-len {self.seq_len} is too short; give at least 2 tokens")
         if self.calib_samples < 2 or self.batch_size < 2:
